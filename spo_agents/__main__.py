@@ -1,0 +1,5 @@
+import sys
+
+from spo_agents.cli import main
+
+sys.exit(main())

@@ -1,0 +1,9 @@
+"""`spo-agent envs` commands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    pass

