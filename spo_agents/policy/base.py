@@ -1,0 +1,71 @@
+"""The policy backend protocol: token ids in, token ids and log-probs out.
+
+A backend samples a continuation of `prompt_ids` until a stop string, the end-of-turn token or
+`max_new_tokens`, and returns exactly the sampled tokens with the behaviour policy's log-prob of
+each. Rollouts append these tokens to the trajectory as they are (token-in, token-out); nothing
+is re-tokenised from text.
+
+Backends are async (many episodes are in flight); heavy work runs off the event loop thread.
+`version` is the learner step whose weights the backend currently serves; every `Generation`
+records the version it was produced with.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings of one generation call. `top_k = 0` disables top-k."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    """The sampled continuation.
+
+    `token_ids` end with the stop string's tokens or the end-of-turn token when generation
+    stopped there (both are part of what the policy sampled and are trained on).
+    `finish_reason`: `stop` (a stop string), `eos` (end-of-turn / end-of-sequence token),
+    `length` (`max_new_tokens`). `logprobs` may be empty only for backends that cannot return
+    them (`supports_token_io = False`), which are usable for evaluation only.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "eos", "length"]
+    stop_string: str | None = None
+    policy_version: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PolicyBackend(abc.ABC):
+    """Samples from the current policy."""
+
+    #: True when the backend returns sampled token ids and their log-probs (trainable rollouts).
+    supports_token_io: bool = True
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer matching the served model (chat template included)."""
+
+    @abc.abstractmethod
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """Sample one continuation of `prompt_ids`."""
+
+    async def close(self) -> None:
+        """Release resources. Safe to call more than once."""
