@@ -1,0 +1,159 @@
+"""Token-level PPO-clip policy loss with clip-higher and dual clip (SPO.md section 3).
+
+Per generated token t of sample b, with the sample's advantage A_b broadcast to its tokens and
+ratio = exp(log pi - log pi_old) (pi_old: the behaviour policy that sampled the token):
+
+    l1 = -A * ratio
+    l2 = -A * clip(ratio, 1 - eps_low, 1 + eps_high)      # clip-higher: eps_high > eps_low
+    l  = max(l1, l2)
+    l  = min(l, -A * c)   where A < 0 and c > 1           # dual clip, c = `dual_clip` = 10
+
+Optional terms (both 0 by default, as in the paper): `kl_coef` * k3(pi || pi_ref) with
+k3 = exp(ref - logp) - (ref - logp) - 1 per token, and `- entropy_coef * entropy`.
+
+Aggregation over the tokens with mask 1 (tool output and padding have mask 0):
+- `token-mean`: sum over all masked tokens / number of masked tokens;
+- `seq-mean-token-mean`: mean over each sample's masked tokens, then mean over the samples that
+  have at least one masked token.
+`normalizer` replaces the denominator (the token count, or the sample count for
+`seq-mean-token-mean`). To accumulate gradients over micro-batches and get exactly the loss of
+the whole (mini-)batch, pass the whole batch's denominator to every micro-batch call: the
+micro-batch losses and their gradients then sum to the full-batch ones.
+
+The log-ratio is clamped to [-20, 20] before `exp` so a wildly stale token cannot overflow;
+such tokens are clipped anyway. Computation runs in at least float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from spo_agents.errors import ConfigError
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean"]
+_LOG_RATIO_CLAMP = 20.0
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Detached diagnostics of one `policy_loss` call (averages over masked tokens)."""
+
+    loss: float
+    pg_loss: float  # the clipped policy-gradient part, same aggregation
+    kl_loss: float  # k3 vs the reference policy (0 when no reference is given)
+    entropy: float  # mean entropy of masked tokens (0 when not given)
+    clip_frac_low: float  # A < 0 and ratio < 1 - eps_low (gradient cut by the lower clip)
+    clip_frac_high: float  # A > 0 and ratio > 1 + eps_high (gradient cut by the upper clip)
+    clip_frac_dual: float  # A < 0 and ratio > c (dual clip active)
+    approx_kl: float  # k3 estimate of KL(pi_old || pi) from the sampled tokens
+    abs_logp_diff: float  # mean |log pi - log pi_old|: the drift SPO's rho uses (section 1)
+    ratio_mean: float
+    ratio_max: float
+    num_tokens: float
+    num_sequences: float  # samples with at least one masked token
+
+    def as_dict(self, prefix: str = "loss/") -> dict[str, float]:
+        return {prefix + k: v for k, v in asdict(self).items()}
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float = 10.0,
+    aggregation: Aggregation = "token-mean",
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, LossStats]:
+    """PPO-clip loss of a batch. # logprobs, old_logprobs, mask [B, T]; advantages [B] -> scalar"""
+    _check(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, eps_low, eps_high, aggregation, normalizer)
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    logp = logprobs.to(dtype)  # [B, T]
+    m = mask.to(dtype)  # [B, T]
+    adv = advantages.to(dtype=dtype, device=logp.device).unsqueeze(-1)  # [B, 1]
+    log_ratio = (logp - old_logprobs.to(dtype)).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
+
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = torch.maximum(l1, l2)  # [B, T]
+    dual_on = dual_clip > 1.0
+    if dual_on:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
+    pg_token = per_token
+    kl_token = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        d = ref_logprobs.to(dtype) - logp
+        kl_token = torch.exp(d) - d - 1.0  # [B, T], k3 >= 0
+    total_token = pg_token + kl_coef * kl_token
+    if entropy is not None and entropy_coef != 0.0:
+        total_token = total_token - entropy_coef * entropy.to(dtype)
+
+    def aggregate(x: torch.Tensor) -> torch.Tensor:
+        return _aggregate(x, m, aggregation, normalizer)
+
+    loss = aggregate(total_token)
+    with torch.no_grad():
+        n_tok = m.sum()
+        denom = n_tok.clamp(min=1.0)
+
+        def tmean(x: torch.Tensor) -> float:
+            return float((x * m).sum() / denom)
+
+        neg, pos = (adv < 0).to(dtype), (adv > 0).to(dtype)
+        stats = LossStats(
+            loss=float(loss.detach()),
+            pg_loss=float(aggregate(pg_token)),
+            kl_loss=float(aggregate(kl_token)) if ref_logprobs is not None else 0.0,
+            entropy=tmean(entropy.to(dtype)) if entropy is not None else 0.0,
+            clip_frac_low=tmean(neg * (ratio < 1.0 - eps_low).to(dtype)),
+            clip_frac_high=tmean(pos * (ratio > 1.0 + eps_high).to(dtype)),
+            clip_frac_dual=tmean(neg * (ratio > dual_clip).to(dtype)) if dual_on else 0.0,
+            approx_kl=tmean(torch.exp(-log_ratio) - 1.0 + log_ratio),
+            abs_logp_diff=tmean(log_ratio.abs()),
+            ratio_mean=tmean(ratio),
+            ratio_max=float(ratio[m > 0].max()) if n_tok > 0 else 0.0,
+            num_tokens=float(n_tok),
+            num_sequences=float((m.sum(-1) > 0).sum()),
+        )
+    return loss, stats
+
+
+def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str, normalizer: float | None) -> torch.Tensor:
+    """Masked reduction of per-token values to a scalar (see the module docstring). # [B, T] -> []"""
+    if aggregation == "token-mean":
+        total = (x * m).sum()
+        denom = m.sum() if normalizer is None else torch.as_tensor(float(normalizer), dtype=x.dtype)
+    else:
+        per_seq_tokens = m.sum(-1)  # [B]
+        seq_mean = (x * m).sum(-1) / per_seq_tokens.clamp(min=1.0)  # [B]
+        total = seq_mean.sum()
+        denom = (per_seq_tokens > 0).sum().to(x.dtype) if normalizer is None else torch.as_tensor(float(normalizer), dtype=x.dtype)
+    return total / denom.clamp(min=1.0) if normalizer is None else total / denom
+
+
+def _check(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, eps_low, eps_high, aggregation, normalizer) -> None:
+    if logprobs.dim() != 2:
+        raise ConfigError(f"`logprobs` must be [B, T], got shape {tuple(logprobs.shape)}")
+    shape = logprobs.shape
+    for name, t in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+        if t is not None and t.shape != shape:
+            raise ConfigError(f"`{name}` must have the shape of `logprobs` {tuple(shape)}, got {tuple(t.shape)}")
+    if advantages.shape != shape[:1]:
+        raise ConfigError(f"`advantages` must be [B] = ({shape[0]},) (one per sample), got {tuple(advantages.shape)}")
+    if not (0.0 <= eps_low < 1.0 and eps_high >= 0.0):
+        raise ConfigError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if aggregation not in ("token-mean", "seq-mean-token-mean"):
+        raise ConfigError(f"`loss.aggregation` must be `token-mean` or `seq-mean-token-mean`, got {aggregation!r}")
+    if normalizer is not None and not normalizer > 0:
+        raise ConfigError(f"`normalizer` must be > 0 (the full batch's token or sequence count), got {normalizer}")
