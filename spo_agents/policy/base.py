@@ -69,3 +69,18 @@ class PolicyBackend(abc.ABC):
 
     async def close(self) -> None:
         """Release resources. Safe to call more than once."""
+
+    async def pause(self) -> None:
+        """Hold new generations and return once none is running, so the learner can update the
+        weights in place. Backends without in-place weights return at once."""
+
+    def resume(self) -> Resumed:
+        """Let generations run again after `pause` (works with or without `await`)."""
+        return Resumed()
+
+
+class Resumed:
+    """An already-finished awaitable: `policy.resume()` and `await policy.resume()` both work."""
+
+    def __await__(self):
+        return iter(())
