@@ -1,1 +1,145 @@
-"""Environments (installed as `spo_agents.envs`)."""
+"""Environments (installed as `spo_agents.envs`): registry functions and the built-ins.
+
+    from spo_agents import envs
+    env = envs.make("math-python", split="train", sandbox="local")   # latest version
+    envs.list_envs()            # ["math-python-v0", ...]
+    envs.spec("math-python")    # the `Spec` of `math-python-v0`
+
+Ids are versioned (`math-python-v0`); an id without its version means the highest registered
+version. Entries are lazy `"module:Class"` strings, imported on `make`. Third-party packages
+add environments through the `spo_agents.envs` entry-point group:
+
+    [project.entry-points."spo_agents.envs"]
+    my-env-v0 = "my_pkg.env:MyEnv"
+
+A plugin must point to a `gymnasium.Env` subclass (normally `spo_agents.envs.MultiTurnEnv`) or
+a factory returning an instance of one; anything else fails on `make` with a message saying so.
+
+Importing this package registers the built-ins and imports nothing heavy; `MultiTurnEnv`,
+`Problem` sources and the other names below are loaded on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from spo_agents.errors import EnvError, SPOError
+from spo_agents.registry import ENVS, Spec, describe
+
+__all__ = [
+    "register",
+    "make",
+    "spec",
+    "list_envs",
+    "describe_env",
+    "MultiTurnEnv",
+    "StepOutcome",
+    "TextSpace",
+    "ChatSpace",
+    "Timings",
+    "Problem",
+    "ProblemSet",
+    "load_problems",
+]
+
+# Built-in environments: id -> (entry point, one-line description). Other envs add lines here.
+BUILTINS: dict[str, tuple[str, str]] = {
+    "math-python-v0": (
+        "spo_agents.envs.math_python:MathPythonEnv",
+        "Math with a Python tool: <code> runs in a sandbox, reward 1 if the last \\boxed{} matches (SPO paper Sec. 5)",
+    ),
+}
+
+
+def _register_builtins() -> None:
+    for env_id, (entry_point, description) in BUILTINS.items():
+        try:
+            ENVS.register(env_id, entry_point, description=description)
+        except SPOError:
+            pass  # already registered (the package was imported before)
+
+
+def register(
+    id: str,
+    entry_point: Any,
+    *,
+    description: str = "",
+    kwargs: dict[str, Any] | None = None,
+    override: bool = False,
+) -> Spec:
+    """Register an environment under a versioned id (`name-vN`).
+
+    `entry_point` is a `"module:Class"` string (imported lazily), a `gymnasium.Env` subclass or
+    a factory; `kwargs` are defaults for `make`."""
+    return ENVS.register(id, entry_point, description=description, kwargs=kwargs, override=override, source="register()")
+
+
+def spec(id: str) -> Spec:
+    """The registration of `id` (`math-python` resolves to the latest version)."""
+    return ENVS.spec(id)
+
+
+def list_envs() -> list[str]:
+    """Every registered id, sorted, built-ins and entry-point plugins alike."""
+    return [s.id for s in ENVS.list()]
+
+
+def describe_env(id: str) -> str:
+    """One-line description of `id` (the registered one, else the class docstring's first line)."""
+    return describe(ENVS.spec(id))
+
+
+def _requirement(spec_: Spec) -> str:
+    return (
+        f"`{spec_.id}` (from {spec_.source}, entry point `{spec_.entry_point}`) must be a subclass of "
+        f"`gymnasium.Env` (for text environments, `spo_agents.envs.MultiTurnEnv`) or a factory that returns "
+        f"an instance of one"
+    )
+
+
+def make(id: str, **kwargs: Any) -> Any:
+    """Build the environment registered as `id` with the spec's default kwargs overridden by
+    `kwargs` (for built-ins: `split`, `sandbox`, `sandbox_limits`, env options).
+
+    Raises `EnvNotFound` ("Did you mean ...?") for unknown ids and `EnvError` when the plugin is
+    not a valid environment."""
+    import gymnasium
+
+    spec_, obj = ENVS.load(id)
+    if isinstance(obj, type) and not issubclass(obj, gymnasium.Env):
+        raise EnvError(f"{_requirement(spec_)}; it points to the class `{obj.__module__}.{obj.__qualname__}`, which is not one")
+    if not callable(obj):
+        raise EnvError(f"{_requirement(spec_)}; it points to {obj!r}")
+    env = obj(**{**spec_.kwargs, **kwargs})
+    if not isinstance(env, gymnasium.Env):
+        close = getattr(env, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                pass
+        raise EnvError(f"{_requirement(spec_)}; calling it returned {type(env).__name__}")
+    return env
+
+
+_LAZY = {
+    "MultiTurnEnv": "spo_agents.envs.base",
+    "StepOutcome": "spo_agents.envs.base",
+    "TextSpace": "spo_agents.envs.base",
+    "ChatSpace": "spo_agents.envs.base",
+    "Timings": "spo_agents.envs.base",
+    "ProblemSet": "spo_agents.envs.problems",
+    "load_problems": "spo_agents.envs.problems",
+    "Problem": "spo_agents.types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module `spo_agents.envs` has no attribute `{name}`")
+    return getattr(importlib.import_module(module), name)
+
+
+_register_builtins()
