@@ -192,6 +192,7 @@ class TrainSection:
     batch_size: int = 32
     mini_batches: int = 1
     epochs: int = 1
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (memory bound, not maths)
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None

@@ -1,0 +1,219 @@
+"""Checkpoints of a training run, written atomically (DESIGN.md "State that must survive a crash").
+
+Layout of a run directory::
+
+    RUN_DIR/config.yaml                      the run's full config (written once, at the start)
+    RUN_DIR/metrics.jsonl                    one JSON object per step (spo_agents.metrics)
+    RUN_DIR/checkpoints/step-000010/
+        model/                               `save_pretrained` of the policy (or model.pt)
+        trainer_state.pt                     optimiser, scheduler, value tracker, sampler (RNG
+                                             and position), step, Python/NumPy/torch RNG states
+        meta.json                            step, wall time, written last inside the directory
+    RUN_DIR/checkpoints/latest               name of the newest complete checkpoint
+
+Atomicity: a checkpoint is built in a hidden temporary sibling (`.tmp-step-000010-*`), every file
+is fsync'ed, the directory is renamed into place (one atomic `rename`), the parent directory is
+fsync'ed, and only then `latest` is replaced (write a temp file, fsync, `os.replace`). A crash at
+any point leaves either the previous checkpoint as `latest` or the new one, never a torn one;
+leftover temporary directories are ignored and removed by the next save. Only the newest
+`keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spo_agents.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_path(path.parent)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch global RNG states (restored on resume)."""
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class CheckpointManager:
+    """Saves, lists, loads and prunes the checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2) -> None:
+        if keep < 1:
+            raise CheckpointError(f"`train.keep_checkpoints` must be >= 1, got {keep}")
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep = keep
+
+    # -- listing ----------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / "meta.json").is_file():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step-{step:06d}"
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names; if the pointer is missing or stale, the newest complete one."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            p = self.root / pointer.read_text(encoding="utf-8").strip()
+            if (p / "meta.json").is_file():
+                return p
+        steps = self.steps()
+        return self.path_for(steps[-1]) if steps else None
+
+    # -- writing ----------------------------------------------------------------------------
+    def save(self, step: int, *, model: Any, state: dict[str, Any], tokenizer: Any = None) -> Path:
+        """Write checkpoint `step` atomically, point `latest` at it and prune old ones."""
+        import torch
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_temporaries()
+        final = self.path_for(step)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
+        try:
+            model_dir = tmp / "model"
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(model_dir, safe_serialization=True)
+            else:
+                model_dir.mkdir()
+                torch.save(model.state_dict(), model_dir / "model.pt")
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(model_dir)
+            torch.save({**state, "step": step}, tmp / "trainer_state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}), encoding="utf-8")
+            _fsync_tree(tmp)
+            if final.exists():  # a re-save of the same step (after a resume): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_path(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_text_atomic(self.root / "latest", final.name + "\n")
+        self._prune()
+        return final
+
+    def _remove_temporaries(self) -> None:
+        for p in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _prune(self) -> None:
+        latest = self.latest()
+        for step in self.steps()[: -self.keep]:
+            p = self.path_for(step)
+            if latest is not None and p == latest:
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- reading ----------------------------------------------------------------------------
+    def load(self, path: str | Path | None = None) -> LoadedCheckpoint:
+        """Load the trainer state of `path` (default: the latest checkpoint)."""
+        import torch
+
+        p = Path(path) if path is not None else self.latest()
+        if p is None:
+            raise CheckpointError(
+                f"no checkpoint found under `{self.root}`; a run writes one every `train.checkpoint_every` "
+                f"steps. Start a new run without `--resume`, or point `--resume` at a run directory that has one."
+            )
+        state_file = p / "trainer_state.pt"
+        if not state_file.is_file() or not (p / "meta.json").is_file():
+            raise CheckpointError(f"checkpoint `{p}` is incomplete (no `trainer_state.pt` or `meta.json`); delete it to fall back to an older one")
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+        except Exception as e:  # corrupt file: say which and what to do
+            raise CheckpointError(f"cannot read `{state_file}`: {e}. Delete `{p}` to resume from an older checkpoint") from e
+        return LoadedCheckpoint(path=p, step=int(state["step"]), state=state)
+
+    @staticmethod
+    def load_model_weights(model: Any, ckpt: LoadedCheckpoint) -> None:
+        """Copy the checkpoint's weights into an already built `model` (same architecture)."""
+        import torch
+
+        d = ckpt.model_dir
+        if (d / "model.pt").is_file():
+            model.load_state_dict(torch.load(d / "model.pt", map_location="cpu"))
+            return
+        from safetensors.torch import load_file
+
+        files = sorted(d.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"checkpoint `{ckpt.path}` holds no model weights (`model/*.safetensors` or `model/model.pt`)")
+        sd: dict[str, Any] = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint `{ckpt.path}` does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,471 @@
+"""The learner: one PPO-clip update of the policy on a batch of finished trajectories.
+
+What one `Learner.update(trajectories, advantages)` does (SPO.md sections 2-3, paper Sec. 4.2):
+
+1. Pack each trajectory as `prompt_ids + token_ids`, left-padded into `[B, L]` tensors. The
+   tokens trained on are exactly the ones the policy produced (`loss_mask == 1`); tokens the
+   environment inserted are context only (token-in, token-out, DESIGN.md).
+2. Split the batch into `mini_batches` equal parts (one optimiser step each, one epoch), and each
+   mini-batch into micro-batches whose padded size stays under `micro_batch_tokens`, so memory is
+   bounded by the token budget and not by the batch size.
+3. Score every micro-batch with the current model: fp32 `log_softmax(logits / temperature)` at
+   the positions that predict generated tokens. Dividing by the *sampling* temperature makes the
+   new log-probs comparable with the behaviour log-probs, which backends report for the
+   temperature-scaled distribution they sampled from. Top-p / top-k truncation is not
+   reproduced: train with them off (the default and the paper's setting, SPO.md section 3).
+4. PPO-clip token loss against the behaviour log-probs (`pi_old`), via `spo_agents.loss`. The
+   normaliser is the whole mini-batch's token count (or sequence count for
+   `seq-mean-token-mean`), so the sum of micro-batch losses equals the full mini-batch loss.
+5. AdamW step with gradient clipping. Under `torch.distributed` every rank sees the whole batch,
+   trains on its share of each mini-batch (`indices[rank::world_size]`) with the *global*
+   normaliser, and gradients are summed across ranks before clipping: the update equals the
+   single-process one (tests/test_distributed.py).
+
+Policy drift for the value tracker (SPO.md section 1):
+- `cumulative` mode: `drift = token-mean |log pi_after - log pi_before|` over the step's own
+  batch, where `pi_before` is the model before this step's update and `pi_after` after it. With
+  one mini-batch `pi_before` comes free from the loss forward; with several it costs one extra
+  no-grad forward before the update. The re-score after the update is one more no-grad forward.
+- `per-prompt` mode (the authors' estimate): `PromptDriftStore` keeps each problem's last
+  response with its post-update log-probs; before an update the responses of the batch's
+  problems are re-scored and `D(x) = token-mean |log pi_now - log pi_then|`. It costs one stored
+  response per problem (memory grows with the number of distinct problems seen) and one extra
+  forward over the stored responses each step, on top of the post-update re-score.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spo_agents.errors import ConfigError
+from spo_agents.types import Trajectory
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PackedBatch:
+    """Left-padded tensors of `prompt + response`; `T = L - 1` target positions.
+
+    input_ids       [B, L]  token ids (pad where attention_mask is 0)
+    attention_mask  [B, L]
+    position_ids    [B, L]  0.. over real tokens (left padding does not shift positions)
+    mask            [B, T]  1 where the target token was sampled by the policy
+    old_logprobs    [B, T]  behaviour log-probs of the targets (0 elsewhere)
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum().item())
+
+
+def pack(trajectories: Sequence[Trajectory], pad_id: int, device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack trajectories into left-padded tensors (see `PackedBatch`)."""
+    if not trajectories:
+        raise ValueError("cannot pack an empty list of trajectories")
+    seqs = [list(t.prompt_ids) + list(t.token_ids) for t in trajectories]
+    L = max(len(s) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.float32)  # aligned with input positions first
+    old = torch.zeros((B, L), dtype=torch.float32)
+    for i, (t, s) in enumerate(zip(trajectories, seqs)):
+        off = L - len(s)
+        input_ids[i, off:] = torch.tensor(s, dtype=torch.long)
+        attn[i, off:] = 1
+        r0 = off + len(t.prompt_ids)
+        if t.token_ids:
+            mask[i, r0:] = torch.tensor(t.loss_mask, dtype=torch.float32)
+            old[i, r0:] = torch.tensor(t.logprobs, dtype=torch.float32)
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    # Target j of the shifted view is token j + 1, predicted from position j.
+    return PackedBatch(
+        input_ids=input_ids.to(device),
+        attention_mask=attn.to(device),
+        position_ids=position_ids.to(device),
+        mask=(mask[:, 1:] * (old[:, 1:].isfinite())).to(device),
+        old_logprobs=torch.nan_to_num(old[:, 1:], nan=0.0, posinf=0.0, neginf=0.0).to(device),
+    )
+
+
+def micro_batches(trajectories: Sequence[Trajectory], token_budget: int) -> list[list[int]]:
+    """Group indices (in order) so each group's padded size `n * max_len` stays within the
+    budget; a single sequence longer than the budget forms a group of its own."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i, t in enumerate(trajectories):
+        n = len(t.prompt_ids) + len(t.token_ids)
+        new_max = max(cur_max, n)
+        if cur and new_max * (len(cur) + 1) > token_budget:
+            groups.append(cur)
+            cur, new_max = [], n
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def token_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, temperature: float, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs `[B, T]` of each target token under `model` (fp32, logits / temperature);
+    with `with_entropy`, also the per-position entropy `[B, T]` of that distribution."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+    logits = out.logits[:, :-1, :].float()  # [B, T, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # [B, T, V]
+    targets = batch.input_ids[:, 1:].unsqueeze(-1)  # [B, T, 1]
+    logp = logp_all.gather(-1, targets).squeeze(-1)  # [B, T]
+    ent = None
+    if with_entropy:
+        ent = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
+    return logp, ent
+
+
+# --------------------------------------------------------------------------------------------
+# Per-prompt drift (the authors' estimate)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Stored:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]  # post-update log-probs at the last visit
+
+
+class PromptDriftStore:
+    """Each problem's last response with the log-probs the policy gave it right after the update
+    that followed it; `drift(...)` re-scores them with the current policy (SPO.md section 1)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, _Stored] = {}
+
+    def put(self, traj: Trajectory, post_logprobs: list[float]) -> None:
+        self.items[traj.problem_id] = _Stored(list(traj.prompt_ids), list(traj.token_ids), list(traj.loss_mask), list(post_logprobs))
+
+    def as_trajectories(self, problem_ids: Sequence[str]) -> list[Trajectory | None]:
+        out: list[Trajectory | None] = []
+        for pid in problem_ids:
+            s = self.items.get(pid)
+            out.append(
+                None
+                if s is None
+                else Trajectory(problem_id=pid, env_id="", prompt_ids=s.prompt_ids, token_ids=s.token_ids, loss_mask=s.loss_mask, logprobs=s.logprobs, reward=0.0)
+            )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": {k: dataclasses.asdict(v) for k, v in self.items.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.items = {k: _Stored(**v) for k, v in state.get("items", {}).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Learner
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LearnerStats:
+    """What one update did. Means are token-weighted over the whole batch."""
+
+    loss: float = 0.0
+    clip_frac: float = 0.0
+    approx_kl: float = 0.0
+    entropy: float = 0.0
+    ratio_mean: float = 0.0
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    drift: float = 0.0  # token-mean |log pi_after - log pi_before| on this batch
+    tokens: int = 0  # generated tokens trained on (all ranks)
+    sequences: int = 0
+    optimizer_steps: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LearnerSettings:
+    """Everything the update needs besides the model (built from `Config` by `from_config`)."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    mini_batches: int = 1
+    epochs: int = 1
+    micro_batch_tokens: int = 4096
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float = 10.0
+    aggregation: str = "token-mean"
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    drift: str = "cumulative"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LearnerSettings:
+        return cls(
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=(float(cfg.optim.betas[0]), float(cfg.optim.betas[1])),
+            grad_clip=cfg.optim.grad_clip,
+            warmup_steps=cfg.optim.warmup_steps,
+            mini_batches=cfg.train.mini_batches,
+            epochs=cfg.train.epochs,
+            micro_batch_tokens=cfg.train.micro_batch_tokens,
+            temperature=cfg.rollout.temperature,
+            eps_low=cfg.loss.eps_low,
+            eps_high=cfg.loss.eps_high,
+            dual_clip=cfg.loss.dual_clip,
+            aggregation=cfg.loss.aggregation,
+            kl_coef=cfg.loss.kl_coef,
+            entropy_coef=cfg.loss.entropy_coef,
+            drift=cfg.tracker.drift,
+        )
+
+
+class Learner:
+    """Owns the trainable model's optimiser and applies PPO-clip updates (module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, settings: LearnerSettings, *, pad_id: int, device: torch.device | str | None = None) -> None:
+        if settings.temperature <= 0:
+            raise ConfigError(f"`rollout.temperature` must be > 0 for training (log-probs are scored at it), got {settings.temperature}")
+        if settings.mini_batches < 1 or settings.epochs < 1:
+            raise ConfigError(f"`train.mini_batches` and `train.epochs` must be >= 1, got {settings.mini_batches} and {settings.epochs}")
+        self.model = model
+        self.settings = settings
+        self.pad_id = int(pad_id)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        warm = max(0, settings.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.ref_model = None
+        if settings.kl_coef > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.prompt_store = PromptDriftStore() if settings.drift == "per-prompt" else None
+
+    # -- distributed -------------------------------------------------------------------------
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _all_reduce_grads(self, world: int) -> None:
+        if world == 1:
+            return
+        for p in self.model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+    # -- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, trajectories: Sequence[Trajectory]) -> list[list[float]]:
+        """Current-policy log-probs of every trajectory's response tokens (0.0 where mask is 0),
+        computed in micro-batches under the token budget."""
+        out: list[list[float]] = [[] for _ in trajectories]
+        for group in micro_batches(trajectories, self.settings.micro_batch_tokens):
+            sub = [trajectories[i] for i in group]
+            b = pack(sub, self.pad_id, self.device)
+            logp, _ = token_logprobs(self.model, b, self.settings.temperature)
+            for row, i in enumerate(group):
+                n = len(trajectories[i].token_ids)
+                vals = (logp[row, logp.shape[1] - n :] * b.mask[row, b.mask.shape[1] - n :]).tolist() if n else []
+                out[i] = vals
+        return out
+
+    @staticmethod
+    def mean_abs_diff(trajectories: Sequence[Trajectory], a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+        """Token-mean of |a - b| over generated tokens of all trajectories."""
+        num, den = 0.0, 0
+        for t, xa, xb in zip(trajectories, a, b):
+            for m, u, v in zip(t.loss_mask, xa, xb):
+                if m and math.isfinite(u) and math.isfinite(v):
+                    num += abs(u - v)
+                    den += 1
+        return num / den if den else 0.0
+
+    def prompt_drift(self, problem_ids: Sequence[str]) -> list[float]:
+        """Per-prompt D(x) for `problem_ids` (0 for problems without a stored response)."""
+        if self.prompt_store is None:
+            raise ConfigError("per-prompt drift needs `tracker.drift: per-prompt`")
+        stored = self.prompt_store.as_trajectories(problem_ids)
+        present = [s for s in stored if s is not None]
+        if not present:
+            return [0.0] * len(problem_ids)
+        now = self.score(present)
+        it = iter(now)
+        out = []
+        for s in stored:
+            out.append(0.0 if s is None else self.mean_abs_diff([s], [next(it)], [s.logprobs]))
+        return out
+
+    # -- the update --------------------------------------------------------------------------
+    def _normalizer(self, trajs: Sequence[Trajectory]) -> float:
+        if self.settings.aggregation == "seq-mean-token-mean":
+            return float(max(1, len(trajs)))
+        return float(max(1, sum(t.num_generated for t in trajs)))
+
+    def update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | torch.Tensor) -> LearnerStats:
+        """One PPO-clip phase on the batch (module docstring). Every rank must call it with the
+        same `trajectories` and `advantages`."""
+        from spo_agents.loss import policy_loss
+
+        s = self.settings
+        t0 = time.perf_counter()
+        trajs = list(trajectories)
+        adv = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
+        if adv.numel() != len(trajs):
+            raise ValueError(f"got {len(trajs)} trajectories but {adv.numel()} advantages; pass one advantage per trajectory")
+        rank, world = self._world()
+        stats = LearnerStats(sequences=len(trajs), tokens=sum(t.num_generated for t in trajs))
+        if not trajs:
+            return stats
+
+        n_mb = min(s.mini_batches, len(trajs))
+        need_before = s.drift == "cumulative" and (n_mb > 1 or s.epochs > 1 or world > 1)
+        before = self.score(trajs) if need_before else None
+        before_free: list[list[float] | None] = [None] * len(trajs)
+
+        self.model.train()
+        acc: dict[str, float] = {}
+        acc_w = 0.0
+        bounds = [round(k * len(trajs) / n_mb) for k in range(n_mb + 1)]
+        chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_mb)]
+        grad_norms = []
+        for epoch in range(s.epochs):
+            for chunk in chunks:
+                mb = [trajs[i] for i in chunk]
+                normalizer = self._normalizer(mb)
+                mine = chunk[rank::world]
+                self.optimizer.zero_grad(set_to_none=True)
+                for group in micro_batches([trajs[i] for i in mine], s.micro_batch_tokens) if mine else []:
+                    idx = [mine[g] for g in group]
+                    sub = [trajs[i] for i in idx]
+                    b = pack(sub, self.pad_id, self.device)
+                    logp, ent = token_logprobs(self.model, b, s.temperature, with_entropy=s.entropy_coef > 0)
+                    ref = None
+                    if self.ref_model is not None:
+                        with torch.no_grad():
+                            ref, _ = token_logprobs(self.ref_model, b, s.temperature)
+                    loss, lstats = policy_loss(
+                        logp,
+                        b.old_logprobs,
+                        adv[idx].to(self.device),
+                        b.mask,
+                        eps_low=s.eps_low,
+                        eps_high=s.eps_high,
+                        dual_clip=s.dual_clip,
+                        aggregation=s.aggregation,
+                        ref_logprobs=ref,
+                        kl_coef=s.kl_coef,
+                        entropy=ent,
+                        entropy_coef=s.entropy_coef,
+                        normalizer=normalizer,
+                    )
+                    loss.backward()
+                    w = float(b.mask.sum().item())
+                    acc["loss"] = acc.get("loss", 0.0) + float(loss.detach().item())
+                    for k, v in _stat_items(lstats):
+                        acc[k] = acc.get(k, 0.0) + v * w
+                    acc_w += w
+                    if epoch == 0 and len(chunks) == 1 and world == 1:
+                        lp = logp.detach()
+                        for row, i in enumerate(idx):
+                            n = len(trajs[i].token_ids)
+                            before_free[i] = lp[row, lp.shape[1] - n :].tolist() if n else []
+                self._all_reduce_grads(world)
+                norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], s.grad_clip if s.grad_clip > 0 else float("inf"))
+                grad_norms.append(float(norm))
+                self.optimizer.step()
+                stats.optimizer_steps += 1
+            stats.lr = float(self.scheduler.get_last_lr()[0])
+        self.scheduler.step()
+
+        if world > 1:
+            t = torch.tensor([acc.get("loss", 0.0)] + [acc.get(k, 0.0) for k in _STAT_KEYS] + [acc_w], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            acc["loss"] = float(t[0])
+            for j, k in enumerate(_STAT_KEYS):
+                acc[k] = float(t[1 + j])
+            acc_w = float(t[-1])
+        stats.loss = acc.get("loss", 0.0) / (n_mb * s.epochs)
+        for k in _STAT_KEYS:
+            if k in acc and acc_w > 0:
+                setattr(stats, k, acc[k] / acc_w)
+        stats.grad_norm = sum(grad_norms) / max(1, len(grad_norms))
+
+        # Drift of this step (and the post-update log-probs per-prompt mode stores).
+        after = self.score(trajs)
+        if before is None:
+            before = [b if b is not None else [] for b in before_free]
+        stats.drift = self.mean_abs_diff(trajs, after, before)
+        if self.prompt_store is not None:
+            for t, lp in zip(trajs, after):
+                self.prompt_store.put(t, lp)
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "prompt_store": self.prompt_store.state_dict() if self.prompt_store is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.prompt_store is not None and state.get("prompt_store"):
+            self.prompt_store.load_state_dict(state["prompt_store"])
+
+
+_STAT_KEYS = ("clip_frac", "approx_kl", "entropy", "ratio_mean")
+
+
+def _stat_items(lstats: Any) -> list[tuple[str, float]]:
+    """(name, value) of the loss stats this learner aggregates, whatever their container."""
+    if dataclasses.is_dataclass(lstats):
+        d = dataclasses.asdict(lstats)
+    elif isinstance(lstats, dict):
+        d = lstats
+    else:
+        d = {k: getattr(lstats, k) for k in _STAT_KEYS if hasattr(lstats, k)}
+    if "clip_frac" not in d and "clip_frac_low" in d:
+        d = {**d, "clip_frac": sum(float(d.get(k, 0.0)) for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual"))}
+    out = []
+    for k in _STAT_KEYS:
+        v = d.get(k)
+        if v is None:
+            continue
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        out.append((k, float(v)))
+    return out
