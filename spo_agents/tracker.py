@@ -268,13 +268,17 @@ class ValueTracker:
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Plain numpy arrays and scalars (saveable with numpy or torch), in problem-index order."""
+        """Flat dict of numpy arrays and scalars, rows in problem-index order.
+
+        Config fields are stored under `config/<name>`, so `np.savez(path, **sd)` writes it without
+        pickling and `load_state_dict(dict(np.load(path)))` restores it.
+        """
         ids_hash = np.empty_like(self._sorted)
         ids_hash[self._order] = self._sorted
-        return {
-            "version": STATE_VERSION, "config": dict(self.config), "C": float(self.C),
-            "id_hash": ids_hash, "alpha": self.alpha.copy(), "beta": self.beta.copy(), "c_last": self.c_last.copy(),
-        }  # fmt: skip
+        sd: dict[str, Any] = {"version": STATE_VERSION, "C": float(self.C), "id_hash": ids_hash}
+        sd.update({"alpha": self.alpha.copy(), "beta": self.beta.copy(), "c_last": self.c_last.copy()})
+        sd.update({f"config/{k}": v for k, v in self.config.items()})
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any], *, strict_config: bool = True) -> list[str]:
         """Restore a `state_dict`; returns the config differences (kept: this tracker's config).
@@ -282,10 +286,11 @@ class ValueTracker:
         The saved problem set must equal this one (order may differ: rows are matched by id hash).
         Config differences raise `CheckpointError` unless `strict_config=False`.
         """
-        if sd.get("version") != STATE_VERSION:
-            raise CheckpointError(f"tracker state version {sd.get('version')!r} unsupported; expected {STATE_VERSION}")
-        saved = dict(sd["config"])
-        diffs = [f"`{k}`: saved {saved.get(k)!r}, now {v!r}" for k, v in self.config.items() if saved.get(k) != v]
+        version = _scalar(sd.get("version"))
+        if version != STATE_VERSION:
+            raise CheckpointError(f"tracker state version {version!r} unsupported; expected {STATE_VERSION}")
+        saved = {k: _scalar(sd.get(f"config/{k}")) for k in self.config}
+        diffs = [f"`{k}`: saved {saved[k]!r}, now {v!r}" for k, v in self.config.items() if saved[k] != v]
         if diffs and strict_config:
             raise CheckpointError(
                 "tracker config differs from the checkpoint: " + "; ".join(diffs)
@@ -304,8 +309,15 @@ class ValueTracker:
         self.alpha[rows] = np.asarray(sd["alpha"], dtype=np.float32)
         self.beta[rows] = np.asarray(sd["beta"], dtype=np.float32)
         self.c_last[rows] = np.asarray(sd["c_last"], dtype=np.float64)
-        self.C = float(sd["C"])
+        self.C = float(_scalar(sd["C"]))
         return diffs
+
+
+def _scalar(x: Any) -> Any:
+    """A Python scalar from a scalar or a 0-d numpy array (as `np.load` returns them)."""
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        x = x.item()
+    return float(x) if isinstance(x, (np.floating, float)) else x.item() if isinstance(x, np.generic) else x
 
 
 def _occurrence_ranks(idx: np.ndarray) -> list[np.ndarray]:
