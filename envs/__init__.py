@@ -49,6 +49,18 @@ BUILTINS: dict[str, tuple[str, str]] = {
         "spo_agents.envs.math_python:MathPythonEnv",
         "Math with a Python tool: <code> runs in a sandbox, reward 1 if the last \\boxed{} matches (SPO paper Sec. 5)",
     ),
+    "countdown-python-v0": (
+        "spo_agents.envs.countdown:CountdownEnv",
+        "Countdown numbers game with a Python tool: reward 1 if the \\boxed{} expression hits the target (exact, ast-parsed)",
+    ),
+    "code-tests-v0": (
+        "spo_agents.envs.code_tests:CodeTestsEnv",
+        "Write a Python function; user-turn feedback on examples, reward from hidden unit tests run in the sandbox",
+    ),
+    "reasoning-gym-v0": (
+        "spo_agents.envs.reasoning_gym_env:ReasoningGymEnv",
+        "Any reasoning-gym generator (`task=...`) with a Python tool, scored by the generator's own scorer",
+    ),
 }
 
 

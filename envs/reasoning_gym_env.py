@@ -1,0 +1,206 @@
+"""`reasoning-gym-v0`: any `reasoning-gym` generator as a tool environment.
+
+## Description
+`reasoning-gym` ships about a hundred procedural task generators (arithmetic, algebra, logic,
+puzzles, graphs, ciphers, ...), each with its own scorer. This environment turns any of them,
+chosen by name (`task="prime_factorization"`), into a multi-turn tool environment: the model
+may run Python between `<code>` and `</code>` (generation stops at `</code>`; the interpreter's
+reply continues the assistant turn, `reply_role = None`, exactly as in `math-python`) and gives
+its final answer between `<answer>` and `</answer>`.
+
+## Observation
+`reset`: a system message (the tool and answer format), a one-shot example and the generator's
+question. `step`: `"\\n<interpreter>\\n<output>\\n</interpreter>\\n"` after a code block, `""` at the end.
+
+## Action
+Any text. Text ending with a complete `<code>...</code>` block is a tool call; anything else is
+the final answer: the content of the last `<answer>...</answer>` in everything the model wrote
+(the last `\\boxed{...}` when there is no answer tag).
+
+## Reward
+The generator's own scorer, `dataset.score_answer(answer, entry)`, clipped to [0, 1]; some
+scorers give partial credit. `info["correct"]` is `reward >= 1`. A missing answer scores 0;
+a scorer that raises on a malformed answer scores 0 (`info["check_error"]` keeps the message).
+
+## Termination/Truncation
+`terminated` when the model's text does not end with a code block. `truncated` (reward 0) at the
+turn budget (`max_turns`, default `max_tool_calls + 2`), the optional token budget, an oversized
+action or a sandbox infrastructure failure.
+
+## Arguments
+`task` (a reasoning-gym dataset name, default `basic_arithmetic`), `task_config` (the
+generator's settings, passed to `reasoning_gym.create_dataset`), `split` (`train` | `test`,
+disjoint by a hash of the question and answer), `num_problems` (default 500 train / 100 test),
+`seed`, `test_fraction` (0.1), and everything `math-python` takes (`sandbox`, `sandbox_limits`,
+`max_tool_calls`, `max_turns`, `one_shot`, `system_prompt`, ...). Ids are
+`rg:<task>:<generator seed>:<index>`, as in `spo_agents.envs.problems`.
+
+## Version history
+- v0: initial version.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+from spo_agents.errors import DatasetError, EnvError, did_you_mean
+from spo_agents.types import Problem
+
+from .answers import extract_boxed
+from .base import Message, StepOutcome
+from .math_python import CODE_CLOSE, CODE_OPEN, MathPythonEnv, interpreter_reply
+from .problems import content_split
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant that solves reasoning tasks. You can run Python code: write it "
+    "between <code> and </code> and its output will be shown between <interpreter> and "
+    "</interpreter>. You can run code at most {max_tool_calls} times. Give the final answer "
+    "between <answer> and </answer>, in the format the task asks for."
+)
+ONE_SHOT_QUESTION = "What is the sum of the squares of 3, 4 and 12?"
+ONE_SHOT_CODE = "print(3**2 + 4**2 + 12**2)"
+ONE_SHOT_OUTPUT = "169"
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_CACHE: dict[Any, tuple[list[Problem], Any]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The content of the last `<answer>...</answer>`, else of the last `\\boxed{...}`, else None."""
+    if not text:
+        return None
+    found = _ANSWER.findall(text)
+    if found:
+        return found[-1].strip()
+    return extract_boxed(text)
+
+
+def _freeze(x: Any) -> Any:
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+def load_task(task: str, split: str, num_problems: int, *, seed: int = 0, test_fraction: float = 0.1,
+              task_config: dict[str, Any] | None = None) -> tuple[list[Problem], Any]:
+    """The problems of one split of a reasoning-gym task, and a dataset whose `score_answer`
+    scores them. Cached per arguments, so the env instances of a run share one set.
+
+    Each problem keeps the generator's entry (`metadata["entry"]`), which its scorer needs."""
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    if split not in ("train", "test"):
+        raise DatasetError(f"`split` must be `train` or `test`, got `{split}`")
+    if task not in DATASETS:
+        raise DatasetError(f"reasoning-gym has no task `{task}`.{did_you_mean(task, DATASETS)} It has {len(DATASETS)} tasks, e.g. `basic_arithmetic`, `prime_factorization`, `countdown`.")
+    if num_problems < 1 or not 0.0 < test_fraction < 1.0:
+        raise DatasetError(f"`num_problems` must be >= 1 and `test_fraction` in (0, 1), got {num_problems} and {test_fraction}")
+    config = dict(task_config or {})
+    key = (task, split, num_problems, seed, test_fraction, _freeze(config))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    share = test_fraction if split == "test" else 1.0 - test_fraction
+    dataset = None
+    for chunk in range(64):
+        rg_seed = seed * 1000 + chunk
+        size = max(16, int((num_problems - len(problems)) / share * 1.2) + 8)
+        try:
+            dataset = reasoning_gym.create_dataset(task, size=size, seed=rg_seed, **config)
+        except Exception as e:
+            raise DatasetError(f"cannot create reasoning-gym task `{task}` with settings {config}: {e}") from e
+        for i in range(size):
+            entry = dataset[i]
+            question, answer = str(entry["question"]), str(entry["answer"])
+            if (question, answer) in seen or content_split(question, answer, test_fraction) != split:
+                continue
+            seen.add((question, answer))
+            meta = {"source": f"reasoning-gym:{task}", "rg_seed": rg_seed, "rg_index": i, "entry": dict(entry)}
+            problems.append(Problem(f"rg:{task}:{rg_seed}:{i}", question, answer, meta))
+            if len(problems) == num_problems:
+                break
+        if len(problems) == num_problems:
+            break
+    if not problems or dataset is None:
+        raise DatasetError(f"reasoning-gym task `{task}` produced no `{split}` problems; widen its settings in `task_config`")
+    with _CACHE_LOCK:
+        _CACHE.setdefault(key, (problems, dataset))
+        return _CACHE[key]
+
+
+class ReasoningGymEnv(MathPythonEnv):
+    """Any reasoning-gym generator as a tool env, scored by the generator's own scorer."""
+
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        task: str = "basic_arithmetic",
+        task_config: dict[str, Any] | None = None,
+        num_problems: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.1,
+        system_prompt: str | None = None,
+        max_tool_calls: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        if "problems" in kwargs or "source" in kwargs:
+            raise EnvError("`reasoning-gym` makes its problems from `task` / `task_config`; for your own problem files use `math-python` with `source=`")
+        size = num_problems if num_problems is not None else (500 if split == "train" else 100)
+        problems, self._dataset = load_task(task, split, size, seed=seed, test_fraction=test_fraction, task_config=task_config)
+        self.task = task
+        if system_prompt is None:
+            system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
+        super().__init__(split, problems=problems, system_prompt=system_prompt, max_tool_calls=max_tool_calls, **kwargs)
+
+    def _reset_episode(self, problem: Problem) -> list[Message]:
+        messages = super()._reset_episode(problem)
+        if self.one_shot:  # math-python's example answers with \boxed{}; ours with <answer>
+            shot = [
+                {"role": "user", "content": ONE_SHOT_QUESTION},
+                {"role": "assistant", "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(ONE_SHOT_OUTPUT)}<answer>{ONE_SHOT_OUTPUT}</answer>"},
+            ]
+            start = 1 if self.system_prompt else 0
+            messages[start : start + 2] = shot
+        return messages
+
+    def score(self, answer: str | None, problem: Problem) -> tuple[float, str | None]:
+        """(reward in [0, 1], error message of a scorer that raised)."""
+        if answer is None:
+            return 0.0, None
+        try:
+            value = float(self._dataset.score_answer(answer, problem.metadata["entry"]))
+        except Exception as e:  # the generators' scorers raise on malformed answers
+            return 0.0, f"{type(e).__name__}: {e}"[:300]
+        if value != value:
+            return 0.0, "the scorer returned NaN"
+        return min(1.0, max(0.0, value)), None
+
+    def _finish(self) -> StepOutcome:
+        if self.problem is None:
+            raise EnvError("`_finish` needs an episode: call `reset()` first")
+        answer = extract_answer("\n".join(self._model_text))
+        reward, error = self.score(answer, self.problem)
+        info: dict[str, Any] = {"answer": answer, "correct": reward >= 1.0, "check": "scorer" if answer is not None else "no_answer", "score": reward}
+        if error:
+            info["check_error"] = error
+        return StepOutcome("", reward, True, False, info)
+
+    def _final_info(self, answer: Any) -> dict[str, Any]:
+        if answer is None and self._model_text:
+            answer = extract_answer("\n".join(self._model_text))
+        return {"answer": answer, "correct": False}
+
+    def answers_equivalent(self, a: Any, b: Any) -> bool:
+        """Equal after collapsing whitespace (the generators' answers are canonical strings)."""
+        if a is None or b is None:
+            return False
+        return " ".join(str(a).split()) == " ".join(str(b).split())
