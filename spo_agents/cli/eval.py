@@ -1,9 +1,153 @@
-"""`spo-agent eval` commands."""
+"""`spo-agent eval`: avg@k / pass@k / maj@k of a model on an environment.
+
+    spo-agent eval --env math-python --base-url http://HOST:8000/v1 --model NAME -k 32
+    spo-agent eval --env math-python --backend hf --model smollm2-135m -k 4 --limit 20
+
+Sampling defaults follow the paper's evaluation (App. D): temperature 0.6, top-p 0.95, top-k 20
+(top-k is sent only to servers that take it). `--out DIR` receives `transcripts.jsonl` and
+`results.json`; `--resume` finishes an interrupted run in the same `--out` without redoing
+finished samples.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("eval", help="evaluate a model on an environment (avg@k, pass@k, maj@k)")
+    p.add_argument("--env", required=True, help="environment id (`spo-agent envs`), or `package.module:EnvClass`")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the environment (YAML value); repeatable")
+    p.add_argument("--split", default="test", help="problem split passed to environments that take `split` (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument("-k", type=int, default=1, help="samples per problem (default: 1)")
+    p.add_argument("--backend", choices=["openai", "hf", "vllm"], default=None, help="default: `openai` with --base-url, else `hf`")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default=None, help="served model name (with --base-url) or a model for --backend hf: a directory, `smollm2-135m` (default) or `tiny-random`")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory matching the served model (default: --model)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default: OPENAI_API_KEY; `EMPTY` when unset)")
+    p.add_argument("--mode", choices=["auto", "tokens", "text"], default="auto", help="openai backend: probe the server (auto), require token ids, or text only")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before a retry (default: 600)")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx and timeouts (default: 5)")
+    p.add_argument("--concurrency", type=int, default=8, help="episodes in flight (default: 8)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=20, help="0 disables")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per generation call (default: 1024)")
+    p.add_argument("--max-episode-tokens", type=int, default=4096, help="tokens per episode after the prompt (default: 4096)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="DIR", help="where transcripts.jsonl and results.json go (default: runs/eval/ENV-TIME)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
+
+
+def _env_factory(env_id: str, split: str, kwargs: dict):
+    """A factory of fresh envs, and the env id to record."""
+    import importlib
+    import inspect
+
+    from spo_agents.errors import EnvError
+    from spo_agents.registry import ENVS
+
+    if ":" in env_id:
+        module, _, attr = env_id.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise EnvError(f"cannot load `{env_id}` ({e}); expected `package.module:EnvClass` importable from here") from e
+        base_kwargs: dict = {}
+        resolved = env_id
+    else:
+        spec, obj = ENVS.load(env_id)
+        base_kwargs, resolved = dict(spec.kwargs), spec.id
+    merged = {**base_kwargs, **kwargs}
+    try:
+        params = inspect.signature(obj).parameters
+        if "split" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            merged.setdefault("split", split)
+    except (TypeError, ValueError):
+        pass
+    return (lambda: obj(**merged)), resolved
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    from pathlib import Path
+
+    from spo_agents.config import apply_overrides
+    from spo_agents.errors import ConfigError
+    from spo_agents.evaluation import evaluate
+    from spo_agents.policy import make_policy
+    from spo_agents.policy.base import SamplingParams
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    backend = args.backend or ("openai" if args.base_url else "hf")
+    if backend == "openai" and not args.base_url:
+        raise ConfigError("`--backend openai` needs `--base-url URL` (and `--model NAME`)")
+    if backend == "openai" and not args.model:
+        raise ConfigError("`--base-url` needs `--model NAME`, the model name the server serves (see its /v1/models)")
+    if args.resume and not args.out:
+        raise ConfigError("`--resume` needs `--out DIR`, the directory of the run to finish")
+    if args.k < 1:
+        raise ConfigError(f"`-k` must be >= 1, got {args.k}")
+    env_kwargs = apply_overrides({}, args.env_arg)
+    factory, env_id = _env_factory(args.env, args.split, env_kwargs)
+    probe = factory()
+    try:
+        problem_ids = list(probe.problem_ids)
+    except AttributeError as e:
+        raise ConfigError(f"`{env_id}` has no `problem_ids`; `spo-agent eval` needs a `spo_agents.envs.MultiTurnEnv`") from e
+    finally:
+        probe.close()
+    if args.limit is not None:
+        problem_ids = problem_ids[: args.limit]
+    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    model = args.model or "smollm2-135m"
+    if backend == "openai":
+        policy = make_policy(
+            "openai",
+            model,
+            base_url=args.base_url,
+            tokenizer=args.tokenizer,
+            api_key_env=args.api_key_env,
+            mode=args.mode,
+            request_timeout_s=args.request_timeout,
+            max_retries=args.max_retries,
+            max_concurrency=max(args.concurrency, 1),
+        )
+    else:
+        policy = make_policy(backend, model)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    settings = {"env": env_id, "split": args.split, "backend": backend, "model": model, "base_url": args.base_url}
+
+    async def run():
+        try:
+            return await evaluate(
+                factory,
+                policy,
+                problem_ids,
+                k=args.k,
+                sampling=sampling,
+                concurrency=args.concurrency,
+                out_dir=out,
+                resume=args.resume,
+                progress=not args.no_progress,
+                max_episode_tokens=args.max_episode_tokens,
+                seed=args.seed,
+                settings=settings,
+            )
+        finally:
+            await policy.close()
+
+    report = asyncio.run(run())
+    print(f"{env_id}: {report.num_problems} problems x k={report.k} ({backend}: {model})")
+    print(report.summary_table())
+    print(f"results: {out / 'results.json'}\ntranscripts: {out / 'transcripts.jsonl'}")
+    if report.errors:
+        print(f"{report.errors} samples failed for infrastructure reasons (see `error` in the transcripts); "
+              f"`--resume --out {out}` retries them", file=sys.stderr)
+    return 0

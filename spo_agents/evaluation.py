@@ -1,0 +1,252 @@
+"""Evaluation: k episodes per problem, avg@k / pass@k / maj@k (paper App. D, SPO.md section 6).
+
+The same episodes as training (`spo_agents.rollout.run_episode`), so a model is evaluated exactly
+as it acts. Used by `spo-agent eval` and by the trainer's periodic held-out evaluation.
+
+Files written to `out_dir` (when given):
+- `transcripts.jsonl`: one `Trajectory` per finished sample (`spo_agents.types.write_jsonl`),
+  with `group_id = problem_id`, `sample_index` in 0..k-1 and the decoded completion in
+  `info["completion"]`. Appended as samples finish, so an interrupted run loses nothing.
+- `results.json`: the report (`EvalReport.to_dict()`), written at the end.
+
+`resume=True` reads `transcripts.jsonl` and runs only the samples that are missing or ended in an
+infrastructure error; the last record of a sample wins. Samples with an infrastructure error
+(`Trajectory.error`) are not evidence about the policy: they are counted in `errors` and left
+out of the metrics; a problem with fewer than j valid samples is left out of pass@j
+(`EvalReport.incomplete`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
+from spo_agents.policy.base import PolicyBackend, SamplingParams
+from spo_agents.rollout import run_episode
+from spo_agents.types import Trajectory, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+TRANSCRIPTS = "transcripts.jsonl"
+RESULTS = "results.json"
+
+
+@dataclass
+class ProblemResult:
+    """Metrics of one problem over its valid samples."""
+
+    problem_id: str
+    n: int  # valid samples (no infrastructure error)
+    correct: int
+    errors: int
+    answers: list[Any]
+    avg: float
+    pass_at_k: dict[int, float]
+    maj: float
+
+
+@dataclass
+class EvalReport:
+    """Overall metrics (means over problems) and per-problem records."""
+
+    k: int
+    avg_at_k: float
+    pass_at_k: dict[int, float]
+    maj_at_k: float
+    num_problems: int
+    num_samples: int
+    errors: int
+    incomplete: dict[int, int]  # j -> problems with fewer than j valid samples (left out of pass@j)
+    token_io: bool
+    problems: list[ProblemResult] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pass_at_k"] = {str(j): v for j, v in self.pass_at_k.items()}
+        d["incomplete"] = {str(j): v for j, v in self.incomplete.items()}
+        for p in d["problems"]:
+            p["pass_at_k"] = {str(j): v for j, v in p["pass_at_k"].items()}
+        return d
+
+    def summary_table(self) -> str:
+        rows = [("problems", str(self.num_problems)), ("samples", str(self.num_samples)), ("infra errors", str(self.errors))]
+        rows.append((f"avg@{self.k}", f"{self.avg_at_k:.4f}"))
+        rows += [(f"pass@{j}", f"{v:.4f}") for j, v in self.pass_at_k.items()]
+        rows.append((f"maj@{self.k}", f"{self.maj_at_k:.4f}"))
+        if not self.token_io:
+            rows.append(("token io", "no (text-only server: evaluation only)"))
+        w = max(len(r[0]) for r in rows)
+        return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def sample_seed(problem_id: str, sample_index: int, base: int = 0) -> int:
+    """A stable per-sample seed (same sample, same seed, on every run and resume)."""
+    digest = hashlib.sha256(f"{base}:{problem_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def compute_report(
+    samples: dict[tuple[str, int], Trajectory],
+    problem_ids: list[str],
+    k: int,
+    equivalent: Callable[[Any, Any], bool],
+    settings: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Metrics from finished samples keyed by (problem id, sample index)."""
+    ks = ks_up_to(k)
+    results: list[ProblemResult] = []
+    errors = 0
+    token_io = True
+    for pid in problem_ids:
+        trajs = [samples[(pid, i)] for i in range(k) if (pid, i) in samples]
+        valid = [t for t in trajs if t.error is None]
+        errors += len(trajs) - len(valid)
+        token_io = token_io and all(t.info.get("token_io", True) for t in valid)
+        correct = [t.correct for t in valid]
+        answers = [t.info.get("answer") for t in valid]
+        n, c = len(valid), sum(correct)
+        results.append(
+            ProblemResult(
+                problem_id=pid,
+                n=n,
+                correct=c,
+                errors=len(trajs) - len(valid),
+                answers=answers,
+                avg=c / n if n else 0.0,
+                pass_at_k={j: pass_at_k(n, c, j) for j in ks if n >= j},
+                maj=majority_correct(answers, correct, equivalent),
+            )
+        )
+    scored = [r for r in results if r.n > 0]
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    return EvalReport(
+        k=k,
+        avg_at_k=mean([r.avg for r in scored]),
+        pass_at_k={j: mean([r.pass_at_k[j] for r in scored if j in r.pass_at_k]) for j in ks},
+        maj_at_k=mean([r.maj for r in scored]),
+        num_problems=len(problem_ids),
+        num_samples=sum(r.n for r in results),
+        errors=errors,
+        incomplete={j: sum(1 for r in results if j not in r.pass_at_k) for j in ks},
+        token_io=token_io,
+        problems=results,
+        settings=dict(settings or {}),
+    )
+
+
+async def evaluate(
+    env_factory: Callable[[], Any],
+    policy: PolicyBackend,
+    problem_ids: list[str],
+    *,
+    k: int = 1,
+    sampling: SamplingParams | None = None,
+    concurrency: int = 8,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_episode_tokens: int = 1024,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Run `k` episodes of every problem and report avg@k, pass@k and maj@k (module docstring).
+
+    Paper eval sampling (App. D): `SamplingParams(temperature=0.6, top_p=0.95, top_k=20)`.
+    """
+    if k < 1:
+        raise ValueError(f"`k` must be >= 1, got {k}")
+    sampling = sampling or SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
+    out = Path(out_dir) if out_dir is not None else None
+    samples: dict[tuple[str, int], Trajectory] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / TRANSCRIPTS
+        if resume and path.is_file():
+            for t in read_jsonl(path):
+                samples[(t.problem_id, t.sample_index)] = t
+            _repair_torn_tail(path)
+        elif path.exists():
+            path.unlink()
+    wanted = set(problem_ids)
+    samples = {key: t for key, t in samples.items() if key[0] in wanted and key[1] < k}
+    todo = [(pid, i) for pid in problem_ids for i in range(k) if (pid, i) not in samples or samples[(pid, i)].error is not None]
+    envs: list[Any] = []
+    limit = asyncio.Semaphore(max(1, concurrency))
+    bar = _progress(len(todo), progress)
+    tally = {"done": 0, "correct": 0}
+    write_lock = asyncio.Lock()
+
+    async def one(pid: str, i: int) -> None:
+        async with limit:
+            env = envs.pop() if envs else env_factory()
+            try:
+                t = await run_episode(env, policy, pid, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=sample_seed(pid, i, seed))
+            finally:
+                envs.append(env)
+        t.group_id, t.sample_index = pid, i
+        t.info["completion"] = policy.tokenizer.decode(t.token_ids, skip_special_tokens=False)
+        samples[(pid, i)] = t
+        if out is not None:
+            async with write_lock:
+                write_jsonl(out / TRANSCRIPTS, [t], append=True)
+        tally["done"] += 1
+        tally["correct"] += int(t.error is None and t.correct)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{tally['correct'] / tally['done']:.3f}", errors=sum(1 for s in samples.values() if s.error))
+
+    try:
+        await asyncio.gather(*(one(pid, i) for pid, i in todo))
+    finally:
+        if bar is not None:
+            bar.close()
+        if not envs:
+            envs.append(env_factory())
+        equivalent = _equivalence(envs[0])
+        for env in envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.warning("closing an environment failed", exc_info=True)
+    info = {"sampling": asdict(sampling), "max_episode_tokens": max_episode_tokens, "seed": seed, **(settings or {})}
+    report = compute_report(samples, problem_ids, k, equivalent, info)
+    if not policy.supports_token_io:
+        report.token_io = False
+    if out is not None:
+        (out / RESULTS).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
+
+
+def _equivalence(env: Any) -> Callable[[Any, Any], bool]:
+    fn = getattr(env, "answers_equivalent", None)
+    if fn is None:
+        return lambda a, b: a is not None and b is not None and str(a).strip() == str(b).strip()
+    return fn
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Drop a torn last line (interrupted write) so appended records start on a new line."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        path.write_bytes(data[:cut])
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
