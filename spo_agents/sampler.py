@@ -51,8 +51,12 @@ class PrioritizedSampler:
     def weights(self, v_hat: Any) -> np.ndarray:
         """w = sqrt(v (1 - v)) + eps, unnormalised. # [N]"""
         v = self._check_v(v_hat)
-        v = np.clip(v, 0.0, 1.0)
-        return np.sqrt(v * (1.0 - v)) + self.eps
+        w = v * v  # [N]; in place below: this runs on the whole pool every step
+        np.subtract(v, w, out=w)  # v (1 - v), negative exactly when v is outside [0, 1]
+        np.maximum(w, 0.0, out=w)  # == clipping v into [0, 1]
+        np.sqrt(w, out=w)
+        w += self.eps
+        return w
 
     def entropy(self, v_hat: Any) -> float:
         """Entropy of the normalised weights divided by log N: 1 = uniform, -> 0 = concentrated."""
@@ -81,9 +85,9 @@ class PrioritizedSampler:
         self.draws += 1
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        e = self.rng.standard_exponential(self.num_problems)  # [N]
+        keys = self.rng.standard_exponential(self.num_problems)  # [N] E ~ Exp(1)
         with np.errstate(divide="ignore"):
-            keys = e / w  # [N]; weight 0 -> inf, never drawn
+            keys /= w  # [N] E / w; weight 0 -> inf, never drawn
         top = np.argpartition(keys, n - 1)[:n] if n < self.num_problems else np.arange(self.num_problems)
         return top[np.argsort(keys[top], kind="stable")].astype(np.int64)
 
