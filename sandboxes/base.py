@@ -33,7 +33,8 @@ class SandboxLimits:
     max_processes: int | None = 64
     max_open_files: int | None = 256
     max_file_size_mb: int | None = 64
-    max_output_bytes: int = 64 * 1024  # stdout + stderr kept; head and tail, the middle is cut
+    max_output_bytes: int = 64 * 1024  # kept per stream (stdout, stderr): head and tail, the middle is cut
+    disk_mb: int | None = 256  # writable work dir (a size-limited tmpfs in the `local` backend)
 
 
 @dataclass

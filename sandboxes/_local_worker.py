@@ -1,0 +1,368 @@
+"""The in-sandbox half of the `local` backend: a pre-warmed zygote that forks one session per episode.
+
+This file runs inside the sandbox with the sandbox's interpreter (`python -I -c <this source>`),
+so it uses the standard library only and never imports `spo_agents`. See `sandboxes/README.md`
+for the threat model and `sandboxes/local.py` for the host half.
+
+Process tree of one session (namespaced isolation)::
+
+    zygote (pre-imported numpy, sympy; one per backend; child subreaper)
+      └─ keeper   PR_SET_PDEATHSIG(zygote); unshare(user, pid, mount, net); waits for `init`
+          └─ init   pid 1 of the session's pid namespace; private tmpfs at the work dir; reaps
+              └─ runner   rlimits, no capabilities, no new privileges; runs the code
+
+Killing `keeper` kills `init` (death signal), and the death of `init` makes the kernel kill every
+process left in the session's pid namespace, whatever its process group or session. With
+isolation `none` the same tree exists without namespaces and the kill is by process group.
+
+Zygote protocol (host <-> zygote, SOCK_SEQPACKET, one JSON object per message, strictly request /
+response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) -> `{pid, pgid}`;
+`kill` -> `{status}`; `wait` -> `{status}` (or `null` while running). Statuses use the shell's
+convention: the exit code, or 128 + N for death by signal N.
+
+Runner protocol (host <-> runner, SOCK_STREAM, 4-byte big-endian length + JSON): the runner
+sends `ready`, then for each `{code, cpu_s}` it sends `{exit_status, exception, memory_error}`
+after flushing its output.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP = 1, 38, 24
+PR_SET_CHILD_SUBREAPER = 36
+SYS_MOUNT_SETATTR = 442  # x86-64 and aarch64 share it
+MOUNT_ATTR_RDONLY, AT_RECURSIVE, AT_FDCWD = 0x1, 0x8000, -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc, what):
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _prctl(option, arg):
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _check(
+        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                    ctypes.c_ulong(flags), data.encode() if data else None),
+        f"mount {target}",
+    )
+
+
+def _readonly_root():
+    """Make every mount read-only (recursively); later tmpfs mounts stay writable."""
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY, 0, 0, 0)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, buf, len(attr)), "mount_setattr /")
+
+
+def _drop_capabilities():
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    _check(_libc.capset(header, data), "capset")
+
+
+def _status(waitstatus):
+    if os.WIFSIGNALED(waitstatus):
+        return 128 + os.WTERMSIG(waitstatus)
+    return os.WEXITSTATUS(waitstatus)
+
+
+# --- runner ------------------------------------------------------------------------------------
+def _send(sock, obj):
+    data = json.dumps(obj).encode()
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def _recv(sock):
+    head = b""
+    while len(head) < 4:
+        chunk = sock.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    (n,) = struct.unpack(">I", head)
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return json.loads(bytes(buf))
+
+
+def _apply_limits(limits):
+    import resource
+
+    def setlim(which, value):
+        if value is not None:
+            value = int(value)
+            resource.setrlimit(which, (value, value))
+
+    if limits.get("memory_mb"):
+        with open("/proc/self/statm") as f:
+            vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        setlim(resource.RLIMIT_AS, vm_bytes + int(limits["memory_mb"]) * 2**20)
+    if limits.get("max_processes"):
+        # The runner and init count too (fresh user namespace: the count is per session).
+        setlim(resource.RLIMIT_NPROC, int(limits["max_processes"]) + 2)
+    setlim(resource.RLIMIT_NOFILE, limits.get("max_open_files"))
+    if limits.get("max_file_size_mb"):
+        setlim(resource.RLIMIT_FSIZE, int(limits["max_file_size_mb"]) * 2**20)
+    setlim(resource.RLIMIT_CORE, 0)
+
+
+def _run_cell(code, namespace, counter):
+    import linecache
+    import traceback
+
+    name = f"<cell-{counter}>"
+    linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+    exit_status, exception, memory_error = 0, None, False
+    try:
+        exec(compile(code, name, "exec"), namespace)
+    except SystemExit as e:
+        if e.code is None:
+            exit_status = 0
+        elif isinstance(e.code, int):
+            exit_status = e.code & 0xFF
+        else:
+            print(e.code, file=sys.stderr)
+            exit_status = 1
+    except BaseException as e:  # noqa: BLE001 - the user's failure is data
+        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+        if isinstance(e, SyntaxError):
+            tb = None
+        exception = "".join(traceback.format_exception(type(e), e, tb))
+        memory_error = isinstance(e, MemoryError)
+        exit_status = 1
+        try:
+            sys.stderr.write(exception)
+        except BaseException:  # noqa: BLE001
+            pass
+    return exit_status, exception, memory_error
+
+
+def _runner(ctrl, limits, workdir):
+    import resource
+
+    os.chdir(workdir)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _apply_limits(limits)
+    if limits.get("drop_capabilities"):
+        _drop_capabilities()
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    _send(ctrl, {"op": "ready"})
+    counter = 0
+    while True:
+        msg = _recv(ctrl)
+        if msg is None:
+            os._exit(0)
+        counter += 1
+        cpu_s = msg.get("cpu_s")
+        if cpu_s:
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            soft = int(used.ru_utime + used.ru_stime + float(cpu_s)) + 1
+            try:
+                resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
+            except (ValueError, OSError):
+                pass
+        exit_status, exception, memory_error = _run_cell(msg["code"], namespace, counter)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed or broken stream is the user's doing
+                pass
+        _send(ctrl, {"exit_status": exit_status, "exception": exception, "memory_error": memory_error})
+
+
+# --- session set-up ----------------------------------------------------------------------------
+def _init(ctrl, out_fd, err_fd, cfg, limits):
+    """pid 1 of the session: private work dir, then fork the runner and reap until it exits."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    workdir = cfg["workdir"]
+    if cfg["namespaces"]:
+        _mount("none", "/", None, MS_REC | MS_PRIVATE)
+        if cfg["readonly_root"]:
+            _readonly_root()
+        size = limits.get("disk_mb") or 256
+        for path in cfg["hide"]:
+            if os.path.isdir(path):
+                _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(size)}m,mode=0777")
+    os.setsid()
+    runner = os.fork()
+    if runner == 0:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        os.closerange(3, ctrl.fileno())
+        os.closerange(ctrl.fileno() + 1, 1 << 16)
+        try:
+            _runner(ctrl, limits, workdir)
+        except BaseException as e:  # noqa: BLE001 - reported to the host as a set-up failure
+            try:
+                _send(ctrl, {"op": "error", "error": f"{type(e).__name__}: {e}"})
+            finally:
+                os._exit(70)
+        os._exit(0)
+    ctrl.close()
+    os.close(out_fd)
+    os.close(err_fd)
+    os.closerange(3, 1 << 16)
+    while True:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == runner:
+            os._exit(_status(st))
+
+
+def _keeper(ctrl, out_fd, err_fd, cfg, limits, report_fd):
+    """Enter the session's namespaces and wait for its init; dies (and takes it along) on kill."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        if cfg["drop_to"] is not None and os.geteuid() == 0:
+            uid = gid = int(cfg["drop_to"])
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set-id changes clear the death signal
+        if cfg["namespaces"]:
+            uid, gid = os.geteuid(), os.getegid()
+            flags = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
+            if cfg["new_net"]:
+                flags |= CLONE_NEWNET
+            _check(_libc.unshare(flags), "unshare")
+            with open("/proc/self/setgroups", "w") as f:
+                f.write("deny")
+            with open("/proc/self/uid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+            with open("/proc/self/gid_map", "w") as f:
+                f.write(f"{gid} {gid} 1")
+        init = os.fork()
+    except BaseException as e:  # noqa: BLE001 - reported to the zygote
+        os.write(report_fd, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+        os._exit(71)
+    if init == 0:
+        os.close(report_fd)
+        try:
+            _init(ctrl, out_fd, err_fd, cfg, limits)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                _send(ctrl, {"op": "error", "error": f"{type(e).__name__}: {e}"})
+            finally:
+                os._exit(72)
+    os.write(report_fd, json.dumps({"init": init}).encode())
+    os.close(report_fd)
+    ctrl.close()
+    os.close(out_fd)
+    os.close(err_fd)
+    _, st = os.waitpid(init, 0)
+    os._exit(_status(st))
+
+
+# --- zygote ------------------------------------------------------------------------------------
+def _zygote(sock, cfg):
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    for name in cfg["preload"]:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    sock.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
+    exited = {}  # keeper pid -> status, for keepers reaped while waiting on another
+
+    def reap(pid, block):
+        if pid in exited:
+            return exited.pop(pid)
+        while True:
+            try:
+                got, st = os.waitpid(-1 if not block else pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if got == 0:
+                return None
+            if got == pid:
+                return _status(st)
+            exited[got] = _status(st)
+
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)
+        req = json.loads(msg)
+        op = req["op"]
+        if op == "spawn":
+            ctrl_fd, out_fd, err_fd = fds
+            r, w = os.pipe()
+            keeper = os.fork()
+            if keeper == 0:
+                sock.close()
+                os.close(r)
+                ctrl = socket.socket(fileno=ctrl_fd)
+                _keeper(ctrl, out_fd, err_fd, cfg, req["limits"], w)
+            os.close(w)
+            for fd in fds:
+                os.close(fd)
+            with os.fdopen(r, "rb") as f:
+                report = f.read()
+            try:
+                info = json.loads(report) if report else {"error": "the session keeper died"}
+            except ValueError:
+                info = {"error": f"unreadable report {report!r}"}
+            if "error" in info:
+                reap(keeper, True)
+                sock.send(json.dumps({"error": info["error"]}).encode())
+            else:
+                sock.send(json.dumps({"pid": keeper, "pgid": info["init"]}).encode())
+        elif op == "kill":
+            # With namespaces the keeper's death tears the session's pid namespace down; its
+            # init pid may already be reused, so only the keeper (not yet reaped) is signalled.
+            targets = [req["pid"]] if cfg["namespaces"] else [-req["pgid"], req["pid"]]
+            for target in targets:
+                try:
+                    os.kill(target, signal.SIGKILL)
+                except OSError:
+                    pass
+            sock.send(json.dumps({"status": reap(req["pid"], True)}).encode())
+        elif op == "wait":
+            sock.send(json.dumps({"status": reap(req["pid"], bool(req.get("block")))}).encode())
+        else:
+            sock.send(json.dumps({"error": f"unknown op {op!r}"}).encode())
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    _zygote(socket.socket(fileno=int(cfg["fd"])), cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+"""The `local` sandbox backend: the embedded default, a persistent Python session per episode.
+
+How it works (see `sandboxes/README.md` for the threat model): one pre-warmed *zygote* per
+backend has numpy and sympy imported; each session is a fork of it, so a session starts in a few
+milliseconds and a call costs a round trip over a socket. Variables survive between the calls of
+one session (the episode's tool calls); `stateless=True` gives every call a fresh fork instead.
+
+Isolation is layered, and `backend.isolation` says which layer is in force:
+
+- `bubblewrap` (default when `bwrap` works): the zygote runs in bubblewrap with every namespace
+  unshared (no network, only the interpreter and `/usr` mounted read-only, environment replaced by
+  a fixed one) and each session adds its own user, pid, mount and network namespaces, a
+  size-limited private tmpfs as its writable work dir (`/tmp`), no capabilities and no new
+  privileges.
+- `unshare`: the same per-session namespaces without bubblewrap: the host's file system is visible
+  but read-only (except the private work dir), scratch dirs outside the interpreter are hidden,
+  and root drops to `nobody` when the interpreter is world-readable.
+- `none`: plain fork with rlimits and a process-group kill; chosen only when asked for, with a
+  warning.
+
+In every mode: per-call wall clock (a timeout kills the session's whole process tree, starts a
+new session and says so), CPU seconds, memory (address space on top of the pre-imported
+interpreter), processes, open files, file size, disk (work dir size) and output (head and tail
+kept per stream, `output_truncated` set). User-code failure is data in the `SandboxResult`;
+`SandboxError` means the sandbox itself failed.
+
+What it does not guarantee: protection against kernel exploits (it is not a VM: use `docker` or
+`e2b` for a stronger boundary); CPU seconds are a soft limit code can raise (the wall clock is
+not); sessions of one backend share the zygote's /proc view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import socket
+import struct
+import time
+import json
+import warnings
+import weakref
+from dataclasses import asdict
+from typing import Any
+
+from spo_agents.errors import ConfigError, SandboxError, did_you_mean
+
+from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
+from ._local_zygote import Zygote, ZygoteConfig, bwrap_works, python_default
+
+logger = logging.getLogger(__name__)
+
+ISOLATION_LEVELS = ("auto", "bubblewrap", "unshare", "none")
+_READ_CHUNK = 1 << 18
+_SIGKILL_STATUS = 128 + 9
+_SIGXCPU_STATUS = 128 + 24
+
+
+class _Capture:
+    """Keeps the head and the tail of a byte stream, at most `limit` bytes in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(int(limit), 0)
+        self.reset()
+
+    def reset(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        half = self.limit // 2
+        room = self.limit - half
+        if len(self.head) < half:
+            take = half - len(self.head)
+            self.head += data[:take]
+            data = data[take:]
+        if data:
+            self.tail += data
+            if len(self.tail) > room:
+                del self.tail[: len(self.tail) - room]
+
+    def take(self) -> tuple[str, bool]:
+        kept = len(self.head) + len(self.tail)
+        truncated = self.total > kept
+        if truncated:
+            cut = self.total - kept
+            text = (
+                self.head.decode("utf-8", "replace")
+                + f"\n... [{cut} bytes truncated] ...\n"
+                + self.tail.decode("utf-8", "replace")
+            )
+        else:
+            text = (bytes(self.head) + bytes(self.tail)).decode("utf-8", "replace")
+        self.reset()
+        return text, truncated
+
+
+class _Runner:
+    """One forked session process tree and the host ends of its channels."""
+
+    def __init__(self, pid: int, pgid: int, ctrl: socket.socket, out_fd: int, err_fd: int, limit: int) -> None:
+        self.pid, self.pgid = pid, pgid
+        self.ctrl = ctrl
+        self.fds = {"stdout": out_fd, "stderr": err_fd}
+        self.captures = {"stdout": _Capture(limit), "stderr": _Capture(limit)}
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def on_readable(self, name: str) -> None:
+        fd = self.fds[name]
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            assert self.loop is not None
+            self.loop.remove_reader(fd)
+            return
+        self.captures[name].feed(data)
+
+    def drain(self) -> None:
+        """Read what is already in the pipes (bounded, in case something keeps writing)."""
+        for name, fd in self.fds.items():
+            for _ in range(64):
+                try:
+                    data = os.read(fd, _READ_CHUNK)
+                except (BlockingIOError, OSError):
+                    break
+                if not data:
+                    break
+                self.captures[name].feed(data)
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        assert self.writer is not None
+        data = json.dumps(obj).encode()
+        self.writer.write(struct.pack(">I", len(data)) + data)
+        await self.writer.drain()
+
+    async def recv(self) -> dict[str, Any] | None:
+        assert self.reader is not None
+        try:
+            head = await self.reader.readexactly(4)
+            (n,) = struct.unpack(">I", head)
+            return json.loads(await self.reader.readexactly(n))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def close(self) -> None:
+        if self.loop is not None:
+            for fd in self.fds.values():
+                try:
+                    self.loop.remove_reader(fd)
+                except (ValueError, RuntimeError):
+                    pass
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.ctrl.close()
+
+
+class LocalSession(SandboxSession):
+    """One episode's interpreter in the `local` backend (see the module docstring)."""
+
+    def __init__(self, backend: LocalBackend, stateless: bool, limits: SandboxLimits) -> None:
+        self._backend = backend
+        self.stateless = stateless
+        self.limits = limits
+        self._runner: _Runner | None = None
+        self._next: asyncio.Task[_Runner] | None = None  # stateless: the fork for the next call
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self.restarts = 0
+        self.start_s = 0.0
+
+    # --- process management ---
+    def _limits_msg(self) -> dict[str, Any]:
+        d = asdict(self.limits)
+        d["drop_capabilities"] = self._backend.isolation != "none"
+        return d
+
+    async def _spawn(self) -> _Runner:
+        loop = asyncio.get_running_loop()
+        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid, pgid = await loop.run_in_executor(
+                None, self._backend._zygote_for_spawn().spawn, self._limits_msg(), [child.fileno(), out_w, err_w]
+            )
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            host.close()
+            raise
+        finally:
+            child.close()
+            os.close(out_w)
+            os.close(err_w)
+        runner = _Runner(pid, pgid, host, out_r, err_r, self.limits.max_output_bytes)
+        runner.loop = loop
+        for name, fd in runner.fds.items():
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, runner.on_readable, name)
+        try:
+            runner.reader, runner.writer = await asyncio.open_unix_connection(sock=host)
+            try:
+                hello = await asyncio.wait_for(runner.recv(), 60)
+            except asyncio.TimeoutError:
+                hello = None
+            if not hello or hello.get("op") != "ready":
+                detail = hello.get("error") if hello else "it exited before it was ready"
+                raise SandboxError(f"a `local` sandbox session failed to start ({self._backend.isolation}): {detail}")
+        except BaseException:
+            await self._kill(runner)
+            raise
+        return runner
+
+    async def _kill(self, runner: _Runner, settle: bool = False) -> int | None:
+        """Kill the runner's tree; with `settle`, first give a dying runner a moment to exit by itself."""
+        loop = asyncio.get_running_loop()
+        try:
+            status = None
+            if settle:
+                for _ in range(100):
+                    status = await loop.run_in_executor(None, self._backend._zygote_wait, runner.pid)
+                    if status is not None:
+                        break
+                    await asyncio.sleep(0.005)
+            if status is None:
+                status = await loop.run_in_executor(None, self._backend._zygote_kill, runner.pid, runner.pgid)
+        finally:
+            runner.drain()
+            runner.close()
+        return status
+
+    async def _current(self) -> _Runner:
+        if self._runner is None:
+            if self._next is not None:
+                task, self._next = self._next, None
+                self._runner = await task
+            else:
+                t0 = time.perf_counter()
+                self._runner = await self._spawn()
+                self.start_s = time.perf_counter() - t0
+        return self._runner
+
+    async def start(self) -> None:
+        async with self._lock:
+            await self._current()
+
+    # --- protocol ---
+    async def run(self, code: str, timeout: float | None = None) -> SandboxResult:
+        if not isinstance(code, str):
+            raise TypeError(f"`code` must be a str, got {type(code).__name__}")
+        async with self._lock:
+            if self._closed:
+                raise SandboxError("this `local` sandbox session is closed; open a new one with `backend.open_session()`")
+            timeout = self.limits.timeout_s if timeout is None else float(timeout)
+            runner = await self._current()
+            t0 = time.perf_counter()
+            reply: dict[str, Any] | None = None
+            timed_out = False
+            await runner.send({"code": code, "cpu_s": self.limits.cpu_s})
+            try:
+                reply = await asyncio.wait_for(runner.recv(), timeout)
+            except asyncio.TimeoutError:
+                timed_out = True
+            duration = time.perf_counter() - t0
+            result = SandboxResult(duration_s=duration)
+            if reply is not None:
+                runner.drain()
+                result.exit_status = int(reply["exit_status"])
+                result.exception = reply["exception"]
+                result.memory_exceeded = bool(reply["memory_error"])
+                self._collect(runner, result)
+                if self.stateless:
+                    self._recycle()
+                return result
+            # The session is gone (timeout) or died (os._exit, a signal, a crash): kill what is
+            # left of its tree, report, and start a fresh one so the next call works.
+            status = await self._kill(runner, settle=not timed_out)
+            self._runner = None
+            self._collect(runner, result)
+            result.timed_out = timed_out or status == _SIGXCPU_STATUS
+            if status == _SIGXCPU_STATUS:
+                result.extra["cpu_exceeded"] = True
+            if timed_out:
+                result.exit_status = _SIGKILL_STATUS
+                msg = f"timed out after {timeout:g} s; the session was restarted (earlier variables are lost)"
+            else:
+                result.exit_status = int(status) if status is not None else _SIGKILL_STATUS
+                msg = f"the session process exited with status {result.exit_status}; it was restarted (earlier variables are lost)"
+            result.stderr = (result.stderr + ("\n" if result.stderr and not result.stderr.endswith("\n") else "") + msg)
+            result.session_restarted = True
+            self.restarts += 1
+            try:
+                self._runner = await self._spawn()
+            except SandboxError as e:
+                result.extra["restart_error"] = str(e)
+            return result
+
+    def _collect(self, runner: _Runner, result: SandboxResult) -> None:
+        result.stdout, t1 = runner.captures["stdout"].take()
+        result.stderr, t2 = runner.captures["stderr"].take()
+        result.output_truncated = t1 or t2
+
+    def _recycle(self) -> None:
+        """Stateless mode: retire this fork and start the next one in the background."""
+        old, self._runner = self._runner, None
+        loop = asyncio.get_running_loop()
+        if old is not None:
+            loop.create_task(self._kill(old))
+        self._next = loop.create_task(self._spawn())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            runners = [r for r in [self._runner] if r is not None]
+            self._runner = None
+            if self._next is not None:
+                task, self._next = self._next, None
+                try:
+                    runners.append(await task)
+                except (SandboxError, asyncio.CancelledError):
+                    pass
+            for r in runners:
+                try:
+                    await self._kill(r)
+                except SandboxError:
+                    r.close()
+        self._backend._sessions.discard(self)
+
+
+class LocalBackend(SandboxBackend):
+    """Python sessions forked from a pre-warmed worker, isolated with bubblewrap / namespaces.
+
+    Options (`SandboxConfig.options`): `python` (interpreter path; default: this one),
+    `isolation` (`auto` | `bubblewrap` | `unshare` | `none`), `stateless` (default for sessions),
+    `preload` (modules imported once in the worker; default numpy, sympy), `network_per_session`
+    (a network namespace per session; default true), `env` (extra variables for the code),
+    `ro_binds` (extra host paths visible read-only under bubblewrap), and any `SandboxLimits` field
+    (`timeout_s`, `cpu_s`, `memory_mb`, `max_processes`, `max_open_files`, `max_file_size_mb`,
+    `max_output_bytes`, `disk_mb`).
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        python: str | None = None,
+        isolation: str = "auto",
+        stateless: bool = False,
+        limits: SandboxLimits | None = None,
+        preload: tuple[str, ...] | list[str] = ("numpy", "sympy"),
+        network_per_session: bool = True,
+        env: dict[str, str] | None = None,
+        ro_binds: tuple[str, ...] | list[str] = (),
+        **limit_fields: Any,
+    ) -> None:
+        if isolation not in ISOLATION_LEVELS:
+            raise ConfigError(
+                f"`isolation` of the `local` sandbox must be one of {', '.join(ISOLATION_LEVELS)}; "
+                f"got `{isolation}`.{did_you_mean(isolation, ISOLATION_LEVELS)}"
+            )
+        known = set(SandboxLimits.__dataclass_fields__)
+        unknown = sorted(set(limit_fields) - known)
+        if unknown:
+            names = known | {"python", "isolation", "stateless", "preload", "network_per_session", "env", "ro_binds"}
+            raise ConfigError(
+                f"unknown option `{unknown[0]}` for the `local` sandbox.{did_you_mean(unknown[0], names)} "
+                f"Known options: {', '.join(sorted(names))}."
+            )
+        base = limits if limits is not None else SandboxLimits()
+        self.limits = SandboxLimits(**{**asdict(base), **limit_fields})
+        self.stateless = stateless
+        self.python = python or python_default()
+        self._requested = isolation
+        self._isolation = self._resolve(isolation)
+        self._cfg = ZygoteConfig(
+            python=self.python,
+            isolation=self._isolation,
+            preload=tuple(preload),
+            new_net=network_per_session,
+            env=dict(env or {}),
+            extra_ro_binds=tuple(ro_binds),
+        )
+        self._zygote: Zygote | None = None
+        self._sessions: weakref.WeakSet[LocalSession] = weakref.WeakSet()
+        _LIVE.add(self)
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """The backend always runs; the reason names the isolation `auto` would pick."""
+        ok, why = bwrap_works()
+        if ok:
+            return True, f"isolation `bubblewrap` ({why})"
+        return True, f"isolation `unshare` at best: {why}"
+
+    @staticmethod
+    def _resolve(isolation: str) -> str:
+        if isolation == "none":
+            warnings.warn(
+                "the `local` sandbox runs with isolation `none`: the code runs as this user with only "
+                "rlimits; use it only for trusted code", RuntimeWarning, stacklevel=3,
+            )
+            return "none"
+        if isolation == "auto":
+            ok, why = bwrap_works()
+            if ok:
+                return "bubblewrap"
+            logger.warning("local sandbox: %s; falling back to `unshare` isolation (namespaces + rlimits)", why)
+            return "unshare"
+        if isolation == "bubblewrap":
+            ok, why = bwrap_works()
+            if not ok:
+                raise SandboxError(f"isolation `bubblewrap` was requested but {why}. Install it or pick `unshare`.")
+        return isolation
+
+    @property
+    def isolation(self) -> str:
+        return self._isolation
+
+    def _zygote_for_spawn(self) -> Zygote:
+        if self._zygote is None:
+            self._zygote = Zygote(self._cfg)
+            _register_exit_hook()
+        return self._zygote
+
+    def _zygote_kill(self, pid: int, pgid: int) -> int | None:
+        if self._zygote is None:
+            return None
+        try:
+            return self._zygote.kill(pid, pgid)
+        except SandboxError:
+            return None
+
+    def _zygote_wait(self, pid: int) -> int | None:
+        if self._zygote is None:
+            return None
+        try:
+            return self._zygote.wait(pid, block=False)
+        except SandboxError:
+            return None
+
+    def start(self) -> None:
+        """Start the pre-warmed worker now (blocking; otherwise the first session does it)."""
+        z = self._zygote_for_spawn()
+        if not z.alive:
+            z.start()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Host pid of the worker (bubblewrap's, under that isolation); None when not running."""
+        z = self._zygote
+        return z.pid if z is not None and z.alive else None
+
+    async def open_session(self, *, stateless: bool | None = None, limits: SandboxLimits | None = None) -> LocalSession:
+        session = LocalSession(self, self.stateless if stateless is None else stateless, limits or self.limits)
+        await session.start()
+        self._sessions.add(session)
+        return session
+
+    async def aclose(self) -> None:
+        for s in list(self._sessions):
+            try:
+                await s.close()
+            except RuntimeError:
+                pass  # a session bound to another (closed) loop: the worker's death ends it
+        if self._zygote is not None:
+            self._zygote.stop()
+            self._zygote = None
+
+    def close(self) -> None:
+        if self._zygote is not None:
+            self._zygote.stop()
+            self._zygote = None
+
+
+_LIVE: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
+_HOOKED = False
+
+
+def _stop_all() -> None:
+    for b in list(_LIVE):
+        b.close()
+
+
+def _register_exit_hook() -> None:
+    """Stop every worker at interpreter exit (bubblewrap's --die-with-parent covers crashes)."""
+    global _HOOKED
+    if not _HOOKED:
+        _HOOKED = True
+        atexit.register(_stop_all)

@@ -1,0 +1,65 @@
+"""Fixtures shared by the sandbox suites: one `backend` fixture parametrised over every registered
+backend. A backend that is not available here is skipped with its reason; `docker` and `e2b`
+parameters carry their markers, so the default run exercises `local` and `pytest -m docker`
+runs the same suites against Docker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from spo_agents.sandboxes import SandboxBackend, SandboxLimits, available_backends, make_backend
+
+# Markers a backend's parameter carries (its tests then run only when that marker is selected).
+BACKEND_MARKS = {"docker": pytest.mark.docker, "e2b": pytest.mark.e2b}
+# Options the suites build each backend with (a backend's own defaults otherwise).
+BACKEND_OPTIONS: dict[str, dict] = {}
+
+
+def backend_params() -> list:
+    params = []
+    for name, (ok, reason) in sorted(available_backends().items()):
+        marks = [BACKEND_MARKS[name]] if name in BACKEND_MARKS else []
+        if not ok:
+            marks.append(pytest.mark.skip(reason=f"sandbox backend `{name}` is not available: {reason}"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(scope="session", params=backend_params())
+def backend(request: pytest.FixtureRequest) -> Iterator[SandboxBackend]:
+    b = make_backend(request.param, **BACKEND_OPTIONS.get(request.param, {}))
+    yield b
+    b.close()
+
+
+def limits(**overrides) -> SandboxLimits:
+    """Limits the suites use unless a test says otherwise."""
+    base = dict(timeout_s=10.0, memory_mb=512, max_output_bytes=64 * 1024)
+    base.update(overrides)
+    return SandboxLimits(**base)
+
+
+def session_processes(backend: SandboxBackend) -> list[int] | None:
+    """Host pids of processes that belong to sessions (None when the backend cannot tell).
+
+    For `local`: everything under the worker's zygote other than the zygote itself.
+    """
+    pid = getattr(backend, "worker_pid", None)
+    if pid is None:
+        return None if backend.name != "local" else []
+    import psutil
+
+    try:
+        node = psutil.Process(pid)
+        # bubblewrap: bwrap -> bwrap (pid 1 inside) -> zygote -> sessions; otherwise zygote -> sessions.
+        while node.name() == "bwrap":
+            kids = node.children()
+            if not kids:
+                return []
+            node = kids[0]
+        return [c.pid for c in node.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.NoSuchProcess:
+        return []
