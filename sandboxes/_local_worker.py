@@ -161,6 +161,24 @@ def _run_cell(code, namespace, counter):
     return exit_status, exception, memory_error
 
 
+def _restore_streams(saved):
+    """Undo what the previous cell did to fds 1 and 2 and to `sys.stdout` / `sys.stderr`."""
+    import io
+
+    for fd, keep in zip((1, 2), saved):
+        try:
+            os.dup2(keep, fd)
+        except OSError:
+            pass
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        orig = getattr(sys, f"__{name}__")
+        if orig is None or orig.closed:
+            orig = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
+                                    errors="backslashreplace", line_buffering=name == "stderr")
+            setattr(sys, f"__{name}__", orig)
+        setattr(sys, name, orig)
+
+
 def _runner(ctrl, limits, workdir):
     import resource
 
@@ -172,6 +190,7 @@ def _runner(ctrl, limits, workdir):
         _drop_capabilities()
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    saved = (os.dup(1), os.dup(2))
     _send(ctrl, {"op": "ready"})
     counter = 0
     while True:
@@ -187,6 +206,7 @@ def _runner(ctrl, limits, workdir):
                 resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
             except (ValueError, OSError):
                 pass
+        _restore_streams(saved)
         exit_status, exception, memory_error = _run_cell(msg["code"], namespace, counter)
         for stream in (sys.stdout, sys.stderr):
             try:
