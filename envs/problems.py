@@ -40,6 +40,7 @@ and counted as duplicates (DAPO-Math-17k repeats each problem many times).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,6 +67,8 @@ TIERS: dict[str, int] = {
 
 #: Default set size of reasoning-gym tiers when `size` is not given, per split.
 RG_DEFAULT_SIZE = {"train": 2000, "test": 200}
+#: Distance between the reasoning-gym seeds of consecutive `seed` values.
+RG_SEED_STRIDE = 1_000_003
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +138,11 @@ def _check_split(split: str) -> None:
 _ARITH_OPS = {"mul": ("*", "x", lambda a, b: a * b), "add": ("+", "+", lambda a, b: a + b), "sub": ("-", "-", lambda a, b: a - b)}
 
 
+@functools.lru_cache(maxsize=8)
+def _arith_split_pool(ops: tuple[str, ...], split: str, test_fraction: float) -> tuple[Problem, ...]:
+    return tuple(p for p in _arith_pool(ops) if content_split(p.prompt, p.answer, test_fraction) == split)
+
+
 def _arith_pool(ops: Sequence[str]) -> list[Problem]:
     pool = []
     for op in ops:
@@ -155,7 +163,7 @@ def _arith_pool(ops: Sequence[str]) -> list[Problem]:
 def _arith(split: str, seed: int, size: int | None, test_fraction: float, ops: Sequence[str]) -> ProblemSet:
     import numpy as np
 
-    pool = [p for p in _arith_pool(ops) if content_split(p.prompt, p.answer, test_fraction) == split]
+    pool = _arith_split_pool(tuple(ops), split, test_fraction)
     order = np.random.default_rng(seed).permutation(len(pool))
     chosen = [pool[i] for i in order[: size if size is not None else len(pool)]]
     name = "procedural:arith" if len(ops) == 3 else "procedural:arith-mul"
@@ -174,39 +182,38 @@ def _reasoning_gym(name: str, split: str, seed: int, size: int | None, test_frac
     share = test_fraction if split == "test" else 1.0 - test_fraction
     if share <= 0:
         raise DatasetError(f"`test_fraction` {test_fraction} leaves no problems for split `{split}`; use a value in (0, 1)")
+    # Item i of a reasoning-gym dataset depends only on (seed + i), so one dataset is read in
+    # order (items of the other split skipped: content never crosses splits) and seeds are
+    # spread far apart so that sets of different `seed`s do not share a run of items.
+    rg_seed = seed * RG_SEED_STRIDE
+    cap = int(want / share * 3) + 200
+    try:
+        data = reasoning_gym.create_dataset(name, size=cap, seed=rg_seed, **dict(options))
+    except Exception as e:
+        raise DatasetError(f"cannot create reasoning-gym dataset `{name}` with {dict(options)}: {e}") from e
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     report = LoadReport()
-    chunk = 0
-    # Each chunk is one reasoning-gym dataset with its own seed; items of the other split are
-    # skipped, so content never crosses splits. Chunks grow until the set is full.
-    while len(problems) < want:
-        if chunk >= 64:
-            raise DatasetError(
-                f"reasoning-gym dataset `{name}` yielded only {len(problems)} distinct `{split}` problems "
-                f"after {chunk} rounds; ask for fewer (`num_problems`) or widen its settings (`source_options`)"
-            )
-        rg_seed = seed * 1000 + chunk
-        n = max(16, int((want - len(problems)) / share * 1.2) + 8)
-        try:
-            data = reasoning_gym.create_dataset(name, size=n, seed=rg_seed, **dict(options))
-        except Exception as e:
-            raise DatasetError(f"cannot create reasoning-gym dataset `{name}` with {dict(options)}: {e}") from e
-        for i, item in enumerate(data):
-            report.rows += 1
-            prompt, answer = str(item["question"]), str(item["answer"])
-            if content_split(prompt, answer, test_fraction) != split:
-                report.other_split += 1
-                continue
-            if (prompt, answer) in seen:
-                report.duplicates += 1
-                continue
-            seen.add((prompt, answer))
-            meta = {"source": f"reasoning-gym:{name}", "tier": TIERS.get(name), "rg_seed": rg_seed, "rg_index": i}
-            problems.append(Problem(id=f"rg:{name}:{rg_seed}:{i}", prompt=prompt, answer=answer, metadata=meta))
-            if len(problems) >= want:
-                break
-        chunk += 1
+    for i in range(cap):
+        item = data[i]
+        report.rows += 1
+        prompt, answer = str(item["question"]), str(item["answer"])
+        if content_split(prompt, answer, test_fraction) != split:
+            report.other_split += 1
+            continue
+        if (prompt, answer) in seen:
+            report.duplicates += 1
+            continue
+        seen.add((prompt, answer))
+        meta = {"source": f"reasoning-gym:{name}", "tier": TIERS.get(name), "rg_seed": rg_seed, "rg_index": i}
+        problems.append(Problem(id=f"rg:{name}:{rg_seed}:{i}", prompt=prompt, answer=answer, metadata=meta))
+        if len(problems) >= want:
+            break
+    if len(problems) < want and size is not None:
+        raise DatasetError(
+            f"reasoning-gym dataset `{name}` yielded only {len(problems)} distinct `{split}` problems out of "
+            f"{cap} generated; ask for fewer (`num_problems`) or widen its settings (`source_options`)"
+        )
     report.loaded = len(problems)
     return ProblemSet(f"reasoning-gym:{name}", split, problems, report)
 
