@@ -1,0 +1,598 @@
+"""The training loop behind `spo-agent train` (DESIGN.md "Data flow of one training step").
+
+One step, in this order (SPO.md sections 1-4; paper Alg. 1):
+
+1. Sample: the sampler draws problems with weights from the tracker's v_hat (Eq. 11) to keep
+   `ceil(batch_size * rollout.oversample)` episodes outstanding (problems already in flight are
+   excluded while the pool allows it).
+2. Roll out: the collector returns the first `batch_size` episodes that finish (single stream,
+   no group barrier); in GRPO mode whole groups of `algorithm.group_size`. Episodes that failed
+   for infrastructure reasons are counted and skipped, never trained on or folded into v_hat.
+3. Advantages from the values BEFORE this batch: A = r - v_hat_before(x), normalised over the
+   batch (Eqs. 8-10); or the configured estimator (`grpo`, `rloo`, `spo-no-baseline`).
+4. Learner: PPO-clip update in `train.mini_batches` optimiser steps (`spo_agents.learner`). With
+   the in-process `hf` backend the policy shares the learner's module: generation is paused
+   during the update (in-flight episodes wait between turns). With a server backend, generation
+   continues and the new weights are pushed after the update (`rollout.weight_sync`).
+5. Tracker: fold the rewards in with rho from the measured drift (per-prompt D(x) re-scored
+   before the update, or the cumulative C - C_then), then add this step's drift to C.
+6. The policy version becomes the step number; metrics, held-out evaluation, checkpoint.
+
+Ablations share this code path: `algorithm.name: grpo`, `tracker.rho_type: constant`,
+`tracker.baseline: false`, `sampler.type: uniform`.
+
+Resume: `RUN_DIR/config.yaml` is the run's config; the latest checkpoint restores the model,
+optimiser, tracker, sampler (RNG and position), step and RNG states; metrics rows of steps after
+the checkpoint (lost in the crash) are dropped. Episodes in flight at the crash are lost, so a run
+killed with SIGKILL loses the steps since its last checkpoint (`train.checkpoint_every`, 1 by
+default: at most the step in progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spo_agents.config import Config, load_config, save_config, to_dict
+from spo_agents.errors import CheckpointError, ConfigError
+from spo_agents.types import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# What the loop needs, built from the config (or injected by tests)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Components:
+    """The pieces the loop drives. `build_components` makes them from a `Config`; tests pass
+    fakes. `env_factory(split)` returns a fresh environment of that split."""
+
+    model: Any
+    tokenizer: Any
+    policy: Any
+    env_factory: Callable[[str], Any]
+    weight_sync: Any = None  # object with `sync(model, version)` (sync or async), server backends
+    inplace: bool = True  # the policy shares the learner's module (pause during the update)
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]:
+    """The trainable model and its tokenizer (`model.name` resolved by `spo_agents.models`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spo_agents.models import resolve_model
+
+    path = resolve_model(cfg.model.name)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(str(weights_from) if weights_from is not None else path, dtype=dtype)
+    model.to(_device(cfg.model.device))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.model.lora.enabled:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ConfigError("`model.lora.enabled: true` needs `peft`: `pip install 'spo-agents[lora]'`") from e
+        lc = cfg.model.lora
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
+    return model, tokenizer
+
+
+def make_env_factory(cfg: Config, tokenizer: Any = None) -> Callable[[str], Any]:
+    """`split -> env` for the configured environment and sandbox."""
+    from spo_agents import envs
+    from spo_agents.sandboxes.base import SandboxLimits
+
+    sandbox: Any = cfg.sandbox.backend
+    if cfg.sandbox.options:
+        from spo_agents.sandboxes import make_backend
+
+        sandbox = make_backend(cfg.sandbox.backend, **cfg.sandbox.options)
+    limits = SandboxLimits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb)
+
+    def factory(split: str) -> Any:
+        return envs.make(cfg.env.id, split=split, sandbox=sandbox, sandbox_limits=limits, **cfg.env.kwargs)
+
+    return factory
+
+
+def build_components(cfg: Config, weights_from: Path | None = None) -> Components:
+    """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend)."""
+    model, tokenizer = load_model(cfg, weights_from)
+    env_factory = make_env_factory(cfg, tokenizer)
+    backend = cfg.rollout.backend
+    if backend == "hf":
+        from spo_agents.policy.hf import HFPolicy
+
+        policy = HFPolicy(model=model, tokenizer=tokenizer)
+        return Components(model, tokenizer, policy, env_factory, inplace=True, closers=[policy.close])
+    if backend == "vllm":
+        from spo_agents.policy import make_policy
+
+        policy = make_policy("vllm", cfg.model.name, dtype=cfg.model.dtype)
+        sync = _VLLMInProcessSync(policy)
+        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close])
+    if backend in ("openai", "vllm-server"):
+        from spo_agents.policy import make_policy
+
+        if not cfg.rollout.base_url:
+            raise ConfigError(f"`rollout.backend: {backend}` needs `rollout.base_url`, e.g. `http://127.0.0.1:8000/v1`")
+        policy = make_policy(
+            "openai", cfg.rollout.server_model or cfg.model.name, base_url=cfg.rollout.base_url,
+            api_key_env=cfg.rollout.api_key_env, tokenizer=tokenizer,
+        )  # fmt: skip
+        sync = None
+        if backend == "vllm-server":
+            from spo_agents.weight_sync import WeightSync  # owned by the server integration
+
+            sync = WeightSync.from_config(cfg) if hasattr(WeightSync, "from_config") else WeightSync(cfg)
+        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close])
+    raise ConfigError(f"unknown `rollout.backend` {backend!r}")
+
+
+class _VLLMInProcessSync:
+    """Loads the learner's weights into an in-process vLLM engine after each step (GPU path)."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def sync(self, model: Any, version: int) -> None:
+        load = getattr(self.policy, "load_weights", None)
+        if load is None:
+            raise ConfigError("this vLLM policy backend cannot load weights in place (`load_weights` missing)")
+        load(((name, p.detach()) for name, p in model.state_dict().items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories
+# --------------------------------------------------------------------------------------------
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.train.run_name or f"{cfg.env.id}-{cfg.algorithm.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    run = Path(cfg.train.output_dir) / name
+    if (run / "checkpoints").exists():
+        raise ConfigError(f"run directory `{run}` already holds checkpoints; continue it with `--resume {run}` or pick another `train.run_name`")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a run was started with (`RUN_DIR/config.yaml`), plus overrides
+    (e.g. `train.steps=200` to extend a finished run)."""
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        raise CheckpointError(f"`{run_dir}` is not a run directory (no `config.yaml`); pass the directory `spo-agent train` printed when it started")
+    return load_config(p, list(overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # last completed step
+    stopped_early: bool  # `train.max_minutes` was reached
+    eval_history: list[tuple[int, float]]  # (step, avg@k) of the held-out evaluations
+    last_metrics: dict[str, Any]
+
+
+def advantage_name(cfg: Config) -> str:
+    if cfg.algorithm.advantage != "auto":
+        return cfg.algorithm.advantage
+    if cfg.algorithm.name == "grpo":
+        return "grpo"
+    return "spo" if cfg.tracker.baseline else "spo-no-baseline"
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs the loop of the module docstring on one asyncio event loop."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, components: Components | None = None, *, resume: bool = False) -> None:
+        from spo_agents.checkpoint import CheckpointManager
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt = CheckpointManager(self.run_dir, keep=cfg.train.keep_checkpoints)
+        self.resume_from = self.ckpt.latest() if resume else None
+        if resume and self.resume_from is None:
+            raise CheckpointError(f"`{self.run_dir}` has no checkpoint to resume from; start it again without `--resume`")
+        self._components = components
+        self._validate()
+
+    def _validate(self) -> None:
+        c = self.cfg
+        if c.algorithm.name == "grpo" and c.algorithm.group_size < 2:
+            raise ConfigError(f"`algorithm.name: grpo` needs `algorithm.group_size` >= 2, got {c.algorithm.group_size}")
+        if c.algorithm.name == "grpo" and c.train.batch_size % c.algorithm.group_size:
+            raise ConfigError(
+                f"`train.batch_size` ({c.train.batch_size}) must be a multiple of `algorithm.group_size` "
+                f"({c.algorithm.group_size}) in GRPO mode (whole groups per batch)"
+            )
+        if advantage_name(c) in ("grpo", "rloo") and c.algorithm.name != "grpo":
+            raise ConfigError(f"advantage `{advantage_name(c)}` needs grouped collection: set `algorithm.name: grpo`")
+        if c.train.batch_size < 1 or c.train.steps < 0:
+            raise ConfigError(f"`train.batch_size` must be >= 1 and `train.steps` >= 0, got {c.train.batch_size} and {c.train.steps}")
+
+    # -- setup -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from spo_agents.checkpoint import set_rng_state
+        from spo_agents.learner import Learner, LearnerSettings
+        from spo_agents.metrics import MetricsWriter, truncate_after
+        from spo_agents.rollout import Collector
+        from spo_agents.sampler import make_sampler
+        from spo_agents.tracker import ValueTracker
+        from spo_agents.policy.base import SamplingParams
+
+        cfg = self.cfg
+        _seed_everything(cfg.train.seed)
+        loaded = self.ckpt.load(self.resume_from) if self.resume_from is not None else None
+        if self._components is None:
+            self._components = build_components(cfg, weights_from=loaded.model_dir if loaded else None)
+        elif loaded is not None:
+            self.ckpt.load_model_weights(self._components.model, loaded)
+        comp = self._components
+        self.model, self.tokenizer, self.policy = comp.model, comp.tokenizer, comp.policy
+
+        self.train_env = comp.env_factory(cfg.env.split)
+        self.problem_ids: list[str] = list(self.train_env.problem_ids)
+        self.tracker = ValueTracker.from_config(self.problem_ids, cfg.tracker)
+        self.sampler = make_sampler(cfg.sampler, len(self.problem_ids), seed=cfg.train.seed)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        self.learner = Learner(self.model, LearnerSettings.from_config(cfg), pad_id=int(pad))
+        self.step = 0
+        if loaded is not None:
+            st = loaded.state
+            self.tracker.load_state_dict(st["tracker"])
+            self.sampler.load_state_dict(st["sampler"])
+            self.learner.load_state_dict(st["learner"])
+            set_rng_state(st["rng"])
+            self.step = loaded.step
+            truncate_after(self.run_dir / "metrics.jsonl", self.step)
+            log.info("resumed `%s` at step %d from `%s`", self.run_dir, self.step, loaded.path)
+        elif cfg.tracker.init_values:
+            from spo_agents.values import init_tracker
+
+            init_tracker(self.tracker, cfg.tracker.init_values)
+        self.policy.version = self.step
+
+        group = cfg.algorithm.group_size if cfg.algorithm.name == "grpo" else 1
+        self.group_size = group
+        self.train_sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.collector = Collector(
+            lambda: comp.env_factory(cfg.env.split), self.policy,
+            max_in_flight=cfg.rollout.max_in_flight, sampling=self.train_sampling,
+            max_episode_tokens=cfg.rollout.max_episode_tokens, group_size=group,
+            max_staleness=cfg.rollout.max_staleness, seed=cfg.train.seed + self.step,
+        )  # fmt: skip
+        self.outstanding: collections.Counter[int] = collections.Counter()  # problem idx -> episodes in flight
+        self.metrics = MetricsWriter(
+            self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project, run_name=self.run_dir.name, config=to_dict(cfg),
+        )  # fmt: skip
+        self.eval_ids: list[str] = []
+        self._errors_seen = 0
+        self.eval_history: list[tuple[int, float]] = []
+
+    # -- pieces of a step --------------------------------------------------------------------
+    def _refill(self) -> None:
+        """Keep `ceil(batch_size * oversample)` episodes outstanding (step 1 of the docstring)."""
+        cfg = self.cfg
+        target = max(cfg.train.batch_size, math.ceil(cfg.train.batch_size * cfg.rollout.oversample))
+        st = self.collector.stats
+        outstanding = st.submitted - st.delivered - st.dropped_stale - len(self.collector.failed) - st.cancelled
+        if sum(self.outstanding.values()) * self.group_size > outstanding:
+            self.outstanding.clear()  # some were dropped as stale: forget which are in flight
+        need = (target - outstanding) // self.group_size
+        if need <= 0:
+            return
+        v = self.tracker.v_hat()
+        exclude = np.fromiter(self.outstanding.keys(), dtype=np.int64) if self.outstanding else None
+        n_avail = len(self.problem_ids) - (0 if exclude is None else exclude.size)
+        if n_avail < need:
+            exclude = None
+        need = min(need, len(self.problem_ids))
+        idx = self.sampler.sample(v, need, exclude=exclude)
+        for i in idx:
+            self.outstanding[int(i)] += 1
+        self.collector.submit([self.problem_ids[i] for i in idx])
+
+    async def _evaluate(self) -> dict[str, float]:
+        from spo_agents.evaluation import evaluate
+        from spo_agents.policy.base import SamplingParams
+
+        cfg = self.cfg
+        if not self.eval_ids:
+            env = self._components.env_factory(cfg.env.eval_split)
+            self.eval_ids = list(env.problem_ids)[: cfg.eval.limit]
+            env.close()
+        sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, top_k=cfg.eval.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        report = await evaluate(
+            lambda: self._components.env_factory(cfg.env.eval_split), self.policy, self.eval_ids,
+            k=cfg.eval.k, sampling=sampling, concurrency=cfg.rollout.max_in_flight,
+            out_dir=self.run_dir / "eval" / f"step-{self.step:06d}", progress=False,
+            max_episode_tokens=cfg.rollout.max_episode_tokens, seed=cfg.train.seed,
+        )  # fmt: skip
+        self.eval_history.append((self.step, report.avg_at_k))
+        k = cfg.eval.k
+        return {
+            "eval/avg_at_k": report.avg_at_k,
+            "eval/pass_at_k": report.pass_at_k.get(k, float("nan")),
+            "eval/maj_at_k": report.maj_at_k,
+            "eval/k": k,
+            "eval/problems": report.num_problems,
+        }
+
+    def _checkpoint(self) -> float:
+        from spo_agents.checkpoint import rng_state
+
+        t0 = time.perf_counter()
+        state = {
+            "tracker": self.tracker.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "learner": self.learner.state_dict(),
+            "rng": rng_state(),
+        }
+        self.ckpt.save(self.step, model=self.model, tokenizer=self.tokenizer, state=state)
+        return time.perf_counter() - t0
+
+    async def _publish(self) -> None:
+        """New weights to the rollout side; the policy version becomes the step number."""
+        sync = self._components.weight_sync
+        if sync is not None:
+            await self.policy.pause() if hasattr(self.policy, "pause") else None
+            try:
+                r = sync.sync(self.model, self.step)
+                if asyncio.iscoroutine(r):
+                    await r
+                self.policy.version = self.step
+            finally:
+                if hasattr(self.policy, "resume"):
+                    self.policy.resume()
+        else:
+            self.policy.version = self.step
+
+    async def train_step(self) -> dict[str, Any]:
+        """One step (module docstring); returns its metrics row."""
+        from spo_agents.advantages import compute_advantages, degenerate_share
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self._refill()
+        batch = await self.collector.next_batch(cfg.train.batch_size)
+        t_rollout = time.perf_counter() - t0
+        for i, t in zip(self.tracker.indices([t.problem_id for t in batch]), batch):
+            if t.sample_index == 0 and self.outstanding[int(i)] > 0:  # one count per submission
+                self.outstanding[int(i)] -= 1
+                if self.outstanding[int(i)] == 0:
+                    del self.outstanding[int(i)]
+        errors_before = self._errors_seen
+        self._errors_seen = self.collector.stats.errors
+        good = [t for t in batch if t.error is None]
+        if not good:
+            raise ConfigError("every trajectory of the batch failed; see the log for the rollout errors")
+        pids = [t.problem_id for t in good]
+        idx = self.tracker.indices(pids)
+        rewards = np.array([t.reward for t in good], dtype=np.float64)
+        v_before = self.tracker.v_hat(idx)
+        group_ids = [t.group_id for t in good] if self.group_size > 1 else None
+        name = advantage_name(cfg)
+        baseline = v_before if name == "spo" else None
+        adv = compute_advantages(name, rewards, baseline, group_ids)
+        raw = rewards - (v_before if name == "spo" else 0.0)
+
+        # Learner update (weights shared with an in-process policy: pause generation).
+        t1 = time.perf_counter()
+        if self._components.inplace and hasattr(self.policy, "pause"):
+            await self.policy.pause()
+        try:
+            drift_pp = await asyncio.to_thread(self.learner.prompt_drift, pids) if cfg.tracker.drift == "per-prompt" else None
+            lstats = await asyncio.to_thread(self.learner.update, good, adv)
+        finally:
+            if self._components.inplace and hasattr(self.policy, "resume"):
+                self.step += 1
+                self.policy.version = self.step
+                self.policy.resume()
+        if not self._components.inplace:
+            self.step += 1
+            await self._publish()
+        t_learn = time.perf_counter() - t1
+
+        # Tracker: rho from the drift measured so far, then this step's drift joins C.
+        drift_arr = np.asarray(drift_pp) if drift_pp is not None else None
+        rho = self.tracker.rho(idx, drift_arr)
+        self.tracker.update(idx, rewards, drift=drift_arr)
+        if cfg.tracker.drift == "cumulative":
+            self.tracker.add_drift(lstats.drift)
+
+        row = self._metrics_row(good, batch, rewards, adv, raw, v_before, rho, lstats, drift_arr, t_rollout, t_learn)
+        row["episode/rollout_errors"] = self.collector.stats.errors - errors_before
+        if self.group_size > 1:
+            row["train/degenerate_share"] = degenerate_share(rewards, group_ids)
+        return row
+
+    def _metrics_row(self, good, batch, rewards, adv, raw, v_before, rho, lstats, drift_pp, t_rollout, t_learn) -> dict[str, Any]:
+        v_all = self.tracker.v_hat()
+        w = self.sampler.weights(v_all)
+        p = w / w.sum()
+        ent = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+        n = len(good)
+        gen = sum(t.num_generated for t in good)
+        ep_gen = sum(t.timings.get("generate", 0.0) for t in good)
+        ep_sbx = sum(t.timings.get("sandbox", 0.0) for t in good)
+        tool_calls = [tc for t in good for tc in t.tool_calls]
+        q = np.quantile(v_before, [0.1, 0.5, 0.9])
+        row: dict[str, Any] = {
+            "step": self.step,
+            "train/reward_mean": float(rewards.mean()),
+            "train/reward_std": float(rewards.std()),
+            "train/accuracy": float(np.mean([t.correct for t in good])),
+            "train/advantage_raw_std": float(np.std(raw)),
+            "train/advantage_mean": float(np.mean(adv)),
+            "train/advantage_std": float(np.std(adv)),
+            "train/batch_size": n,
+            "tracker/v_hat_mean": float(v_before.mean()),
+            "tracker/v_hat_p10": float(q[0]),
+            "tracker/v_hat_p50": float(q[1]),
+            "tracker/v_hat_p90": float(q[2]),
+            "tracker/v_hat_all_mean": float(v_all.mean()),
+            "tracker/rho_mean": float(np.mean(rho)),
+            "tracker/rho_min": float(np.min(rho)),
+            "tracker/rho_max": float(np.max(rho)),
+            "tracker/drift": lstats.drift,
+            "sampler/entropy": ent,
+            "sampler/entropy_ratio": ent / math.log(len(w)) if len(w) > 1 else 1.0,
+            "episode/tool_calls": len(tool_calls) / n,
+            "episode/tool_failures": sum(1 for tc in tool_calls if not tc.ok and tc.infra_error is None) / n,
+            "episode/sandbox_errors": sum(1 for tc in tool_calls if tc.infra_error),
+            "episode/truncation_rate": float(np.mean([t.truncated for t in good])),
+            "episode/generated_tokens": gen / n,
+            "episode/length_tokens": sum(len(t.token_ids) for t in good) / n,
+            "episode/staleness": float(np.mean([self.step - 1 - t.policy_version for t in good])),
+            "episode/generate_s": ep_gen / n,
+            "episode/sandbox_s": ep_sbx / n,
+            "learner/loss": lstats.loss,
+            "learner/clip_frac": lstats.clip_frac,
+            "learner/approx_kl": lstats.approx_kl,
+            "learner/entropy": lstats.entropy,
+            "learner/ratio_mean": lstats.ratio_mean,
+            "learner/grad_norm": lstats.grad_norm,
+            "learner/lr": lstats.lr,
+            "learner/optimizer_steps": lstats.optimizer_steps,
+            "perf/generated_tokens": gen,
+            "time/rollout_wait_s": t_rollout,
+            "time/learner_s": t_learn,
+        }
+        if drift_pp is not None:
+            row["tracker/drift_per_prompt_mean"] = float(np.mean(drift_pp))
+        split = ep_gen + ep_sbx
+        row["_gen_share_of_rollout"] = ep_gen / split if split > 0 else 1.0
+        return row
+
+    def _finish_row(self, row: dict[str, Any], t_step: float, t_eval: float, t_ckpt: float) -> dict[str, Any]:
+        g = row.pop("_gen_share_of_rollout", 1.0)
+        wall = max(t_step, 1e-9)
+        row["time/step_s"] = t_step
+        row["time/eval_s"] = t_eval
+        row["time/checkpoint_s"] = t_ckpt
+        row["time/elapsed_s"] = time.perf_counter() - self._t_start
+        row["time/share_generate"] = row["time/rollout_wait_s"] * g / wall
+        row["time/share_sandbox"] = row["time/rollout_wait_s"] * (1 - g) / wall
+        row["time/share_learner"] = row["time/learner_s"] / wall
+        row["perf/tokens_per_s"] = row["perf/generated_tokens"] / wall
+        return row
+
+    # -- the run -----------------------------------------------------------------------------
+    async def run(self) -> TrainResult:
+        cfg = self.cfg
+        self._setup()
+        self._t_start = time.perf_counter()
+        bar = None
+        if cfg.logging.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="spo-agent train", unit="step", dynamic_ncols=True)
+        stopped_early = False
+        last: dict[str, Any] = {}
+        try:
+            if self.step == 0 and cfg.eval.every > 0 and cfg.eval.limit > 0:
+                t = time.perf_counter()
+                row = {"step": 0, **await self._evaluate()}
+                row["time/eval_s"] = time.perf_counter() - t
+                self.metrics.log(row)
+                if bar is not None:
+                    bar.write(f"step 0: held-out avg@{cfg.eval.k} = {row['eval/avg_at_k']:.3f}")
+            t_prev = time.perf_counter()
+            while self.step < cfg.train.steps:
+                row = await self.train_step()
+                out_of_time = cfg.train.max_minutes is not None and (time.perf_counter() - self._t_start) / 60 >= cfg.train.max_minutes
+                final = self.step >= cfg.train.steps or out_of_time
+                t_eval = 0.0
+                if cfg.eval.every > 0 and cfg.eval.limit > 0 and (self.step % cfg.eval.every == 0 or final):
+                    t = time.perf_counter()
+                    row.update(await self._evaluate())
+                    t_eval = time.perf_counter() - t
+                t_ckpt = 0.0
+                if final or (cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0):
+                    t_ckpt = await asyncio.to_thread(self._checkpoint)
+                now = time.perf_counter()
+                last = self._finish_row(row, now - t_prev, t_eval, t_ckpt)
+                t_prev = now
+                self.metrics.log(last)
+                if bar is not None:
+                    post = {"reward": f"{last['train/reward_mean']:.3f}", "acc": f"{last['train/accuracy']:.3f}"}
+                    if "eval/avg_at_k" in last:
+                        post["eval"] = f"{last['eval/avg_at_k']:.3f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if out_of_time and self.step < cfg.train.steps:
+                    stopped_early = True
+                    log.warning("`train.max_minutes` (%s) reached at step %d: stopped after checkpointing", cfg.train.max_minutes, self.step)
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+            await self.collector.close()
+            try:
+                self.train_env.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.warning("closing the training environment failed", exc_info=True)
+        return TrainResult(self.run_dir, self.step, stopped_early, list(self.eval_history), last)
+
+    async def aclose(self) -> None:
+        for closer in self._components.closers if self._components else []:
+            r = closer()
+            if asyncio.iscoroutine(r):
+                await r
+
+
+def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, components: Components | None = None) -> TrainResult:
+    """Run training to the end (or `train.max_minutes`); returns where it stopped."""
+    if run_dir is None:
+        run_dir = new_run_dir(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+
+    async def main() -> TrainResult:
+        trainer = Trainer(cfg, run_dir, components, resume=resume)
+        try:
+            return await trainer.run()
+        finally:
+            await trainer.aclose()
+
+    return asyncio.run(main())
