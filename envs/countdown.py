@@ -45,6 +45,7 @@ everything `math-python` takes (`sandbox`, `sandbox_limits`, `max_tool_calls`, `
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -206,7 +207,14 @@ def _make_one(rng: Any, count: int, max_number: int, max_target: int) -> tuple[l
 def generate_problems(split: str, num_problems: int, *, seed: int = 0, count: int = 4, max_number: int = 100,
                       max_target: int = 1000, test_fraction: float = 0.1) -> list[Problem]:
     """`num_problems` distinct problems of `split`. Ids are the content (`countdown/3-7-25-50/109`),
-    so they are stable across runs and machines; splits are disjoint by a hash of the content."""
+    so they are stable across runs and machines; splits are disjoint by a hash of the content.
+    Cached per arguments: the many env instances of a run share one generated set."""
+    return list(_generate(split, num_problems, seed, count, max_number, max_target, test_fraction))
+
+
+@functools.lru_cache(maxsize=16)
+def _generate(split: str, num_problems: int, seed: int, count: int, max_number: int, max_target: int,
+              test_fraction: float) -> tuple[Problem, ...]:
     import numpy as np
 
     if split not in ("train", "test"):
@@ -229,7 +237,7 @@ def generate_problems(split: str, num_problems: int, *, seed: int = 0, count: in
             break
     if not problems:
         raise EnvError(f"no countdown problems could be generated with count={count}, max_number={max_number}, max_target={max_target}")
-    return list(problems.values())
+    return tuple(problems.values())
 
 
 class CountdownEnv(MathPythonEnv):
