@@ -221,7 +221,16 @@ class HFPolicy(PolicyBackend):
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int | None]) -> list[Generation]:
         import torch
-        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessor,
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         n = len(prompts)
         width = max(len(p) for p in prompts)
@@ -259,12 +268,26 @@ class HFPolicy(PolicyBackend):
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         sample = params.temperature > 0
+        # The warpers are ours, in transformers' order (temperature, top-k, top-p), followed by
+        # `KeepScores`: `generate` would append its own warpers after any custom processor.
+        processors: list[Any] = []
+        if sample:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(top_k=params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=params.top_p))
+        processors.append(KeepScores())
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample and params.top_p < 1.0 else None,
-            top_k=params.top_k if sample and params.top_k > 0 else None,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            min_p=None,
+            typical_p=1.0,
+            repetition_penalty=1.0,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
             num_beams=1,
@@ -278,7 +301,7 @@ class HFPolicy(PolicyBackend):
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 generation_config=config,
-                logits_processor=LogitsProcessorList([KeepScores()]),
+                logits_processor=LogitsProcessorList(processors),
                 stopping_criteria=StoppingCriteriaList([RecordAndStop()]),
             )
         out = []

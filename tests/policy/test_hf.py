@@ -1,0 +1,142 @@
+"""The `hf` backend: sampled-distribution log-probs, stops, batching, pause/resume, versions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from spo_agents.policy import make_policy
+from spo_agents.policy.base import SamplingParams
+from spo_agents.policy.hf import HFPolicy
+
+
+@pytest.fixture(scope="module")
+def policy():
+    p = make_policy("hf", "tiny-random", torch_threads=1)
+    yield p
+    asyncio.run(p.close())
+
+
+def _prompt(policy, text: str) -> list[int]:
+    return policy.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _reference_logprobs(model, prompt: list[int], tokens: list[int], temperature: float, top_k: int, top_p: float) -> list[float]:
+    """Log-probs of `tokens` under the warped distribution, computed here from scratch:
+    logits / T, keep the top-k, then the smallest set with cumulative probability >= top-p."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # [T, V]
+    out = []
+    for t, tok in enumerate(tokens):
+        z = logits[t] / temperature
+        kth = torch.topk(z, top_k).values[-1]
+        z = torch.where(z < kth, torch.tensor(float("-inf")), z)
+        probs = torch.softmax(z, -1)
+        order = torch.argsort(probs, descending=True)
+        cum = torch.cumsum(probs[order], 0)
+        keep = order[: int((cum < top_p).sum()) + 1]
+        masked = torch.full_like(z, float("-inf"))
+        masked[keep] = z[keep]
+        out.append(float(torch.log_softmax(masked, -1)[tok]))
+    return out
+
+
+async def test_logprobs_are_those_of_the_sampled_distribution(policy):
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=12)
+    prompts = [_prompt(policy, t) for t in ("Hello", "A longer prompt with more words in it", "Hi there, friend")]
+    gens = await asyncio.gather(*(policy.generate(p, params) for p in prompts))  # one left-padded batch
+    for p, g in zip(prompts, gens):
+        assert len(g.logprobs) == len(g.token_ids) > 0
+        ref = _reference_logprobs(policy.model, p, g.token_ids, 0.7, 20, 0.9)
+        assert max(abs(a - b) for a, b in zip(g.logprobs, ref)) < 1e-3
+        assert all(lp <= 0.0 for lp in g.logprobs)
+
+
+async def test_stop_string_ends_at_the_completing_token(policy):
+    gens = await asyncio.gather(*(policy.generate(_prompt(policy, f"Story {i}:"), SamplingParams(max_new_tokens=40, stop=["e"])) for i in range(4)))
+    stopped = [g for g in gens if g.finish_reason == "stop"]
+    assert stopped, "with `e` as stop string some generations must stop on it"
+    for g in stopped:
+        tok = policy.tokenizer
+        assert g.stop_string == "e"
+        assert "e" in tok.decode(g.token_ids)
+        assert "e" not in tok.decode(g.token_ids[:-1])  # no earlier occurrence: cut at the completing token
+        assert "e" in g.text
+
+
+async def test_length_and_eos_finish_reasons(policy):
+    g = await policy.generate(_prompt(policy, "Count:"), SamplingParams(max_new_tokens=5))
+    if g.finish_reason == "length":
+        assert len(g.token_ids) == 5
+    else:
+        assert g.finish_reason == "eos" and g.token_ids[-1] in policy.eos_ids
+
+
+def test_eos_ends_the_continuation_and_is_kept(policy):
+    from spo_agents.policy.stopping import find_stop
+
+    eos = policy.eos_ids[0]
+    ids = policy.tokenizer.encode("ab", add_special_tokens=False) + [eos, 42]
+    m = find_stop(policy.tokenizer, ids, [], policy.eos_ids)
+    assert m is not None and m.reason == "eos" and m.length == len(ids) - 1
+
+
+async def test_concurrent_requests_share_generate_calls(policy):
+    before = dict(policy.stats)
+    params = SamplingParams(max_new_tokens=4)
+    await asyncio.gather(*(policy.generate(_prompt(policy, f"x{i}"), params) for i in range(6)))
+    assert policy.stats["rows"] - before["rows"] == 6
+    assert policy.stats["batches"] - before["batches"] <= 2
+
+
+async def test_different_sampling_settings_are_not_mixed(policy):
+    before = policy.stats["batches"]
+    a, b = await asyncio.gather(
+        policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=3)),
+        policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=7)),
+    )
+    assert policy.stats["batches"] - before == 2
+    assert len(a.token_ids) <= 3 and len(b.token_ids) <= 7
+    assert a.finish_reason != "length" or len(a.token_ids) == 3
+    assert b.finish_reason != "length" or len(b.token_ids) == 7
+
+
+async def test_same_seed_same_sample_when_run_alone(policy):
+    params = SamplingParams(max_new_tokens=8, seed=1234)
+    a = await policy.generate(_prompt(policy, "seeded"), params)
+    b = await policy.generate(_prompt(policy, "seeded"), params)
+    c = await policy.generate(_prompt(policy, "seeded"), SamplingParams(max_new_tokens=8, seed=99))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids or a.logprobs != c.logprobs
+
+
+async def test_pause_waits_for_running_generation_and_holds_new_ones(policy):
+    running = asyncio.create_task(policy.generate(_prompt(policy, "long"), SamplingParams(max_new_tokens=30)))
+    for _ in range(200):  # until the worker has taken the request
+        if policy._busy.locked():
+            break
+        await asyncio.sleep(0.005)
+    await policy.pause()
+    assert running.done() or policy._busy.locked() is False
+    held = asyncio.create_task(policy.generate(_prompt(policy, "held"), SamplingParams(max_new_tokens=3)))
+    await asyncio.sleep(0.2)
+    assert not held.done()
+    policy.version = 7
+    policy.resume()
+    g = await asyncio.wait_for(held, 30)
+    assert g.policy_version == 7
+    await running
+    policy.version = 0
+
+
+async def test_wraps_an_existing_module_shared_with_a_learner(policy):
+    shared = HFPolicy(model=policy.model, tokenizer=policy.tokenizer)
+    assert shared.model is policy.model
+    g = await shared.generate(_prompt(policy, "shared"), SamplingParams(max_new_tokens=3, temperature=0.0))
+    h = await shared.generate(_prompt(policy, "shared"), SamplingParams(max_new_tokens=3, temperature=0.0))
+    assert g.token_ids == h.token_ids  # greedy
+    await shared.close()
+    await shared.close()  # safe twice
