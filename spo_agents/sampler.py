@@ -56,6 +56,8 @@ class PrioritizedSampler:
         np.maximum(w, 0.0, out=w)  # == clipping v into [0, 1]
         np.sqrt(w, out=w)
         w += self.eps
+        if np.isnan(w.sum()):
+            raise SamplingError("`v_hat` contains NaN or infinity; the tracker state is corrupt")
         return w
 
     def entropy(self, v_hat: Any) -> float:
@@ -74,9 +76,11 @@ class PrioritizedSampler:
             ex = np.asarray(exclude, dtype=np.int64).reshape(-1)
             if ex.size and (ex.min() < 0 or ex.max() >= self.num_problems):
                 raise SamplingError(f"`exclude` holds indices outside [0, {self.num_problems})")
-            w = w.copy()
-            w[ex] = 0.0
-        available = int(np.count_nonzero(w > 0))
+            w[ex] = 0.0  # `weights` returned a fresh array
+        if self.eps > 0:  # every weight is >= eps: only the excluded ones are unavailable
+            available = self.num_problems - (0 if exclude is None else np.unique(ex).size)
+        else:
+            available = int(np.count_nonzero(w > 0))
         if not 0 <= n <= available:
             raise SamplingError(
                 f"cannot draw {n} distinct problems: {available} of {self.num_problems} are available "
@@ -95,8 +99,6 @@ class PrioritizedSampler:
         v = np.asarray(v_hat, dtype=np.float64)
         if v.shape != (self.num_problems,):
             raise SamplingError(f"`v_hat` must have shape ({self.num_problems},) (one value per problem), got {v.shape}")
-        if np.isnan(v).any():
-            raise SamplingError("`v_hat` contains NaN; the tracker state is corrupt")
         return v
 
     def state_dict(self) -> dict[str, Any]:

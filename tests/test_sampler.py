@@ -137,3 +137,13 @@ def test_make_sampler_follows_config():
     assert type(make_sampler(SamplerConfig(), 10, 0)) is PrioritizedSampler
     assert make_sampler(SamplerConfig(eps=0.1), 10, 0).eps == 0.1
     assert type(make_sampler(SamplerConfig(type="uniform"), 10, 0)) is UniformSampler
+
+
+def test_nan_v_hat_is_rejected():
+    with pytest.raises(SamplingError, match="NaN"):
+        PrioritizedSampler(3).sample([0.5, float("nan"), 0.5], 1)
+
+
+def test_exclude_with_duplicates_counts_each_problem_once():
+    s = PrioritizedSampler(5, seed=2)
+    assert sorted(s.sample(V, 3, exclude=[1, 1, 4]).tolist()) == [0, 2, 3]
