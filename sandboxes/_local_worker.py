@@ -172,9 +172,11 @@ def _restore_streams(saved):
             pass
     for name, fd in (("stdout", 1), ("stderr", 2)):
         orig = getattr(sys, f"__{name}__")
-        if orig is None or orig.closed:
+        if orig is None or orig.closed or not getattr(orig, "_spo_stream", False):
+            # Line-buffered like a terminal, so output printed before a hang or a crash is kept.
             orig = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
-                                    errors="backslashreplace", line_buffering=name == "stderr")
+                                    errors="backslashreplace", line_buffering=True)
+            orig._spo_stream = True
             setattr(sys, f"__{name}__", orig)
         setattr(sys, name, orig)
 
