@@ -109,11 +109,12 @@ def format_result(result: Any) -> str:
         parts.append(result.stderr.rstrip("\n"))
     if result.exception and result.exception.rstrip("\n") not in (result.stderr or ""):
         parts.append(result.exception.rstrip("\n"))
-    if result.timed_out:
+    said = "\n".join(parts).lower()
+    if result.timed_out and "timed out" not in said and "timeout" not in said:
         parts.append("TimeoutError: the code ran past the time limit and was stopped")
-    elif result.memory_exceeded:
+    elif result.memory_exceeded and "memory" not in said:
         parts.append("MemoryError: the code exceeded the memory limit and was stopped")
-    if getattr(result, "session_restarted", False):
+    if getattr(result, "session_restarted", False) and "restart" not in "\n".join(parts).lower():
         parts.append("(the interpreter was restarted: earlier variables are gone)")
     text = "\n".join(p for p in parts if p)
     return text if text.strip() else "(no output; use print() to show values)"

@@ -232,3 +232,49 @@ def test_find_code():
     assert find_code("<code>unclosed") is None
     assert find_code("</code>") is None
     assert find_code("<code>\n```py\nx\n```\n</code>") == "x"
+
+
+# --- with the real local sandbox ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_backend():
+    from spo_agents.sandboxes import backend_availability, make_backend
+
+    ok, reason = backend_availability("local")
+    if not ok:
+        pytest.skip(f"the local sandbox is not available here: {reason}")
+    backend = make_backend("local")
+    yield backend
+    backend.close()
+
+
+def test_local_sandbox_episode(local_backend, checker):
+    from spo_agents.sandboxes.base import SandboxLimits
+
+    e = envs.make("math-python", problems=PROBLEMS, sandbox=local_backend, checker=checker, sandbox_limits=SandboxLimits(timeout_s=1))
+    e.reset(options={"problem_id": "mul"})
+    obs, *_ = e.step("<code>x = 37 * 48\nprint(x)</code>")
+    assert obs == "\n<interpreter>\n1776\n</interpreter>\n"
+    obs, *_ = e.step("<code>print(x + 1)</code>")
+    assert "1777" in obs
+    obs, _, _, truncated, info = e.step("<code>while True: pass</code>")
+    assert not truncated and info["tool_call"].timed_out and "timed out" in obs.lower()
+    assert obs.lower().count("timed out") == 1
+    obs, _, _, _, info = e.step("<code>print(1/0)</code>")
+    assert "ZeroDivisionError" in obs and not info["tool_call"].ok
+    _, reward, terminated, _, info = e.step("The answer is \\boxed{1776}.")
+    assert terminated and reward == 1.0 and info["tool_calls"] == 4
+    e.close()
+
+
+def test_local_sandbox_sessions_are_separate_per_env(local_backend, checker):
+    a = MathPythonEnv(problems=PROBLEMS, sandbox=local_backend, checker=checker)
+    b = MathPythonEnv(problems=PROBLEMS, sandbox=local_backend, checker=checker)
+    a.reset(options={"problem_id": "mul"})
+    b.reset(options={"problem_id": "mul"})
+    a.step("<code>secret = 41</code>")
+    obs, *_ = b.step("<code>print(secret)</code>")
+    assert "NameError" in obs
+    obs, *_ = a.step("<code>print(secret + 1)</code>")
+    assert "42" in obs
+    a.close()
+    b.close()
