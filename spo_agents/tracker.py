@@ -149,19 +149,28 @@ class ValueTracker:
         return sum(a.nbytes for a in (self._sorted, self._order, self.alpha, self.beta, self.c_last))
 
     # ---------------------------------------------------------------- addressing
+    def _lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted positions of hashes `h` and whether each is present. # [B], [B]"""
+        if len(self) == 0:
+            return np.zeros(h.shape, np.int64), np.zeros(h.shape, bool)
+        pos = np.minimum(np.searchsorted(self._sorted, h), len(self) - 1)  # [B]
+        return pos, self._sorted[pos] == h
+
+    def contains(self, ids: Sequence[str]) -> np.ndarray:
+        """Whether each id belongs to this tracker's problem set (bool, [B])."""
+        return self._lookup(hash_ids(list(ids)))[1]
+
     def indices(self, ids: Sequence[str]) -> np.ndarray:
         """Index of each id (int64, [B]); unknown ids raise `UnknownProblemError`."""
-        h = hash_ids(list(ids))  # [B]
-        pos = np.searchsorted(self._sorted, h)  # [B]
-        pos_c = np.minimum(pos, len(self) - 1) if len(self) else pos
-        found = (pos < len(self)) & (self._sorted[pos_c] == h) if len(self) else np.zeros(h.shape, bool)
+        ids = list(ids)
+        pos, found = self._lookup(hash_ids(ids))
         if not found.all():
             bad = np.flatnonzero(~found)
             raise UnknownProblemError(
-                f"unknown problem id `{list(ids)[bad[0]]}` ({bad.size} of {h.size} ids unknown); the tracker "
+                f"unknown problem id `{ids[bad[0]]}` ({bad.size} of {len(ids)} ids unknown); the tracker "
                 f"was built with {len(self)} problems: build it from the same problem set (stable ids)"
             )
-        return self._order[pos_c].astype(np.int64)
+        return self._order[pos].astype(np.int64)
 
     def _check_idx(self, idx: Any) -> np.ndarray:
         idx = np.asarray(idx)
@@ -297,15 +306,13 @@ class ValueTracker:
                 + ". Resume with the saved tracker settings, or load with strict_config=False to keep the new ones"
             )  # fmt: skip
         h = np.asarray(sd["id_hash"], dtype=np.uint64)
-        pos = np.searchsorted(self._sorted, h)
-        pos_c = np.minimum(pos, max(len(self) - 1, 0))
-        ok = (pos < len(self)) & (self._sorted[pos_c] == h) if len(self) else np.zeros(h.shape, bool)
+        pos, ok = self._lookup(h)
         if h.size != len(self) or not ok.all():
             raise CheckpointError(
                 f"tracker checkpoint is for another problem set: it holds {h.size} problems, this run has "
                 f"{len(self)}, {int((~ok).sum())} saved ids are not in this run; use the same problem set"
             )
-        rows = self._order[pos_c]
+        rows = self._order[pos]
         self.alpha[rows] = np.asarray(sd["alpha"], dtype=np.float32)
         self.beta[rows] = np.asarray(sd["beta"], dtype=np.float32)
         self.c_last[rows] = np.asarray(sd["c_last"], dtype=np.float64)

@@ -297,3 +297,9 @@ def test_from_config_and_summary():
     assert s.count_mean == pytest.approx(2.0)
     assert s.as_dict()["tracker/v_hat_p90"] == pytest.approx(0.25 + 0.9 * 0.5)
     assert math.isfinite(s.v_hat_p10)
+
+
+def test_contains_is_a_vectorised_membership_test():
+    t = ValueTracker(IDS)
+    assert t.contains(["prob-3", "nope", "prob-7"]).tolist() == [True, False, True]
+    assert ValueTracker([]).contains(["prob-3"]).tolist() == [False]
