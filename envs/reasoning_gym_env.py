@@ -18,9 +18,12 @@ the final answer: the content of the last `<answer>...</answer>` in everything t
 (the last `\\boxed{...}` when there is no answer tag).
 
 ## Reward
-The generator's own scorer, `dataset.score_answer(answer, entry)`, clipped to [0, 1]; some
-scorers give partial credit. `info["correct"]` is `reward >= 1`. A missing answer scores 0;
-a scorer that raises on a malformed answer scores 0 (`info["check_error"]` keeps the message).
+The generator's own scorer, `dataset.score_answer(answer, entry)`, kept in `info["score"]`.
+Many scorers give small partial credit (e.g. 0.01 for any well-formed wrong answer): a format
+reward, which SPO does not use (SPO.md section 5, outcome only). So by default the reward is
+1.0 when the score is 1 and 0.0 otherwise; `partial_credit=True` uses the score itself, clipped
+to [0, 1]. `info["correct"]` is `score >= 1`. A missing answer scores 0; a scorer that raises on
+a malformed answer scores 0 (`info["check_error"]` keeps the message).
 
 ## Termination/Truncation
 `terminated` when the model's text does not end with a code block. `truncated` (reward 0) at the
@@ -31,7 +34,7 @@ action or a sandbox infrastructure failure.
 `task` (a reasoning-gym dataset name, default `basic_arithmetic`), `task_config` (the
 generator's settings, passed to `reasoning_gym.create_dataset`), `split` (`train` | `test`,
 disjoint by a hash of the question and answer), `num_problems` (default 500 train / 100 test),
-`seed`, `test_fraction` (0.1), and everything `math-python` takes (`sandbox`, `sandbox_limits`,
+`seed`, `test_fraction` (0.1), `partial_credit` (default False), and everything `math-python` takes (`sandbox`, `sandbox_limits`,
 `max_tool_calls`, `max_turns`, `one_shot`, `system_prompt`, ...). Ids are
 `rg:<task>:<generator seed>:<index>`, as in `spo_agents.envs.problems`.
 
@@ -148,6 +151,7 @@ class ReasoningGymEnv(MathPythonEnv):
         num_problems: int | None = None,
         seed: int = 0,
         test_fraction: float = 0.1,
+        partial_credit: bool = False,
         system_prompt: str | None = None,
         max_tool_calls: int = 8,
         **kwargs: Any,
@@ -157,6 +161,7 @@ class ReasoningGymEnv(MathPythonEnv):
         size = num_problems if num_problems is not None else (500 if split == "train" else 100)
         problems, self._dataset = load_task(task, split, size, seed=seed, test_fraction=test_fraction, task_config=task_config)
         self.task = task
+        self.partial_credit = partial_credit
         if system_prompt is None:
             system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
         super().__init__(split, problems=problems, system_prompt=system_prompt, max_tool_calls=max_tool_calls, **kwargs)
@@ -173,7 +178,7 @@ class ReasoningGymEnv(MathPythonEnv):
         return messages
 
     def score(self, answer: str | None, problem: Problem) -> tuple[float, str | None]:
-        """(reward in [0, 1], error message of a scorer that raised)."""
+        """(the scorer's value clipped to [0, 1], error message of a scorer that raised)."""
         if answer is None:
             return 0.0, None
         try:
@@ -188,8 +193,9 @@ class ReasoningGymEnv(MathPythonEnv):
         if self.problem is None:
             raise EnvError("`_finish` needs an episode: call `reset()` first")
         answer = extract_answer("\n".join(self._model_text))
-        reward, error = self.score(answer, self.problem)
-        info: dict[str, Any] = {"answer": answer, "correct": reward >= 1.0, "check": "scorer" if answer is not None else "no_answer", "score": reward}
+        score, error = self.score(answer, self.problem)
+        reward = score if self.partial_credit else float(score >= 1.0)
+        info: dict[str, Any] = {"answer": answer, "correct": score >= 1.0, "check": "scorer" if answer is not None else "no_answer", "score": score}
         if error:
             info["check_error"] = error
         return StepOutcome("", reward, True, False, info)
