@@ -133,13 +133,14 @@ def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str, normalizer: f
     """Masked reduction of per-token values to a scalar (see the module docstring). # [B, T] -> []"""
     if aggregation == "token-mean":
         total = (x * m).sum()
-        denom = m.sum() if normalizer is None else torch.as_tensor(float(normalizer), dtype=x.dtype)
+        count = m.sum()  # tokens
     else:
         per_seq_tokens = m.sum(-1)  # [B]
-        seq_mean = (x * m).sum(-1) / per_seq_tokens.clamp(min=1.0)  # [B]
-        total = seq_mean.sum()
-        denom = (per_seq_tokens > 0).sum().to(x.dtype) if normalizer is None else torch.as_tensor(float(normalizer), dtype=x.dtype)
-    return total / denom.clamp(min=1.0) if normalizer is None else total / denom
+        total = ((x * m).sum(-1) / per_seq_tokens.clamp(min=1.0)).sum()  # sum of per-sample means
+        count = (per_seq_tokens > 0).sum().to(x.dtype)  # samples with at least one token
+    if normalizer is not None:
+        return total / torch.as_tensor(float(normalizer), dtype=x.dtype, device=x.device)
+    return total / count.clamp(min=1.0)
 
 
 def _check(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, eps_low, eps_high, aggregation, normalizer) -> None:
