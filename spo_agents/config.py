@@ -13,6 +13,7 @@ Loading rules:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,6 +244,7 @@ class Config:
 # Loading, checking, overriding
 # --------------------------------------------------------------------------------------------
 T = typing.TypeVar("T")
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _type_name(tp: Any) -> str:
@@ -297,6 +299,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-6` (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

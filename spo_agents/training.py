@@ -146,24 +146,29 @@ def build_components(cfg: Config, weights_from: Path | None = None) -> Component
         )  # fmt: skip
         sync = None
         if backend == "vllm-server":
-            from spo_agents.weight_sync import WeightSync  # owned by the server integration
+            from spo_agents.vllm_server import connect
+            from spo_agents.weight_sync import make_weight_sync
 
-            sync = WeightSync.from_config(cfg) if hasattr(WeightSync, "from_config") else WeightSync(cfg)
+            endpoint = connect(cfg.rollout.base_url, request_timeout_s=cfg.rollout.request_timeout_s)
+            sync = make_weight_sync(cfg.rollout.weight_sync, endpoint)
         return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close])
     raise ConfigError(f"unknown `rollout.backend` {backend!r}")
 
 
 class _VLLMInProcessSync:
-    """Loads the learner's weights into an in-process vLLM engine after each step (GPU path)."""
+    """Loads the learner's weights into an in-process vLLM engine after each step (GPU path;
+    not run on the CPU machines this project is tested on)."""
 
     def __init__(self, policy: Any) -> None:
         self.policy = policy
 
-    def sync(self, model: Any, version: int) -> None:
-        load = getattr(self.policy, "load_weights", None)
-        if load is None:
-            raise ConfigError("this vLLM policy backend cannot load weights in place (`load_weights` missing)")
-        load(((name, p.detach()) for name, p in model.state_dict().items()))
+    async def push(self, model: Any, version: int) -> None:
+        await self.policy.pause()
+        try:
+            await self.policy.load_weights([(name, p.detach()) for name, p in model.state_dict().items()])
+            self.policy.version = version
+        finally:
+            self.policy.resume()
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,20 +374,17 @@ class Trainer:
         return time.perf_counter() - t0
 
     async def _publish(self) -> None:
-        """New weights to the rollout side; the policy version becomes the step number."""
+        """New weights to the rollout side (server / vLLM backends); the policy version becomes
+        the step number. Order: pause (drain) -> sync -> version -> resume."""
         sync = self._components.weight_sync
-        if sync is not None:
-            await self.policy.pause() if hasattr(self.policy, "pause") else None
-            try:
-                r = sync.sync(self.model, self.step)
-                if asyncio.iscoroutine(r):
-                    await r
-                self.policy.version = self.step
-            finally:
-                if hasattr(self.policy, "resume"):
-                    self.policy.resume()
-        else:
+        if sync is None:
             self.policy.version = self.step
+        elif isinstance(sync, _VLLMInProcessSync):
+            await sync.push(self.model, self.step)
+        else:
+            from spo_agents.weight_sync import push_weights
+
+            await push_weights(self.policy, sync, self.model, self.step)
 
     async def train_step(self) -> dict[str, Any]:
         """One step (module docstring); returns its metrics row."""

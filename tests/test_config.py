@@ -1,0 +1,110 @@
+"""Configs: every shipped YAML loads, mirrors `Config` key for key, and opens with its command;
+unknown keys and bad values are errors with a suggestion."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spo_agents.config import Config, apply_overrides, from_dict, load_config, to_dict
+from spo_agents.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def _keys(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        out.add(path)
+        if isinstance(v, dict) and not path.endswith(("kwargs", "options")):
+            out |= _keys(v, path + ".")
+    return out
+
+
+def test_the_required_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"cpu-default.yaml", "qwen3-8b-math-python.yaml", "grpo-cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_mirrors_the_dataclasses(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    assert _keys(raw) == _keys(to_dict(Config())), "a shipped YAML must list every field of `Config`, no more, no less"
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_opens_with_the_command_that_runs_it(path):
+    head = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    runs = [line for line in head if line.startswith("# Run: spo-agent ")]
+    assert runs, f"{path.name} must say how it is run (`# Run: spo-agent ...`)"
+    assert f"configs/{path.name}" in runs[0]
+
+
+def test_cpu_default_yaml_is_exactly_the_defaults():
+    assert load_config(Path(__file__).parent.parent / "configs" / "cpu-default.yaml") == Config()
+
+
+def test_paper_config_has_the_paper_settings():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "qwen3-8b-math-python.yaml")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-6, 0.01, 1.0)
+    assert (cfg.train.batch_size, cfg.train.mini_batches, cfg.train.epochs) == (2048, 8, 1)
+    assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.loss.dual_clip) == (0.2, 0.28, 10.0)
+    assert (cfg.tracker.d_half, cfg.tracker.rho_min, cfg.tracker.rho_max) == (0.06, 0.875, 0.96)
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens) == (1.0, 1.0, 16384)
+    assert (cfg.eval.k, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.top_k) == (32, 0.6, 0.95, 20)
+    assert cfg.sampler.eps == 0.05 and cfg.algorithm.name == "spo"
+
+
+def test_grpo_config_selects_grouped_collection():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "grpo-cpu.yaml")
+    assert cfg.algorithm.name == "grpo" and cfg.algorithm.group_size >= 2
+    assert cfg.train.batch_size % cfg.algorithm.group_size == 0
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key `tracker.rho_mni`.*Did you mean `rho_min`"):
+        load_config(None, ["tracker.rho_mni=0.9"])
+    with pytest.raises(ConfigError, match=r"unknown config key `trainn`.*Did you mean `train`"):
+        from_dict(Config, {"trainn": {}})
+
+
+def test_bad_choice_suggests_a_valid_one():
+    with pytest.raises(ConfigError, match=r"`algorithm.name` must be one of `spo`, `grpo`.*Did you mean `grpo`"):
+        load_config(None, ["algorithm.name=gpro"])
+
+
+def test_bad_types_and_ranges_say_what_was_expected():
+    with pytest.raises(ConfigError, match=r"`train.batch_size` must be int, got 'many'"):
+        load_config(None, ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"rho_min <= rho_max"):
+        load_config(None, ["tracker.rho_min=0.99"])
+    with pytest.raises(ConfigError, match=r"`section.key=value`"):
+        apply_overrides({}, ["tracker.rho_min"])
+
+
+def test_scientific_notation_without_a_dot_is_a_float():
+    assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6
+    with pytest.raises(ConfigError):
+        load_config(None, ["optim.lr=fast"])
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_a_default_so_an_empty_file_is_the_default_config(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty) == Config()
+    assert all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING for f in dataclasses.fields(Config))
