@@ -59,8 +59,9 @@ DEFAULT_IMAGE = "spo-agents-sandbox:latest"
 LABEL = "spo-agents.sandbox"
 OWNER_LABEL = "spo-agents.owner"
 BACKEND_LABEL = "spo-agents.backend"
-#: Slack on top of a call's timeout for the protocol round trip before the host kills the run.
-TIMEOUT_GRACE_S = 0.25
+#: The in-container supervisor enforces a call's timeout; the host kills the whole container only
+#: when the supervisor has not answered this long after the timeout (it is wedged or gone).
+HOST_GRACE_S = 5.0
 #: Exit status reported for a run the host killed (the shell's 128 + SIGKILL).
 KILLED_STATUS = 137
 
@@ -379,6 +380,8 @@ class DockerBackend(SandboxBackend):
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,noexec,size={disk_mb}m,mode=1777"},
             cap_drop=["ALL"],
+            # The supervisor's only privileges: switch the worker to `user`, signal its processes.
+            cap_add=["SETUID", "SETGID", "KILL"],
             security_opt=["no-new-privileges"],
             init=True,
             ulimits=ulimits,
@@ -388,7 +391,7 @@ class DockerBackend(SandboxBackend):
             kwargs["mem_limit"] = f"{int(limits.memory_mb)}m"
             kwargs["memswap_limit"] = f"{int(limits.memory_mb)}m"
         if limits.max_processes:
-            kwargs["pids_limit"] = int(limits.max_processes) + 2  # docker-init and the driver
+            kwargs["pids_limit"] = int(limits.max_processes) + 4  # docker-init, the supervisor, slack
         if self.cpus:
             kwargs["nano_cpus"] = int(float(self.cpus) * 1e9)
         if self.runtime:
@@ -400,14 +403,22 @@ class DockerBackend(SandboxBackend):
         import docker.errors
 
         limits = key.limits_obj()
-        cfg = {"stateless": key.stateless, "max_output_bytes": limits.max_output_bytes, "preload": list(self.preload)}
+        uid, _, gid = self.user.partition(":")
+        cfg = {
+            "stateless": key.stateless,
+            "max_output_bytes": limits.max_output_bytes,
+            "preload": list(self.preload),
+            "uid": int(uid),
+            "gid": int(gid or uid),
+            "workdir": "/tmp",
+        }
         api = self._api
         cid = None
         try:
             c = api.create_container(
                 self.image,
                 command=["python3", "-u", "-c", self._driver, json.dumps(cfg)],
-                user=self.user,
+                user="0:0",  # the supervisor; it runs the code as `self.user` (see driver.py)
                 working_dir="/tmp",
                 environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"},
                 # stdin_open also sets StdinOnce: when the host's attach connection goes away, the
@@ -552,16 +563,16 @@ class DockerBackend(SandboxBackend):
             raise SandboxError("this docker sandbox session is closed; open a new one with `backend.open_session()`")
         start = time.monotonic()
         try:
-            box.send({"code": code, "cpu_s": limits.cpu_s})
-            msg = box.recv(start + t + TIMEOUT_GRACE_S)
+            box.send({"code": code, "timeout": t, "cpu_s": limits.cpu_s})
+            msg = box.recv(start + t + HOST_GRACE_S)
         except socket.timeout:
             self._replace(session)
             if session._closed:
                 return _closed_result(time.monotonic() - start)
             return SandboxResult(
+                stderr=f"timed out after {t:g} s and the container did not recover; the session was restarted "
+                "in a new container (earlier variables are lost)",
                 exit_status=KILLED_STATUS,
-                exception=f"TimeoutError: the code ran longer than {t:g} s (wall clock) and was killed; "
-                "the session restarted, earlier variables are gone",
                 timed_out=True,
                 session_restarted=True,
                 duration_s=time.monotonic() - start,
@@ -580,31 +591,39 @@ class DockerBackend(SandboxBackend):
                 else f"exited with status {status}"
             )
             return SandboxResult(
-                stderr=bytes(box.err).decode("utf-8", "replace")[-limits.max_output_bytes :],
+                stderr=f"the session's container {why}; the session was restarted in a new container "
+                "(earlier variables are lost)",
                 exit_status=status,
-                exception=f"the session's interpreter {why}; the session restarted, earlier variables are gone",
                 memory_exceeded=oom,
                 session_restarted=True,
                 duration_s=time.monotonic() - start,
                 extra={"container": box.id[:12]},
             )
+        lost = bool(msg.get("worker_lost"))
+        stderr = msg["stderr"]
+        if lost:
+            if msg.get("timed_out"):
+                note = f"timed out after {t:g} s"
+            else:
+                note = f"the session's interpreter exited with status {msg['exit_status']}"
+            if int(msg.get("oom_kills") or 0) > 0:
+                note += f" (killed by the out-of-memory killer, limit {limits.memory_mb} MB)"
+            note += "; the session was restarted (earlier variables are lost)" if not session.stateless else ""
+            stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + note
         return SandboxResult(
             stdout=msg["stdout"],
-            stderr=msg["stderr"],
+            stderr=stderr,
             exit_status=int(msg["exit_status"]),
             exception=msg["exception"],
-            timed_out=bool(msg.get("cpu_exceeded")),
+            timed_out=bool(msg.get("timed_out")) or bool(msg.get("cpu_exceeded")),
             memory_exceeded=bool(msg.get("memory_error")) or int(msg.get("oom_kills") or 0) > 0,
             output_truncated=bool(msg.get("output_truncated")),
-            session_restarted=restarted_before,
+            session_restarted=restarted_before or lost,
             duration_s=time.monotonic() - start,
             extra={
                 "container": box.id[:12],
                 "run_s": msg.get("duration_s"),
-                "stdout_bytes": msg.get("stdout_bytes"),
-                "stderr_bytes": msg.get("stderr_bytes"),
-                **({"cpu_time_exceeded": True} if msg.get("cpu_exceeded") else {}),
-                **({"crashed": True} if msg.get("crashed") else {}),
+                **({"cpu_exceeded": True} if msg.get("cpu_exceeded") else {}),
             },
         )
 

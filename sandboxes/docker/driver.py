@@ -1,113 +1,99 @@
-"""The in-container half of the `docker` backend: one persistent Python interpreter per container.
+"""The in-container half of the `docker` backend: a supervisor and its Python worker.
 
 The host starts each container with `python3 -u -c <this source> <json config>` as its main
-process (under docker's init) and talks to it over the container's attached stdin / stdout, so
-this file uses the standard library only and never imports `spo_agents`. It works with any
-image that has Python 3.8+.
+process (under docker's init) and talks to it over the container's attached stdin / stdout. This
+file uses the standard library only and never imports `spo_agents`; any image with Python 3.8+
+works.
 
-Protocol (4-byte big-endian length + UTF-8 JSON, both ways): the driver sends `{"op": "ready"}`
-once, then answers each `{"code", "cpu_s"}` with `{"stdout", "stderr", "stdout_bytes",
-"stderr_bytes", "exit_status", "exception", "memory_error", "cpu_exceeded", "oom_kills",
-"duration_s"}`. The driver exits when its stdin closes (the host went away), which stops the
-container.
+Processes in one container::
 
-The protocol channel is a private duplicate of the container's stdin / stdout. File descriptors
-0, 1 and 2 seen by the user's code are /dev/null, a stdout pipe and a stderr pipe during a run,
-and /dev/null between runs, so nothing the code (or a process it leaves behind) writes or reads
-can reach the channel through them. Code that looks up the channel's descriptors can still forge
-its own answer: the result is only as trustworthy as the code that produced it. Wall-clock
-timeouts, memory and process limits are enforced outside this process (by the host and the
-container's cgroups), never by this file.
+    docker-init (pid 1)
+      └─ supervisor   uid 0 with only CAP_SETUID/SETGID/KILL (or the image's user); holds the
+         │            host channel; enforces the per-call timeout; reads the worker's output
+         └─ worker    uid 1000, no capabilities, oom_score_adj 1000; runs the code; its
+                      variables are the session's state
 
-Stateless sessions fork a fresh child of the pristine driver for every run (nothing the previous
-run defined survives); stateful sessions run the code in the driver itself.
+Host protocol (4-byte big-endian length + UTF-8 JSON, both ways): the supervisor sends
+`{"op": "ready"}`, then answers each `{"code", "timeout", "cpu_s"}` with `{"stdout", "stderr",
+"output_truncated", "exit_status", "exception", "memory_error", "timed_out", "cpu_exceeded",
+"worker_lost", "oom_kills", "duration_s"}`. The supervisor exits when its stdin closes (the host
+went away), which stops the container.
+
+When the call's time is up, or the worker dies (`os._exit`, a signal, the OOM killer), the
+supervisor kills every process in the container but itself and init (`kill(-1, SIGKILL)`),
+keeps the output read so far and reports `worker_lost`; the next call forks a fresh worker. The
+worker never holds the host channel, and as another uid it can neither signal nor trace the
+supervisor. Stateless sessions use a fresh worker for every call.
 """
 
 import json
 import os
 import select
 import signal
+import socket
 import struct
 import sys
-import threading
 import time
 
 
 class _CPUTimeExceeded(BaseException):
-    """Raised in the user's code when its CPU-time budget for this run (`cpu_s`) is spent."""
+    """Raised in the user's code when its CPU-time budget for this call (`cpu_s`) is spent."""
 
 
-def _read_exact(fd, n):
+# --- framing ------------------------------------------------------------------------------------
+def _read_exact(read, n):
     buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
+        chunk = read(n - len(buf))
         if not chunk:
             return None
         buf += chunk
     return bytes(buf)
 
 
-def _recv(fd):
-    head = _read_exact(fd, 4)
+def _recv(read):
+    head = _read_exact(read, 4)
     if head is None:
         return None
-    body = _read_exact(fd, struct.unpack(">I", head)[0])
+    body = _read_exact(read, struct.unpack(">I", head)[0])
     return None if body is None else json.loads(body.decode("utf-8"))
 
 
-def _send(fd, obj):
+def _frame(obj):
     data = json.dumps(obj).encode("utf-8")
-    data = struct.pack(">I", len(data)) + data
+    return struct.pack(">I", len(data)) + data
+
+
+def _write_all(fd, data):
     while data:
         data = data[os.write(fd, data):]
 
 
-class _Stream:
-    """Drains one pipe in a thread, keeping the first and the last `limit // 2` bytes."""
+# --- output kept per stream ---------------------------------------------------------------------
+class _Keep:
+    """The first and the last `limit // 2` bytes of a stream, and how many bytes it had."""
 
-    def __init__(self, fd, limit):
-        self.fd, self.limit = fd, max(int(limit), 0)
+    def __init__(self, limit):
+        self.limit = max(int(limit), 0)
+        self.half = self.limit // 2
         self.head, self.tail, self.total = bytearray(), bytearray(), 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
 
-    def _drain(self):
-        half = self.limit // 2
-        stopped_at = None
-        while True:
-            ready, _, _ = select.select([self.fd], [], [], 0.05)
-            if self.stop.is_set():
-                # After the run, drain what is buffered; a process the code left behind that
-                # keeps writing gets at most 0.1 s more.
-                stopped_at = stopped_at or time.monotonic()
-                if not ready or time.monotonic() - stopped_at > 0.1:
-                    return
-            elif not ready:
-                continue
-            chunk = os.read(self.fd, 1 << 16)
-            if not chunk:
-                return
-            self.total += len(chunk)
-            if len(self.head) < self.limit - half:
-                take = self.limit - half - len(self.head)
-                self.head += chunk[:take]
-                chunk = chunk[take:]
-            if chunk and half:
-                self.tail += chunk
-                if len(self.tail) > half:
-                    del self.tail[: len(self.tail) - half]
+    def add(self, chunk):
+        self.total += len(chunk)
+        room = self.limit - self.half - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk and self.half:
+            self.tail += chunk
+            if len(self.tail) > self.half:
+                del self.tail[: len(self.tail) - self.half]
 
     def text(self):
-        """The kept bytes; when the middle was cut, a marker says how much."""
-        self.thread.join()
-        os.close(self.fd)
         kept = len(self.head) + len(self.tail)
         if self.total <= kept:
-            data = bytes(self.head + self.tail)
-            return data.decode("utf-8", "replace"), False
-        cut = self.total - kept
-        marker = "\n[... %d bytes of output cut ...]\n" % cut
+            return bytes(self.head + self.tail).decode("utf-8", "replace"), False
+        marker = "\n[... %d bytes of output cut ...]\n" % (self.total - kept)
         return self.head.decode("utf-8", "replace") + marker + self.tail.decode("utf-8", "replace"), True
 
 
@@ -125,8 +111,9 @@ def _oom_kills():
     return 0
 
 
+# --- worker -------------------------------------------------------------------------------------
 def _execute(code, namespace, counter, cpu_s):
-    """Run one cell in `namespace`; returns the result fields besides the output."""
+    """Run one cell in `namespace`; returns `exit_status, exception, memory_error, cpu_exceeded`."""
     import linecache
     import traceback
 
@@ -140,9 +127,9 @@ def _execute(code, namespace, counter, cpu_s):
             raise _CPUTimeExceeded("the code used more than %s s of CPU time" % cpu_s)
 
         used = resource.getrusage(resource.RUSAGE_SELF)
-        soft = int(used.ru_utime + used.ru_stime + float(cpu_s)) + 1
         signal.signal(signal.SIGXCPU, on_xcpu)
         try:
+            soft = int(used.ru_utime + used.ru_stime + float(cpu_s)) + 1
             resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
         except (ValueError, OSError):
             pass
@@ -177,110 +164,261 @@ def _execute(code, namespace, counter, cpu_s):
                 resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
             except (ValueError, OSError):
                 pass
-    return {"exit_status": exit_status, "exception": exception, "memory_error": memory_error,
-            "cpu_exceeded": cpu_exceeded}
+    return exit_status, exception, memory_error, cpu_exceeded
 
 
-def _run(msg, namespace, counter, cfg, devnull_r, devnull_w):
-    """Redirect fds 0-2, run the cell, collect its output; fds are restored afterwards."""
-    limit = int(cfg.get("max_output_bytes", 65536))
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    streams = (_Stream(out_r, limit), _Stream(err_r, limit))
-    saved = (sys.stdin, sys.stdout, sys.stderr)
-    os.dup2(out_w, 1)
-    os.dup2(err_w, 2)
-    os.close(out_w)
-    os.close(err_w)
-    oom_before = _oom_kills()
+def _std_streams():
+    """Fresh `sys.stdout` / `sys.stderr` on fds 1 and 2 (the code may have closed the old ones)."""
+    import io
+
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        raw = io.FileIO(fd, "w", closefd=False)
+        setattr(sys, name, io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace",
+                                            line_buffering=True, write_through=True))
+
+
+def _worker(ctrl, stateless):
+    """Read cells from the supervisor, run them, answer with the outcome (output goes to fds 1, 2)."""
     owner = os.getpid()
-    start = time.monotonic()
-    try:
-        fields = _execute(msg["code"], namespace, counter, msg.get("cpu_s"))
-    finally:
-        if os.getpid() != owner:  # a process the code forked must not come back to the driver
+    spare = (os.dup(1), os.dup(2))  # to put fds 1 and 2 back if the code closes them
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    counter = 0
+    read = ctrl.recv
+    while True:
+        msg = _recv(read)
+        if msg is None:
             os._exit(0)
-        duration = time.monotonic() - start
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        counter += 1
+        os.dup2(spare[0], 1)
+        os.dup2(spare[1], 2)
+        _std_streams()
+        status, exception, memory_error, cpu_exceeded = _execute(msg["code"], namespace, counter, msg.get("cpu_s"))
+        if os.getpid() != owner:  # a process the code forked must not come back here
+            os._exit(0)
+        for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except BaseException:  # noqa: BLE001 - a broken stream is the user's doing
                 pass
-        sys.stdin, sys.stdout, sys.stderr = saved
-        os.dup2(devnull_r, 0)
-        os.dup2(devnull_w, 1)
-        os.dup2(devnull_w, 2)
-        for s in streams:
-            s.stop.set()
-    (stdout, out_cut), (stderr, err_cut) = (s.text() for s in streams)
-    fields.update(stdout=stdout, stderr=stderr, stdout_bytes=streams[0].total, stderr_bytes=streams[1].total,
-                  output_truncated=out_cut or err_cut, oom_kills=_oom_kills() - oom_before,
-                  duration_s=duration)
-    return fields
+        ctrl.sendall(_frame({"exit_status": status, "exception": exception, "memory_error": memory_error,
+                             "cpu_exceeded": cpu_exceeded}))
+        if stateless:
+            os._exit(0)
 
 
-def _run_forked(msg, counter, cfg, devnull_r, devnull_w):
-    """Stateless run: a fresh child of the pristine driver runs the cell and reports by a pipe."""
-    r, w = os.pipe()
+class _Worker:
+    def __init__(self, pid, ctrl, out_fd, err_fd):
+        self.pid, self.ctrl, self.out_fd, self.err_fd = pid, ctrl, out_fd, err_fd
+
+    def close(self):
+        for fd in (self.out_fd, self.err_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.ctrl.close()
+
+
+def _start_worker(cfg, keep_fds, devnull_r):
+    parent, child = socket.socketpair()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
         try:
-            fields = _run(msg, {"__name__": "__main__", "__builtins__": __builtins__}, counter, cfg,
-                          devnull_r, devnull_w)
-            data = json.dumps(fields).encode("utf-8")
-            while data:
-                data = data[os.write(w, data):]
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
+            parent.close()
+            for fd in (out_r, err_r) + tuple(keep_fds):
+                os.close(fd)
+            os.dup2(devnull_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.close(out_w)
+            os.close(err_w)
+            os.setsid()
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write("1000")  # the OOM killer takes the worker, never the supervisor
+            except OSError:
+                pass
+            uid, gid = cfg.get("uid"), cfg.get("gid")
+            if uid is not None and os.getuid() == 0:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            _worker(child, bool(cfg.get("stateless")))
+        except BaseException:  # noqa: BLE001 - reported by the supervisor as a lost worker
+            import traceback
+
+            traceback.print_exc()
+        os._exit(70)
+    child.close()
+    os.close(out_w)
+    os.close(err_w)
+    return _Worker(pid, parent, out_r, err_r)
+
+
+# --- supervisor ---------------------------------------------------------------------------------
+def _others():
+    """Pids in this container other than init, this process and zombies."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (1, me):
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            found.append(int(name))
+    return found
+
+
+def _reap():
     while True:
-        chunk = os.read(r, 1 << 16)
-        if not chunk:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _kill_all():
+    """SIGKILL every process but init and this one, until none is left (or 2 s have passed)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+        _reap()
+        if not _others() or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
+
+
+def _drain(fds, keeps, wait_s):
+    """Read what the pipes still hold; stop at end of file, after `wait_s` without data, or after
+    0.2 s in all (a process the code left behind may keep writing)."""
+    open_fds = list(fds)
+    deadline = time.monotonic() + 0.2 + max(wait_s, 0.0) * 10
+    while open_fds and time.monotonic() < deadline:
+        ready, _, _ = select.select(open_fds, [], [], wait_s)
+        if not ready:
+            return
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if chunk:
+                keeps[fd].add(chunk)
+            else:
+                open_fds.remove(fd)
+
+
+def _supervise(worker, msg, cfg):
+    """Send one cell to the worker and collect its outcome within the call's timeout."""
+    limit = int(cfg.get("max_output_bytes", 65536))
+    keeps = {worker.out_fd: _Keep(limit), worker.err_fd: _Keep(limit)}
+    _drain([worker.out_fd, worker.err_fd], {worker.out_fd: _Keep(0), worker.err_fd: _Keep(0)}, 0.0)
+    oom_before = _oom_kills()
+    start = time.monotonic()
+    deadline = start + float(msg.get("timeout") or 10.0)
+    worker.ctrl.sendall(_frame({"code": msg["code"], "cpu_s": msg.get("cpu_s")}))
+    reply, timed_out = None, False
+    watch = [worker.ctrl, worker.out_fd, worker.err_fd]
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
             break
-        chunks.append(chunk)
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if chunks:
-        return json.loads(b"".join(chunks).decode("utf-8"))
-    code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    return {"stdout": "", "stderr": "", "stdout_bytes": 0, "stderr_bytes": 0, "output_truncated": False,
-            "exit_status": code or 1, "exception": "the interpreter exited with status %d" % code,
-            "memory_error": False, "cpu_exceeded": False, "oom_kills": 0, "duration_s": 0.0,
-            "crashed": True}
+        ready, _, _ = select.select(watch, [], [], left)
+        if worker.ctrl in ready:
+            reply = _recv(worker.ctrl.recv)
+            break
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if chunk:
+                keeps[fd].add(chunk)
+            else:
+                watch.remove(fd)
+    duration = time.monotonic() - start
+    fields = {"timed_out": timed_out, "worker_lost": reply is None, "duration_s": duration,
+              "exit_status": 0, "exception": None, "memory_error": False, "cpu_exceeded": False}
+    if reply is not None:
+        # The worker flushed before answering: its output is in the pipes already.
+        _drain([fd for fd in watch if fd != worker.ctrl], keeps, 0.0)
+        fields.update(reply)
+    else:
+        status = None
+        if not timed_out:  # the worker died by itself (or closed its channel): its status
+            wait_until = min(deadline, time.monotonic() + 0.5)
+            while True:
+                try:
+                    pid, st = os.waitpid(worker.pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid:
+                    status = 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+                    break
+                if time.monotonic() > wait_until:
+                    break
+                time.sleep(0.005)
+        _kill_all()
+        _drain([fd for fd in watch if fd != worker.ctrl], keeps, 0.02)
+        if timed_out:
+            fields["exit_status"] = 137
+        else:
+            fields["exit_status"] = status if status is not None else 137
+            fields["cpu_exceeded"] = status == 128 + signal.SIGXCPU
+    (stdout, cut_out), (stderr, cut_err) = keeps[worker.out_fd].text(), keeps[worker.err_fd].text()
+    fields.update(stdout=stdout, stderr=stderr, output_truncated=cut_out or cut_err,
+                  oom_kills=_oom_kills() - oom_before)
+    return fields
 
 
 def main():
     cfg = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    chan_in, chan_out = os.dup(0), os.dup(1)  # non-inheritable: user processes never get them
+    chan_in, chan_out = os.dup(0), os.dup(1)
     devnull_r = os.open(os.devnull, os.O_RDONLY)
     devnull_w = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull_r, 0)
     os.dup2(devnull_w, 1)
     os.dup2(devnull_w, 2)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.close(devnull_w)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if cfg.get("workdir"):
-        os.makedirs(cfg["workdir"], exist_ok=True)
         os.chdir(cfg["workdir"])
-    for name in cfg.get("preload", ()):
+    for name in cfg.get("preload", ()):  # imported once here, inherited by every forked worker
         try:
             __import__(name)
         except ImportError:
             pass
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    _send(chan_out, {"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
-    counter = 0
+    stateless = bool(cfg.get("stateless"))
+    keep_fds = (chan_in, chan_out)
+    worker = _start_worker(cfg, keep_fds, devnull_r)
+    _write_all(chan_out, _frame({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]}))
+
+    def read(n):
+        return os.read(chan_in, n)
+
     while True:
-        msg = _recv(chan_in)
+        msg = _recv(read)
         if msg is None:
+            _kill_all()
             os._exit(0)
-        counter += 1
-        if cfg.get("stateless"):
-            fields = _run_forked(msg, counter, cfg, devnull_r, devnull_w)
-        else:
-            fields = _run(msg, namespace, counter, cfg, devnull_r, devnull_w)
-        _send(chan_out, fields)
+        if worker is None:
+            worker = _start_worker(cfg, keep_fds, devnull_r)
+        fields = _supervise(worker, msg, cfg)
+        if fields["worker_lost"] or stateless:
+            if not fields["worker_lost"]:
+                _kill_all()  # stateless: nothing the call started outlives it
+            worker.close()
+            worker = None
+            _reap()
+            if stateless:
+                worker = _start_worker(cfg, keep_fds, devnull_r)  # ready before the next call
+        _write_all(chan_out, _frame(fields))
 
 
 if __name__ == "__main__":
