@@ -1,0 +1,491 @@
+"""Keep a vLLM server's weights equal to the learner's after every update.
+
+After each optimiser step (DESIGN.md, "Data flow of one training step": "new weights to the
+policy backend") the server that generates rollouts must serve exactly the learner's weights,
+and every trajectory must record which weights generated it: the PPO ratio (SPO.md section 3)
+divides by the behaviour policy's log-probs, and the value tracker's forgetting factor (SPO.md
+section 1) is driven by the policy drift between versions. Three strategies, one interface,
+chosen by `rollout.weight_sync`:
+
+- `reload` (`ReloadSync`): write the full state dict as safetensors to a fast local directory
+  (`/dev/shm` when present), ask the server to reload it in place
+  (`POST /collective_rpc {"method": "reload_weights", ...}`, needs `VLLM_SERVER_DEV_MODE=1`),
+  then reset its prefix cache (otherwise prompt blocks computed with the old weights are reused).
+  Works on CPU and GPU without NCCL; the server must see the learner's filesystem.
+- `lora` (`LoraSync`): the learner trains LoRA adapters (peft); each sync saves the adapter and
+  hot-loads it under a fixed name (`POST /v1/load_lora_adapter`, `load_inplace: true`);
+  requests then name that adapter as their `model` (`WeightSync.served_model`).
+- `nccl` (`NcclSync`): TRL's `VLLMClient` streams the parameters over vLLM's NCCL weight-transfer
+  engine (GPU only; the server runs with `--weight-transfer-config '{"backend": "nccl"}'`).
+
+No request may mix old and new weights. Two gates ensure it:
+1. client side (`VersionGate`, or the policy backend's own `pause()`/`resume()`): new requests
+   wait and in-flight ones finish before a sync starts, and the version handed to a request is
+   the version of the weights that will serve it (`push_weights` runs this sequence);
+2. server side: `POST /pause?mode=wait` / `POST /resume` around the update when the server
+   exposes them (dev mode), so a request from another client cannot straddle the update either.
+After the update the server's weight label is set (`POST /update_weight_version`) so that
+`GET /weight_info` names the version it serves.
+
+Pitfall handled here: with tied input/output embeddings (SmolLM2, Qwen small models)
+`save_pretrained` omits `lm_head.weight`, and vLLM's in-place reload then keeps the *old*
+output embedding: the server serves a mix of versions (log-probs off by ~1 with a 0.05 weight
+perturbation on the tiny model). `ReloadSync` therefore writes every state-dict entry, tied
+ones included.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import inspect
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from spo_agents.errors import ConfigError, PolicyError, did_you_mean
+
+STRATEGIES = ("reload", "lora", "nccl")
+
+
+@dataclass
+class SyncStats:
+    """What one sync did and how long each part took (seconds).
+
+    `save_s`: writing weights / adapter to disk (0 for `nccl`); `load_s`: the server loading
+    them (for `nccl`: streaming them); `reset_s`: prefix-cache reset; `pause_s`: server-side
+    drain before the update; `bytes`: size written or streamed.
+    """
+
+    strategy: str
+    version: int
+    total_s: float
+    save_s: float = 0.0
+    load_s: float = 0.0
+    reset_s: float = 0.0
+    pause_s: float = 0.0
+    bytes: int = 0
+    served_model: str | None = None
+
+
+def _endpoint(server: Any) -> Any:
+    """Accept a `VLLMServer` (use its endpoint) or anything with `post`/`get` (an endpoint)."""
+    return getattr(server, "endpoint", server)
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def fast_tmp_dir(prefix: str) -> Path:
+    """A fresh directory in `/dev/shm` (memory-backed) when writable, else the system temp dir."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+class WeightSync(abc.ABC):
+    """Push the learner's current weights to the rollout server.
+
+    `sync(model, version)` returns only once the server serves `model`'s weights (prefix cache
+    reset, version label set). Call it while no request is in flight (see `push_weights`).
+    `served_model` is the name requests must send as `model` after the last sync (the base
+    model for `reload` / `nccl`, the adapter for `lora`). `version` is the last synced version.
+    """
+
+    name: ClassVar[str]
+    #: vLLM refuses a prefix-cache reset while running requests hold blocks: retries, 0.1 s apart.
+    reset_attempts: int = 20
+
+    def __init__(self, server: Any, *, server_pause: bool = True, label_version: bool = True) -> None:
+        self.endpoint = _endpoint(server)
+        self.server_pause = server_pause
+        self.label_version = label_version
+        self.version: int | None = None
+        self._pause_supported: bool | None = None
+
+    @property
+    def served_model(self) -> str:
+        return self.endpoint.model
+
+    @abc.abstractmethod
+    def _update(self, model: Any, version: int, stats: SyncStats) -> None:
+        """Put `model`'s weights on the server (fills the timing fields of `stats`)."""
+
+    def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
+        """Work that needs no server pause (saving to disk); runs before the pause."""
+
+    def sync(self, model: Any, version: int) -> SyncStats:
+        t0 = time.perf_counter()
+        stats = SyncStats(strategy=self.name, version=int(version), total_s=0.0)
+        self._prepare(model, version, stats)
+        paused = self._pause(stats)
+        try:
+            self._update(model, version, stats)
+            t = time.perf_counter()
+            self._reset_prefix_cache()
+            stats.reset_s = time.perf_counter() - t
+            if self.label_version:
+                self.endpoint.post("/update_weight_version", {"new_version": str(version)}, ok_404=True)
+        finally:
+            if paused:
+                self.endpoint.post("/resume")
+        self.version = int(version)
+        stats.served_model = self.served_model
+        stats.total_s = time.perf_counter() - t0
+        return stats
+
+    def _pause(self, stats: SyncStats) -> bool:
+        if not self.server_pause or self._pause_supported is False:
+            return False
+        t = time.perf_counter()
+        answer = self.endpoint.post("/pause", params={"mode": "wait"}, ok_404=True)
+        self._pause_supported = answer is not None
+        stats.pause_s = time.perf_counter() - t
+        return self._pause_supported
+
+    def _reset_prefix_cache(self) -> None:
+        """`POST /reset_prefix_cache`; vLLM answers `success: false` while running requests
+        still hold cache blocks, so retry briefly, then fail: stale blocks would mix versions."""
+        attempts = self.reset_attempts
+        for _ in range(attempts):
+            answer = self.endpoint.post("/reset_prefix_cache")
+            if not isinstance(answer, dict) or answer.get("success", True):
+                return
+            time.sleep(0.1)
+        raise PolicyError(
+            f"the server at `{self.endpoint.base_url}` refused to reset its prefix cache "
+            f"{attempts} times (requests still running). Pause the policy backend before syncing "
+            "(`push_weights` does) so no request is in flight."
+        )
+
+    def close(self) -> None:
+        """Release resources (temporary directories, communicators). Safe to call twice."""
+
+
+class ReloadSync(WeightSync):
+    """Full weights through the filesystem: safetensors + `reload_weights` + prefix-cache reset.
+
+    `save_dir`: where the checkpoint is written (default: a fresh directory in `/dev/shm`),
+    overwritten at each sync and removed by `close()` when we created it. The server reads it,
+    so it must be on a filesystem the server sees (same machine, or shared storage).
+    """
+
+    name = "reload"
+
+    def __init__(self, server: Any, *, save_dir: str | Path | None = None, **kw: Any) -> None:
+        super().__init__(server, **kw)
+        self._own_dir = save_dir is None
+        self.save_dir = Path(save_dir) if save_dir is not None else fast_tmp_dir("spo-weights-")
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+
+    def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
+        if _is_peft(model):
+            raise ConfigError(
+                "`rollout.weight_sync: reload` got a peft (LoRA) model; use `rollout.weight_sync: lora` "
+                "to hot-load the adapter, or merge the adapter into the base model first"
+            )
+        t = time.perf_counter()
+        stats.bytes = save_full_weights(model, self.save_dir)
+        stats.save_s = time.perf_counter() - t
+
+    def _update(self, model: Any, version: int, stats: SyncStats) -> None:
+        t = time.perf_counter()
+        self.endpoint.post(
+            "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(self.save_dir)}}
+        )
+        stats.load_s = time.perf_counter() - t
+
+    def close(self) -> None:
+        if self._own_dir:
+            shutil.rmtree(self.save_dir, ignore_errors=True)
+
+
+def save_full_weights(model: Any, directory: str | Path) -> int:
+    """Write every state-dict tensor of `model` (tied ones as separate copies) to
+    `directory/model.safetensors`, plus `config.json` when the model has a config.
+    Returns the bytes written. The file is written under a temporary name and renamed, so a
+    reader never sees a half-written checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    seen: set[tuple[int, int]] = set()
+    tensors: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            t = tensor.detach()
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            # safetensors refuses tensors sharing memory; tied weights get their own copy.
+            t = t.clone() if key in seen or not t.is_contiguous() else t
+            seen.add(key)
+            tensors[name] = t.cpu()
+    tmp = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    for stale in directory.glob("model-*.safetensors"):  # a sharded copy from elsewhere
+        stale.unlink()
+    (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(directory)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class LoraSync(WeightSync):
+    """LoRA adapters hot-loaded by name (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, `--enable-lora`).
+
+    Each sync saves the adapter to `save_dir/v<version>`, loads it in place under `lora_name`,
+    resets the prefix cache (the in-place adapter keeps its id, so cached blocks would be
+    reused) and deletes the previous version's directory. The server's `--max-lora-rank` must
+    be at least the adapter's rank.
+    """
+
+    name = "lora"
+
+    def __init__(self, server: Any, *, lora_name: str = "spo-policy", save_dir: str | Path | None = None,
+                 **kw: Any) -> None:
+        super().__init__(server, **kw)
+        self.lora_name = lora_name
+        self._own_dir = save_dir is None
+        self.save_dir = Path(save_dir) if save_dir is not None else fast_tmp_dir("spo-lora-")
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        self._current: Path | None = None
+        self._pending: Path | None = None
+
+    @property
+    def served_model(self) -> str:
+        return self.lora_name if self.version is not None else self.endpoint.model
+
+    def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
+        if not _is_peft(model):
+            raise ConfigError(
+                "`rollout.weight_sync: lora` needs a peft model (set `model.lora.enabled: true`); "
+                f"got `{type(model).__name__}`. For full fine-tuning use `rollout.weight_sync: reload`."
+            )
+        t = time.perf_counter()
+        path = self.save_dir / f"v{int(version)}"
+        if path.exists():
+            shutil.rmtree(path)
+        model.save_pretrained(str(path))
+        stats.bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        self._pending = path
+        stats.save_s = time.perf_counter() - t
+
+    def _update(self, model: Any, version: int, stats: SyncStats) -> None:
+        assert self._pending is not None
+        t = time.perf_counter()
+        self.endpoint.post(
+            "/v1/load_lora_adapter",
+            {"lora_name": self.lora_name, "lora_path": str(self._pending), "load_inplace": True},
+        )
+        stats.load_s = time.perf_counter() - t
+        previous, self._current, self._pending = self._current, self._pending, None
+        if previous is not None and previous != self._current:
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._own_dir:
+            shutil.rmtree(self.save_dir, ignore_errors=True)
+
+
+class NcclSync(WeightSync):
+    """TRL's `VLLMClient` over vLLM's NCCL weight-transfer engine (CUDA only).
+
+    The client is created lazily (`trl.generation.vllm_client.VLLMClient`, which needs `trl`
+    and `vllm` installed next to the learner) and joins the server's weight-update group on
+    `device`. `client` may be passed in (tests use a fake). Parameters are streamed in one
+    update (`update_model_params`); peft models are refused (use `lora`).
+    """
+
+    name = "nccl"
+
+    def __init__(self, server: Any, *, client: Any = None, device: str | int = "cuda",
+                 connection_timeout_s: float = 60.0, **kw: Any) -> None:
+        super().__init__(server, **kw)
+        self.device = device
+        self.connection_timeout_s = connection_timeout_s
+        self._client = client
+        self._initialised = False
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                from trl.generation.vllm_client import VLLMClient
+            except ImportError as e:
+                raise PolicyError(
+                    "`rollout.weight_sync: nccl` needs TRL's `VLLMClient` (`pip install trl vllm`) next to "
+                    f"the learner and a CUDA GPU; import failed: {e}. Without a GPU use "
+                    "`rollout.weight_sync: reload` or `lora`."
+                ) from e
+            self._client = VLLMClient(base_url=self.endpoint.base_url, connection_timeout=self.connection_timeout_s)
+        if not self._initialised:
+            self._client.init_communicator(device=self.device)
+            self._initialised = True
+        return self._client
+
+    def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
+        if _is_peft(model):
+            raise ConfigError(
+                "`rollout.weight_sync: nccl` streams full weights; for a peft (LoRA) model use "
+                "`rollout.weight_sync: lora`"
+            )
+        self.client  # noqa: B018 - connect before pausing the server
+
+    def _update(self, model: Any, version: int, stats: SyncStats) -> None:
+        t = time.perf_counter()
+        self.client.update_model_params(model)
+        stats.load_s = time.perf_counter() - t
+        stats.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def _reset_prefix_cache(self) -> None:
+        self.client.reset_prefix_cache()
+
+    def close(self) -> None:
+        if self._client is not None and self._initialised:
+            with contextlib.suppress(Exception):
+                self._client.close_communicator()
+            self._initialised = False
+
+
+def make_weight_sync(strategy: str, server: Any, **options: Any) -> WeightSync:
+    """The strategy named by `rollout.weight_sync` (`reload`, `lora` or `nccl`)."""
+    classes: dict[str, Callable[..., WeightSync]] = {"reload": ReloadSync, "lora": LoraSync, "nccl": NcclSync}
+    if strategy not in classes:
+        raise ConfigError(
+            f"`rollout.weight_sync` must be one of {', '.join(f'`{s}`' for s in STRATEGIES)}, got "
+            f"`{strategy}`.{did_you_mean(strategy, STRATEGIES)}"
+        )
+    return classes[strategy](server, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client-side gate: no request straddles a sync, every request knows its weight version
+# ---------------------------------------------------------------------------------------------
+class VersionGate:
+    """Hands each request the weight version that will serve it, and drains before a sync.
+
+    `async with gate.request() as version:` waits while a sync is pending, then counts the
+    request as in flight; `await gate.pause()` closes the gate and returns once nothing is in
+    flight; `gate.resume(version)` sets the new version and reopens. A policy backend that
+    wraps each server call in `request()` can never attribute tokens to the wrong version.
+    """
+
+    def __init__(self, version: int = 0) -> None:
+        self.version = version
+        self._in_flight = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[int]:
+        while not self._open.is_set():  # re-check: a pause may land between wake-up and here
+            await self._open.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield self.version
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def pause(self) -> None:
+        self._open.clear()
+        await self._idle.wait()
+
+    def resume(self, version: int | None = None) -> None:
+        if version is not None:
+            self.version = version
+        self._open.set()
+
+
+async def push_weights(policy: Any, sync: WeightSync, model: Any, version: int) -> SyncStats:
+    """The sequence the training loop runs after an optimiser step:
+    `await policy.pause()` (drain), `sync.sync(model, version)` (off the event loop),
+    `policy.version = version`, `policy.resume()`.
+
+    `policy` is a policy backend with `pause()` / `resume()` (or a `VersionGate`). If the sync
+    fails the policy stays paused and the error propagates: the served weights are then
+    unknown, and resuming would attribute tokens to the wrong version.
+    """
+    for method in ("pause", "resume"):
+        if not callable(getattr(policy, method, None)):
+            raise PolicyError(
+                f"`{type(policy).__name__}` has no `{method}()`; weight sync needs a policy backend "
+                "that can drain its in-flight requests (the `openai` backend against a vLLM server)"
+            )
+    await policy.pause()
+    stats = await asyncio.to_thread(sync.sync, model, version)
+    if isinstance(policy, VersionGate):
+        policy.resume(version)
+    else:
+        policy.version = version
+        resumed = policy.resume()
+        if inspect.isawaitable(resumed):
+            await resumed
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness check: the server's log-probs equal the learner's
+# ---------------------------------------------------------------------------------------------
+def server_logprobs(server: Any, token_ids: Sequence[int], *, model: str | None = None) -> list[float]:
+    """Teacher-forced log-probs under the served weights: entry i is log p(token_ids[i + 1] |
+    token_ids[: i + 1]) (vLLM's `prompt_logprobs`; temperature 1, no truncation)."""
+    endpoint = _endpoint(server)
+    ids = [int(t) for t in token_ids]
+    answer = endpoint.post("/v1/completions", {
+        "model": model or endpoint.model, "prompt": ids, "max_tokens": 1, "temperature": 1.0,
+        "prompt_logprobs": 0,
+    })
+    try:
+        entries = answer["choices"][0]["prompt_logprobs"]
+        return [float(entries[i][str(ids[i])]["logprob"]) for i in range(1, len(ids))]
+    except (KeyError, IndexError, TypeError) as e:
+        raise PolicyError(f"the server's answer has no usable `prompt_logprobs`: {str(answer)[:300]}") from e
+
+
+def learner_logprobs(model: Any, token_ids: Sequence[int]) -> list[float]:
+    """The same quantity from the learner's model in fp32 (one forward pass, no gradient)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(token_ids)], device=device)
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]  # [T, V]
+    return logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+
+
+def check_sync(model: Any, server: Any, token_ids: Sequence[int], *, served_model: str | None = None,
+               atol: float = 1e-3) -> float:
+    """Max |server - learner| log-prob over `token_ids`; raises `PolicyError` above `atol`.
+    In fp32 on both sides the difference is ~1e-6; bf16 serving needs `atol` ~0.3."""
+    a = server_logprobs(server, token_ids, model=served_model)
+    b = learner_logprobs(model, token_ids)
+    diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+    if not diff <= atol:
+        raise PolicyError(
+            f"after the weight sync the server's log-probs differ from the learner's by up to {diff:.3g} "
+            f"(allowed {atol}); the server does not serve the learner's weights. Check `rollout.weight_sync`, "
+            "the server's `--dtype` and that it reads the directory the learner writes."
+        )
+    return diff
