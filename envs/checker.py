@@ -79,7 +79,7 @@ def scripted_actions(stop_sequences: list[str], n: int = 8) -> list[str]:
     for round_ in range(2):
         for i, stop in enumerate(stop_sequences):
             actions.append(f"<think>Round {round_}, probe {i}.</think>\nLet me check. {_opening_tag(stop)}print({round_} + {i}){stop}")
-    actions.append("<think>I am stuck.</think>\nI do not know yet.")
+    actions.append("<think>I am stuck.</think>\nI do not know yet.\n")  # models often end on a newline
     final = "<think>Guessing.</think>\nThe answer is \\boxed{0}. <answer>0</answer>\n```python\ndef solution(*args):\n    return 0\n```"
     while len(actions) < n:
         actions.append(final)
