@@ -35,5 +35,46 @@ def _add_envs_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_envs)
 
 
+def _run_check_env(args: argparse.Namespace) -> int:
+    import yaml
+
+    from spo_agents import envs
+    from spo_agents.envs.checker import check_env, format_results, load_tokenizer
+    from spo_agents.errors import ConfigError
+
+    kwargs = {"split": args.split, "sandbox": args.sandbox}
+    for item in args.env_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"`--env-arg` takes `key=value` (value in YAML), got `{item}`")
+        kwargs[key] = yaml.safe_load(value)
+    env_id = envs.spec(args.env_id).id  # fails early, with "Did you mean", on unknown ids
+    tokenizer = load_tokenizer(args.model, args.chat_template)
+    results = check_env(lambda: envs.make(env_id, **kwargs), tokenizer=tokenizer, episodes=args.episodes, seed=args.seed)
+    print(format_results(env_id, results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def _add_check_env_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-env",
+        help="check that an environment keeps the contract training relies on",
+        description=(
+            "Run Gymnasium's env checker, a same-seed determinism check, garbage actions, the stop-sequence "
+            "contract and the token-prefix contract with a real chat template. Exit status 1 if any check fails."
+        ),
+    )
+    p.add_argument("env_id", metavar="ID", help="a registered environment id (see `spo-agent envs`)")
+    p.add_argument("--model", default=None, help="model directory or name whose tokenizer and chat template to use (default: the tiny test model, SmolLM2 tokenizer with ChatML)")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file to use instead of the model's")
+    p.add_argument("--episodes", type=int, default=2, metavar="N", help="episodes per determinism and token check (default 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
+    p.add_argument("--split", default="train", help="problem split to build the env with (default train)")
+    p.add_argument("--sandbox", default="local", help="sandbox backend for tool environments (default local)")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="extra env keyword argument (repeatable), e.g. `--env-arg task=prime_factorization`")
+    p.set_defaults(func=_run_check_env)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_envs_parser(sub)
+    _add_check_env_parser(sub)
