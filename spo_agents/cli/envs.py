@@ -42,7 +42,8 @@ def _run_check_env(args: argparse.Namespace) -> int:
     from spo_agents.envs.checker import check_env, format_results, load_tokenizer
     from spo_agents.errors import ConfigError
 
-    kwargs = {"split": args.split, "sandbox": args.sandbox}
+    # Only what the user asked for: plugin envs need not take `split` or `sandbox`.
+    kwargs = {k: v for k, v in (("split", args.split), ("sandbox", args.sandbox)) if v is not None}
     for item in args.env_arg:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -69,8 +70,8 @@ def _add_check_env_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file to use instead of the model's")
     p.add_argument("--episodes", type=int, default=2, metavar="N", help="episodes per determinism and token check (default 2)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
-    p.add_argument("--split", default="train", help="problem split to build the env with (default train)")
-    p.add_argument("--sandbox", default="local", help="sandbox backend for tool environments (default local)")
+    p.add_argument("--split", default=None, help="problem split to build the env with (default: the env's, normally train)")
+    p.add_argument("--sandbox", default=None, help="sandbox backend for tool environments (default: the env's, normally local)")
     p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="extra env keyword argument (repeatable), e.g. `--env-arg task=prime_factorization`")
     p.set_defaults(func=_run_check_env)
 
