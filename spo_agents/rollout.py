@@ -348,6 +348,7 @@ class Collector:
         except Exception as e:  # noqa: BLE001 - one broken episode must not stop the collector
             log.exception("episode of `%s` raised", job.problem_id)
             traj = Trajectory(job.problem_id, _env_id(env), [], [], [], [], 0.0, error=f"{type(e).__name__}: {e}")
+        self._tasks.discard(asyncio.current_task())  # no longer in flight (the done-callback comes later)
         self._envs.append(env)
         traj.timings["queued"] = queued
         traj.group_id = job.group_id

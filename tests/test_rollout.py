@@ -1,0 +1,150 @@
+"""Single-stream rollout: one episode's token layout, and the collector's delivery rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from say_env import FailingPolicyEnv, SayEnv
+
+from spo_agents.errors import PolicyError
+from spo_agents.policy import make_policy
+from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
+from spo_agents.rollout import Collector, run_episode
+
+FAST = SamplingParams(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    p = make_policy("hf", "tiny-random", torch_threads=1)
+    yield p
+    asyncio.run(p.close())
+
+
+class ScriptedPolicy(PolicyBackend):
+    """Emits a fixed token sequence after a per-problem delay: lets the collector tests control
+    which episode finishes first without a model."""
+
+    def __init__(self, tokenizer, delays: dict[str, float], fail: set[str] = frozenset()):
+        super().__init__()
+        self._tok = tokenizer
+        self.delays = delays
+        self.fail = fail
+        self.calls = 0
+
+    @property
+    def tokenizer(self):
+        return self._tok
+
+    async def generate(self, prompt_ids, params):
+        self.calls += 1
+        text = self._tok.decode(prompt_ids)
+        pid = next(p for p in self.delays if f"({p.split('-')[1]})" in text)
+        if pid in self.fail:
+            raise PolicyError("scripted server failure")
+        await asyncio.sleep(self.delays[pid])
+        ids = self._tok.encode(" one two", add_special_tokens=False)
+        return Generation(ids, [-0.5] * len(ids), " one two", "length", policy_version=self.version)
+
+
+async def test_episode_layout_with_inline_replies(policy):
+    env = SayEnv(reply="\nAgain:")
+    t = await run_episode(env, policy, "test-1", sampling=FAST, max_episode_tokens=200, seed=3)
+    tok = policy.tokenizer
+    reply = tok.encode("\nAgain:", add_special_tokens=False)
+    assert t.error is None and t.terminated and len(t.turn_starts) == 2
+    second = t.turn_starts[1]
+    assert t.token_ids[second - len(reply) : second] == reply  # the reply tokens, exactly
+    assert t.loss_mask[second - len(reply) : second] == [0] * len(reply)
+    assert all(m == 1 for m in t.loss_mask[:second - len(reply)]) and all(m == 1 for m in t.loss_mask[second:])
+    assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 0)
+    assert all(lp < 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 1)
+    assert t.info["answer"] in {"0", "1", "2"} and t.info["correct"] == (t.reward == 1.0)
+    assert len(t.tool_calls) == 1 and t.policy_versions == [0, 0]
+    assert set(t.timings) >= {"generate", "env", "total"} and t.timings["total"] >= t.timings["generate"]
+    assert t.prompt_ids == tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say something (1)."}], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+
+
+async def test_chat_role_reply_is_the_template_delta(policy):
+    env = SayEnv(reply_role="user", reply="Once more.")
+    t = await run_episode(env, policy, "test-2", sampling=FAST, max_episode_tokens=200)
+    tok = policy.tokenizer
+    assert t.error is None
+    second = t.turn_starts[1]
+    inserted = tok.decode([x for x, m in zip(t.token_ids[:second], t.loss_mask[:second]) if m == 0])
+    assert "Once more." in inserted and "<|im_start|>user" in inserted and inserted.endswith("<|im_start|>assistant\n")
+    full = tok.decode(t.prompt_ids + t.token_ids[:second])
+    chat = [{"role": "user", "content": "Say something (2)."}, {"role": "assistant", "content": env.actions[0]}, {"role": "user", "content": "Once more."}]
+    assert full == tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
+async def test_token_budget_truncates(policy):
+    t = await run_episode(SayEnv(), policy, "test-0", sampling=SamplingParams(max_new_tokens=50), max_episode_tokens=6)
+    assert t.truncated and not t.terminated and len(t.token_ids) <= 6
+
+
+async def test_infrastructure_errors_become_data(policy):
+    t = await run_episode(FailingPolicyEnv(), policy, "test-0", sampling=FAST, max_episode_tokens=50)
+    assert t.error is not None and "sandbox" in t.error
+    scripted = ScriptedPolicy(policy.tokenizer, {"test-0": 0.0}, fail={"test-0"})
+    t = await run_episode(SayEnv(), scripted, "test-0", sampling=FAST)
+    assert t.error is not None and "PolicyError" in t.error
+
+
+async def test_collector_delivers_first_finished_and_keeps_the_rest_in_flight(policy):
+    delays = {"test-0": 0.5, "test-1": 0.01, "test-2": 0.02, "test-3": 0.5}
+    c = Collector(lambda: SayEnv(num_problems=4), ScriptedPolicy(policy.tokenizer, delays), max_in_flight=4)
+    c.submit(["test-0", "test-1", "test-2", "test-3"])  # over-sampled: 4 started, 2 wanted
+    batch = await c.next_batch(2)
+    assert sorted(t.problem_id for t in batch) == ["test-1", "test-2"]
+    assert c.in_flight == 2 and c.stats.delivered == 2
+    rest = await c.next_batch(2)
+    assert sorted(t.problem_id for t in rest) == ["test-0", "test-3"]
+    assert all(t.timings["queued"] >= 0 for t in batch + rest)
+    await c.close()
+
+
+async def test_grouped_mode_waits_for_the_whole_group(policy):
+    delays = {"test-0": 0.05, "test-1": 0.01}
+    scripted = ScriptedPolicy(policy.tokenizer, delays)
+    c = Collector(lambda: SayEnv(num_problems=2), scripted, max_in_flight=8, group_size=3)
+    c.submit(["test-0", "test-1"])
+    batch = await c.next_batch(3)
+    assert len(batch) == 3 and len({t.group_id for t in batch}) == 1
+    assert {t.problem_id for t in batch} == {"test-1"} and sorted(t.sample_index for t in batch) == [0, 1, 2]
+    with pytest.raises(Exception, match="multiple of the group size"):
+        await c.next_batch(2)
+    await c.close()
+
+
+async def test_stale_trajectories_are_dropped_and_counted(policy):
+    scripted = ScriptedPolicy(policy.tokenizer, {"test-0": 0.01, "test-1": 0.01, "test-2": 0.3})
+    c = Collector(lambda: SayEnv(num_problems=3), scripted, max_in_flight=3, max_staleness=1)
+    c.submit(["test-0", "test-1", "test-2"])
+    await asyncio.sleep(0.2)  # test-0 and test-1 finish under version 0
+    scripted.version = 2  # two learner steps later
+    batch = await c.next_batch(1)
+    assert [t.problem_id for t in batch] == ["test-2"]  # generated under version 2
+    assert c.stats.dropped_stale == 2
+    await c.close()
+
+
+async def test_failed_episodes_are_counted_not_delivered(policy):
+    scripted = ScriptedPolicy(policy.tokenizer, {"test-0": 0.0, "test-1": 0.01}, fail={"test-0"})
+    c = Collector(lambda: SayEnv(num_problems=2), scripted, max_in_flight=2)
+    c.submit(["test-0", "test-1"])
+    batch = await c.next_batch(1)
+    assert [t.problem_id for t in batch] == ["test-1"]
+    assert c.stats.errors == 1 and c.failed[0].problem_id == "test-0"
+    await c.close()
+
+
+async def test_collector_runs_real_episodes_end_to_end(policy):
+    c = Collector(lambda: SayEnv(), policy, max_in_flight=4, sampling=FAST, max_episode_tokens=64)
+    c.submit([f"test-{i}" for i in range(6)])
+    batch = await c.next_batch(3)
+    assert len(batch) == 3 and all(t.error is None and t.num_generated > 0 for t in batch)
+    assert c.in_flight + c.pending + c.ready == 3
+    await c.close()
+    assert c.in_flight == 0
