@@ -193,8 +193,9 @@ class ValueTracker:
     def rho(self, idx: Any, drift: Any = None) -> np.ndarray:
         """Forgetting factor of each indexed problem for its next update (Sec. 4.1). # [B]
 
-        `drift` (per sample, >= 0) is D(x); when None, the cumulative estimate C - C_last is used
-        (per-prompt mode requires `drift`). Problems never visited get D = 0, i.e. rho_max.
+        `drift` (per sample, >= 0) is D(x) and, when given, is used in either drift mode; when
+        None, the cumulative estimate C - C_last is used (per-prompt mode requires `drift`).
+        Problems never visited get D = 0, i.e. rho_max, whatever `drift` says.
         """
         i = self._check_idx(idx)
         cfg = self.config
@@ -207,7 +208,7 @@ class ValueTracker:
         else:
             d = np.broadcast_to(np.asarray(drift, dtype=np.float64), i.shape).copy()
             if not np.all(np.isfinite(d)) or np.any(d < 0):
-                raise ConfigError(f"`drift` must be finite and >= 0 (mean |log pi_now - log pi_then|), got {d}")
+                raise ConfigError(f"`drift` must be finite and >= 0 (mean |log pi_now - log pi_then|), got {d[~(np.isfinite(d) & (d >= 0))][:5]}")
         d = np.where(np.isnan(self.c_last[i]), 0.0, d)  # first visit: D = 0
         return np.clip(np.exp2(-d / cfg["d_half"]), cfg["rho_min"], cfg["rho_max"])
 
