@@ -289,6 +289,23 @@ class VLLMServer:
                                      model=self.model_name)
         self.startup_s: float | None = None
 
+    @classmethod
+    def from_config(cls, cfg: Any, *, log_dir: str | Path | None = None, **overrides: Any) -> VLLMServer:
+        """The server `spo-agent train --rollout vllm-server` starts when no `rollout.base_url`
+        is given: the policy model (`model.name`, resolved to a local directory) in
+        `model.dtype`, LoRA enabled with the adapter's rank when `model.lora.enabled`, the
+        interpreter `rollout.server_python`, extra flags `rollout.server_args`."""
+        from spo_agents.models import resolve_model
+
+        kw: dict[str, Any] = dict(
+            model_dir=resolve_model(cfg.model.name), python=cfg.rollout.server_python, dtype=cfg.model.dtype,
+            enable_lora=bool(cfg.model.lora.enabled), max_lora_rank=int(cfg.model.lora.r),
+            extra_args=list(cfg.rollout.server_args), log_dir=log_dir,
+            request_timeout_s=cfg.rollout.request_timeout_s, seed=cfg.train.seed,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
     # ---------------------------------------------------------------- description
     @property
     def model_name(self) -> str:

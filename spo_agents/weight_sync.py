@@ -423,9 +423,15 @@ async def push_weights(policy: Any, sync: WeightSync, model: Any, version: int) 
     `await policy.pause()` (drain), `sync.sync(model, version)` (off the event loop),
     `policy.version = version`, `policy.resume()`.
 
-    `policy` is a policy backend with `pause()` / `resume()` (or a `VersionGate`). If the sync
-    fails the policy stays paused and the error propagates: the served weights are then
-    unknown, and resuming would attribute tokens to the wrong version.
+    `policy` is a policy backend with `pause()` / `resume()` (or a `VersionGate`). When the
+    backend names the served model in a string attribute `model` (the `openai` backend), it is
+    set to `sync.served_model` before resuming: after a `lora` sync requests must name the
+    adapter. If the sync fails the policy stays paused and the error propagates: the served
+    weights are then unknown, and resuming would attribute tokens to the wrong version.
+
+    `pause()` must really drain: return only once no request is in flight, and hold new ones
+    until `resume()`; and a backend must stamp each generation with the version read when its
+    request was *sent*. A backend whose `pause()` returns at once can mix versions.
     """
     for method in ("pause", "resume"):
         if not callable(getattr(policy, method, None)):
@@ -439,6 +445,8 @@ async def push_weights(policy: Any, sync: WeightSync, model: Any, version: int) 
         policy.resume(version)
     else:
         policy.version = version
+        if isinstance(getattr(policy, "model", None), str):
+            policy.model = sync.served_model
         resumed = policy.resume()
         if inspect.isawaitable(resumed):
             await resumed

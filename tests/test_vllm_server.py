@@ -125,6 +125,19 @@ def test_command_defaults_without_lora_or_dev_mode():
     assert env.get("VLLM_SERVER_DEV_MODE") == os.environ.get("VLLM_SERVER_DEV_MODE")
 
 
+def test_from_config_follows_model_and_rollout_sections(tmp_path):
+    from spo_agents.config import load_config
+
+    cfg = load_config(overrides=["model.name=/models/x", "model.dtype=bfloat16", "model.lora.enabled=true",
+                                 "model.lora.r=32", "rollout.server_python=/venv/bin/python",
+                                 "rollout.server_args=[--max-num-seqs, '8']"])
+    s = VLLMServer.from_config(cfg, log_dir=tmp_path, port=4321)
+    cmd = " ".join(s.command())
+    assert cmd.startswith("/venv/bin/python -m vllm.entrypoints.openai.api_server --model /models/x --dtype bfloat16")
+    assert "--enable-lora --max-lora-rank 32" in cmd and cmd.endswith("--max-num-seqs 8")
+    assert s.log_path.parent == tmp_path
+
+
 def test_root_url_strips_the_openai_suffix():
     assert root_url("http://h:8000/v1") == "http://h:8000"
     assert root_url("http://h:8000/v1/") == "http://h:8000"

@@ -302,6 +302,13 @@ async def test_push_weights_sets_the_version_between_sync_and_resume():
     assert log == [("sync", 4, 0)] and policy.log == ["pause", ("resume", 4)]
 
 
+async def test_push_weights_points_the_policy_at_the_lora_adapter(tmp_path):
+    policy = FakePolicy()
+    policy.model = "base-model"
+    await push_weights(policy, LoraSync(FakeEndpoint(), lora_name="adapter", save_dir=tmp_path), tiny_peft(), 1)
+    assert policy.model == "adapter" and policy.version == 1
+
+
 async def test_push_weights_failure_leaves_the_policy_paused():
     policy = FakePolicy()
 
