@@ -1,0 +1,118 @@
+"""Evaluation metrics and `evaluate`: pass@k against brute force, maj@k clustering, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from say_env import SayEnv
+
+from spo_agents.evaluation import TRANSCRIPTS, evaluate
+from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
+from spo_agents.policy import make_policy
+from spo_agents.policy.base import SamplingParams
+from spo_agents.types import read_jsonl
+
+
+def _brute_pass_at_k(outcomes: list[bool], k: int) -> float:
+    """Share of all k-subsets of the samples that contain a correct one."""
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=10), st.data())
+def test_pass_at_k_equals_the_subset_average(outcomes, data):
+    k = data.draw(st.integers(1, len(outcomes)))
+    assert math.isclose(pass_at_k(len(outcomes), sum(outcomes), k), _brute_pass_at_k(outcomes, k), abs_tol=1e-12)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    assert pass_at_k(1000, 0, 500) == 0.0
+    assert pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+    assert pass_at_k(1000, 501, 500) == 1.0
+    assert 0.0 < pass_at_k(10_000, 3, 64) < 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_ks_are_powers_of_two_up_to_k():
+    assert ks_up_to(1) == [1]
+    assert ks_up_to(8) == [1, 2, 4, 8]
+    assert ks_up_to(6) == [1, 2, 4, 6]
+
+
+def test_majority_counts_equivalent_answers_together():
+    def eq(a, b):
+        return float(a) == float(b)
+
+    # "2", "2.0" and "2.00" are one answer (3 votes) against "3" (2 votes)
+    assert majority_correct(["2", "3", "2.0", "3", "2.00"], [True, False, True, False, True], eq) == 1.0
+    assert majority_correct(["2", "3", "2.0", "3", "2.00"], [True, False, True, False, True], lambda a, b: a == b) == 0.0
+    assert majority_correct(["1", "2"], [True, False], eq) == 0.5  # a tie scores its expected value
+    assert majority_correct([None, None], [False, False], eq) == 0.0
+
+
+@pytest.fixture(scope="module")
+def policy():
+    p = make_policy("hf", "tiny-random", torch_threads=1)
+    yield p
+    asyncio.run(p.close())
+
+
+async def test_evaluate_reports_match_the_transcripts(policy, tmp_path):
+    ids = [f"test-{i}" for i in range(3)]
+    report = await evaluate(lambda: SayEnv(), policy, ids, k=4, sampling=SamplingParams(max_new_tokens=8), concurrency=6, out_dir=tmp_path, progress=False, max_episode_tokens=40)
+    rows = list(read_jsonl(tmp_path / TRANSCRIPTS))
+    assert len(rows) == 12 and {(t.problem_id, t.sample_index) for t in rows} == {(p, i) for p in ids for i in range(4)}
+    by_pid = {p: [t for t in rows if t.problem_id == p] for p in ids}
+    assert report.avg_at_k == pytest.approx(sum(sum(t.correct for t in v) / 4 for v in by_pid.values()) / 3)
+    for j in (1, 2, 4):
+        assert report.pass_at_k[j] == pytest.approx(sum(_brute_pass_at_k([t.correct for t in v], j) for v in by_pid.values()) / 3)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["avg_at_k"] == pytest.approx(report.avg_at_k) and saved["pass_at_k"]["4"] == pytest.approx(report.pass_at_k[4])
+    assert len(saved["problems"]) == 3 and saved["token_io"] is True
+
+
+async def test_resume_runs_only_the_missing_samples(policy, tmp_path):
+    ids = [f"test-{i}" for i in range(2)]
+    params = SamplingParams(max_new_tokens=6)
+    await evaluate(lambda: SayEnv(), policy, ids, k=3, sampling=params, out_dir=tmp_path, progress=False, max_episode_tokens=30)
+    path = tmp_path / TRANSCRIPTS
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:4]
+    path.write_text("".join(kept) + lines[4][: len(lines[4]) // 2])  # interrupted mid-write
+    before = policy.stats["rows"]
+    report = await evaluate(lambda: SayEnv(), policy, ids, k=3, sampling=params, out_dir=tmp_path, resume=True, progress=False, max_episode_tokens=30)
+    rows = path.read_text().splitlines(keepends=True)
+    assert rows[:4] == kept  # finished samples are not redone or rewritten
+    assert len(rows) == 6 and report.num_samples == 6
+    assert policy.stats["rows"] - before == 2 * 2  # two samples redone, two turns each
+
+
+async def test_infrastructure_errors_are_counted_not_scored(policy, tmp_path):
+    from say_env import FailingPolicyEnv
+
+    report = await evaluate(lambda: FailingPolicyEnv(), policy, ["test-0"], k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path, progress=False)
+    assert report.errors == 2 and report.num_samples == 0 and report.incomplete[1] == 1
+
+
+def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from spo_agents.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    code = main(["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "2", "--limit", "2",
+                 "--max-new-tokens", "6", "--max-episode-tokens", "30", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert any(line.split() == ["avg@2", f"{saved['avg_at_k']:.4f}"] for line in out.splitlines())
+    assert any(line.split()[:1] == ["maj@2"] for line in out.splitlines())
+    assert saved["num_problems"] == 2 and saved["settings"]["sampling"]["temperature"] == 0.6
+    assert saved["settings"]["sampling"]["top_k"] == 20 and saved["settings"]["sampling"]["top_p"] == 0.95
