@@ -95,7 +95,8 @@ def run(problems: int, batch: int, group: int, repeats: int, seed: int) -> dict:
     return out | {
         "bytes_per_problem": tracker.nbytes / problems,
         "traced_bytes_per_problem": traced / problems,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPython {platform.python_version()}, numpy {np.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"CPython {platform.python_version()}, numpy {np.__version__}",
         "load_avg_1min": round(os.getloadavg()[0], 2),  # other processes sharing the cores
     }
 
@@ -124,7 +125,8 @@ def main() -> None:
         ("tracker arrays, bytes / problem", f"{r['bytes_per_problem']:.1f}", "<= 32"),
         ("traced allocation after build, bytes / problem", f"{r['traced_bytes_per_problem']:.1f}", "<= 32"),
     ]
-    print(f"ValueTracker with {a.problems:,} problems, batch {a.batch}, {a.repeats} repeats; {r['machine']}; load {r['load_avg_1min']}")
+    print(f"ValueTracker with {a.problems:,} problems, batch {a.batch}, {a.repeats} repeats")
+    print(f"{r['machine']}; 1-minute load average {r['load_avg_1min']}")
     w = max(len(x[0]) for x in rows)
     print(f"{'measure (timings: median wall / median CPU)':<{w}}  {'value':>20}  target")
     for name, val, target in rows:

@@ -126,4 +126,6 @@ def compute_advantages(name: str, rewards: Any, v_hat_before: Any = None, group_
         if group_ids is None:
             raise ConfigError(f"advantage `{name}` needs `group_ids` (grouped collection, `algorithm.group_size` > 1)")
         return grpo_advantages(rewards, group_ids) if name == "grpo" else rloo_advantages(rewards, group_ids)
-    raise ConfigError(f"unknown advantage estimator `{name}`; expected one of {', '.join(NAMES)}.{did_you_mean(name, NAMES)}")
+    raise ConfigError(
+        f"unknown advantage estimator `{name}`; expected one of {', '.join(NAMES)}.{did_you_mean(name, NAMES)}"
+    )

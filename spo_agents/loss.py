@@ -143,7 +143,9 @@ def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str, normalizer: f
     return total / count.clamp(min=1.0)
 
 
-def _check(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, eps_low, eps_high, aggregation, normalizer) -> None:
+def _check(
+    logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, eps_low, eps_high, aggregation, normalizer
+) -> None:
     if logprobs.dim() != 2:
         raise ConfigError(f"`logprobs` must be [B, T], got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape

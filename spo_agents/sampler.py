@@ -120,7 +120,9 @@ class PrioritizedSampler:
             )
         state = sd["bit_generator"]
         if state.get("bit_generator") != type(self.rng.bit_generator).__name__:
-            raise CheckpointError(f"sampler RNG `{state.get('bit_generator')}` cannot be restored into `{type(self.rng.bit_generator).__name__}`")
+            raise CheckpointError(
+                f"sampler RNG `{state.get('bit_generator')}` cannot be restored into `{type(self.rng.bit_generator).__name__}`"
+            )
         self.rng.bit_generator.state = state
         self.draws = int(sd["draws"])
 

@@ -207,8 +207,9 @@ class ValueTracker:
             d = self.C - self.c_last[i]  # [B]
         else:
             d = np.broadcast_to(np.asarray(drift, dtype=np.float64), i.shape).copy()
-            if not np.all(np.isfinite(d)) or np.any(d < 0):
-                raise ConfigError(f"`drift` must be finite and >= 0 (mean |log pi_now - log pi_then|), got {d[~(np.isfinite(d) & (d >= 0))][:5]}")
+            bad = d[~(np.isfinite(d) & (d >= 0))]
+            if bad.size:
+                raise ConfigError(f"`drift` must be finite and >= 0 (mean |log pi_now - log pi_then|), got {bad[:5]}")
         d = np.where(np.isnan(self.c_last[i]), 0.0, d)  # first visit: D = 0
         return np.clip(np.exp2(-d / cfg["d_half"]), cfg["rho_min"], cfg["rho_max"])
 

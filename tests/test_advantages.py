@@ -22,7 +22,9 @@ from spo_agents.errors import ConfigError
 
 FAST = settings(max_examples=80, deadline=None)
 unit = st.floats(0.0, 1.0)
-batch = st.integers(1, 40).flatmap(lambda b: st.tuples(st.lists(unit, min_size=b, max_size=b), st.lists(unit, min_size=b, max_size=b)))
+batch = st.integers(1, 40).flatmap(
+    lambda b: st.tuples(st.lists(unit, min_size=b, max_size=b), st.lists(unit, min_size=b, max_size=b))
+)
 grouped = st.lists(st.tuples(st.sampled_from([0.0, 1.0, 0.5]), st.integers(0, 5)), min_size=1, max_size=40)
 
 

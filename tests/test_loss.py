@@ -81,7 +81,8 @@ def test_single_token_cases_by_hand(log_ratio, adv, expected, grad_zero):
 
 def test_dual_clip_at_most_one_disables_it():
     logp = torch.tensor([[math.log(20.0)]], dtype=torch.float64)
-    loss, stats = policy_loss(logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([-1.0]), torch.ones(1, 1), dual_clip=1.0)
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    loss, stats = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), dual_clip=1.0)
     assert loss.item() == pytest.approx(20.0)
     assert stats.clip_frac_dual == 0.0
 
