@@ -45,7 +45,6 @@ import struct
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -177,7 +176,8 @@ class _Box:
 
 
 # --- process-wide cleanup --------------------------------------------------------------------
-_BACKENDS: weakref.WeakSet[DockerBackend] = weakref.WeakSet()
+# Strong references: a backend dropped without `aclose()` still has its containers removed at exit.
+_BACKENDS: set[DockerBackend] = set()
 _ATEXIT_LOCK = threading.Lock()
 _ATEXIT_REGISTERED = False
 
@@ -307,6 +307,7 @@ class DockerBackend(SandboxBackend):
         return await loop.run_in_executor(self._ensure_executor(), fn, *args)
 
     def _ensure_executor(self) -> ThreadPoolExecutor:
+        _BACKENDS.add(self)  # again, if it is used after `aclose()`
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="spo-docker")
@@ -522,6 +523,7 @@ class DockerBackend(SandboxBackend):
 
     def _shutdown(self, wait: bool = True) -> None:
         """Remove every container of this backend (pooled, in use, starting)."""
+        _BACKENDS.discard(self)
         with self._lock:
             self._closed = True
             boxes = [b for pool in self._pools.values() for b in pool]

@@ -20,8 +20,9 @@ Host protocol (4-byte big-endian length + UTF-8 JSON, both ways): the supervisor
 went away), which stops the container.
 
 When the call's time is up, or the worker dies (`os._exit`, a signal, the OOM killer), the
-supervisor kills every process in the container but itself and init (`kill(-1, SIGKILL)`),
-keeps the output read so far and reports `worker_lost`; the next call forks a fresh worker. The
+supervisor kills every process in the container but itself and init (`kill(-1, SIGKILL)`, only
+after checking that its parent is a container init), keeps the output read so far and reports
+`worker_lost`; the next call forks a fresh worker. The
 worker never holds the host channel, and as another uid it can neither signal nor trace the
 supervisor. Stateless sessions use a fresh worker for every call.
 """
@@ -285,8 +286,30 @@ def _reap():
             return
 
 
-def _kill_all():
-    """SIGKILL every process but init and this one, until none is left (or 2 s have passed)."""
+def _in_own_container():
+    """True only when this process is the direct child of a container init (`--init`), so
+    `kill(-1)` reaches nothing outside the container. Checked every time: outside a container
+    (a test, a mistake) `kill(-1)` from root would kill the whole machine."""
+    try:
+        with open("/proc/1/comm") as f:
+            init = f.read().strip()
+    except OSError:
+        return False
+    return os.getppid() == 1 and init in ("docker-init", "tini", "catatonit", "dumb-init")
+
+
+def _kill_all(worker=None):
+    """SIGKILL every process but init and this one, until none is left (or 2 s have passed).
+    Outside a container only the worker and its process group are killed."""
+    if not _in_own_container():
+        if worker is not None:
+            for target in (-worker.pid, worker.pid):
+                try:
+                    os.kill(target, signal.SIGKILL)
+                except OSError:
+                    pass
+        _reap()
+        return
     deadline = time.monotonic() + 2.0
     while True:
         try:
@@ -364,7 +387,7 @@ def _supervise(worker, msg, cfg):
                 if time.monotonic() > wait_until:
                     break
                 time.sleep(0.005)
-        _kill_all()
+        _kill_all(worker)
         _drain([fd for fd in watch if fd != worker.ctrl], keeps, 0.02)
         if timed_out:
             fields["exit_status"] = 137
@@ -405,14 +428,14 @@ def main():
     while True:
         msg = _recv(read)
         if msg is None:
-            _kill_all()
+            _kill_all(worker)
             os._exit(0)
         if worker is None:
             worker = _start_worker(cfg, keep_fds, devnull_r)
         fields = _supervise(worker, msg, cfg)
         if fields["worker_lost"] or stateless:
             if not fields["worker_lost"]:
-                _kill_all()  # stateless: nothing the call started outlives it
+                _kill_all(worker)  # stateless: nothing the call started outlives it
             worker.close()
             worker = None
             _reap()
