@@ -177,3 +177,11 @@ def test_mismatched_lengths_and_nan_are_rejected():
         spo_advantages([1.0, 0.0], [0.5])
     with pytest.raises(ConfigError, match="finite"):
         spo_advantages([1.0, float("nan")], [0.5, 0.5])
+
+
+@FAST
+@given(grouped)
+def test_degenerate_share_matches_reference_loop(rg):
+    r, g = zip(*rg)
+    same = [len({x for x, h in zip(r, g) if h == gi}) == 1 for gi in g]
+    assert degenerate_share(r, g) == pytest.approx(sum(same) / len(same))

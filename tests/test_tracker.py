@@ -303,3 +303,16 @@ def test_contains_is_a_vectorised_membership_test():
     t = ValueTracker(IDS)
     assert t.contains(["prob-3", "nope", "prob-7"]).tolist() == [True, False, True]
     assert ValueTracker([]).contains(["prob-3"]).tolist() == [False]
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 16), st.integers(0, 16)), min_size=8, max_size=8))
+def test_offline_init_matches_reference_loop(pairs):
+    counts = [(min(a, b), max(a, b)) for a, b in pairs]  # (successes, samples)
+    t = ValueTracker(IDS, rho_min=0.9)
+    t.init_offline(np.arange(8), [s for s, _ in counts], [n for _, n in counts])
+    n0 = 1 / (1 - 0.9)
+    for i, (s, n) in enumerate(counts):
+        alpha, beta = (n0 * (s + 0.5) / (n + 1), n0 * (n - s + 0.5) / (n + 1)) if n else (0.5, 0.5)
+        assert t.alpha[i] == pytest.approx(alpha, rel=1e-6)
+        assert t.beta[i] == pytest.approx(beta, rel=1e-6)
