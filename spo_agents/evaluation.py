@@ -179,6 +179,9 @@ async def evaluate(
             _repair_torn_tail(path)
         elif path.exists():
             path.unlink()
+    connect = getattr(policy, "connect", None)
+    if connect is not None:  # fail fast, before any episode, when a server is unreachable
+        await connect()
     wanted = set(problem_ids)
     samples = {key: t for key, t in samples.items() if key[0] in wanted and key[1] < k}
     todo = [(pid, i) for pid in problem_ids for i in range(k) if (pid, i) not in samples or samples[(pid, i)].error is not None]

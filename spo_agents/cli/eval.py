@@ -150,4 +150,4 @@ def _eval(args: argparse.Namespace) -> int:
     if report.errors:
         print(f"{report.errors} samples failed for infrastructure reasons (see `error` in the transcripts); "
               f"`--resume --out {out}` retries them", file=sys.stderr)
-    return 0
+    return 1 if report.errors and not report.num_samples else 0

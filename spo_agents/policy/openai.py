@@ -190,12 +190,33 @@ class OpenAIPolicy(PolicyBackend):
     async def _raise(e: Exception) -> Any:
         raise e
 
+    async def connect(self) -> None:
+        """Check the server now (and choose the mode): raises `PolicyError` within about
+        `connect_timeout_s` when the endpoint cannot be reached."""
+        import openai
+
+        if self.mode == "auto":
+            await self._ensure_mode(self._tokenizer.encode("Hi", add_special_tokens=False) or [0])
+            return
+        try:
+            await self._client.models.list()
+        except openai.APIConnectionError as e:
+            raise PolicyError(
+                f"cannot reach the OpenAI-compatible server at `{self.base_url}` ({e.__cause__ or e}); "
+                f"check `--base-url` and that the server is running"
+            ) from e
+        except openai.APIStatusError:
+            pass  # reachable; some servers do not list models
+
+    async def _ensure_mode(self, prompt_ids: list[int]) -> None:
+        assert self._probe_lock is not None
+        async with self._probe_lock:
+            if self.mode == "auto":
+                await self._probe(list(prompt_ids))
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         if self.mode == "auto":
-            assert self._probe_lock is not None
-            async with self._probe_lock:
-                if self.mode == "auto":
-                    await self._probe(list(prompt_ids))
+            await self._ensure_mode(prompt_ids)
         async with self._limit:
             if self.mode == "tokens":
                 return await self._generate_tokens(list(prompt_ids), params)

@@ -1,0 +1,130 @@
+"""`spo-agent eval` against a real OpenAI-compatible server (`transformers serve` on the tiny
+model, offline), with every metric recomputed here from the saved transcripts.
+
+`transformers serve` takes only text prompts and returns no log-probs, so this also checks the
+`openai` backend's text fallback and that the report says the run was evaluation-only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from spo_agents.models import tiny_model_dir
+
+TESTS = Path(__file__).parent
+SERVE = Path(sys.executable).parent / "transformers"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """Start `transformers serve` on a free loopback port; yield (base_url, model name)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        pytest.skip("`transformers serve` needs `pip install 'transformers[serving]'` (in the dev extra)")
+    exe = str(SERVE) if SERVE.exists() else shutil.which("transformers")
+    if exe is None:
+        pytest.skip("the `transformers` command is not installed")
+    model = str(tiny_model_dir())
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([exe, "serve", model, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"`transformers serve` did not become ready (exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1", model
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _pass_at_k(outcomes: list[bool], k: int) -> float:
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+def _maj(answers: list, correct: list[bool]) -> float:
+    votes: dict[str, list[int]] = {}
+    for i, a in enumerate(answers):
+        if a is not None:
+            votes.setdefault(str(a).strip(), []).append(i)
+    if not votes:
+        return 0.0
+    top = max(len(v) for v in votes.values())
+    tied = [v for v in votes.values() if len(v) == top]
+    return sum(correct[v[0]] for v in tied) / len(tied)
+
+
+@pytest.mark.slow
+def test_eval_against_transformers_serve_matches_the_transcripts(served_model, tmp_path):
+    base_url, model = served_model
+    k, problems = 4, 3
+    cmd = [sys.executable, "-m", "spo_agents", "eval", "--env", "say_env:SayEnv", "--base-url", base_url, "--model", model,
+           "-k", str(k), "--limit", str(problems), "--max-new-tokens", "8", "--max-episode-tokens", "40",
+           "--concurrency", "4", "--out", str(tmp_path), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "evaluation only" in run.stderr  # the text-only server is reported as such
+
+    rows = [json.loads(line) for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
+    assert len(rows) == k * problems and all(r["error"] is None for r in rows)
+    by_pid: dict[str, list[dict]] = {}
+    for r in rows:
+        by_pid.setdefault(r["problem_id"], []).append(r)
+    correct = {p: [bool(r["info"]["correct"]) for r in sorted(v, key=lambda r: r["sample_index"])] for p, v in by_pid.items()}
+    answers = {p: [r["info"]["answer"] for r in sorted(v, key=lambda r: r["sample_index"])] for p, v in by_pid.items()}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["avg_at_k"] == pytest.approx(sum(sum(c) / k for c in correct.values()) / problems)
+    for j in (1, 2, 4):
+        assert saved["pass_at_k"][str(j)] == pytest.approx(sum(_pass_at_k(c, j) for c in correct.values()) / problems)
+    assert saved["maj_at_k"] == pytest.approx(sum(_maj(answers[p], correct[p]) for p in correct) / problems)
+    assert saved["token_io"] is False
+    assert f"{saved['avg_at_k']:.4f}" in run.stdout
+
+
+def test_unreachable_server_gives_a_clear_error_quickly(tmp_path, capsys, monkeypatch):
+    from spo_agents.cli import main
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    port = _free_port()  # nothing listens there
+    start = time.monotonic()
+    code = main(["eval", "--env", "say_env:SayEnv", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "tiny-random",
+                 "--limit", "1", "--out", str(tmp_path), "--no-progress"])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cannot reach" in err and f"127.0.0.1:{port}" in err
+    assert elapsed < 30  # tokenizer loading included; the connection attempt itself fails at once
