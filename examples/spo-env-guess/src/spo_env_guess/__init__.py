@@ -1,0 +1,1 @@
+"""Guess-the-number, an example environment plugin for spo-agents."""
