@@ -22,7 +22,7 @@ went away), which stops the container.
 When the call's time is up, or the worker dies (`os._exit`, a signal, the OOM killer), the
 supervisor kills every process in the container but itself and init (`kill(-1, SIGKILL)`, only
 after checking that its parent is a container init), keeps the output read so far and reports
-`worker_lost`; the next call forks a fresh worker. The
+`worker_lost`, and forks a fresh worker before it answers. The
 worker never holds the host channel, and as another uid it can neither signal nor trace the
 supervisor. Stateless sessions use a fresh worker for every call.
 """
@@ -220,11 +220,22 @@ class _Worker:
         self.ctrl.close()
 
 
+def _fork_retrying():
+    """`fork`, retried for a second while the process limit is still taken by dying processes."""
+    for _ in range(50):
+        try:
+            return os.fork()
+        except BlockingIOError:
+            _reap()
+            time.sleep(0.02)
+    return os.fork()
+
+
 def _start_worker(cfg, keep_fds, devnull_r):
     parent, child = socket.socketpair()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    pid = os.fork()
+    pid = _fork_retrying()
     if pid == 0:
         try:
             parent.close()
@@ -430,17 +441,13 @@ def main():
         if msg is None:
             _kill_all(worker)
             os._exit(0)
-        if worker is None:
-            worker = _start_worker(cfg, keep_fds, devnull_r)
         fields = _supervise(worker, msg, cfg)
         if fields["worker_lost"] or stateless:
             if not fields["worker_lost"]:
                 _kill_all(worker)  # stateless: nothing the call started outlives it
             worker.close()
-            worker = None
             _reap()
-            if stateless:
-                worker = _start_worker(cfg, keep_fds, devnull_r)  # ready before the next call
+            worker = _start_worker(cfg, keep_fds, devnull_r)  # ready before the next call
         _write_all(chan_out, _frame(fields))
 
 
