@@ -222,3 +222,186 @@ def test_spo_raises_reward_on_a_learnable_env(tmp_path):
     first = np.mean([r["train/reward_mean"] for r in rows[:3]])
     last = np.mean([r["train/reward_mean"] for r in rows[-3:]])
     assert last > first + 0.2, (first, last)
+
+
+# --- ablations and the GRPO comparison share the loop ------------------------------------------
+def _rows(tmp_path, **sections):
+    cfg = tiny_config(tmp_path, **sections)
+    train(cfg, run_dir=tmp_path / "run", components=tiny_components())
+    return read_metrics(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_grpo_delivers_whole_groups_and_logs_the_degenerate_share(tmp_path):
+    rows = _rows(tmp_path, algorithm={"name": "grpo", "group_size": 4}, sampler={"type": "uniform"}, train={"steps": 1, "checkpoint_every": 0})
+    r = rows[-1]
+    assert r["train/batch_size"] == 8
+    assert 0.0 <= r["train/degenerate_share"] <= 1.0
+    assert undocumented(r) == []
+
+
+def test_constant_rho_uniform_sampling_and_no_baseline_ablations(tmp_path):
+    rows = _rows(
+        tmp_path, tracker={"rho_type": "constant", "rho_constant": 0.9, "baseline": False}, sampler={"type": "uniform"},
+        train={"steps": 2, "checkpoint_every": 0},
+    )  # fmt: skip
+    for r in rows:
+        assert r["tracker/rho_mean"] == pytest.approx(0.9)
+        assert r["sampler/entropy_ratio"] == pytest.approx(1.0)
+        assert r["train/advantage_raw_std"] == pytest.approx(r["train/reward_std"])  # no baseline: A = r
+
+
+def test_grpo_needs_whole_groups_in_a_batch(tmp_path):
+    from spo_agents.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, algorithm={"name": "grpo", "group_size": 3})
+    with pytest.raises(ConfigError, match="multiple of `algorithm.group_size`"):
+        Trainer(cfg, tmp_path / "run", components=None)
+
+
+# --- weights to a server backend: pause -> sync -> version -> resume, after the update --------
+class RecordingPolicy:
+    def __init__(self, inner, events):
+        self.inner, self.events = inner, events
+        self.supports_token_io = True
+        self._version = 0
+
+    @property
+    def tokenizer(self):
+        return self.inner.tokenizer
+
+    @property
+    def version(self):
+        return self._version
+
+    @version.setter
+    def version(self, v):
+        self.events.append(("version", v))
+        self._version = v
+        self.inner.version = v
+
+    async def generate(self, prompt_ids, params):
+        g = await self.inner.generate(prompt_ids, params)
+        g.policy_version = self._version
+        return g
+
+    async def pause(self):
+        self.events.append(("pause",))
+
+    def resume(self):
+        self.events.append(("resume",))
+
+    async def close(self):
+        await self.inner.close()
+
+
+class FakeSync:
+    def __init__(self, events):
+        self.events = events
+
+    def sync(self, model, version):
+        self.events.append(("sync", version))
+
+
+def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monkeypatch):
+    events: list = []
+    comp = tiny_components()
+    comp.policy = RecordingPolicy(comp.policy, events)
+    comp.weight_sync = FakeSync(events)
+    comp.inplace = False
+    cfg = tiny_config(tmp_path, train={"steps": 2, "checkpoint_every": 0})
+    from spo_agents.learner import Learner
+
+    real_update = Learner.update
+
+    def update(self, trajs, adv):
+        events.append(("update",))
+        return real_update(self, trajs, adv)
+
+    monkeypatch.setattr(Learner, "update", update)
+    train(cfg, run_dir=tmp_path / "run", components=comp)
+    seq = [e for e in events if e != ("version", 0)]
+    assert seq == [("update",), ("pause",), ("sync", 1), ("version", 1), ("resume",), ("update",), ("pause",), ("sync", 2), ("version", 2), ("resume",)]
+
+
+async def test_in_process_vllm_push_order():
+    from spo_agents.training import _VLLMInProcessSync
+
+    events = []
+
+    class FakeVLLM:
+        version = 0
+
+        async def pause(self):
+            events.append("pause")
+
+        async def load_weights(self, named):
+            events.append(("load", len(named)))
+
+        def resume(self):
+            events.append(("resume", self.version))
+
+    await _VLLMInProcessSync(FakeVLLM()).push(torch.nn.Linear(2, 2), 7)
+    assert events == ["pause", ("load", 2), ("resume", 7)]
+
+
+# --- the command line: train, estimate-values, plot ----------------------------------------------
+class RegisteredFirstTokenEnv(FirstTokenEnv):
+    def __init__(self, split="train", sandbox=None, sandbox_limits=None, n=48):
+        super().__init__(n=n, split=split)
+
+
+@pytest.fixture
+def first_token_registered():
+    from spo_agents import envs
+
+    envs.register("first-token-v0", RegisteredFirstTokenEnv, override=True)
+    yield "first-token"
+
+
+def test_cli_estimate_values_then_train_from_them_then_plot(tmp_path, first_token_registered, capsys):
+    import json
+
+    from spo_agents.cli import main
+
+    common = ["model.name=tiny-random", "rollout.max_new_tokens=1", "rollout.max_episode_tokens=1", "rollout.max_in_flight=16", "logging.progress=false"]
+    values = tmp_path / "values.json"
+    assert main(["estimate-values", "--env", "first-token", "-n", "3", "--limit", "5", "--out", str(values), *common]) == 0
+    doc = json.loads(values.read_text())
+    assert len(doc["problems"]) == 5 and all(v["samples"] == 3 for v in doc["problems"].values())
+    assert doc["sampling"]["temperature"] == 1.0  # the training sampling settings
+    assert main([
+        "train", "--env", "first-token", "--steps", "1", *common, "train.batch_size=8", f"train.output_dir={tmp_path}",
+        "train.run_name=cli", "eval.every=0", f"tracker.init_values={values}",
+    ]) == 0  # fmt: skip
+    run = tmp_path / "cli"
+    assert (run / "checkpoints" / "latest").is_file()
+    assert main(["plot", str(run)]) == 0
+    pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert "train.png" in pngs and "tracker.png" in pngs
+    assert (run / "plots" / "train.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_offline_values_initialise_the_tracker_with_actual_counts(tmp_path):
+    from spo_agents.config import TrackerConfig
+    from spo_agents.tracker import ValueTracker
+    from spo_agents.values import init_tracker, write_values
+
+    path = tmp_path / "v.json"
+    write_values(path, {"a": (3, 4), "b": (0, 2), "zzz": (1, 1)}, {"env": "x"})
+    tr = ValueTracker.from_config(["a", "b", "c"], TrackerConfig())
+    assert init_tracker(tr, path) == 2
+    n0 = 1 / (1 - 0.875)
+    np.testing.assert_allclose(tr.v_hat(tr.indices(["a", "b", "c"])), [(3.5 / 5) / ((3.5 + 1.5) / 5), 0.5 / 3, 0.5], rtol=1e-6)
+    assert tr.alpha[tr.indices(["a"])[0]] == pytest.approx(n0 * 3.5 / 5, rel=1e-6)
+
+
+def test_a_bad_values_file_says_how_to_make_one(tmp_path):
+    from spo_agents.errors import ConfigError
+    from spo_agents.values import read_values
+
+    p = tmp_path / "v.json"
+    p.write_text('{"problems": {}}')
+    with pytest.raises(ConfigError, match="estimate-values"):
+        read_values(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_values(tmp_path / "nope.json")
