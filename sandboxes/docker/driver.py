@@ -423,6 +423,7 @@ def main():
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if cfg.get("workdir"):
         os.chdir(cfg["workdir"])
+    import io, linecache, traceback  # noqa: F401,E401 - every worker needs them; forks inherit them
     for name in cfg.get("preload", ()):  # imported once here, inherited by every forked worker
         try:
             __import__(name)

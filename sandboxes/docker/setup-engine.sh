@@ -75,7 +75,10 @@ start_engine() {
   mkdir -p "$HOME_DIR/data" "$HOME_DIR/exec"
   if [[ -f "$PIDFILE" ]] && ! engine_pid >/dev/null; then rm -f "$PIDFILE"; fi
   rm -f "$SOCK"
-  if command -v iptables-save >/dev/null; then iptables-save >"$HOME_DIR/iptables.before" 2>/dev/null || true; fi
+  if command -v iptables-save >/dev/null; then
+    iptables-save >"$HOME_DIR/iptables.before" 2>/dev/null || true
+    iptables -S 2>/dev/null | grep -E '^-P ' >"$HOME_DIR/iptables.policies" || true
+  fi
   say "starting dockerd (data $HOME_DIR/data, socket $SOCK, log $LOG)"
   # setsid: the engine outlives this script and is not in the caller's process group.
   setsid dockerd \
@@ -171,8 +174,18 @@ stop_engine() {
 }
 
 restore_iptables() {
-  local before="$HOME_DIR/iptables.before"
+  local before="$HOME_DIR/iptables.before" policies="$HOME_DIR/iptables.policies"
   [[ -f "$before" ]] && command -v iptables-save >/dev/null || return 0
+  # Built-in chain policies (dockerd with --iptables sets FORWARD to DROP), then the rules.
+  if [[ -f "$policies" ]]; then
+    local p chain policy
+    while read -r p chain policy; do
+      if ! iptables -S "$chain" 2>/dev/null | grep -qx -- "-P $chain $policy"; then
+        say "restoring iptables policy $chain $policy"; iptables -P "$chain" "$policy" || true
+      fi
+    done <"$policies"
+    rm -f "$policies"
+  fi
   if ! diff -q <(grep -vE '^(#|:)' "$before") <(iptables-save 2>/dev/null | grep -vE '^(#|:)') >/dev/null 2>&1 \
     || ! diff -q <(grep -E '^:' "$before" | cut -d' ' -f1,2) <(iptables-save 2>/dev/null | grep -E '^:' | cut -d' ' -f1,2) >/dev/null 2>&1; then
     say "iptables changed since start: restoring the snapshot"
