@@ -4,20 +4,24 @@ This file runs inside the sandbox with the sandbox's interpreter (`python -I -c 
 so it uses the standard library only and never imports `spo_agents`. See `sandboxes/README.md`
 for the threat model and `sandboxes/local.py` for the host half.
 
-Process tree of one session (namespaced isolation)::
+Processes (namespaced isolation: `bubblewrap` or `unshare`)::
 
-    zygote (pre-imported numpy, sympy; one per backend; child subreaper)
-      └─ keeper   PR_SET_PDEATHSIG(zygote); unshare(user, pid, mount, net); waits for `init`
-          └─ init   pid 1 of the session's pid namespace; private tmpfs at the work dir; reaps
-              └─ runner   rlimits, no capabilities, no new privileges; runs the code
+    worker main       enters a user + pid namespace of its own, forks the zygote, waits
+      zygote          pid 1 there; numpy and sympy imported once; forks one runner per session
+        runner        pid 1 of a fresh pid namespace (the zygote unshares it just for this fork),
+                      in its own user + mount namespace: read-only root, private size-limited
+                      tmpfs work dir, rlimits, no capabilities, no new privileges; runs the code
 
-Killing `keeper` kills `init` (death signal), and the death of `init` makes the kernel kill every
-process left in the session's pid namespace, whatever its process group or session. With
-isolation `none` the same tree exists without namespaces and the kill is by process group.
+Killing a runner makes the kernel kill every process left in its pid namespace, whatever their
+process group or session, so nothing a session started outlives it. The zygote's death likewise
+takes every session down, and bubblewrap (`--die-with-parent`) takes the zygote down with the
+host. With isolation `none` the runner is a plain fork that leads its own process group, and the
+kill is by process group.
 
 Zygote protocol (host <-> zygote, SOCK_SEQPACKET, one JSON object per message, strictly request /
 response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) -> `{pid, pgid}`;
-`kill` -> `{status}`; `wait` -> `{status}` (or `null` while running). Statuses use the shell's
+`kill` -> `{status}`; `wait` -> `{status}` (or `null` while running).
+ Statuses use the shell's
 convention: the exit code, or 128 + N for death by signal N.
 
 Runner protocol (host <-> runner, SOCK_STREAM, 4-byte big-endian length + JSON): the runner
@@ -121,9 +125,6 @@ def _apply_limits(limits):
         with open("/proc/self/statm") as f:
             vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         setlim(resource.RLIMIT_AS, vm_bytes + int(limits["memory_mb"]) * 2**20)
-    if limits.get("max_processes"):
-        # The runner and init count too (fresh user namespace: the count is per session).
-        setlim(resource.RLIMIT_NPROC, int(limits["max_processes"]) + 2)
     setlim(resource.RLIMIT_NOFILE, limits.get("max_open_files"))
     if limits.get("max_file_size_mb"):
         setlim(resource.RLIMIT_FSIZE, int(limits["max_file_size_mb"]) * 2**20)
@@ -184,7 +185,10 @@ def _restore_streams(saved):
 def _runner(ctrl, limits, workdir):
     import resource
 
+    import faulthandler
+
     os.chdir(workdir)
+    faulthandler.enable()  # a crash in C code leaves a Python traceback on stderr
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversized writes fail with EFBIG instead
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     _apply_limits(limits)
@@ -219,119 +223,93 @@ def _runner(ctrl, limits, workdir):
 
 
 # --- session set-up ----------------------------------------------------------------------------
-def _init(ctrl, out_fd, err_fd, cfg, limits):
-    """pid 1 of the session: private work dir, then fork the runner and reap until it exits."""
+def _own_user_namespace(extra_flags):
+    """unshare a user namespace (plus `extra_flags`) mapping only our own uid and gid."""
+    uid, gid = os.geteuid(), os.getegid()
+    _check(_libc.unshare(CLONE_NEWUSER | extra_flags), "unshare")
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1")
+
+
+def _terminate_on(sig):
+    def handler(signum, frame):
+        os._exit(128 + signum)
+
+    signal.signal(sig, handler)
+
+
+def _session(ctrl, out_fd, err_fd, cfg, limits):
+    """Set the runner up (namespaces, mounts, fds), then serve calls until the host hangs up."""
+    import resource
+
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()
     workdir = cfg["workdir"]
+    if limits.get("max_processes"):
+        # Set before the user namespace exists, so namespaces the code nests inside inherit it.
+        n = int(limits["max_processes"]) + 1
+        resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
     if cfg["namespaces"]:
+        _own_user_namespace(CLONE_NEWNS | (CLONE_NEWNET if cfg["new_net"] else 0))
         _mount("none", "/", None, MS_REC | MS_PRIVATE)
         if cfg["readonly_root"]:
             _readonly_root()
-        size = limits.get("disk_mb") or 256
         for path in cfg["hide"]:
             if os.path.isdir(path):
                 _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        size = limits.get("disk_mb") or 256
         _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(size)}m,mode=0777")
-    os.setsid()
-    runner = os.fork()
-    if runner == 0:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        os.closerange(3, ctrl.fileno())
-        os.closerange(ctrl.fileno() + 1, 1 << 16)
-        try:
-            _runner(ctrl, limits, workdir)
-        except BaseException as e:  # noqa: BLE001 - reported to the host as a set-up failure
-            try:
-                _send(ctrl, {"op": "error", "error": f"{type(e).__name__}: {e}"})
-            finally:
-                os._exit(70)
-        os._exit(0)
-    ctrl.close()
-    os.close(out_fd)
-    os.close(err_fd)
-    os.closerange(3, 1 << 16)
-    while True:
-        try:
-            pid, st = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        if pid == runner:
-            os._exit(_status(st))
-
-
-def _keeper(ctrl, out_fd, err_fd, cfg, limits, report_fd):
-    """Enter the session's namespaces and wait for its init; dies (and takes it along) on kill."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    try:
-        if cfg["drop_to"] is not None and os.geteuid() == 0:
-            uid = gid = int(cfg["drop_to"])
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set-id changes clear the death signal
-        if cfg["namespaces"]:
-            uid, gid = os.geteuid(), os.getegid()
-            flags = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS
-            if cfg["new_net"]:
-                flags |= CLONE_NEWNET
-            _check(_libc.unshare(flags), "unshare")
-            with open("/proc/self/setgroups", "w") as f:
-                f.write("deny")
-            with open("/proc/self/uid_map", "w") as f:
-                f.write(f"{uid} {uid} 1")
-            with open("/proc/self/gid_map", "w") as f:
-                f.write(f"{gid} {gid} 1")
-        init = os.fork()
-    except BaseException as e:  # noqa: BLE001 - reported to the zygote
-        os.write(report_fd, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
-        os._exit(71)
-    if init == 0:
-        os.close(report_fd)
-        try:
-            _init(ctrl, out_fd, err_fd, cfg, limits)
-        except BaseException as e:  # noqa: BLE001
-            try:
-                _send(ctrl, {"op": "error", "error": f"{type(e).__name__}: {e}"})
-            finally:
-                os._exit(72)
-    os.write(report_fd, json.dumps({"init": init}).encode())
-    os.close(report_fd)
-    ctrl.close()
-    os.close(out_fd)
-    os.close(err_fd)
-    _, st = os.waitpid(init, 0)
-    os._exit(_status(st))
+        # pid 1 ignores signals it has no handler for; give the usual ones their default effect.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                    signal.SIGALRM, signal.SIGABRT, signal.SIGXCPU):
+            _terminate_on(sig)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    keep = ctrl.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 16)
+    _runner(ctrl, limits, workdir)
 
 
 # --- zygote ------------------------------------------------------------------------------------
 def _zygote(sock, cfg):
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)  # isolation `none`: orphans come back here to be reaped
     for name in cfg["preload"]:
         try:
             __import__(name)
         except ImportError:
             pass
+    import gc
+
+    gc.collect()
+    gc.freeze()  # keep the collector from touching (and so copying) the pre-imported objects
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if cfg["namespaces"] else None
     sock.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
-    exited = {}  # keeper pid -> status, for keepers reaped while waiting on another
+    runners = set()
+    exited = {}  # runner pid -> status, for runners reaped while waiting for another
 
     def reap(pid, block):
         if pid in exited:
+            runners.discard(pid)
             return exited.pop(pid)
         while True:
             try:
-                got, st = os.waitpid(-1 if not block else pid, 0 if block else os.WNOHANG)
+                got, st = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 return None
             if got == 0:
                 return None
+            if got in runners:
+                exited[got] = _status(st)
             if got == pid:
-                return _status(st)
-            exited[got] = _status(st)
+                runners.discard(pid)
+                return exited.pop(pid)
 
     while True:
         try:
@@ -343,38 +321,37 @@ def _zygote(sock, cfg):
         req = json.loads(msg)
         op = req["op"]
         if op == "spawn":
-            ctrl_fd, out_fd, err_fd = fds
-            r, w = os.pipe()
-            keeper = os.fork()
-            if keeper == 0:
-                sock.close()
-                os.close(r)
-                ctrl = socket.socket(fileno=ctrl_fd)
-                _keeper(ctrl, out_fd, err_fd, cfg, req["limits"], w)
-            os.close(w)
+            if own_pid_ns is not None:
+                _check(_libc.unshare(CLONE_NEWPID), "unshare pid")  # the next child is pid 1 there
+            runner = os.fork()
+            if runner == 0:
+                try:
+                    sock.close()
+                    ctrl = socket.socket(fileno=fds[0])
+                    _session(ctrl, fds[1], fds[2], cfg, req["limits"])
+                except BaseException as e:  # noqa: BLE001 - reported to the host as a set-up failure
+                    try:
+                        _send(socket.socket(fileno=fds[0]), {"op": "error", "error": f"{type(e).__name__}: {e}"})
+                    finally:
+                        os._exit(70)
+                os._exit(0)
+            if own_pid_ns is not None:
+                _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns pid")  # back to our own
             for fd in fds:
                 os.close(fd)
-            with os.fdopen(r, "rb") as f:
-                report = f.read()
-            try:
-                info = json.loads(report) if report else {"error": "the session keeper died"}
-            except ValueError:
-                info = {"error": f"unreadable report {report!r}"}
-            if "error" in info:
-                reap(keeper, True)
-                sock.send(json.dumps({"error": info["error"]}).encode())
-            else:
-                sock.send(json.dumps({"pid": keeper, "pgid": info["init"]}).encode())
+            runners.add(runner)
+            sock.send(json.dumps({"pid": runner, "pgid": runner}).encode())
         elif op == "kill":
-            # With namespaces the keeper's death tears the session's pid namespace down; its
-            # init pid may already be reused, so only the keeper (not yet reaped) is signalled.
-            targets = [req["pid"]] if cfg["namespaces"] else [-req["pgid"], req["pid"]]
-            for target in targets:
-                try:
-                    os.kill(target, signal.SIGKILL)
-                except OSError:
-                    pass
-            sock.send(json.dumps({"status": reap(req["pid"], True)}).encode())
+            pid = req["pid"]
+            # A runner with namespaces is pid 1 of its own: its death ends everything in there.
+            targets = [pid] if cfg["namespaces"] else [-req["pgid"], pid]
+            if pid in runners and pid not in exited:
+                for target in targets:
+                    try:
+                        os.kill(target, signal.SIGKILL)
+                    except OSError:
+                        pass
+            sock.send(json.dumps({"status": reap(pid, True)}).encode())
         elif op == "wait":
             sock.send(json.dumps({"status": reap(req["pid"], bool(req.get("block")))}).encode())
         else:
@@ -383,7 +360,25 @@ def _zygote(sock, cfg):
 
 def main():
     cfg = json.loads(sys.argv[1])
-    _zygote(socket.socket(fileno=int(cfg["fd"])), cfg)
+    sock = socket.socket(fileno=int(cfg["fd"]))
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if cfg["namespaces"]:
+        if cfg["drop_to"] is not None and os.geteuid() == 0:
+            uid = gid = int(cfg["drop_to"])
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # set-id changes clear the death signal
+        # A pid namespace owned by a user namespace of our own: the zygote may then create a pid
+        # namespace per session and return to its own afterwards.
+        _own_user_namespace(CLONE_NEWPID | (CLONE_NEWNET if cfg["zygote_net"] else 0))
+        zygote = os.fork()
+        if zygote:
+            sock.close()
+            _, st = os.waitpid(zygote, 0)
+            os._exit(_status(st))
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _zygote(sock, cfg)
 
 
 if __name__ == "__main__":

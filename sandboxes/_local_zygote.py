@@ -109,7 +109,7 @@ class ZygoteConfig:
     python: str
     isolation: str  # bubblewrap | unshare | none
     preload: tuple[str, ...] = ("numpy", "sympy")
-    new_net: bool = True  # a network namespace per session (besides bubblewrap's)
+    new_net: bool = False  # a network namespace per session (besides the worker's private one)
     env: dict[str, str] = field(default_factory=dict)
     extra_ro_binds: tuple[str, ...] = ()
 
@@ -142,6 +142,7 @@ class Zygote:
             "preload": list(cfg.preload),
             "namespaces": namespaces,
             "new_net": namespaces and cfg.new_net,
+            "zygote_net": cfg.isolation == "unshare",
             "readonly_root": namespaces,
             "hide": hide,
             "workdir": WORKDIR,

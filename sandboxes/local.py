@@ -350,7 +350,8 @@ class LocalBackend(SandboxBackend):
     Options (`SandboxConfig.options`): `python` (interpreter path; default: this one),
     `isolation` (`auto` | `bubblewrap` | `unshare` | `none`), `stateless` (default for sessions),
     `preload` (modules imported once in the worker; default numpy, sympy), `network_per_session`
-    (a network namespace per session; default true), `env` (extra variables for the code),
+    (a network namespace per session, so sessions cannot reach each other over loopback either;
+    default false: the worker's network namespace, shared by its sessions, has loopback only), `env` (extra variables for the code),
     `ro_binds` (extra host paths visible read-only under bubblewrap), and any `SandboxLimits` field
     (`timeout_s`, `cpu_s`, `memory_mb`, `max_processes`, `max_open_files`, `max_file_size_mb`,
     `max_output_bytes`, `disk_mb`).
@@ -366,7 +367,7 @@ class LocalBackend(SandboxBackend):
         stateless: bool = False,
         limits: SandboxLimits | None = None,
         preload: tuple[str, ...] | list[str] = ("numpy", "sympy"),
-        network_per_session: bool = True,
+        network_per_session: bool = False,
         env: dict[str, str] | None = None,
         ro_binds: tuple[str, ...] | list[str] = (),
         **limit_fields: Any,

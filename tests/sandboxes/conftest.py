@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import warnings
+
 import pytest
 
 from spo_agents.sandboxes import SandboxBackend, SandboxLimits, available_backends, make_backend
@@ -16,21 +18,35 @@ from spo_agents.sandboxes import SandboxBackend, SandboxLimits, available_backen
 BACKEND_MARKS = {"docker": pytest.mark.docker, "e2b": pytest.mark.e2b}
 # Options the suites build each backend with (a backend's own defaults otherwise).
 BACKEND_OPTIONS: dict[str, dict] = {}
+# Further configurations of a backend, run with `-m slow`: id -> (backend name, options).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "local-unshare": ("local", {"isolation": "unshare"}),
+    "local-none": ("local", {"isolation": "none"}),
+}
 
 
 def backend_params() -> list:
     params = []
-    for name, (ok, reason) in sorted(available_backends().items()):
+    avail = available_backends()
+    for name, (ok, reason) in sorted(avail.items()):
         marks = [BACKEND_MARKS[name]] if name in BACKEND_MARKS else []
         if not ok:
             marks.append(pytest.mark.skip(reason=f"sandbox backend `{name}` is not available: {reason}"))
-        params.append(pytest.param(name, marks=marks, id=name))
+        params.append(pytest.param((name, BACKEND_OPTIONS.get(name, {})), marks=marks, id=name))
+    for vid, (name, options) in VARIANTS.items():
+        ok, reason = avail.get(name, (False, "not registered"))
+        marks = [pytest.mark.slow] + ([] if ok else [pytest.mark.skip(reason=f"`{name}` is not available: {reason}")])
+        params.append(pytest.param((name, options), marks=marks, id=vid))
     return params
 
 
 @pytest.fixture(scope="session", params=backend_params())
 def backend(request: pytest.FixtureRequest) -> Iterator[SandboxBackend]:
-    b = make_backend(request.param, **BACKEND_OPTIONS.get(request.param, {}))
+    name, options = request.param
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # isolation `none` warns, as it should
+        b = make_backend(name, **options)
+    b.options = options  # the suites rebuild it with the same options when they need a fresh one
     yield b
     b.close()
 
