@@ -51,6 +51,7 @@ from typing import Any
 from spo_agents.envs.answers import AnswerChecker, CheckResult, default_checker, extract_boxed
 from spo_agents.envs.base import Message, MultiTurnEnv, StepOutcome, head_tail
 from spo_agents.envs.problems import ProblemSet, load_problems
+from spo_agents.errors import SandboxError
 from spo_agents.types import Problem, ToolCall
 
 CODE_OPEN, CODE_CLOSE = "<code>", "</code>"
@@ -226,6 +227,12 @@ class MathPythonEnv(MultiTurnEnv):
         start = time.perf_counter()
         try:
             result = self.sandbox_session().run(code)
+        except SandboxError as e:
+            # Infrastructure, not the model: the episode ends and says so (rollouts mark the
+            # trajectory as an error, not as evidence about the policy).
+            call = ToolCall(code=code, output="", ok=False, infra_error=str(e), duration_s=time.perf_counter() - start)
+            info = {"tool_call": call, "error": f"sandbox failure: {e}", **self._final_info(None)}
+            return "", 0.0, False, True, info
         finally:
             self.add_timing("sandbox_s", time.perf_counter() - start)
         shown, cut = head_tail(format_result(result), self.max_output_chars)

@@ -169,6 +169,7 @@ def test_sandbox_failure_ends_the_episode_without_raising(env, fake_backend):
     fake_backend.fail_runs = True
     _, reward, terminated, truncated, info = env.step("<code>print(1)</code>")
     assert truncated and not terminated and reward == 0.0 and "sandbox" in info["error"]
+    assert "is down" in info["tool_call"].infra_error and info["correct"] is False
     fake_backend.fail_runs = False
     fake_backend.fail_open = True
     env.reset(options={"problem_id": "mul"})
