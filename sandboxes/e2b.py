@@ -145,7 +145,8 @@ class E2BBackend(SandboxBackend):
     `api_key` (default `E2B_API_KEY`), `limits` (session defaults; only `timeout_s` and
     `max_output_bytes` apply), `sandbox_timeout_s` (lifetime), `request_timeout_s`,
     `allow_internet_access` (default False), `metadata` (tags shown in E2B's dashboard),
-    `sandbox_class` (an `AsyncSandbox`-compatible class; the SDK's by default).
+    `sandbox_class` (an `AsyncSandbox`-compatible class; the SDK's by default), and any
+    `SandboxLimits` field as an option (`timeout_s=5`).
     """
 
     name = "e2b"
@@ -161,7 +162,13 @@ class E2BBackend(SandboxBackend):
         allow_internet_access: bool = False,
         metadata: dict[str, str] | None = None,
         sandbox_class: Any = None,
+        **limit_fields: Any,
     ) -> None:
+        from spo_agents.sandboxes.docker.backend import _with_limit_fields
+
+        options = ("template", "api_key", "limits", "sandbox_timeout_s", "request_timeout_s",
+                   "allow_internet_access", "metadata", "sandbox_class")
+        limits = _with_limit_fields("e2b", limits, limit_fields, options)
         if sandbox_timeout_s <= 0 or request_timeout_s <= 0:
             raise SandboxError(
                 f"`sandbox_timeout_s` and `request_timeout_s` must be > 0, got {sandbox_timeout_s} and "

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spo_agents.errors import SandboxError
+from spo_agents.errors import ConfigError, SandboxError, did_you_mean
 from spo_agents.sandboxes.base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
 
 DEFAULT_IMAGE = "spo-agents-sandbox:latest"
@@ -85,6 +85,22 @@ def _api(base_url: str | None, timeout: float = 60.0, pool: int = 10) -> Any:
     if base_url is None:
         return docker.from_env(timeout=int(timeout), max_pool_size=pool).api
     return docker.APIClient(base_url=base_url, timeout=int(timeout), max_pool_size=pool)
+
+
+_OPTIONS = ("image", "pool_size", "limits", "cpus", "user", "base_url", "runtime", "preload", "start_timeout_s", "max_workers")
+
+
+def _with_limit_fields(backend: str, limits: SandboxLimits | None, fields: dict[str, Any], options: tuple[str, ...]) -> SandboxLimits:
+    """`limits` with `SandboxLimits` fields given as options applied; unknown options are errors."""
+    known = set(SandboxLimits.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        names = known | set(options)
+        raise ConfigError(
+            f"unknown option `{unknown[0]}` for the `{backend}` sandbox.{did_you_mean(unknown[0], names)} "
+            f"Known options: {', '.join(sorted(names))}."
+        )
+    return SandboxLimits(**{**asdict(limits or SandboxLimits()), **fields})
 
 
 def driver_source() -> str:
@@ -202,7 +218,8 @@ class DockerBackend(SandboxBackend):
     (stateless, limits) pair; 0 disables the pool), `limits` (defaults for sessions), `cpus`
     (CPU quota per container), `user`, `base_url` (the engine; see `engine_url`), `runtime`
     (e.g. `runsc` for gVisor), `preload` (modules imported when a container starts, e.g.
-    `("numpy", "sympy")`: slower start, faster first call), `start_timeout_s`.
+    `("numpy", "sympy")`: slower start, faster first call), `start_timeout_s`, and any
+    `SandboxLimits` field (`timeout_s`, `memory_mb`, ...) to override one default limit.
     """
 
     name = "docker"
@@ -220,7 +237,9 @@ class DockerBackend(SandboxBackend):
         preload: tuple[str, ...] | list[str] = (),
         start_timeout_s: float = 60.0,
         max_workers: int = 32,
+        **limit_fields: Any,
     ) -> None:
+        limits = _with_limit_fields("docker", limits, limit_fields, _OPTIONS)
         if pool_size < 0:
             raise SandboxError(f"`pool_size` must be >= 0, got {pool_size}; use 0 to start every container on demand")
         self.image, self.pool_size, self.limits = image, int(pool_size), limits or SandboxLimits()
@@ -267,8 +286,8 @@ class DockerBackend(SandboxBackend):
     @property
     def isolation(self) -> str:
         return (
-            "docker (container per session: network none, read-only root, tmpfs /tmp, uid "
-            f"{self.user.split(':')[0]}, no capabilities, cgroup memory/pids/cpu limits"
+            "docker (container per session: network none, read-only root, tmpfs /tmp, code as uid "
+            f"{self.user.split(':')[0]} without capabilities, cgroup memory/pids/cpu limits"
             + (f", runtime {self.runtime}" if self.runtime else "")
             + ")"
         )

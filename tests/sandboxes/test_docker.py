@@ -427,3 +427,13 @@ async def test_missing_image_is_an_infrastructure_error_with_the_fix():
     finally:
         await b.aclose()
     assert _containers(f"{BACKEND_LABEL}={b.backend_id}") == []
+
+
+def test_limit_fields_are_options_and_unknown_options_suggest_the_right_one():
+    from spo_agents.errors import ConfigError
+    from spo_agents.sandboxes import make_backend
+
+    b = make_backend("docker", timeout_s=3, memory_mb=300, pool_size=0)
+    assert (b.limits.timeout_s, b.limits.memory_mb, b.pool_size) == (3, 300, 0)
+    with pytest.raises(ConfigError, match="Did you mean `timeout_s`"):
+        make_backend("docker", timout_s=3)

@@ -287,3 +287,12 @@ async def test_live_e2b_session():
     assert r.stdout == "42\n" and r.ok
     assert t.timed_out and t.session_restarted
     assert after.stdout == "alive\n"
+
+
+def test_limit_fields_are_options_and_unknown_options_suggest_the_right_one():
+    from spo_agents.errors import ConfigError
+    from spo_agents.sandboxes import make_backend
+
+    assert make_backend("e2b", timeout_s=4).limits.timeout_s == 4
+    with pytest.raises(ConfigError, match="Did you mean `sandbox_timeout_s`"):
+        make_backend("e2b", sandbox_timeout=4)
