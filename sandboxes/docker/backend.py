@@ -2,36 +2,43 @@
 
 Each session owns one container started from a configurable image (default
 `spo-agents-sandbox:latest`, built offline by `make docker-engine` or from `./Dockerfile`). The
-container's main process is a persistent Python interpreter (`driver.py`, sent on the command
-line, so any image with Python 3.8+ works) that the host drives over the container's attached
-stdin / stdout: a call costs a socket round trip (about 1-2 ms) instead of a `docker exec`
-(about 55 ms, see `bench/docker_sandbox.py`). Variables persist between `run` calls; a stateless
-session forks a fresh interpreter for each call instead.
+container's main process is a small supervisor (`driver.py`, sent on the command line, so any
+image with Python 3.8+ works) that the host drives over the container's attached stdin / stdout;
+the supervisor forks the worker interpreter that runs the code. A call costs a socket round trip
+(about 1 ms) instead of a `docker exec` (100-180 ms here; `bench/docker_sandbox.py`). Variables
+persist between `run` calls; a stateless session uses a fresh worker for each call.
 
 What is covered (each container):
-- no network (`network_mode=none`: only a loopback interface);
-- read-only root file system; a size-limited, `noexec` tmpfs on `/tmp` (the work dir, `disk_mb`);
-- runs as uid 1000, every capability dropped, `no-new-privileges`, docker's init as pid 1;
+- no network (`network_mode=none`, only a loopback interface);
+- read-only root file system; a size-limited `nosuid,nodev,noexec` tmpfs on `/tmp`, the work dir
+  (`disk_mb`);
+- the code runs as uid 1000 with no capabilities and `no-new-privileges`; the supervisor keeps
+  only CAP_SETUID/SETGID/KILL, so the code can neither signal it nor read its memory, and it
+  never holds the host channel; docker's init is pid 1;
 - cgroup limits: memory (`memory_mb`, no swap), processes (`max_processes`), CPU (`cpus`);
-  rlimits: open files, file size; per-call CPU seconds (`cpu_s`) inside the driver;
-- a wall-clock timeout per call enforced by the host: the container is killed and the session
-  continues in a fresh one (`timed_out` and `session_restarted` set). A crash (`os._exit`, a
-  signal, the OOM killer) is reported the same way, with `memory_exceeded` for OOM kills;
+  rlimits: open files, file size, no core dumps; per-call CPU seconds (`cpu_s`) in the worker;
+- a wall-clock timeout per call, enforced by the supervisor: it kills every process of the code
+  (everything in the container but itself and init), keeps the output read so far and forks a new
+  worker (`timed_out`, `session_restarted`). A crash (`os._exit`, a signal, the OOM killer, which
+  is pointed at the worker) is reported the same way, with `memory_exceeded` for OOM kills. If the
+  supervisor itself does not answer within `HOST_GRACE_S` after the timeout, or dies, the host
+  kills the container and continues the session in a fresh one;
 - cleanup: containers carry the labels `spo-agents.sandbox`, `spo-agents.owner` (host:pid) and
   `spo-agents.backend`; `close()` removes a session's container, `aclose()` the pool and every
   container of the backend (found by label), an `atexit` hook does the same at interpreter exit,
   and a new backend removes containers left by dead processes of this host. If the host process
-  is killed outright, its containers' stdin closes, so their drivers exit and nothing keeps
-  running; the stopped containers are removed by the next backend or `setup-engine.sh stop`.
+  is killed outright, its containers' stdin closes, so their supervisors kill everything and
+  exit; the stopped containers are removed by the next backend or `setup-engine.sh stop`.
 
 What is not covered:
 - the kernel is shared with the host (containers are namespaces + cgroups, not a VM); a kernel
   exploit escapes. Use `e2b` (microVMs) or gVisor (`runtime="runsc"`) for hostile code at scale;
-- code in a session can forge its own `SandboxResult` fields (it owns the interpreter that
-  reports them); limits, timeouts and the kill are enforced outside it and cannot be forged;
-- `cpu_s` is per call and counts the driver process only (not processes the code spawns; those
-  are bounded by the wall clock and the CPU quota);
-- output a run prints is lost when the run is killed (timeout, crash): only the fact is reported.
+- the code can forge the fields its worker reports (`exit_status`, `exception`), as any code can
+  print anything; `timed_out`, `session_restarted`, `memory_exceeded` from OOM kills, and the
+  output itself are measured by the supervisor;
+- `cpu_s` counts the worker process only (processes the code spawns are bounded by the wall
+  clock and the CPU quota);
+- output is lost only when the supervisor or the container dies (then the fact is reported).
 """
 
 from __future__ import annotations

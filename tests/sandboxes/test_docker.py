@@ -437,3 +437,15 @@ def test_limit_fields_are_options_and_unknown_options_suggest_the_right_one():
     assert (b.limits.timeout_s, b.limits.memory_mb, b.pool_size) == (3, 300, 0)
     with pytest.raises(ConfigError, match="Did you mean `timeout_s`"):
         make_backend("docker", timout_s=3)
+
+
+@pytest.mark.docker
+@needs_engine
+async def test_cpu_seconds_limit_stops_the_call_and_keeps_the_session(be):
+    async with await be.open_session(limits=_limits(cpu_s=1.0, timeout_s=20.0)) as s:
+        await s.run("kept = 1")
+        r = await s.run("while True:\n    pass")
+        after = await s.run("print(kept)")
+    assert r.timed_out and r.extra.get("cpu_exceeded") and not r.session_restarted, r
+    assert r.duration_s < 10
+    assert after.stdout == "1\n"
