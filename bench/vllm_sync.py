@@ -1,0 +1,102 @@
+"""Benchmark: how long one weight sync to vLLM's server takes (`reload` and `lora`).
+
+    make vllm-cpu
+    SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/vllm_sync.py            # table
+    SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/vllm_sync.py --json     # JSON
+
+Starts one server (the embedded SmolLM2-135M-Instruct in fp32, LoRA enabled) and times
+`--repeats` syncs of each strategy after a small in-process weight change, reporting the
+median of each phase (SyncStats: save to /dev/shm, server-side pause/drain, load,
+prefix-cache reset, total) and, after every sync, the largest |server - learner| log-prob on a
+64-token probe (`check_sync`), so a fast but wrong sync cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="model name or directory (spo_agents.models)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spo_agents.models import resolve_model
+    from spo_agents.vllm_server import VLLMServer
+    from spo_agents.weight_sync import LoraSync, ReloadSync, check_sync
+
+    model_dir = resolve_model(args.model)
+    learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    probe = list(range(1000, 1064))
+    params = sum(p.numel() for p in learner.parameters())
+    server = VLLMServer(model_dir, dtype="float32", enable_lora=True, max_lora_rank=args.lora_rank,
+                        kv_cache_bytes=1 << 30, max_model_len=2048, log_dir="runs/bench-vllm")
+    results: dict[str, list[dict]] = {"reload": [], "lora": []}
+    with server:
+        reload = ReloadSync(server)
+        g = torch.Generator().manual_seed(0)
+        for version in range(1, args.repeats + 1):
+            with torch.no_grad():
+                for p in learner.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+            stats = reload.sync(learner, version)
+            results["reload"].append({**asdict(stats), "max_abs_logprob_diff": check_sync(learner, server, probe, atol=1e-3)})
+        reload.close()
+
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(learner, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear"))
+        lora = LoraSync(server)
+        for version in range(args.repeats + 1, 2 * args.repeats + 1):
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_B" in name:
+                        p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+            stats = lora.sync(policy, version)
+            results["lora"].append({**asdict(stats), "max_abs_logprob_diff": check_sync(policy, server, probe, served_model=lora.served_model, atol=1e-3)})
+        lora.close()
+        startup_s = server.startup_s
+
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    summary = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "model": args.model, "params": params, "dtype": "float32", "repeats": args.repeats,
+        "server_startup_s": startup_s, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "strategies": {
+            name: {key: med(rows, key) for key in ("total_s", "save_s", "pause_s", "load_s", "reset_s", "bytes")}
+            | {"max_abs_logprob_diff": max(r["max_abs_logprob_diff"] for r in rows)}
+            for name, rows in results.items()
+        },
+        "runs": results,
+    }
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{summary['machine']}; {args.model} ({params / 1e6:.0f}M params, fp32); server ready in {startup_s:.0f} s; "
+          f"median of {args.repeats} syncs")
+    print("| strategy | total | save | server pause | load | prefix-cache reset | written | max abs log-prob diff after |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in summary["strategies"].items():
+        print(f"| `{name}` | {s['total_s']:.3f} s | {s['save_s']:.3f} s | {s['pause_s']:.3f} s | {s['load_s']:.3f} s | "
+              f"{s['reset_s']:.3f} s | {s['bytes'] / 1e6:.1f} MB | {s['max_abs_logprob_diff']:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
