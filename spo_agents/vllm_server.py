@@ -22,8 +22,9 @@ Lifecycle guarantees of `VLLMServer` (what is covered / what is not):
   exit (`atexit`), and on SIGTERM to our process (a handler turns it into `SystemExit` while a
   server is running, so the `with` block unwinds).
 - If our process is killed with SIGKILL no Python code runs; the server's main process gets
-  SIGTERM from the kernel (`PR_SET_PDEATHSIG`, Linux only) and shuts its children down itself.
-  On other systems a SIGKILLed parent can leave the server running.
+  SIGTERM from the kernel (`PR_SET_PDEATHSIG`, Linux only, armed when `start()` runs on the
+  main thread) and shuts its children down itself. On other systems, or for a server started
+  from another thread, a SIGKILLed parent can leave the server running.
 - Startup is bounded (`startup_timeout_s`); when the server exits early or never becomes
   healthy the error carries the tail of its log.
 """
@@ -375,6 +376,7 @@ class VLLMServer:
                 f"(CPU) or point `{PYTHON_ENV}` / `rollout.server_python` at a Python with vLLM installed."
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        on_main_thread = threading.current_thread() is threading.main_thread()
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(self.command())}\n".encode())
@@ -382,7 +384,9 @@ class VLLMServer:
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.environment(), start_new_session=True,
-                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+                # The parent-death signal fires when the *thread* that started the server
+                # exits, so it is armed only from the main thread.
+                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") and on_main_thread else None,
             )
         with _LIVE_LOCK:
             _LIVE.add(self)
@@ -417,11 +421,11 @@ class VLLMServer:
 
     def stop(self) -> None:
         """Terminate the server's whole process group. Safe to call more than once."""
-        proc, self.proc = self.proc, None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        proc = self.proc
         self.endpoint.close()
         if proc is None:
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
             return
         pgid = proc.pid  # start_new_session: the group id is the main process's pid
         if proc.poll() is None or _group_alive(pgid):
@@ -434,6 +438,11 @@ class VLLMServer:
                 _signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        # Forget the server only now: a stop interrupted above (a second Ctrl-C) is retried
+        # by the atexit hook.
+        self.proc = None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
 
     def __enter__(self) -> VLLMServer:
         return self.start()
