@@ -9,9 +9,10 @@ Isolation is layered, and `backend.isolation` says which layer is in force:
 
 - `bubblewrap` (default when `bwrap` works): the zygote runs in bubblewrap with every namespace
   unshared (no network, only the interpreter and `/usr` mounted read-only, environment replaced by
-  a fixed one) and each session adds its own user, pid, mount and network namespaces, a
-  size-limited private tmpfs as its writable work dir (`/tmp`), no capabilities and no new
-  privileges.
+  a fixed one) and each session adds its own user, pid and mount namespaces (and, with
+  `network_per_session`, network), a size-limited private tmpfs as its writable work dir (`/tmp`),
+  no capabilities and no new privileges. The code runs as pid 1 of its pid namespace, so killing
+  it kills everything it started.
 - `unshare`: the same per-session namespaces without bubblewrap: the host's file system is visible
   but read-only (except the private work dir), scratch dirs outside the interpreter are hidden,
   and root drops to `nobody` when the interpreter is world-readable.
@@ -33,12 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import os
 import socket
 import struct
 import time
-import json
 import warnings
 import weakref
 from dataclasses import asdict
@@ -179,6 +180,7 @@ class LocalSession(SandboxSession):
         self._runner: _Runner | None = None
         self._next: asyncio.Task[_Runner] | None = None  # stateless: the fork for the next call
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[int | None]] = set()
         self._closed = False
         self.restarts = 0
         self.start_s = 0.0
@@ -320,7 +322,9 @@ class LocalSession(SandboxSession):
         old, self._runner = self._runner, None
         loop = asyncio.get_running_loop()
         if old is not None:
-            loop.create_task(self._kill(old))
+            task = loop.create_task(self._kill(old))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self._next = loop.create_task(self._spawn())
 
     async def close(self) -> None:
@@ -341,6 +345,8 @@ class LocalSession(SandboxSession):
                     await self._kill(r)
                 except SandboxError:
                     r.close()
+            if self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
         self._backend._sessions.discard(self)
 
 

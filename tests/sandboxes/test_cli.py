@@ -5,7 +5,14 @@ from __future__ import annotations
 import io
 import json
 
-from spo_agents.cli import main
+from spo_agents.cli import main as cli_main
+
+
+def main(argv):
+    # No numpy/sympy pre-import: these tests are about the command, and start a worker each.
+    if argv[:2] == ["sandbox", "run"]:
+        argv = [*argv, "-o", "preload=[]"]
+    return cli_main(argv)
 
 
 def test_run_prints_one_json_result_per_call(tmp_path, capsys):
