@@ -19,6 +19,7 @@ out of the metrics; a problem with fewer than j valid samples is left out of pas
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -187,6 +188,7 @@ async def evaluate(
     todo = [(pid, i) for pid in problem_ids for i in range(k) if (pid, i) not in samples or samples[(pid, i)].error is not None]
     envs: list[Any] = []
     limit = asyncio.Semaphore(max(1, concurrency))
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="eval-env")
     bar = _progress(len(todo), progress)
     tally = {"done": 0, "correct": 0}
     write_lock = asyncio.Lock()
@@ -195,7 +197,7 @@ async def evaluate(
         async with limit:
             env = envs.pop() if envs else env_factory()
             try:
-                t = await run_episode(env, policy, pid, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=sample_seed(pid, i, seed))
+                t = await run_episode(env, policy, pid, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=sample_seed(pid, i, seed), executor=executor)
             finally:
                 envs.append(env)
         t.group_id, t.sample_index = pid, i
@@ -215,6 +217,7 @@ async def evaluate(
     finally:
         if bar is not None:
             bar.close()
+        executor.shutdown(wait=False, cancel_futures=True)
         if not envs:
             envs.append(env_factory())
         equivalent = _equivalence(envs[0])

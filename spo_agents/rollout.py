@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -100,8 +102,18 @@ async def run_episode(
     sampling: SamplingParams,
     max_episode_tokens: int = 1024,
     seed: int | None = None,
+    executor: concurrent.futures.Executor | None = None,
 ) -> Trajectory:
-    """Play one episode of `env` on `problem_id` with `policy` (see the module docstring)."""
+    """Play one episode of `env` on `problem_id` with `policy` (see the module docstring).
+
+    `env.reset` / `env.step` run in `executor` (default: asyncio's default thread pool, which
+    has only a few threads: collectors pass a pool with one thread per in-flight episode so
+    blocking tool calls of different episodes overlap)."""
+    loop = asyncio.get_running_loop()
+
+    def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+
     tok = policy.tokenizer
     t_start = time.perf_counter()
     timings = {"generate": 0.0, "env": 0.0, "sandbox": 0.0, "total": 0.0}
@@ -119,7 +131,7 @@ async def run_episode(
     token_io = True
     try:
         t = time.perf_counter()
-        messages, info = await asyncio.to_thread(env.reset, seed=seed, options={"problem_id": problem_id})
+        messages, info = await in_thread(env.reset, seed=seed, options={"problem_id": problem_id})
         timings["env"] += time.perf_counter() - t
         chat = [dict(m) for m in messages]
         prompt_ids = tok.encode(_render(tok, chat, True), add_special_tokens=False)
@@ -144,7 +156,7 @@ async def run_episode(
             logprobs += lps
             assistant_text += gen.text
             t = time.perf_counter()
-            obs, r, terminated, truncated, info = await asyncio.to_thread(env.step, gen.text)
+            obs, r, terminated, truncated, info = await in_thread(env.step, gen.text)
             timings["env"] += time.perf_counter() - t
             reward += float(r)
             tool_calls += _tool_calls(info)
@@ -282,6 +294,7 @@ class Collector:
         self._counter = 0
         self._consecutive_errors = 0
         self._wake: asyncio.Event | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="env")
 
     # --- submission ---------------------------------------------------------------------------
     def submit(self, problem_ids: Iterable[str]) -> None:
@@ -342,6 +355,7 @@ class Collector:
                 sampling=self.sampling,
                 max_episode_tokens=self.max_episode_tokens,
                 seed=self._episode_seed(job),
+                executor=self._executor,
             )
         except asyncio.CancelledError:
             raise
@@ -429,6 +443,7 @@ class Collector:
     async def close(self) -> None:
         """Cancel what runs and close the pooled environments (safe to call twice)."""
         await self.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
         envs, self._envs = self._envs, []
         for env in envs:
             try:
