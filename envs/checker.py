@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import traceback
 import warnings
@@ -123,9 +124,7 @@ def _stable(x: Any) -> Any:
         return {k: _stable(v) for k, v in x.items() if not (isinstance(k, str) and (k.endswith("_s") or any(w in k for w in _VOLATILE)))}
     if isinstance(x, (list, tuple)):
         return [_stable(v) for v in x]
-    if hasattr(x, "__dataclass_fields__"):
-        import dataclasses
-
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return _stable(dataclasses.asdict(x))
     if isinstance(x, float) and math.isnan(x):
         return "nan"
@@ -218,7 +217,7 @@ def check_determinism(make_env: Callable[[], Any], seed: int, episodes: int) -> 
             for e in range(episodes):
                 s = seed + e
                 a = _play(first, s, actions)
-                b = _play(second, s + 1000, actions)  # play something else first ...
+                _play(second, s + 1000, actions)  # play something else first ...
                 b = _play(second, s, actions)  # ... then the same seed on the used instance
                 diff = _first_difference(a, b)
                 if diff:
@@ -248,7 +247,11 @@ def check_garbage_actions(make_env: Callable[[], Any], seed: int) -> CheckResult
     name = "garbage-actions"
     problems = []
     with _closing(make_env()) as env:
-        for label, action in GARBAGE_ACTIONS.items():
+        garbage = dict(GARBAGE_ACTIONS)
+        bound = getattr(env.action_space, "max_length", None)
+        if isinstance(bound, int) and bound < 10_000_000:
+            garbage["over-the-action-bound"] = "a" * (bound + 1)
+        for label, action in garbage.items():
             try:
                 env.reset(seed=seed)
                 bad = _step_problem(env.step(action), env)
@@ -268,7 +271,7 @@ def check_garbage_actions(make_env: Callable[[], Any], seed: int) -> CheckResult
             problems.append(f"repeated garbage raised {type(e).__name__}: {e}")
     if problems:
         return CheckResult(name, False, "malformed output must be an observation and a reward, never an exception; " + "; ".join(problems))
-    return CheckResult(name, True, f"{len(GARBAGE_ACTIONS)} kinds of garbage handled; garbage-only episodes end")
+    return CheckResult(name, True, f"{len(garbage)} kinds of garbage handled; garbage-only episodes end")
 
 
 def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any | None) -> CheckResult:

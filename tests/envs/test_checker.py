@@ -117,6 +117,13 @@ class IgnoresProblemIdEnv(ChatEnv):
         return super().reset(seed=seed)
 
 
+class MergingReplyEnv(ToolEnv):
+    def _step_episode(self, action):
+        if action.rstrip().endswith("</code>"):
+            return StepOutcome(">> ok\n")  # `>` + `>>` encode as other tokens than `>>>`
+        return StepOutcome("", 0.0, True, False)
+
+
 class StrictStopEnv(ToolEnv):
     def _step_episode(self, action):
         if action.endswith("</code>"):  # trailing whitespace after the stop string ends the episode
@@ -199,6 +206,11 @@ def test_qwen3_style_template_breaks_the_token_prefix_and_says_why(qwen3_tokeniz
 def test_qwen3_style_template_is_harmless_for_in_turn_replies(qwen3_tokenizer):
     # One assistant message holds the whole episode, so no earlier turn can be re-rendered.
     assert check_token_contract(ToolEnv, seed=0, episodes=1, tokenizer=qwen3_tokenizer).passed
+
+
+def test_in_turn_tokenisation_boundaries_are_reported_as_a_caveat(tokenizer):
+    r = check_token_contract(MergingReplyEnv, seed=0, episodes=1, tokenizer=tokenizer)
+    assert r.passed and "caveat: encoding each piece separately gives other tokens" in r.detail
 
 
 def test_a_template_that_rewrites_generated_text_fails(tokenizer, tmp_path):
