@@ -133,7 +133,11 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
     from spo_agents.models import resolve_model
     from spo_agents.policy import make_policy
 
-    model_dir = resolve_model(args.model)
+    # vLLM's CPU attention has no kernel for head size 16 (the default tiny model): use the
+    # 128-wide variant (head size 32) there
+    from spo_agents.models import TINY, tiny_model_dir
+
+    model_dir = str(tiny_model_dir(hidden_size=128)) if args.model == TINY and args.engine == "vllm" else resolve_model(args.model)
     if args.engine == "hf":
         return make_policy("hf", args.model), None, f"in-process transformers ({args.model})"
     if args.engine == "vllm":

