@@ -18,7 +18,8 @@ Sources
 `jsonl:<path>`, `parquet:<path>`, or `dataset_path=<path>`
     Local files, one problem per row. Field names are configurable (`fields`); the DAPO-Math-17k
     layout (`prompt` as chat messages, `reward_model.ground_truth`, `data_source`,
-    `extra_info.index`) is recognised on its own. `dataset_path` may also be a `{split}`
+    `extra_info.index`) is recognised on its own, and its "end with `Answer:`" instructions are
+    removed from the prompt (environments ask for `\\boxed{}`). `dataset_path` may also be a `{split}`
     pattern (`data/{split}.jsonl`) or a `{"train": ..., "test": ...}` mapping.
 `hf:<name>[:<config>]`
     A Hugging Face `datasets` dataset (needs hub access or a local cache), with the same fields.
@@ -243,6 +244,8 @@ class Fields:
     prompt: str = "prompt"
     answer: str = "answer"
     metadata: tuple[str, ...] | None = None
+    strip_prefix: str | None = None  # removed from the start of the prompt when present
+    strip_suffix: str | None = None  # removed from the end of the prompt when present
 
     @classmethod
     def coerce(cls, value: Fields | Mapping[str, Any] | str | None) -> Fields | None:
@@ -252,18 +255,34 @@ class Fields:
             if value not in PRESETS:
                 raise DatasetError(f"unknown field preset `{value}`; known: {', '.join(sorted(PRESETS))}.{did_you_mean(value, PRESETS)}")
             return PRESETS[value]
-        unknown = set(value) - {"id", "prompt", "answer", "metadata"}
+        allowed = {"id", "prompt", "answer", "metadata", "strip_prefix", "strip_suffix"}
+        unknown = set(value) - allowed
         if unknown:
-            raise DatasetError(f"unknown key(s) {sorted(unknown)} in `fields`; allowed: `id`, `prompt`, `answer`, `metadata`")
+            raise DatasetError(f"unknown key(s) {sorted(unknown)} in `fields`; allowed: {', '.join(f'`{k}`' for k in sorted(allowed))}")
         d = dict(value)
         if d.get("metadata") is not None:
             d["metadata"] = tuple(d["metadata"])
         return cls(**d)
 
 
+# DAPO-Math-17k wraps each question in instructions to end with "Answer: ..."; environments ask
+# for `\boxed{}` instead, so the preset keeps the bare question.
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
 PRESETS: dict[str, Fields] = {
     "default": Fields(),
-    "dapo": Fields(id="extra_info.index", prompt="prompt", answer="reward_model.ground_truth", metadata=("data_source", "ability")),
+    "dapo": Fields(
+        id="extra_info.index",
+        prompt="prompt",
+        answer="reward_model.ground_truth",
+        metadata=("data_source", "ability"),
+        strip_prefix=DAPO_PREFIX,
+        strip_suffix=DAPO_SUFFIX,
+    ),
 }
 
 
@@ -373,6 +392,10 @@ def rows_to_problems(
                 prompt = _prompt_text(_dig(row, f.prompt))
             except KeyError:
                 raise ValueError(f"no prompt field `{f.prompt}` (fields found: {sorted(row)}); set `fields`") from None
+            if f.strip_prefix and prompt.startswith(f.strip_prefix):
+                prompt = prompt[len(f.strip_prefix) :]
+            if f.strip_suffix and prompt.endswith(f.strip_suffix):
+                prompt = prompt[: -len(f.strip_suffix)]
             try:
                 answer_raw = _dig(row, f.answer)
             except KeyError:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spo_agents.envs.problems import Fields, clear_cache, content_split, load_problems
+from spo_agents.envs.problems import DAPO_PREFIX, DAPO_SUFFIX, Fields, clear_cache, content_split, load_problems
 from spo_agents.errors import DatasetError
 
 
@@ -76,7 +76,7 @@ def test_unknown_tier_suggests_the_nearest():
 def dapo_row(i, question, answer, source="math_dapo"):
     return {
         "data_source": source,
-        "prompt": [{"role": "user", "content": f"Solve: {question}"}],
+        "prompt": [{"role": "user", "content": DAPO_PREFIX + f"Solve: {question}" + DAPO_SUFFIX}],
         "ability": "MATH",
         "reward_model": {"ground_truth": answer, "style": "rule-lang"},
         "extra_info": {"index": f"id-{i}"},
