@@ -342,10 +342,13 @@ class CodeTestsEnv(MultiTurnEnv):
             "tests_total": len(hidden.passed),
             "examples_passed": sum(examples.passed),
             "attempts": self._attempts,
+            "timed_out": hidden.timed_out,
         }
         if hidden.setup_error is not None:
             info["setup_error"] = hidden.setup_error
         return StepOutcome("", reward, True, False, info)
 
     def _final_info(self, answer: Any) -> dict[str, Any]:
-        return {"answer": answer, "correct": False, "tests_passed": 0, "tests_total": len(self.problem.answer["tests"]) if self.problem else 0, "attempts": self._attempts}
+        """End-of-episode keys when a budget ended it: the last code submitted (if any), unscored."""
+        total = len(self.problem.answer["tests"]) if self.problem is not None else 0
+        return {"answer": answer if answer is not None else self._last_code, "correct": False, "tests_passed": 0, "tests_total": total, "attempts": self._attempts}

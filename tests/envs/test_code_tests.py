@@ -155,6 +155,30 @@ def test_forged_result_lines_printed_by_the_code_do_not_pass(env):
     assert not terminated and "returned -1, expected 14" in obs
 
 
+def test_a_hanging_case_fails_from_there_on_and_earlier_results_count():
+    e = CodeTestsEnv("train", sandbox="local", reward="fraction", run_timeout_s=1.0)
+    try:
+        start(e)
+        hang = "```python\ndef sum_of_squares(n):\n    while n == 100:\n        pass\n    return sum(k * k for k in range(1, n + 1))\n```"
+        _, reward, terminated, _, info = e.step(hang)
+        # hidden inputs in order: 0, -4, 10, 100 (hangs), 2, 7
+        assert terminated and info["timed_out"] and (info["tests_passed"], info["tests_total"]) == (3, 6)
+        assert reward == pytest.approx(0.5)
+    finally:
+        e.close()
+
+
+def test_a_budget_ending_the_episode_keeps_the_last_code_unscored():
+    e = CodeTestsEnv("train", sandbox="local", max_turns=1)
+    try:
+        start(e)
+        _, reward, terminated, truncated, info = e.step(WRONG)
+        assert (reward, terminated, truncated) == (0.0, False, True)
+        assert info["answer"] == extract_code(WRONG) and info["correct"] is False
+    finally:
+        e.close()
+
+
 def test_no_code_in_every_attempt_truncates_with_zero():
     e = CodeTestsEnv("train", sandbox="local", max_attempts=2)
     try:
