@@ -197,3 +197,13 @@ def test_prompt_lists_signature_examples_and_attempts(env):
     text = messages[0]["content"]
     assert "`sum_of_squares(n: int) -> int`" in text and "sum_of_squares(3) == 14" in text and "3 attempt(s)" in text
     assert "338350" not in text  # hidden tests stay hidden
+
+
+def test_sandbox_infrastructure_failure_ends_the_episode_as_data(fake_backend):
+    fake_backend.fail_runs = True
+    e = CodeTestsEnv("train", sandbox=fake_backend)
+    start(e)
+    obs, reward, terminated, truncated, info = e.step(RIGHT)
+    assert (reward, terminated, truncated) == (0.0, False, True)
+    assert "sandbox failure" in info["error"]
+    e.close()
