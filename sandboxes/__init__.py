@@ -37,6 +37,20 @@ def make_backend(name: str = "local", **options: Any) -> SandboxBackend:
     return SANDBOXES.make(name, **options)
 
 
+def backend_from_config(config: Any) -> SandboxBackend:
+    """Build the backend a `SandboxConfig` describes (`spo_agents.config`).
+
+    `timeout_s` and `memory_mb`, and any `SandboxLimits` field in `options`, become the backend's
+    `limits`; the other `options` go to the backend as keyword arguments.
+    """
+    options = dict(getattr(config, "options", None) or {})
+    fields = set(SandboxLimits.__dataclass_fields__)
+    lim = {k: options.pop(k) for k in list(options) if k in fields}
+    lim.setdefault("timeout_s", config.timeout_s)
+    lim.setdefault("memory_mb", config.memory_mb)
+    return make_backend(config.backend, limits=SandboxLimits(**lim), **options)
+
+
 def backend_availability(name: str) -> tuple[bool, str]:
     """(available, reason) for a registered backend, without starting it."""
     try:
@@ -77,6 +91,7 @@ __all__ = [
     "SyncSession",
     "available_backends",
     "backend_availability",
+    "backend_from_config",
     "make_backend",
     "open_session_sync",
     "run_sync",

@@ -31,6 +31,7 @@ after flushing its output.
 
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
@@ -207,7 +208,7 @@ def _runner(ctrl, limits, workdir):
         cpu_s = msg.get("cpu_s")
         if cpu_s:
             used = resource.getrusage(resource.RUSAGE_SELF)
-            soft = int(used.ru_utime + used.ru_stime + float(cpu_s)) + 1
+            soft = math.ceil(used.ru_utime + used.ru_stime + float(cpu_s))
             try:
                 resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
             except (ValueError, OSError):

@@ -235,6 +235,8 @@ class LocalSession(SandboxSession):
             status = None
             if settle:
                 for _ in range(100):
+                    if self._backend.worker_pid is None:
+                        break  # the worker itself is gone, and the session with it
                     status = await loop.run_in_executor(None, self._backend._zygote_wait, runner.pid)
                     if status is not None:
                         break
@@ -273,11 +275,15 @@ class LocalSession(SandboxSession):
             t0 = time.perf_counter()
             reply: dict[str, Any] | None = None
             timed_out = False
-            await runner.send({"code": code, "cpu_s": self.limits.cpu_s})
             try:
-                reply = await asyncio.wait_for(runner.recv(), timeout)
-            except asyncio.TimeoutError:
-                timed_out = True
+                await runner.send({"code": code, "cpu_s": self.limits.cpu_s})
+            except (ConnectionError, OSError):
+                pass  # the runner is already gone: reported below as a lost session
+            else:
+                try:
+                    reply = await asyncio.wait_for(runner.recv(), timeout)
+                except asyncio.TimeoutError:
+                    timed_out = True
             duration = time.perf_counter() - t0
             result = SandboxResult(duration_s=duration)
             if reply is not None:

@@ -1,0 +1,229 @@
+"""Properties specific to the `local` backend: options, isolation reporting, worker lifecycle,
+limits that the shared suites do not pin down, and the registry glue in `sandboxes/__init__.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from spo_agents.config import SandboxConfig
+from spo_agents.errors import ConfigError, SandboxNotFound
+from spo_agents.registry import SANDBOXES
+from spo_agents.sandboxes import (
+    SandboxLimits,
+    available_backends,
+    backend_from_config,
+    make_backend,
+    open_session_sync,
+)
+from spo_agents.sandboxes.local import LocalBackend, _Capture
+
+from .conftest import session_processes
+
+QUICK = {"preload": []}  # these tests do not need numpy / sympy in the worker
+
+
+@pytest.fixture
+def local():
+    """A backend of the test's own (for tests that kill or close it)."""
+    b = make_backend("local", **QUICK)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def shared():
+    b = make_backend("local", **QUICK)
+    yield b
+    b.close()
+
+
+# --- registry glue ---
+def test_builtins_are_registered_lazily():
+    ids = {s.id for s in SANDBOXES.list()}
+    assert {"local", "docker", "e2b"} <= ids
+    assert SANDBOXES.spec("docker").entry_point == "spo_agents.sandboxes.docker.backend:DockerBackend"
+    assert SANDBOXES.spec("e2b").entry_point == "spo_agents.sandboxes.e2b:E2BBackend"
+
+
+def test_unknown_backend_suggests_the_closest_name():
+    with pytest.raises(SandboxNotFound, match="Did you mean `local`"):
+        make_backend("locl")
+
+
+def test_a_plugin_backend_is_listed_with_its_availability():
+    class Toy(LocalBackend):
+        @classmethod
+        def available(cls):
+            return False, "toy is never available"
+
+    SANDBOXES.register("toy-test-backend", Toy, override=True)
+    try:
+        assert available_backends()["toy-test-backend"] == (False, "toy is never available")
+    finally:
+        SANDBOXES._specs.pop("toy-test-backend")
+
+
+def test_backend_from_config_maps_limits_and_options():
+    cfg = SandboxConfig(backend="local", timeout_s=3.0, memory_mb=300,
+                        options={"isolation": "auto", "max_output_bytes": 123, "preload": []})
+    b = backend_from_config(cfg)
+    try:
+        assert isinstance(b, LocalBackend)
+        assert (b.limits.timeout_s, b.limits.memory_mb, b.limits.max_output_bytes) == (3.0, 300, 123)
+    finally:
+        b.close()
+
+
+# --- options ---
+def test_unknown_option_is_a_config_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match="Did you mean `memory_mb`"):
+        LocalBackend(memory_md=10)
+
+
+def test_bad_isolation_is_a_config_error():
+    with pytest.raises(ConfigError, match="bubblewrap"):
+        LocalBackend(isolation="bwrap")
+
+
+def test_isolation_none_warns():
+    with pytest.warns(RuntimeWarning, match="isolation `none`"):
+        b = LocalBackend(isolation="none", **QUICK)
+    assert b.isolation == "none"
+
+
+def test_auto_picks_an_isolating_level(shared):
+    assert shared.isolation in ("bubblewrap", "unshare")
+    ok, reason = LocalBackend.available()
+    assert ok and "isolation" in reason
+
+
+def test_the_interpreter_is_configurable(tmp_path):
+    import sys
+
+    b = make_backend("local", python=sys.executable, **QUICK)
+    try:
+        with open_session_sync(b) as s:
+            r = s.run("import sys\nprint(sys.version_info[:2])")
+        assert r.stdout.strip() == str(tuple(sys.version_info[:2]))
+    finally:
+        b.close()
+
+
+def test_a_missing_interpreter_is_an_infrastructure_error():
+    from spo_agents.errors import SandboxError
+
+    b = make_backend("local", python="/nonexistent/python3", **QUICK)
+    with pytest.raises(SandboxError, match="/nonexistent/python3"):
+        open_session_sync(b)
+    b.close()
+
+
+# --- output capture ---
+def test_capture_keeps_head_and_tail_within_the_limit():
+    c = _Capture(10)
+    for chunk in (b"abc", b"defgh", b"ijklmnop", b"qrstuvwxyz"):
+        c.feed(chunk)
+    text, truncated = c.take()
+    assert truncated
+    assert text.startswith("abcde") and text.endswith("vwxyz")
+    assert "[16 bytes truncated]" in text
+    assert c.take() == ("", False)  # take() resets
+
+
+def test_capture_under_the_limit_is_exact():
+    c = _Capture(100)
+    c.feed("é✓".encode())
+    assert c.take() == ("é✓", False)
+
+
+# --- limits ---
+@pytest.mark.slow  # burns a few CPU seconds on purpose
+async def test_cpu_limit_stops_a_busy_loop(shared):
+    async with await shared.open_session(limits=SandboxLimits(timeout_s=30, cpu_s=1)) as s:
+        r = await s.run("while True:\n    pass")
+        assert r.timed_out and r.extra.get("cpu_exceeded"), r
+        assert r.duration_s < 25
+        assert (await s.run("print(1)")).stdout == "1\n"
+
+
+async def test_open_files_limit(shared):
+    async with await shared.open_session(limits=SandboxLimits(max_open_files=32)) as s:
+        r = await s.run("fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\nexcept OSError as e:\n    print(len(fs), type(e).__name__)")
+    n, err = r.stdout.split()
+    assert int(n) < 32 and err == "OSError"
+
+
+async def test_file_size_limit(shared):
+    async with await shared.open_session(limits=SandboxLimits(max_file_size_mb=1)) as s:
+        r = await s.run("try:\n    open('big', 'wb').write(b'x' * 3 * 2**20)\n    print('wrote')\nexcept OSError as e:\n    print('refused', e.errno)")
+    assert "refused 27" in r.stdout, r  # EFBIG
+
+
+async def test_restarted_session_has_a_fresh_work_dir(shared):
+    async with await shared.open_session() as s:
+        await s.run("open('note.txt', 'w').write('x')")
+        assert (await s.run("import os\nprint(os.path.exists('note.txt'))")).stdout == "True\n"
+        await s.run("while True:\n    pass", timeout=0.5)
+        r = await s.run("import os\nprint(os.path.exists('note.txt'), os.getcwd())")
+    assert r.stdout.split()[0] == "False"
+
+
+# --- lifecycle ---
+async def test_worker_death_is_survived(local):
+    async with await local.open_session() as s:
+        await s.run("x = 1")
+        worker = psutil.Process(local.worker_pid)
+        os.kill(worker.pid, signal.SIGKILL)
+        tree = worker.children(recursive=True)
+        psutil.wait_procs(tree, timeout=10)
+        r = await s.run("print('x' in globals())")
+        assert r.session_restarted and not r.ok
+        after = await s.run("print('back')")
+    assert after.stdout == "back\n"
+
+
+async def test_backend_close_leaves_no_process(local):
+    sessions = [await local.open_session() for _ in range(3)]
+    await asyncio.gather(*[s.run("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])") for s in sessions])
+    worker = psutil.Process(local.worker_pid)
+    tree = [worker, *worker.children(recursive=True)]
+    assert len(session_processes(local)) >= 6
+    await local.aclose()
+    await local.aclose()  # safe twice
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree):
+        await asyncio.sleep(0.05)
+    assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_session_start_forks_the_warm_worker(shared):
+    shared.start()
+    pid = shared.worker_pid
+    s1 = await shared.open_session()
+    s2 = await shared.open_session()
+    try:
+        assert shared.worker_pid == pid  # no new worker per session
+        assert s1.start_s < 5 and s2.start_s < 5
+    finally:
+        await s1.close()
+        await s2.close()
+
+
+def test_sync_sessions_from_many_threads(shared):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def episode(i: int) -> str:
+        with open_session_sync(shared) as s:
+            s.run(f"v = {i}")
+            return s.run("print(v + 1)").stdout
+
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(episode, range(8)))
+    assert outs == [f"{i + 1}\n" for i in range(8)]
