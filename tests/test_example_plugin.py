@@ -25,11 +25,14 @@ def plugin_path(tmp_path_factory):
     source = root / "src"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = root / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-input", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-input", "--target", str(target), str(source)]
+    # Build with the setuptools of this environment (offline); fall back to pip's isolated build
+    # environment (fetches setuptools from PyPI) when this one cannot build the wheel.
+    proc = subprocess.run(install + ["--no-build-isolation"], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        shutil.rmtree(target, ignore_errors=True)
+        retry = subprocess.run(install, capture_output=True, text=True, timeout=300)
+        assert retry.returncode == 0, proc.stderr + retry.stderr
     return target
 
 
