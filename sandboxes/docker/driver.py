@@ -210,6 +210,24 @@ def _worker(ctrl, stateless):
 class _Worker:
     def __init__(self, pid, ctrl, out_fd, err_fd):
         self.pid, self.ctrl, self.out_fd, self.err_fd = pid, ctrl, out_fd, err_fd
+        self.status = None  # exit status, once reaped
+
+    def poll(self):
+        """Reap the worker if it exited; resume it if it stopped itself (SIGSTOP, SIGTSTP, ...),
+        as a shell would not, but a sandbox must: a stopped worker would only run into the timeout."""
+        if self.status is not None:
+            return self.status
+        try:
+            pid, st = os.waitpid(self.pid, os.WNOHANG | os.WUNTRACED)
+        except ChildProcessError:
+            return None
+        if not pid:
+            return None
+        if os.WIFSTOPPED(st):
+            os.kill(self.pid, signal.SIGCONT)
+            return None
+        self.status = 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+        return self.status
 
     def close(self):
         for fd in (self.out_fd, self.err_fd):
@@ -366,7 +384,10 @@ def _supervise(worker, msg, cfg):
         if left <= 0:
             timed_out = True
             break
-        ready, _, _ = select.select(watch, [], [], left)
+        ready, _, _ = select.select(watch, [], [], min(left, 0.05))
+        if not ready:
+            worker.poll()
+            continue
         if worker.ctrl in ready:
             reply = _recv(worker.ctrl.recv)
             break
@@ -388,14 +409,8 @@ def _supervise(worker, msg, cfg):
         if not timed_out:  # the worker died by itself (or closed its channel): its status
             wait_until = min(deadline, time.monotonic() + 0.5)
             while True:
-                try:
-                    pid, st = os.waitpid(worker.pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid:
-                    status = 128 + os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
-                    break
-                if time.monotonic() > wait_until:
+                status = worker.poll()
+                if status is not None or time.monotonic() > wait_until:
                     break
                 time.sleep(0.005)
         _kill_all(worker)
