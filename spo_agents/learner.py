@@ -127,17 +127,31 @@ def token_logprobs(
     model: torch.nn.Module, batch: PackedBatch, temperature: float, *, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs `[B, T]` of each target token under `model` (fp32, logits / temperature);
-    with `with_entropy`, also the per-position entropy `[B, T]` of that distribution."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
-    logits = out.logits[:, :-1, :].float()  # [B, T, V]
+    with `with_entropy`, also the per-position entropy `[B, T]` of that distribution.
+
+    Only the trailing positions that hold trained tokens get logits (`logits_to_keep`): with
+    left padding every response ends at the last column, so the prompt's positions, often most
+    of the sequence, never pay for the `[*, V]` output layer and log-softmax. Entries left of
+    them are 0 (their mask is 0)."""
+    B, T = batch.mask.shape
+    cols = torch.nonzero(batch.mask.any(dim=0)).flatten()
+    keep = T - int(cols[0]) if cols.numel() else 1  # trailing target positions that matter
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
+    try:
+        out = model(**kwargs, logits_to_keep=keep + 1)
+    except TypeError:  # a model without `logits_to_keep`: compute every position
+        out = model(**kwargs)
+    logits = out.logits[:, -(keep + 1) : -1, :].float()  # [B, keep, V]
     if temperature != 1.0:
         logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)  # [B, T, V]
-    targets = batch.input_ids[:, 1:].unsqueeze(-1)  # [B, T, 1]
-    logp = logp_all.gather(-1, targets).squeeze(-1)  # [B, T]
+    logp_all = torch.log_softmax(logits, dim=-1)  # [B, keep, V]
+    targets = batch.input_ids[:, T + 1 - keep :].unsqueeze(-1)  # [B, keep, 1]
+    logp = torch.zeros((B, T), dtype=logits.dtype, device=logits.device)
+    logp[:, T - keep :] = logp_all.gather(-1, targets).squeeze(-1)  # [B, T]
     ent = None
     if with_entropy:
-        ent = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
+        ent = torch.zeros_like(logp)
+        ent[:, T - keep :] = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
     return logp, ent
 
 
