@@ -457,7 +457,13 @@ def check_env(
     seed: int = 0,
 ) -> list[CheckResult]:
     """Run every check against fresh instances from `make_env`; returns one result per check.
-    Without a tokenizer the token contract is reported as failed (it cannot be verified)."""
+    Without a tokenizer the token contract is reported as failed (it cannot be verified).
+    An env that cannot be built gives a single failed `make` result."""
+    try:
+        with _closing(make_env()):
+            pass
+    except Exception as e:
+        return [_failure("make", e)]
     results = [
         check_gymnasium_api(make_env),
         check_problem_selection(make_env, seed),

@@ -220,6 +220,15 @@ def test_a_template_that_rewrites_generated_text_fails(tokenizer, tmp_path):
     assert not r.passed and "verbatim" in r.detail
 
 
+def test_an_env_that_cannot_be_built_is_one_failed_row():
+    def broken():
+        raise ValueError("`num_problems` must be positive")
+
+    results = check_env(broken, tokenizer=None)
+    assert [(r.name, r.passed) for r in results] == [("make", False)]
+    assert "ValueError: `num_problems` must be positive" in results[0].detail
+
+
 def test_missing_tokenizer_is_reported_not_skipped():
     results = check_env(ChatEnv, tokenizer=None, episodes=1)
     token = [r for r in results if r.name == "token-contract"][0]
