@@ -5,6 +5,7 @@ safe to train on token-in, token-out (DESIGN.md, "Data flow"; PEERS.md, lesson 1
 
 | check | what it proves |
 |---|---|
+| `make` | (reported only when it fails) the env can be built with the given arguments |
 | `gymnasium-api` | `gymnasium.utils.env_checker.check_env` passes without errors or warnings |
 | `problem-selection` | `reset(options={"problem_id": ...})` poses exactly that problem |
 | `determinism` | the same seed and the same actions give the same messages, observations, rewards and flags, also on an env instance that already played another episode |
