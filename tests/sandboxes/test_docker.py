@@ -179,6 +179,11 @@ def test_driver_reports_a_crash_with_its_status_and_output(drv):
     assert r["exit_status"] == 7 and r["stdout"] == "bye\n"
 
 
+def test_driver_resumes_a_worker_that_stopped_itself(drv):
+    r = drv.run("import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\nprint('went on')", timeout=5.0)
+    assert r["stdout"] == "went on\n" and not r["timed_out"] and not r["worker_lost"]
+
+
 def test_driver_truncates_each_stream_to_head_and_tail(drv):
     r = drv.run("import sys\nprint('A' + 'x' * 50000 + 'Z')\nsys.stderr.write('short')")
     assert r["output_truncated"]
@@ -313,6 +318,22 @@ async def test_timeout_restarts_the_worker_in_the_same_container(be):
     assert r.timed_out and r.session_restarted
     # Left: init, the supervisor, and the worker that runs this listing; the sleeper is gone.
     assert len(json.loads(ps.stdout)) == 3, ps.stdout
+
+
+@pytest.mark.docker
+@needs_engine
+async def test_a_crash_leaves_no_process_of_the_code_behind(be):
+    async with await be.open_session(limits=_limits()) as s:
+        cid = s.container_id
+        r = await s.run(textwrap.dedent("""
+            import os, subprocess, sys
+            subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)
+            os._exit(9)
+            """))
+        ps = await s.run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+        assert s.container_id == cid
+    assert r.session_restarted and r.exit_status == 9
+    assert len(json.loads(ps.stdout)) == 3, ps.stdout  # init, supervisor, the new worker
 
 
 @pytest.mark.docker
