@@ -375,8 +375,13 @@ class DockerBackend(SandboxBackend):
                 return
             self._starting[key] = self._starting.get(key, 0) + need
             executor = self._executor
-        for _ in range(need):
-            executor.submit(self._fill_one, key)
+        for i in range(need):
+            try:
+                executor.submit(self._fill_one, key)
+            except RuntimeError:  # the executor shut down (backend closed, interpreter exiting)
+                with self._lock:
+                    self._starting[key] -= need - i
+                return
 
     def _fill_one(self, key: _Key) -> None:
         try:
@@ -515,10 +520,13 @@ class DockerBackend(SandboxBackend):
         box.close_stream()
         with self._lock:
             ex = self._executor
-        if ex is not None:
-            ex.submit(self._remove_id, box.id)
-        else:
-            self._remove_id(box.id)
+        try:
+            if ex is not None:
+                ex.submit(self._remove_id, box.id)
+                return
+        except RuntimeError:  # shut down meanwhile: remove it here
+            pass
+        self._remove_id(box.id)
 
     def _reap_dead_owners(self) -> None:
         """Remove containers left by processes of this host that died without cleaning up."""
