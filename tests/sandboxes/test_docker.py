@@ -44,6 +44,7 @@ def test_engine_url_prefers_explicit_then_docker_host_then_private_socket(monkey
 
 
 def test_available_says_how_to_start_an_engine_when_none_answers(tmp_path):
+    pytest.importorskip("docker", reason="the Docker SDK is not installed (`pip install 'spo-agents[docker]'`)")
     ok, reason = DockerBackend.available(base_url=f"unix://{tmp_path}/none.sock")
     assert ok is False
     assert "make docker-engine" in reason and "none.sock" in reason
