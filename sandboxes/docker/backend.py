@@ -223,9 +223,11 @@ class DockerBackend(SandboxBackend):
 
     Arguments: `image` (needs `python3`), `pool_size` (warm containers kept per distinct
     (stateless, limits) pair; 0 disables the pool), `limits` (defaults for sessions), `cpus`
-    (CPU quota per container), `user`, `base_url` (the engine; see `engine_url`), `runtime`
+    (CPU quota per container), `user` (`uid:gid` the code runs as), `base_url` (the engine; see
+    `engine_url`), `runtime`
     (e.g. `runsc` for gVisor), `preload` (modules imported when a container starts, e.g.
-    `("numpy", "sympy")`: slower start, faster first call), `start_timeout_s`, and any
+    `("numpy", "sympy")`: slower start, faster first call), `start_timeout_s`, `max_workers`
+    (threads for engine calls and in-flight `run`s: each call in flight holds one), and any
     `SandboxLimits` field (`timeout_s`, `memory_mb`, ...) to override one default limit.
     """
 
@@ -243,7 +245,7 @@ class DockerBackend(SandboxBackend):
         runtime: str | None = None,
         preload: tuple[str, ...] | list[str] = (),
         start_timeout_s: float = 60.0,
-        max_workers: int = 32,
+        max_workers: int = 128,
         **limit_fields: Any,
     ) -> None:
         limits = _with_limit_fields("docker", limits, limit_fields, _OPTIONS)
