@@ -61,7 +61,7 @@ def limits(**overrides) -> SandboxLimits:
 def session_processes(backend: SandboxBackend) -> list[int] | None:
     """Host pids of processes that belong to sessions (None when the backend cannot tell).
 
-    For `local`: everything under the worker's zygote other than the zygote itself.
+    For `local`: every process under the worker's zygote.
     """
     pid = getattr(backend, "worker_pid", None)
     if pid is None:
@@ -70,8 +70,12 @@ def session_processes(backend: SandboxBackend) -> list[int] | None:
 
     try:
         node = psutil.Process(pid)
-        # bubblewrap: bwrap -> bwrap (pid 1 inside) -> zygote -> sessions; otherwise zygote -> sessions.
-        while node.name() == "bwrap":
+        # bubblewrap: bwrap -> bwrap (pid 1 inside) -> worker main -> zygote -> sessions;
+        # unshare: worker main -> zygote -> sessions; none: zygote -> sessions.
+        hops = 1 if backend.isolation != "none" else 0
+        while node.name() == "bwrap" or hops:
+            if node.name() != "bwrap":
+                hops -= 1
             kids = node.children()
             if not kids:
                 return []
@@ -79,3 +83,19 @@ def session_processes(backend: SandboxBackend) -> list[int] | None:
         return [c.pid for c in node.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
     except psutil.NoSuchProcess:
         return []
+
+
+def describe_processes(pids) -> str:
+    """pid, state, parent and command line of each pid (for failure messages)."""
+    import psutil
+
+    out = []
+    for pid in sorted(pids):
+        try:
+            p = psutil.Process(pid)
+            with open(f"/proc/{pid}/status") as f:
+                nspid = next((line.split(":", 1)[1].split() for line in f if line.startswith("NSpid")), [])
+            out.append(f"{pid} {p.status()} ppid={p.ppid()} nspid={'/'.join(nspid)} {' '.join(p.cmdline())[:60]!r}")
+        except psutil.NoSuchProcess:
+            out.append(f"{pid} gone")
+    return "; ".join(out)

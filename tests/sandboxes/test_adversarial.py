@@ -16,7 +16,7 @@ import pytest
 
 from spo_agents.sandboxes import make_backend
 
-from .conftest import limits, session_processes
+from .conftest import describe_processes, limits, session_processes
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +37,12 @@ async def _next_call_works(session) -> None:
 async def _no_leftovers(backend, before) -> None:
     if before is None:
         return
-    for _ in range(150):
+    for _ in range(500):
         if set(session_processes(backend)) <= set(before):
             return
         await asyncio.sleep(0.02)
-    assert set(session_processes(backend)) <= set(before), "session processes survived the session"
+    left = set(session_processes(backend)) - set(before)
+    assert not left, f"session processes survived the session: {describe_processes(left)}"
 
 
 async def test_infinite_loop(backend):
