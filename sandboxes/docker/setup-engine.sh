@@ -33,11 +33,17 @@ say() { echo "[docker-engine] $*"; }
 die() { echo "[docker-engine] error: $*" >&2; exit 1; }
 dk() { docker -H "unix://$SOCK" "$@"; }
 
+alive() { # a running (not zombie) process
+  local state
+  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+
 engine_pid() {
   [[ -f "$PIDFILE" ]] || return 1
   local pid
   pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == dockerd ]] && echo "$pid"
+  [[ -n "$pid" ]] && alive "$pid" && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == dockerd ]] && echo "$pid"
 }
 
 engine_up() { engine_pid >/dev/null && dk version >/dev/null 2>&1; }
@@ -147,16 +153,18 @@ stop_engine() {
   else
     remove_containers
     say "stopping dockerd (pid $pid)"
-    kill -TERM "$pid"
+    kill -TERM "$pid" 2>/dev/null || true
     local i
-    for i in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    if kill -0 "$pid" 2>/dev/null; then say "dockerd ignored SIGTERM for 30 s; sending SIGKILL"; kill -KILL "$pid" || true; fi
+    for i in $(seq 1 60); do alive "$pid" || break; sleep 0.5; done
+    if alive "$pid"; then say "dockerd ignored SIGTERM for 30 s; sending SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
   fi
   # dockerd's own containerd (and shims) live under our exec-root; nothing may outlive it.
   local cpid
   for f in "$HOME_DIR/exec/containerd/containerd.pid"; do
-    if [[ -f "$f" ]] && cpid="$(cat "$f")" && kill -0 "$cpid" 2>/dev/null; then
+    if [[ -f "$f" ]] && cpid="$(cat "$f")" && alive "$cpid" && [[ "$(cat "/proc/$cpid/comm" 2>/dev/null)" == containerd ]]; then
       say "stopping leftover containerd (pid $cpid)"; kill -TERM "$cpid" 2>/dev/null || true
+      for i in $(seq 1 20); do alive "$cpid" || break; sleep 0.5; done
+      alive "$cpid" && kill -KILL "$cpid" 2>/dev/null || true
     fi
   done
   # Mounts dockerd may have left under its data/exec roots after an unclean stop.
