@@ -249,7 +249,9 @@ def _session(ctrl, out_fd, err_fd, cfg, limits):
 
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setsid()
-    workdir = cfg["workdir"]
+    workdir = limits.get("workdir") or cfg["workdir"]
+    if limits.get("workdir"):
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
     if limits.get("max_processes"):
         # Set before the user namespace exists, so namespaces the code nests inside inherit it.
         n = int(limits["max_processes"]) + 1

@@ -37,8 +37,10 @@ import atexit
 import json
 import logging
 import os
+import shutil
 import socket
 import struct
+import tempfile
 import time
 import warnings
 import weakref
@@ -110,6 +112,7 @@ class _Runner:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.workdir: str | None = None  # a host temp dir (isolation `none` only), removed on kill
 
     def on_readable(self, name: str) -> None:
         fd = self.fds[name]
@@ -186,24 +189,30 @@ class LocalSession(SandboxSession):
         self.start_s = 0.0
 
     # --- process management ---
-    def _limits_msg(self) -> dict[str, Any]:
+    def _limits_msg(self, workdir: str | None) -> dict[str, Any]:
         d = asdict(self.limits)
         d["drop_capabilities"] = self._backend.isolation != "none"
+        d["workdir"] = workdir
         return d
 
     async def _spawn(self) -> _Runner:
         loop = asyncio.get_running_loop()
+        # Namespaced isolation mounts a private tmpfs inside the session; without namespaces the
+        # work dir is a host temp dir of the session's own, removed when the session ends.
+        workdir = tempfile.mkdtemp(prefix="spo-sandbox-") if self._backend.isolation == "none" else None
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
             pid, pgid = await loop.run_in_executor(
-                None, self._backend._zygote_for_spawn().spawn, self._limits_msg(), [child.fileno(), out_w, err_w]
+                None, self._backend._spawn_runner, self._limits_msg(workdir), [child.fileno(), out_w, err_w]
             )
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
             host.close()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
             raise
         finally:
             child.close()
@@ -211,6 +220,7 @@ class LocalSession(SandboxSession):
             os.close(err_w)
         runner = _Runner(pid, pgid, host, out_r, err_r, self.limits.max_output_bytes)
         runner.loop = loop
+        runner.workdir = workdir
         for name, fd in runner.fds.items():
             os.set_blocking(fd, False)
             loop.add_reader(fd, runner.on_readable, name)
@@ -246,6 +256,8 @@ class LocalSession(SandboxSession):
         finally:
             runner.drain()
             runner.close()
+            if runner.workdir is not None:
+                shutil.rmtree(runner.workdir, ignore_errors=True)
         return status
 
     async def _current(self) -> _Runner:
@@ -317,6 +329,17 @@ class LocalSession(SandboxSession):
             except SandboxError as e:
                 result.extra["restart_error"] = str(e)
             return result
+
+    def __del__(self) -> None:
+        # Dropped without `close()`: hand the runner to the backend, which kills it at its next
+        # request (a finaliser must not block on the worker's lock).
+        runner = getattr(self, "_runner", None)
+        if runner is not None and not self._closed:
+            self._backend._orphans.append((runner.pid, runner.pgid, runner.workdir))
+            try:
+                runner.close()
+            except Exception:  # noqa: BLE001 - the loop may be gone already
+                pass
 
     def _collect(self, runner: _Runner, result: SandboxResult) -> None:
         result.stdout, t1 = runner.captures["stdout"].take()
@@ -413,6 +436,7 @@ class LocalBackend(SandboxBackend):
         )
         self._zygote: Zygote | None = None
         self._sessions: weakref.WeakSet[LocalSession] = weakref.WeakSet()
+        self._orphans: list[tuple[int, int, str | None]] = []  # runners of sessions never closed
         _LIVE.add(self)
 
     @classmethod
@@ -452,6 +476,16 @@ class LocalBackend(SandboxBackend):
             self._zygote = Zygote(self._cfg)
             _register_exit_hook()
         return self._zygote
+
+    def _spawn_runner(self, limits: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+        """Fork a runner (blocking; called in an executor thread), after reaping orphans."""
+        zygote = self._zygote_for_spawn()
+        while self._orphans:
+            pid, pgid, workdir = self._orphans.pop()
+            self._zygote_kill(pid, pgid)
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return zygote.spawn(limits, fds)
 
     def _zygote_kill(self, pid: int, pgid: int) -> int | None:
         if self._zygote is None:

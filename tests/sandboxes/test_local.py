@@ -227,3 +227,48 @@ def test_sync_sessions_from_many_threads(shared):
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(episode, range(8)))
     assert outs == [f"{i + 1}\n" for i in range(8)]
+
+
+@pytest.mark.parametrize("isolation", ["auto", "none"])
+async def test_no_temp_dir_is_left_behind(tmp_path, monkeypatch, isolation):
+    import tempfile
+    import warnings
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        b = make_backend("local", isolation=isolation, **QUICK)
+    try:
+        s = await b.open_session()
+        await s.run("open('scratch.bin', 'wb').write(b'x' * 1000)\nimport os\nprint(os.getcwd())")
+        await s.run("while True:\n    pass", timeout=0.5)  # timed out: restarted
+        await s.run("import os\nos._exit(1)")  # crashed: restarted
+        await s.close()
+        st = await b.open_session(stateless=True)
+        await st.run("open('a', 'w').write('1')")
+        await st.run("open('b', 'w').write('2')")
+        await st.close()
+    finally:
+        await b.aclose()
+    assert list(private.iterdir()) == []
+
+
+async def test_a_session_dropped_without_close_is_killed_later(shared):
+    import gc
+
+    before = set(session_processes(shared))
+    s = await shared.open_session()
+    await s.run("x = 1")
+    pid_count = len(session_processes(shared))
+    assert pid_count > len(before)
+    del s
+    gc.collect()
+    s2 = await shared.open_session()  # the next request to the worker reaps the orphan
+    await s2.close()
+    for _ in range(200):
+        if set(session_processes(shared)) <= before:
+            break
+        await asyncio.sleep(0.02)
+    assert set(session_processes(shared)) <= before
