@@ -80,6 +80,7 @@ start_engine() {
   [[ "$(id -u)" == 0 ]] || die "dockerd needs root: run this script as root (or with sudo)"
   mkdir -p "$HOME_DIR/data" "$HOME_DIR/exec"
   if [[ -f "$PIDFILE" ]] && ! engine_pid >/dev/null; then rm -f "$PIDFILE"; fi
+  cleanup_leftovers # of an engine that was killed without `stop`
   rm -f "$SOCK"
   if command -v iptables-save >/dev/null; then
     iptables-save >"$HOME_DIR/iptables.before" 2>/dev/null || true
@@ -146,6 +147,27 @@ remove_containers() {
   fi
 }
 
+cleanup_leftovers() {
+  # dockerd's own containerd (and shims) live under our exec-root; nothing may outlive it.
+  local cpid
+  for f in "$HOME_DIR/exec/containerd/containerd.pid"; do
+    if [[ -f "$f" ]] && cpid="$(cat "$f")" && alive "$cpid" && [[ "$(cat "/proc/$cpid/comm" 2>/dev/null)" == containerd ]]; then
+      say "stopping leftover containerd (pid $cpid)"; kill -TERM "$cpid" 2>/dev/null || true
+      for i in $(seq 1 20); do alive "$cpid" || break; sleep 0.5; done
+      alive "$cpid" && kill -KILL "$cpid" 2>/dev/null || true
+    fi
+  done
+  # containerd's sockets and pid file, when no containerd is left to own them.
+  if [[ -d "$HOME_DIR/exec/containerd" ]] && ! { [[ -f "$HOME_DIR/exec/containerd/containerd.pid" ]] && alive "$(cat "$HOME_DIR/exec/containerd/containerd.pid")"; }; then
+    rm -f "$HOME_DIR"/exec/containerd/*.sock* "$HOME_DIR/exec/containerd/containerd.pid"
+  fi
+  # Mounts dockerd may have left under its data/exec roots after an unclean stop.
+  local m
+  for m in $(awk -v h="$HOME_DIR" 'index($2, h) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
+  done
+}
+
 stop_engine() {
   local pid
   if ! pid="$(engine_pid)"; then
@@ -158,27 +180,9 @@ stop_engine() {
     for i in $(seq 1 60); do alive "$pid" || break; sleep 0.5; done
     if alive "$pid"; then say "dockerd ignored SIGTERM for 30 s; sending SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
   fi
-  # dockerd's own containerd (and shims) live under our exec-root; nothing may outlive it.
-  local cpid
-  for f in "$HOME_DIR/exec/containerd/containerd.pid"; do
-    if [[ -f "$f" ]] && cpid="$(cat "$f")" && alive "$cpid" && [[ "$(cat "/proc/$cpid/comm" 2>/dev/null)" == containerd ]]; then
-      say "stopping leftover containerd (pid $cpid)"; kill -TERM "$cpid" 2>/dev/null || true
-      for i in $(seq 1 20); do alive "$cpid" || break; sleep 0.5; done
-      alive "$cpid" && kill -KILL "$cpid" 2>/dev/null || true
-    fi
-  done
-  # Mounts dockerd may have left under its data/exec roots after an unclean stop.
-  local m
-  for m in $(awk -v h="$HOME_DIR" 'index($2, h) == 1 {print $2}' /proc/mounts | sort -r); do
-    umount -l "$m" 2>/dev/null || true
-  done
+  cleanup_leftovers
   rm -f "$PIDFILE" "$SOCK"
   restore_iptables
-  if ip link show docker0 >/dev/null 2>&1 && [[ -f "$HOME_DIR/iptables.before" ]]; then
-    # Never created by this script's flags (--bridge=none); only reported, since a system
-    # Docker could own it.
-    say "note: a docker0 bridge exists (not created by this engine)"
-  fi
 }
 
 restore_iptables() {
