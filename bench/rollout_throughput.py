@@ -8,7 +8,8 @@ the same run:
 - `grouped`: groups of G = 8 samples of a problem, B / G groups per step, and a barrier: the
   next step starts only when every episode of the step has finished (GRPO-style).
 - `single`: single-stream with B episodes in flight and no barrier: a finished episode is
-  replaced at once, the first B to finish make the step (same concurrency as `grouped`).
+  replaced at once from a backlog of queued problems, and the first B to finish make the step
+  (the same concurrency as `grouped`).
 - `single-os`: single-stream with over-sampling: 2B in flight, keep the first B that finish;
   the rest stay in flight for the next step (the paper's "start 48, keep the first 24").
 
@@ -19,9 +20,15 @@ so the only thing that differs between modes is how the collector schedules epis
 `sigma` is the tail width: 0 means equal lengths; the paper's multi-turn tool-use setting has a
 long tail (sigma around 1).
 
+With `--tail tool` the response length is fixed (`--median` tokens) and the tail is in the
+episode's tool call instead: the env's `step` waits `clip(tool_median_s * exp(sigma * Z), 0,
+16 * tool_median_s)` seconds (in the collector's worker threads, as a sandbox call would), the
+situation of multi-turn tool use where slow tool calls, not only long generations, make the tail.
+
 Usage (writes a markdown table to stdout and, with `--json`, the raw numbers):
 
     .venv/bin/python bench/rollout_throughput.py --engine vllm --sigmas 0.5 1.0
+    .venv/bin/python bench/rollout_throughput.py --engine vllm --tail tool --sigmas 0.5 1.0
     .venv/bin/python bench/rollout_throughput.py --engine hf             # in-process, no server
 
 `--engine vllm` starts `python -m vllm.entrypoints.openai.api_server` from `$SPO_VLLM_PYTHON` or
@@ -38,6 +45,7 @@ import math
 import platform
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,18 +56,36 @@ from spo_agents.rollout import Collector
 from spo_agents.types import Problem
 
 
+class Lognormal:
+    """Seeded draws of `clip(median * exp(sigma * Z), lo, 16 * median)`, shared across threads."""
+
+    def __init__(self, median: float, sigma: float, seed: int, lo: float = 1.0) -> None:
+        self.median, self.sigma, self.lo = median, sigma, lo
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+
+    def draw(self) -> float:
+        with self.lock:
+            z = self.rng.gauss(0.0, 1.0)
+        return min(max(self.median * math.exp(self.sigma * z), self.lo), 16 * self.median)
+
+
 class OneTurnEnv(MultiTurnEnv):
-    """One generation per episode; the episode ends after it (reward 1 for any text)."""
+    """One generation per episode; the episode ends after it (reward 1 for any text). With
+    `tool_latency`, `step` first waits a drawn number of seconds, like a tool call would."""
 
     stop_sequences: list[str] = []
 
-    def __init__(self, num_problems: int = 10_000) -> None:
+    def __init__(self, num_problems: int = 10_000, tool_latency: Lognormal | None = None) -> None:
         super().__init__([Problem(id=f"p{i}", prompt=f"Write a short story about the number {i}.") for i in range(num_problems)])
+        self.tool_latency = tool_latency
 
     def _reset_episode(self, problem: Problem) -> list[dict[str, str]]:
         return [{"role": "user", "content": problem.prompt}]
 
     def _step_episode(self, action: str) -> StepOutcome:
+        if self.tool_latency is not None:
+            time.sleep(self.tool_latency.draw())
         return StepOutcome("", 1.0, True, False, {"answer": None, "correct": True})
 
 
@@ -69,9 +95,8 @@ class LongTailPolicy(PolicyBackend):
     def __init__(self, inner: PolicyBackend, median: int, sigma: float, seed: int) -> None:
         super().__init__()
         self.inner = inner
-        self.median = median
         self.sigma = sigma
-        self.rng = random.Random(seed)
+        self.lengths_dist = Lognormal(median, sigma, seed)
         self.tokens = 0
         self.lengths: list[int] = []
 
@@ -79,12 +104,8 @@ class LongTailPolicy(PolicyBackend):
     def tokenizer(self) -> Any:
         return self.inner.tokenizer
 
-    def draw(self) -> int:
-        z = self.rng.gauss(0.0, 1.0)
-        return int(min(max(round(self.median * math.exp(self.sigma * z)), 1), 16 * self.median))
-
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        n = self.draw()
+        n = int(round(self.lengths_dist.draw()))
         self.lengths.append(n)
         g = await self.inner.generate(prompt_ids, dataclasses.replace(params, max_new_tokens=n))
         self.tokens += len(g.token_ids)
@@ -106,11 +127,11 @@ class Result:
         return self.trajectories / self.seconds
 
 
-async def collect(mode: str, policy: LongTailPolicy, *, batch: int, steps: int, group: int) -> Result:
+async def collect(mode: str, policy: LongTailPolicy, *, batch: int, steps: int, group: int, tool_latency: Lognormal | None = None) -> Result:
     """Collect `steps` batches of `batch` accepted trajectories; returns the wall time."""
     grouped = mode == "grouped"
     in_flight = 2 * batch if mode == "single-os" else batch
-    collector = Collector(OneTurnEnv, policy, max_in_flight=in_flight, sampling=SamplingParams(temperature=1.0),
+    collector = Collector(lambda: OneTurnEnv(tool_latency=tool_latency), policy, max_in_flight=in_flight, sampling=SamplingParams(temperature=1.0),
                           max_episode_tokens=100_000, group_size=group if grouped else 1)
     ids = (f"p{i}" for i in range(10**9))
     tokens0 = policy.tokens
@@ -119,8 +140,9 @@ async def collect(mode: str, policy: LongTailPolicy, *, batch: int, steps: int, 
     for _ in range(steps):
         if grouped:
             collector.submit([next(ids) for _ in range(batch // group)])
-        else:  # keep the pipeline full: top up to `in_flight` live episodes
-            collector.submit([next(ids) for _ in range(in_flight - collector.in_flight - collector.pending - collector.ready)])
+        else:  # keep a backlog of `batch` queued episodes, so every slot that frees is refilled at once
+            backlog = in_flight + batch - collector.in_flight - collector.pending - collector.ready
+            collector.submit([next(ids) for _ in range(max(backlog, 0))])
         got += len(await collector.next_batch(batch))
     seconds = time.perf_counter() - start
     started = collector.stats.started
@@ -164,8 +186,13 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
         for sigma in args.sigmas:
             for rep in range(args.repeats):
                 for mode in ("grouped", "single", "single-os"):
-                    policy = LongTailPolicy(inner, args.median, sigma, seed=1000 * rep + int(sigma * 100))
-                    r = await collect(mode, policy, batch=args.batch, steps=args.steps, group=args.group)
+                    seed = 1000 * rep + int(sigma * 100)
+                    if args.tail == "length":
+                        policy, latency = LongTailPolicy(inner, args.median, sigma, seed=seed), None
+                    else:  # fixed response length, long-tailed tool latency
+                        policy, latency = LongTailPolicy(inner, args.median, 0.0, seed=seed), Lognormal(args.tool_median_s, sigma, seed, lo=0.0)
+                        policy.sigma = sigma
+                    r = await collect(mode, policy, batch=args.batch, steps=args.steps, group=args.group, tool_latency=latency)
                     results.append(r)
                     print(f"sigma={sigma} {mode:9s} {r.trajectories} traj in {r.seconds:6.1f} s = {r.traj_per_s:6.2f} traj/s "
                           f"({r.tokens / r.seconds:6.0f} tok/s, {r.started} episodes started)", file=sys.stderr)
@@ -180,7 +207,9 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
 def report(results: list[Result], args: argparse.Namespace, label: str) -> str:
     lines = [
         f"engine: {label}; machine: {platform.machine()}, {__import__('os').cpu_count()} cores; "
-        f"B = {args.batch} per step, {args.steps} steps, G = {args.group}, median length {args.median} tokens",
+        f"B = {args.batch} per step, {args.steps} steps, G = {args.group}, "
+        + (f"lognormal response length, median {args.median} tokens" if args.tail == "length"
+           else f"response length {args.median} tokens, lognormal tool latency, median {args.tool_median_s} s"),
         "",
         "| sigma | grouped traj/s | single traj/s | single-os traj/s | single-os / grouped | single / grouped |",
         "|---|---|---|---|---|---|",
@@ -201,7 +230,10 @@ def main() -> None:
     p.add_argument("--base-url", default=None, help="use a running vLLM server instead of starting one")
     p.add_argument("--model", default="tiny-random")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0])
-    p.add_argument("--median", type=int, default=32, help="median response length in tokens")
+    p.add_argument("--tail", choices=["length", "tool"], default="length",
+                   help="what is long-tailed: the response length (default) or a tool call's latency")
+    p.add_argument("--median", type=int, default=32, help="median response length in tokens (fixed length with --tail tool)")
+    p.add_argument("--tool-median-s", type=float, default=0.5, help="median tool latency in seconds (--tail tool)")
     p.add_argument("--batch", type=int, default=24, help="accepted trajectories per step (B)")
     p.add_argument("--group", type=int, default=8, help="group size G of the grouped mode")
     p.add_argument("--steps", type=int, default=4)
