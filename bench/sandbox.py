@@ -5,7 +5,8 @@ per call and, when a Docker engine answers, `docker exec` into a running contain
 
 - session start: `open_session()` latency, sessions opened one after another (p50 / p99);
 - calls: `print(sum(range(1000)))` at concurrency 1, 8 and 32 (that many sessions, each running
-  calls back to back): latency p50 / p99 per call and calls per second over the whole level.
+  calls back to back): latency p50 / p99 per call and calls per second over the whole level;
+- for `local`, the same with stateless sessions (a fresh fork for every call).
 
 Targets (issue "Sandboxes", done-when, for `local` with isolation on): call p50 <= 5 ms,
 p99 <= 25 ms, >= 200 calls/s at concurrency 8 on 2 cores, session start <= 50 ms.
@@ -67,11 +68,12 @@ def level_from(concurrency: int, lat: list[float], wall: float, errors: int) -> 
 
 
 # --- sandbox backends ---------------------------------------------------------------------------
-async def bench_backend(name: str, levels: list[int], calls: int, starts: int, options: dict) -> Row:
+async def bench_backend(name: str, levels: list[int], calls: int, starts: int, options: dict,
+                        stateless: bool = False) -> Row:
     from spo_agents.sandboxes import make_backend
 
     backend = make_backend(name, **options)
-    row = Row(target=name, isolation=str(getattr(backend, "isolation", "")))
+    row = Row(target=name + (" (stateless)" if stateless else ""), isolation=str(getattr(backend, "isolation", "")))
     try:
         if hasattr(backend, "start"):
             t0 = time.perf_counter()
@@ -81,12 +83,12 @@ async def bench_backend(name: str, levels: list[int], calls: int, starts: int, o
         times = []
         for _ in range(starts):
             t0 = time.perf_counter()
-            s = await backend.open_session()
+            s = await backend.open_session(stateless=stateless)
             times.append(time.perf_counter() - t0)
             await s.close()
         row.session_start_p50_ms, row.session_start_p99_ms = pct(times, 50) * 1e3, pct(times, 99) * 1e3
         for c in levels:
-            sessions = await asyncio.gather(*[backend.open_session() for _ in range(c)])
+            sessions = await asyncio.gather(*[backend.open_session(stateless=stateless) for _ in range(c)])
             try:
                 await asyncio.gather(*[s.run(CODE) for s in sessions])  # warm each session
                 per_session = max(1, calls // c)
@@ -244,6 +246,9 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
         options = json.loads(args.options) if args.options and name == "local" else {}
         print(f"benchmarking backend `{name}` ...", file=sys.stderr)
         rows.append(await bench_backend(name, levels, args.calls, args.starts, options))
+        if name == "local" and not args.no_stateless:
+            print("benchmarking backend `local` (stateless) ...", file=sys.stderr)
+            rows.append(await bench_backend(name, levels, args.calls // 4, args.starts, options, stateless=True))
     if not args.no_baselines:
         print("benchmarking python -c ...", file=sys.stderr)
         rows.append(await bench_python_c(levels, args.calls))
@@ -264,6 +269,7 @@ def main() -> int:
     p.add_argument("--starts", type=int, default=50, help="sessions opened for the session-start figure")
     p.add_argument("--options", default="", help='JSON options for the local backend, e.g. \'{"isolation": "unshare"}\'')
     p.add_argument("--no-baselines", action="store_true", help="skip python -c and docker exec")
+    p.add_argument("--no-stateless", action="store_true", help="skip the stateless `local` row (a fresh fork per call)")
     p.add_argument("--json", default="", help="also write the raw figures to this file")
     args = p.parse_args()
     info = machine()

@@ -20,7 +20,8 @@ kill is by process group.
 
 Zygote protocol (host <-> zygote, SOCK_SEQPACKET, one JSON object per message, strictly request /
 response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) -> `{pid, pgid}`;
-`kill` -> `{status}`; `wait` -> `{status}` (or `null` while running).
+`kill` -> `{status}` (`null` with `wait: false`: the kill is sent, the reaping happens later);
+`wait` -> `{status}` (or `null` while running).
  Statuses use the shell's
 convention: the exit code, or 128 + N for death by signal N.
 
@@ -296,6 +297,14 @@ def _zygote(sock, cfg):
     sock.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
     runners = set()
     exited = {}  # runner pid -> status, for runners reaped while waiting for another
+    abandoned = set()  # killed without waiting: reaped whenever they are done, status dropped
+
+    def collect(got, st):
+        if got in abandoned:
+            abandoned.discard(got)
+            runners.discard(got)
+        elif got in runners:
+            exited[got] = _status(st)
 
     def reap(pid, block):
         if pid in exited:
@@ -308,11 +317,20 @@ def _zygote(sock, cfg):
                 return None
             if got == 0:
                 return None
-            if got in runners:
-                exited[got] = _status(st)
+            collect(got, st)
             if got == pid:
                 runners.discard(pid)
-                return exited.pop(pid)
+                return exited.pop(pid, None)
+
+    def sweep():
+        while True:
+            try:
+                got, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if got == 0:
+                return
+            collect(got, st)
 
     while True:
         try:
@@ -323,6 +341,7 @@ def _zygote(sock, cfg):
             os._exit(0)
         req = json.loads(msg)
         op = req["op"]
+        sweep()
         if op == "spawn":
             if own_pid_ns is not None:
                 _check(_libc.unshare(CLONE_NEWPID), "unshare pid")  # the next child is pid 1 there
@@ -348,13 +367,18 @@ def _zygote(sock, cfg):
             pid = req["pid"]
             # A runner with namespaces is pid 1 of its own: its death ends everything in there.
             targets = [pid] if cfg["namespaces"] else [-req["pgid"], pid]
-            if pid in runners and pid not in exited:
+            if pid in runners and pid not in exited and pid not in abandoned:
                 for target in targets:
                     try:
                         os.kill(target, signal.SIGKILL)
                     except OSError:
                         pass
-            sock.send(json.dumps({"status": reap(pid, True)}).encode())
+            if req.get("wait", True) or pid in exited:
+                status = reap(pid, True)
+            else:
+                abandoned.add(pid)  # its teardown goes on while the next session starts
+                status = None
+            sock.send(json.dumps({"status": status}).encode())
         elif op == "wait":
             sock.send(json.dumps({"status": reap(req["pid"], bool(req.get("block")))}).encode())
         else:

@@ -297,12 +297,12 @@ class Zygote:
             )
         return int(reply["pid"]), int(reply["pgid"])
 
-    def kill(self, pid: int, pgid: int) -> int | None:
-        """Kill a session's whole tree; returns its exit status (shell convention)."""
+    def kill(self, pid: int, pgid: int, wait: bool = True) -> int | None:
+        """Kill a session's whole tree; returns its exit status (shell convention) when `wait`."""
         with self._lock:
             if not self.alive:
                 return None  # the sessions died with the worker
-            return self._request_locked({"op": "kill", "pid": pid, "pgid": pgid})["status"]
+            return self._request_locked({"op": "kill", "pid": pid, "pgid": pgid, "wait": wait})["status"]
 
     def wait(self, pid: int, block: bool = True) -> int | None:
         with self._lock:

@@ -488,10 +488,11 @@ class LocalBackend(SandboxBackend):
         return zygote.spawn(limits, fds)
 
     def _zygote_kill(self, pid: int, pgid: int) -> int | None:
+        """Kill a runner without waiting for its teardown (nobody needs the status of a kill)."""
         if self._zygote is None:
             return None
         try:
-            return self._zygote.kill(pid, pgid)
+            return self._zygote.kill(pid, pgid, wait=False)
         except SandboxError:
             return None
 
