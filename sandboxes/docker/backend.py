@@ -115,6 +115,10 @@ def driver_source() -> str:
     return (Path(__file__).with_name("driver.py")).read_text(encoding="utf-8")
 
 
+#: Limits fixed when a container starts; `timeout_s` and `cpu_s` travel with each call instead.
+_CONTAINER_LIMITS = ("memory_mb", "max_processes", "max_open_files", "max_file_size_mb", "max_output_bytes", "disk_mb")
+
+
 @dataclass(frozen=True)
 class _Key:
     """What makes two containers interchangeable in the warm pool."""
@@ -124,7 +128,8 @@ class _Key:
 
     @staticmethod
     def of(stateless: bool, limits: SandboxLimits) -> _Key:
-        return _Key(stateless, tuple(sorted(asdict(limits).items())))
+        fields = asdict(limits)
+        return _Key(stateless, tuple((k, fields[k]) for k in _CONTAINER_LIMITS if k in fields))
 
     def limits_obj(self) -> SandboxLimits:
         return SandboxLimits(**dict(self.limits))
@@ -303,9 +308,10 @@ class DockerBackend(SandboxBackend):
 
     # --- the async protocol --------------------------------------------------------------------
     async def open_session(self, *, stateless: bool = False, limits: SandboxLimits | None = None) -> DockerSession:
-        key = _Key.of(stateless, limits or self.limits)
+        limits = limits or self.limits
+        key = _Key.of(stateless, limits)
         box = await self._in_thread(self._acquire, key)
-        return DockerSession(self, key, box)
+        return DockerSession(self, key, box, limits)
 
     async def warm(self, n: int | None = None, *, stateless: bool = False, limits: SandboxLimits | None = None) -> int:
         """Fill the pool for these settings with `n` (default `pool_size`) containers and wait
@@ -716,9 +722,9 @@ def _closed_result(duration: float) -> SandboxResult:
 class DockerSession(SandboxSession):
     """One episode's interpreter in its own container. Calls on one session run one at a time."""
 
-    def __init__(self, backend: DockerBackend, key: _Key, box: _Box) -> None:
+    def __init__(self, backend: DockerBackend, key: _Key, box: _Box, limits: SandboxLimits) -> None:
         self.backend, self.key, self.box = backend, key, box
-        self.limits = key.limits_obj()
+        self.limits = limits
         self.stateless = key.stateless
         self._run_lock = threading.Lock()  # one call at a time (held in the backend's threads)
         self._box_lock = threading.Lock()  # guards `box` and `_closed`

@@ -471,3 +471,12 @@ async def test_cpu_seconds_limit_stops_the_call_and_keeps_the_session(be):
     assert r.timed_out and r.extra.get("cpu_exceeded") and not r.session_restarted, r
     assert r.duration_s < 10
     assert after.stdout == "1\n"
+
+
+def test_pool_key_ignores_per_call_limits_but_not_container_limits():
+    base = SandboxLimits(timeout_s=10.0, memory_mb=512)
+    same = SandboxLimits(timeout_s=2.0, cpu_s=1.0, memory_mb=512)
+    assert dockermod._Key.of(False, base) == dockermod._Key.of(False, same)
+    assert dockermod._Key.of(False, base) != dockermod._Key.of(True, base)
+    assert dockermod._Key.of(False, base) != dockermod._Key.of(False, SandboxLimits(memory_mb=256))
+    assert dockermod._Key.of(False, base) != dockermod._Key.of(False, SandboxLimits(memory_mb=512, max_output_bytes=10))
