@@ -51,7 +51,6 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 test-docker: setup docker-engine
-	@$(PIP) install -q -e ".[docker]" 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -m pytest -q -m docker $(ARGS)
 
 # A private dockerd (own data root and socket, no iptables changes) and the sandbox image built
