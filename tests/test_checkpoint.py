@@ -165,3 +165,15 @@ def test_metric_docs_are_complete_sentences_and_render_as_a_table():
     assert all(doc.strip().endswith((".", ")")) for doc in METRICS.values())
     table = markdown_table()
     assert table.count("\n") == len(METRICS) + 1 and "`tracker/rho_mean`" in table
+
+
+@pytest.mark.slow  # starts the wandb service process (several seconds)
+def test_wandb_sink_logs_offline_without_an_account(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    w = MetricsWriter(tmp_path, wandb=True, run_name="t", config={"a": 1})
+    w.log({"step": 1, "train/reward_mean": 0.25})
+    w.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "train/reward_mean": 0.25}]

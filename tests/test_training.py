@@ -215,6 +215,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint_with_the_tracker
     assert res.step == saved.step + 1
 
 
+@pytest.mark.slow
 def test_spo_raises_reward_on_a_learnable_env(tmp_path):
     cfg = tiny_config(tmp_path, train={"steps": 12, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 1e-2})
     res = train(cfg, run_dir=tmp_path / "run", components=tiny_components())
@@ -358,6 +359,7 @@ def first_token_registered():
     yield "first-token"
 
 
+@pytest.mark.slow
 def test_cli_estimate_values_then_train_from_them_then_plot(tmp_path, first_token_registered, capsys):
     import json
 
