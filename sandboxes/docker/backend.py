@@ -47,6 +47,7 @@ import asyncio
 import atexit
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -193,6 +194,14 @@ class _Box:
                 self._out += payload
             elif len(self.err) < 65536:
                 self.err += payload[: 65536 - len(self.err)]
+
+    def alive(self) -> bool:
+        """False when the container's end of the stream has closed (checked without blocking)."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            return not ready or self.sock.recv(1, socket.MSG_PEEK) != b""
+        except (OSError, ValueError):
+            return False
 
     def close_stream(self) -> None:
         # shutdown first: it wakes a thread blocked in `recv` on this socket (close alone does not).
@@ -370,9 +379,14 @@ class DockerBackend(SandboxBackend):
         return box
 
     def _pop(self, key: _Key) -> _Box | None:
-        with self._lock:
-            pool = self._pools.get(key)
-            return pool.popleft() if pool else None
+        """A warm container whose stream is still open (one that died while waiting is dropped)."""
+        while True:
+            with self._lock:
+                pool = self._pools.get(key)
+                box = pool.popleft() if pool else None
+            if box is None or box.alive():
+                return box
+            self._discard_later(box)
 
     def _refill(self, key: _Key) -> None:
         with self._lock:

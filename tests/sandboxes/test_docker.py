@@ -480,3 +480,24 @@ def test_pool_key_ignores_per_call_limits_but_not_container_limits():
     assert dockermod._Key.of(False, base) != dockermod._Key.of(True, base)
     assert dockermod._Key.of(False, base) != dockermod._Key.of(False, SandboxLimits(memory_mb=256))
     assert dockermod._Key.of(False, base) != dockermod._Key.of(False, SandboxLimits(memory_mb=512, max_output_bytes=10))
+
+
+@pytest.mark.docker
+@needs_engine
+async def test_a_pooled_container_that_died_while_waiting_is_not_handed_out():
+    b = DockerBackend(pool_size=1)
+    try:
+        await b.warm()
+        (dead,) = [box.id for pool in b._pools.values() for box in pool]
+        b._api.kill(dead)
+        for _ in range(100):
+            if not b._api.inspect_container(dead)["State"]["Running"]:
+                break
+            await asyncio.sleep(0.05)
+        async with await b.open_session() as s:
+            assert s.container_id != dead
+            r = await s.run("print('fresh')")
+        assert r.stdout == "fresh\n" and not r.session_restarted
+    finally:
+        await b.aclose()
+    assert _containers(f"{BACKEND_LABEL}={b.backend_id}") == []
