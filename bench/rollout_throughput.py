@@ -176,9 +176,33 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
     raise SystemExit(f"unknown engine `{args.engine}`")
 
 
+async def scaling(inner: PolicyBackend, lengths: int = 100) -> list[tuple[int, float]]:
+    """Decode time per step at 1, 8, 24 and 48 concurrent requests of `lengths` tokens: how the
+    engine's throughput grows with concurrency (flat on a GPU, growing on a CPU)."""
+    ids = inner.tokenizer.encode("Once upon a time", add_special_tokens=False)
+    out = []
+    for n in (1, 8, 24, 48):
+        start = time.perf_counter()
+        await asyncio.gather(*(inner.generate(ids, SamplingParams(max_new_tokens=lengths)) for _ in range(n)))
+        ms = (time.perf_counter() - start) / lengths * 1000
+        out.append((n, ms))
+        print(f"{n:3d} concurrent: {ms:6.1f} ms per decode step, {n * 1000 / ms:6.0f} tok/s", file=sys.stderr)
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> list[Result]:
     inner, server, label = make_engine(args)
     results: list[Result] = []
+    if args.scaling:
+        try:
+            rows = await scaling(inner)
+        finally:
+            await inner.close()
+            if server is not None:
+                server.stop()
+        print("| concurrent requests | ms per decode step | generated tok/s |\n|---|---|---|")
+        print("\n".join(f"| {n} | {ms:.0f} | {n * 1000 / ms:.0f} |" for n, ms in rows))
+        return results
     try:
         # warm-up (compilation, caches) outside the measurement
         warm = LongTailPolicy(inner, args.median, 0.0, 0)
@@ -240,6 +264,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--kv-cache-gib", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--scaling", action="store_true", help="only measure decode step time against concurrency")
     args = p.parse_args()
     results = asyncio.run(main_async(args))
     if args.json:
