@@ -276,3 +276,17 @@ def test_cli_lists_envs_with_descriptions(capsys):
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if l.startswith("math-python-v0"))
     assert "Python" in line
+
+
+def test_importing_the_envs_package_is_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, spo_agents.envs as e; e.list_envs(); "
+        "heavy = [m for m in ('gymnasium', 'torch', 'reasoning_gym', 'math_verify', 'datasets') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
