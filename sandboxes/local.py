@@ -291,11 +291,19 @@ class LocalSession(SandboxSession):
                 await runner.send({"code": code, "cpu_s": self.limits.cpu_s})
             except (ConnectionError, OSError):
                 pass  # the runner is already gone: reported below as a lost session
+            except asyncio.CancelledError:
+                self._abandon(runner)
+                raise
             else:
                 try:
                     reply = await asyncio.wait_for(runner.recv(), timeout)
                 except asyncio.TimeoutError:
                     timed_out = True
+                except asyncio.CancelledError:
+                    # The caller gave up mid-call: the runner is still busy with this code, so
+                    # it is killed and the next call starts a fresh one.
+                    self._abandon(runner)
+                    raise
             duration = time.perf_counter() - t0
             result = SandboxResult(duration_s=duration)
             if reply is not None:
@@ -346,6 +354,13 @@ class LocalSession(SandboxSession):
         result.stderr, t2 = runner.captures["stderr"].take()
         result.output_truncated = t1 or t2
 
+    def _abandon(self, runner: _Runner) -> None:
+        self._runner = None
+        self.restarts += 1
+        task = asyncio.get_running_loop().create_task(self._kill(runner))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _recycle(self) -> None:
         """Stateless mode: retire this fork and start the next one in the background."""
         old, self._runner = self._runner, None
@@ -386,8 +401,8 @@ class LocalBackend(SandboxBackend):
     `isolation` (`auto` | `bubblewrap` | `unshare` | `none`), `stateless` (default for sessions),
     `preload` (modules imported once in the worker; default numpy, sympy), `network_per_session`
     (a network namespace per session, so sessions cannot reach each other over loopback either;
-    default false: the worker's network namespace, shared by its sessions, has loopback only), `env` (extra variables for the code),
-    `ro_binds` (extra host paths visible read-only under bubblewrap), and any `SandboxLimits` field
+    default false: the worker's network namespace, shared by its sessions, has loopback only),
+    `env` (extra variables for the code), `ro_binds` (extra host paths visible read-only under bubblewrap), and any `SandboxLimits` field
     (`timeout_s`, `cpu_s`, `memory_mb`, `max_processes`, `max_open_files`, `max_file_size_mb`,
     `max_output_bytes`, `disk_mb`).
     """

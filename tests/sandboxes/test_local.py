@@ -272,3 +272,14 @@ async def test_a_session_dropped_without_close_is_killed_later(shared):
             break
         await asyncio.sleep(0.02)
     assert set(session_processes(shared)) <= before
+
+
+async def test_a_cancelled_call_does_not_leak_into_the_next(shared):
+    async with await shared.open_session() as s:
+        task = asyncio.ensure_future(s.run("import time\ntime.sleep(3)\nprint('late')"))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        r = await s.run("print('next')")
+    assert r.stdout == "next\n"
