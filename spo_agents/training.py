@@ -234,6 +234,9 @@ class Trainer:
             raise CheckpointError(f"`{self.run_dir}` has no checkpoint to resume from; start it again without `--resume`")
         self._components = components
         self._validate()
+        from spo_agents.learner import Learner
+
+        self.rank, self.world = Learner._world()
 
     def _validate(self) -> None:
         c = self.cfg
@@ -421,6 +424,8 @@ class Trainer:
             await self.policy.pause()
         try:
             drift_pp = await asyncio.to_thread(self.learner.prompt_drift, pids) if cfg.tracker.drift == "per-prompt" else None
+            if self.world > 1:
+                await asyncio.to_thread(_broadcast, (good, adv.tolist()))
             lstats = await asyncio.to_thread(self.learner.update, good, adv)
         finally:
             if self._components.inplace and hasattr(self.policy, "resume"):
@@ -519,6 +524,43 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     async def run(self) -> TrainResult:
         cfg = self.cfg
+        if self.world > 1 and self.rank != 0:
+            return self._follow()
+        try:
+            return await self._run()
+        finally:
+            if self.world > 1:
+                await asyncio.to_thread(_broadcast, None)  # releases the followers
+
+    def _follow(self) -> TrainResult:
+        """Ranks > 0 of a distributed learner: receive each batch from rank 0, take part in the
+        update (gradients are summed across ranks inside `Learner.update`), until rank 0 stops."""
+        from spo_agents.learner import Learner, LearnerSettings
+
+        _seed_everything(self.cfg.train.seed)
+        loaded = self.ckpt.load(self.resume_from) if self.resume_from is not None else None
+        if self._components is None:
+            model, tokenizer = load_model(self.cfg, weights_from=loaded.model_dir if loaded else None)
+        else:
+            model, tokenizer = self._components.model, self._components.tokenizer
+            if loaded is not None:
+                self.ckpt.load_model_weights(model, loaded)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.model, self.learner = model, Learner(model, LearnerSettings.from_config(self.cfg), pad_id=int(pad))
+        self.step = 0
+        if loaded is not None:
+            self.learner.load_state_dict(loaded.state["learner"])
+            self.step = loaded.step
+        while (msg := _broadcast(None, receive=True)) is not None:
+            trajs, adv = msg
+            if self.cfg.tracker.drift == "per-prompt":
+                self.learner.prompt_drift([t.problem_id for t in trajs])
+            self.learner.update(trajs, adv)
+            self.step += 1
+        return TrainResult(self.run_dir, self.step, False, [], {})
+
+    async def _run(self) -> TrainResult:
+        cfg = self.cfg
         self._setup()
         self._t_start = time.perf_counter()
         bar = None
@@ -581,14 +623,50 @@ class Trainer:
                 await r
 
 
+def _init_distributed() -> int:
+    """This process's rank when launched by torchrun / accelerate with `WORLD_SIZE` > 1, else -1."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return -1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank()
+
+
+def _broadcast(obj: Any, *, receive: bool = False) -> Any:
+    """Rank 0 sends `obj` (a batch, or None to stop) to every rank; other ranks receive it."""
+    import torch.distributed as dist
+
+    box = [None if receive else obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, components: Components | None = None) -> TrainResult:
-    """Run training to the end (or `train.max_minutes`); returns where it stopped."""
+    """Run training to the end (or `train.max_minutes`); returns where it stopped.
+
+    Under `torchrun` / `accelerate launch` (`WORLD_SIZE` > 1) the process group is initialised
+    here (NCCL on GPUs, gloo on CPU): rank 0 runs rollouts, the tracker, evaluation, metrics and
+    checkpoints and broadcasts each batch; every rank takes part in the learner update."""
+    rank = _init_distributed()
     if run_dir is None:
-        run_dir = new_run_dir(cfg)
+        run_dir = new_run_dir(cfg) if rank == 0 else None
+        if rank >= 0:
+            run_dir = _broadcast(str(run_dir) if rank == 0 else None, receive=rank != 0)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(cfg, run_dir / "config.yaml")
+    if rank <= 0:
+        import sys
+
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
 
     async def main() -> TrainResult:
         trainer = Trainer(cfg, run_dir, components, resume=resume)

@@ -93,11 +93,47 @@ def test_two_process_update_equals_one_process_update(tmp_path, mini_batches):
     assert a["tokens"] == b["tokens"]
 
 
+def run_loop(out_dir: Path) -> None:
+    """The whole training loop under torchrun: rank 0 collects and broadcasts, all ranks update."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_training as T
+
+    from spo_agents.training import train
+
+    cfg = T.tiny_config(out_dir, train={"steps": 2, "batch_size": 8, "checkpoint_every": 1, "mini_batches": 2})
+    comp = T.tiny_components()
+    res = train(cfg, run_dir=out_dir / "run", components=comp)
+    rank = torch.distributed.get_rank()
+    torch.save({"weights": T.weights(comp.model), "step": res.step}, out_dir / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_process_training_loop_keeps_ranks_in_sync(tmp_path):
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPO_DIST_MODE": "loop"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", __file__, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["step"] == r1["step"] == 2
+    assert torch.equal(r0["weights"], r1["weights"])
+    from spo_agents.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+
 if __name__ == "__main__":
     import torch
 
-    torch.distributed.init_process_group("gloo")
-    try:
+    if os.environ.get("SPO_DIST_MODE") == "loop":
+        run_loop(Path(sys.argv[1]))  # `train` initialises the process group itself
+    else:
+        torch.distributed.init_process_group("gloo")
         run_update(Path(sys.argv[1]), int(os.environ.get("SPO_MINI_BATCHES", "1")))
-    finally:
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()

@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     import logging
 
     from spo_agents.errors import ConfigError
-    from spo_agents.training import load_run_config, new_run_dir, train
+    from spo_agents.training import load_run_config, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.resume:
@@ -75,8 +75,7 @@ def _train(args: argparse.Namespace) -> int:
         run_dir = args.resume
     else:
         cfg = _config(args)
-        run_dir = new_run_dir(cfg)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+        run_dir = None  # `train` names it (the same on every rank of a distributed run)
     res = train(cfg, run_dir=run_dir, resume=bool(args.resume))
     evals = ", ".join(f"step {s}: {v:.3f}" for s, v in res.eval_history)
     print(f"finished at step {res.step}{' (stopped at train.max_minutes)' if res.stopped_early else ''}; run directory: {res.run_dir}")
