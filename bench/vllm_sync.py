@@ -4,11 +4,21 @@
     SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/vllm_sync.py            # table
     SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/vllm_sync.py --json     # JSON
 
+    # training throughput, `hf` (transformers generate in-process) vs `vllm-server`:
+    SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/vllm_sync.py --train-steps 4
+
 Starts one server (the embedded SmolLM2-135M-Instruct in fp32, LoRA enabled) and times
 `--repeats` syncs of each strategy after a small in-process weight change, reporting the
 median of each phase (SyncStats: save to /dev/shm, server-side pause/drain, load,
 prefix-cache reset, total) and, after every sync, the largest |server - learner| log-prob on a
 64-token probe (`check_sync`), so a fast but wrong sync cannot pass unnoticed.
+
+`--train-steps N` instead runs `spo_agents.training.train` on the CPU default config
+(`math-python`, the 135M model, `train.batch_size` from `--batch-size`) for N steps, once with
+`rollout.backend: hf` and once with `rollout.backend: vllm-server` + `weight_sync: reload`
+against a server started for it, and reports steps per minute over the wall time of `train()`
+(weight pushes included, server start-up and model loading excluded), the median `time/step_s`
+from the run's `metrics.jsonl`, and the sync time measured around each push.
 """
 
 from __future__ import annotations
@@ -29,7 +39,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--train-steps", type=int, default=0, help="compare training throughput hf vs vllm-server")
+    ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args()
+    if args.train_steps:
+        return compare_training(args)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,6 +109,61 @@ def main() -> int:
     for name, s in summary["strategies"].items():
         print(f"| `{name}` | {s['total_s']:.3f} s | {s['save_s']:.3f} s | {s['pause_s']:.3f} s | {s['load_s']:.3f} s | "
               f"{s['reset_s']:.3f} s | {s['bytes'] / 1e6:.1f} MB | {s['max_abs_logprob_diff']:.1e} |")
+    return 0
+
+
+def compare_training(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from spo_agents.config import load_config
+    from spo_agents.training import build_components, train
+    from spo_agents.vllm_server import VLLMServer
+    from spo_agents.weight_sync import WeightSync
+
+    overrides = [f"model.name={args.model}", f"train.steps={args.train_steps}", f"train.batch_size={args.batch_size}",
+                 "train.checkpoint_every=1000", "eval.every=0", "logging.progress=false", "train.output_dir=runs/bench-vllm"]
+    out: dict[str, dict] = {}
+    for backend in ("hf", "vllm-server"):
+        cfg = load_config(overrides=[*overrides, f"rollout.backend={backend}", "rollout.weight_sync=reload"])
+        run_dir = f"runs/bench-vllm/train-{backend}-{int(time.time())}"
+        sync_times: list[float] = []
+        server = None
+        if backend == "vllm-server":
+            server = VLLMServer.from_config(cfg, kv_cache_bytes=1 << 30, max_model_len=2048, log_dir="runs/bench-vllm").start()
+            cfg.rollout.base_url = server.openai_base_url
+        try:
+            comp = build_components(cfg)
+            if isinstance(comp.weight_sync, WeightSync):
+                inner = comp.weight_sync.sync
+
+                def timed(model, version, _inner=inner):
+                    stats = _inner(model, version)
+                    sync_times.append(stats.total_s)
+                    return stats
+
+                comp.weight_sync.sync = timed
+            t0 = time.perf_counter()
+            train(cfg, run_dir=run_dir, components=comp)
+            wall = time.perf_counter() - t0
+        finally:
+            if server is not None:
+                server.stop()
+        rows = [_json.loads(x) for x in open(f"{run_dir}/metrics.jsonl") if x.strip()]
+        steps = [r["time/step_s"] for r in rows]
+        out[backend] = {
+            "steps": len(steps), "median_step_s": statistics.median(steps), "steps_per_min": 60 * len(steps) / wall,
+            "wall_s": wall, "median_sync_s": statistics.median(sync_times) if sync_times else 0.0,
+            "tokens_per_s": statistics.median(r.get("perf/tokens_per_s", 0.0) for r in rows),
+            "server_startup_s": server.startup_s if server is not None else 0.0,
+        }
+    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.model}; {args.train_steps} steps of batch {args.batch_size}")
+    print("| rollout backend | steps/min | median step | median weight sync | generated tok/s | server start-up |")
+    print("|---|---|---|---|---|---|")
+    for name, r in out.items():
+        print(f"| `{name}` | {r['steps_per_min']:.2f} | {r['median_step_s']:.1f} s | {r['median_sync_s']:.2f} s | "
+              f"{r['tokens_per_s']:.0f} | {r['server_startup_s']:.0f} s |")
+    if args.json:
+        print(_json.dumps(out, indent=2))
     return 0
 
 
