@@ -8,11 +8,8 @@ avg@k, pass@k and maj@k take non-trivial values.
 
 from __future__ import annotations
 
-from typing import Any
-
 from spo_agents.envs.base import MultiTurnEnv, StepOutcome
 from spo_agents.types import Problem, ToolCall
-
 
 class SayEnv(MultiTurnEnv):
     stop_sequences = ["!"]
@@ -41,7 +38,6 @@ class SayEnv(MultiTurnEnv):
         answer = str(len(action.split()) % 3)
         correct = answer == self.problem.answer
         return StepOutcome("", float(correct), True, False, {"answer": answer, "correct": correct})
-
 
 class FailingPolicyEnv(SayEnv):
     """Raises an infrastructure error on its first step (to check errors become data)."""
