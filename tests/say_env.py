@@ -11,6 +11,7 @@ from __future__ import annotations
 from spo_agents.envs.base import MultiTurnEnv, StepOutcome
 from spo_agents.types import Problem, ToolCall
 
+
 class SayEnv(MultiTurnEnv):
     stop_sequences = ["!"]
     reply_role: str | None = None
@@ -38,6 +39,7 @@ class SayEnv(MultiTurnEnv):
         answer = str(len(action.split()) % 3)
         correct = answer == self.problem.answer
         return StepOutcome("", float(correct), True, False, {"answer": answer, "correct": correct})
+
 
 class FailingPolicyEnv(SayEnv):
     """Raises an infrastructure error on its first step (to check errors become data)."""
