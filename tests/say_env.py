@@ -41,7 +41,7 @@ class SayEnv(MultiTurnEnv):
         return StepOutcome("", float(correct), True, False, {"answer": answer, "correct": correct})
 
 
-class FailingPolicyEnv(SayEnv):
+class FailingSandboxEnv(SayEnv):
     """Raises an infrastructure error on its first step (to check errors become data)."""
 
     def _step_episode(self, action: str) -> StepOutcome:

@@ -95,9 +95,9 @@ async def test_resume_runs_only_the_missing_samples(policy, tmp_path):
 
 
 async def test_infrastructure_errors_are_counted_not_scored(policy, tmp_path):
-    from say_env import FailingPolicyEnv
+    from say_env import FailingSandboxEnv
 
-    report = await evaluate(lambda: FailingPolicyEnv(), policy, ["test-0"], k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path, progress=False)
+    report = await evaluate(lambda: FailingSandboxEnv(), policy, ["test-0"], k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path, progress=False)
     assert report.errors == 2 and report.num_samples == 0 and report.incomplete[1] == 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from say_env import FailingPolicyEnv, SayEnv
+from say_env import FailingSandboxEnv, SayEnv
 
 from spo_agents.errors import PolicyError
 from spo_agents.policy import make_policy
@@ -85,7 +85,7 @@ async def test_token_budget_truncates(policy):
 
 
 async def test_infrastructure_errors_become_data(policy):
-    t = await run_episode(FailingPolicyEnv(), policy, "test-0", sampling=FAST, max_episode_tokens=50)
+    t = await run_episode(FailingSandboxEnv(), policy, "test-0", sampling=FAST, max_episode_tokens=50)
     assert t.error is not None and "sandbox" in t.error
     scripted = ScriptedPolicy(policy.tokenizer, {"test-0": 0.0}, fail={"test-0"})
     t = await run_episode(SayEnv(), scripted, "test-0", sampling=FAST)
