@@ -21,9 +21,8 @@ kill is by process group.
 Zygote protocol (host <-> zygote, SOCK_SEQPACKET, one JSON object per message, strictly request /
 response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) -> `{pid, pgid}`;
 `kill` -> `{status}` (`null` with `wait: false`: the kill is sent, the reaping happens later);
-`wait` -> `{status}` (or `null` while running).
- Statuses use the shell's
-convention: the exit code, or 128 + N for death by signal N.
+`wait` -> `{status}` (or `null` while running). Statuses use the shell's convention: the exit
+code, or 128 + N for death by signal N.
 
 Runner protocol (host <-> runner, SOCK_STREAM, 4-byte big-endian length + JSON): the runner
 sends `ready`, then for each `{code, cpu_s}` it sends `{exit_status, exception, memory_error}`
@@ -185,9 +184,8 @@ def _restore_streams(saved):
 
 
 def _runner(ctrl, limits, workdir):
-    import resource
-
     import faulthandler
+    import resource
 
     os.chdir(workdir)
     faulthandler.enable()  # a crash in C code leaves a Python traceback on stderr
@@ -267,9 +265,10 @@ def _session(ctrl, out_fd, err_fd, cfg, limits):
                 _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
         size = limits.get("disk_mb") or 256
         _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(size)}m,mode=0777")
-        # pid 1 ignores signals it has no handler for; give the usual ones their default effect.
+        # pid 1 ignores signals it has no handler for; give the usual ones their default effect
+        # (SIGABRT goes to faulthandler, whose re-raise ends in a forced fault).
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGALRM, signal.SIGABRT, signal.SIGXCPU):
+                    signal.SIGALRM, signal.SIGXCPU):
             _terminate_on(sig)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
