@@ -263,7 +263,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=8, help="group size G of the grouped mode")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--kv-cache-gib", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--scaling", action="store_true", help="only measure decode step time against concurrency")
     args = p.parse_args()
