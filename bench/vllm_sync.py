@@ -16,8 +16,9 @@ prefix-cache reset, total) and, after every sync, the largest |server - learner|
 `--train-steps N` instead runs `spo_agents.training.train` on the CPU default config
 (`math-python`, the 135M model, `train.batch_size` from `--batch-size`) for N steps, once with
 `rollout.backend: hf` and once with `rollout.backend: vllm-server` + `weight_sync: reload`
-against a server started for it, and reports steps per minute over the wall time of `train()`
-(weight pushes included, server start-up and model loading excluded), the median `time/step_s`
+against a server started for it, and reports steps per minute over the loop's own clock
+(`time/elapsed_s` of the last step: weight pushes included, server start-up and model loading
+excluded), the median `time/step_s`
 from the run's `metrics.jsonl`, and the sync time measured around each push.
 """
 
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--train-steps", type=int, default=0, help="compare training throughput hf vs vllm-server")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--backends", default="hf,vllm-server", help="with --train-steps: which rollout backends")
     args = ap.parse_args()
     if args.train_steps:
         return compare_training(args)
@@ -123,7 +125,7 @@ def compare_training(args: argparse.Namespace) -> int:
     overrides = [f"model.name={args.model}", f"train.steps={args.train_steps}", f"train.batch_size={args.batch_size}",
                  "train.checkpoint_every=1000", "eval.every=0", "logging.progress=false", "train.output_dir=runs/bench-vllm"]
     out: dict[str, dict] = {}
-    for backend in ("hf", "vllm-server"):
+    for backend in args.backends.split(","):
         cfg = load_config(overrides=[*overrides, f"rollout.backend={backend}", "rollout.weight_sync=reload"])
         run_dir = f"runs/bench-vllm/train-{backend}-{int(time.time())}"
         sync_times: list[float] = []
@@ -151,7 +153,7 @@ def compare_training(args: argparse.Namespace) -> int:
         rows = [_json.loads(x) for x in open(f"{run_dir}/metrics.jsonl") if x.strip()]
         steps = [r["time/step_s"] for r in rows]
         out[backend] = {
-            "steps": len(steps), "median_step_s": statistics.median(steps), "steps_per_min": 60 * len(steps) / wall,
+            "steps": len(steps), "median_step_s": statistics.median(steps), "steps_per_min": 60 * len(steps) / rows[-1].get("time/elapsed_s", wall),
             "wall_s": wall, "median_sync_s": statistics.median(sync_times) if sync_times else 0.0,
             "tokens_per_s": statistics.median(r.get("perf/tokens_per_s", 0.0) for r in rows),
             "server_startup_s": server.startup_s if server is not None else 0.0,

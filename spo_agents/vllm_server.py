@@ -300,6 +300,8 @@ class VLLMServer:
 
         kw: dict[str, Any] = dict(
             model_dir=resolve_model(cfg.model.name), python=cfg.rollout.server_python, dtype=cfg.model.dtype,
+            # the name the `openai` backend sends as `model` (training.build_components)
+            served_model_name=cfg.rollout.server_model or cfg.model.name,
             enable_lora=bool(cfg.model.lora.enabled), max_lora_rank=int(cfg.model.lora.r),
             extra_args=list(cfg.rollout.server_args), log_dir=log_dir,
             request_timeout_s=cfg.rollout.request_timeout_s, seed=cfg.train.seed,

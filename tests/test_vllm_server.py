@@ -135,6 +135,9 @@ def test_from_config_follows_model_and_rollout_sections(tmp_path):
     cmd = " ".join(s.command())
     assert cmd.startswith("/venv/bin/python -m vllm.entrypoints.openai.api_server --model /models/x --dtype bfloat16")
     assert "--enable-lora --max-lora-rank 32" in cmd and cmd.endswith("--max-num-seqs 8")
+    assert "--served-model-name /models/x" in cmd and s.model_name == "/models/x"
+    named = VLLMServer.from_config(load_config(overrides=["model.name=smollm2-135m", "rollout.server_python=/py"]), port=1)
+    assert "--served-model-name smollm2-135m" in " ".join(named.command())  # what the openai backend sends
     assert s.log_path.parent == tmp_path
 
 
