@@ -92,7 +92,7 @@ class RolloutConfig:
     max_in_flight: int = 16
     oversample: float = 1.0
     max_staleness: int = 1
-    temperature: float = 1.0
+    temperature: float = 0.7  # CPU default: at 1.0 SmolLM2-135M scores 0/8 (no usable signal); paper: 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     max_new_tokens: int = 64  # per generation call (one turn); the CPU default's turns need ~20
