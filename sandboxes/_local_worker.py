@@ -25,7 +25,7 @@ response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) ->
 code, or 128 + N for death by signal N.
 
 Runner protocol (host <-> runner, SOCK_STREAM, 4-byte big-endian length + JSON): the runner
-sends `ready`, then for each `{code, cpu_s}` it sends `{exit_status, exception, memory_error}`
+sends `ready`, then for each `{code, cpu_s, echo}` it sends `{exit_status, exception, memory_error}`
 after flushing its output.
 """
 
@@ -132,7 +132,23 @@ def _apply_limits(limits):
     setlim(resource.RLIMIT_CORE, 0)
 
 
-def _run_cell(code, namespace, counter):
+def _execute(code, name, namespace, echo):
+    """exec `code`; with `echo`, a final expression statement's value is printed, as in a REPL."""
+    if not echo:
+        exec(compile(code, name, "exec"), namespace)
+        return
+    import ast
+
+    tree = ast.parse(code, name, "exec")
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, name, "exec"), namespace)
+    if last is not None:
+        value = eval(compile(ast.Expression(last.value), name, "eval"), namespace)
+        if value is not None:
+            print(repr(value))
+
+
+def _run_cell(code, namespace, counter, echo=False):
     import linecache
     import traceback
 
@@ -140,7 +156,7 @@ def _run_cell(code, namespace, counter):
     linecache.cache[name] = (len(code), None, code.splitlines(True), name)
     exit_status, exception, memory_error = 0, None, False
     try:
-        exec(compile(code, name, "exec"), namespace)
+        _execute(code, name, namespace, echo)
     except SystemExit as e:
         if e.code is None:
             exit_status = 0
@@ -213,7 +229,7 @@ def _runner(ctrl, limits, workdir):
             except (ValueError, OSError):
                 pass
         _restore_streams(saved)
-        exit_status, exception, memory_error = _run_cell(msg["code"], namespace, counter)
+        exit_status, exception, memory_error = _run_cell(msg["code"], namespace, counter, bool(msg.get("echo")))
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

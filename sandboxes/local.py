@@ -288,7 +288,7 @@ class LocalSession(SandboxSession):
             reply: dict[str, Any] | None = None
             timed_out = False
             try:
-                await runner.send({"code": code, "cpu_s": self.limits.cpu_s})
+                await runner.send({"code": code, "cpu_s": self.limits.cpu_s, "echo": self._backend.echo_last_expression})
             except (ConnectionError, OSError):
                 pass  # the runner is already gone: reported below as a lost session
             except asyncio.CancelledError:
@@ -402,7 +402,9 @@ class LocalBackend(SandboxBackend):
     `preload` (modules imported once in the worker; default numpy, sympy), `network_per_session`
     (a network namespace per session, so sessions cannot reach each other over loopback either;
     default false: the worker's network namespace, shared by its sessions, has loopback only),
-    `env` (extra variables for the code), `ro_binds` (extra host paths visible read-only under bubblewrap), and any `SandboxLimits` field
+    `env` (extra variables for the code), `ro_binds` (extra host paths visible read-only under
+    bubblewrap), `echo_last_expression` (print the value of a final expression statement, as a
+    REPL does; default false: code runs exactly as `python -c` would), and any `SandboxLimits` field
     (`timeout_s`, `cpu_s`, `memory_mb`, `max_processes`, `max_open_files`, `max_file_size_mb`,
     `max_output_bytes`, `disk_mb`).
     """
@@ -420,6 +422,7 @@ class LocalBackend(SandboxBackend):
         network_per_session: bool = False,
         env: dict[str, str] | None = None,
         ro_binds: tuple[str, ...] | list[str] = (),
+        echo_last_expression: bool = False,
         **limit_fields: Any,
     ) -> None:
         if isolation not in ISOLATION_LEVELS:
@@ -430,7 +433,8 @@ class LocalBackend(SandboxBackend):
         known = set(SandboxLimits.__dataclass_fields__)
         unknown = sorted(set(limit_fields) - known)
         if unknown:
-            names = known | {"python", "isolation", "stateless", "preload", "network_per_session", "env", "ro_binds"}
+            names = known | {"python", "isolation", "stateless", "preload", "network_per_session", "env", "ro_binds",
+                             "echo_last_expression"}
             raise ConfigError(
                 f"unknown option `{unknown[0]}` for the `local` sandbox.{did_you_mean(unknown[0], names)} "
                 f"Known options: {', '.join(sorted(names))}."
@@ -438,6 +442,7 @@ class LocalBackend(SandboxBackend):
         base = limits if limits is not None else SandboxLimits()
         self.limits = SandboxLimits(**{**asdict(base), **limit_fields})
         self.stateless = stateless
+        self.echo_last_expression = bool(echo_last_expression)
         self.python = python or python_default()
         self._requested = isolation
         self._isolation = self._resolve(isolation)

@@ -283,3 +283,24 @@ async def test_a_cancelled_call_does_not_leak_into_the_next(shared):
             await task
         r = await s.run("print('next')")
     assert r.stdout == "next\n"
+
+
+async def test_echo_last_expression_is_opt_in():
+    plain = make_backend("local", **QUICK)
+    echo = make_backend("local", echo_last_expression=True, **QUICK)
+    try:
+        async with await plain.open_session() as s:
+            quiet = await s.run("x = 6\nx * 7")
+        async with await echo.open_session() as s:
+            shown = await s.run("x = 6\nx * 7")
+            none = await s.run("print('p')\nNone")
+            statement = await s.run("y = 1")
+            error = await s.run("1 +")
+    finally:
+        await plain.aclose()
+        await echo.aclose()
+    assert quiet.stdout == ""
+    assert shown.stdout == "42\n"
+    assert none.stdout == "p\n"
+    assert statement.stdout == ""
+    assert error.exception is not None and "SyntaxError" in error.exception
