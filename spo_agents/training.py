@@ -656,7 +656,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     checkpoints and broadcasts each batch; every rank takes part in the learner update."""
     rank = _init_distributed()
     if run_dir is None:
-        run_dir = new_run_dir(cfg) if rank == 0 else None
+        run_dir = new_run_dir(cfg) if rank <= 0 else None
         if rank >= 0:
             run_dir = _broadcast(str(run_dir) if rank == 0 else None, receive=rank != 0)
     run_dir = Path(run_dir)
