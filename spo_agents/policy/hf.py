@@ -3,8 +3,10 @@
 Batching. Concurrent `generate` calls are queued; a single worker thread waits `batch_wait_s`
 (a few milliseconds) for more requests, groups them by identical sampling settings (temperature,
 top-p, top-k, stop strings; `max_new_tokens` may differ, each row stops at its own), and runs one
-left-padded `model.generate` call per group. The batch is static: its results are returned when
-its longest row finishes (an engine with continuous batching, like vLLM, does not wait). Torch runs in that one thread, so the event loop
+left-padded `model.generate` call per group. Each row's result is handed back the moment that
+row finishes (its episode goes on with the environment), but the batch is static: requests that
+arrive while it runs wait for its longest row before their own batch starts (an engine with
+continuous batching, like vLLM, admits them at once). Torch runs in that one thread, so the event loop
 stays free and torch's intra-op thread pool (`torch_threads`) is not oversubscribed.
 
 Log-probs. `Generation.logprobs` are fp32 log-probs of the distribution actually sampled from:
@@ -38,6 +40,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,17 +208,23 @@ class HFPolicy(PolicyBackend):
                 taken = {id(r) for r in batch}
                 pending = [r for r in pending if id(r) not in taken]
                 version = self.version
+
+                def deliver(i: int, gen: Generation, batch: list[_Request] = batch, version: int = version) -> None:
+                    gen.policy_version = version
+                    if not batch[i].future.done():
+                        batch[i].future.set_result(gen)
+
                 try:
-                    results = self._generate_batch(
-                        [r.prompt_ids for r in batch], batch[0].params, [r.params.seed for r in batch], [r.params.max_new_tokens for r in batch]
+                    self._generate_batch(
+                        [r.prompt_ids for r in batch],
+                        batch[0].params,
+                        [r.params.seed for r in batch],
+                        [r.params.max_new_tokens for r in batch],
+                        deliver,
                     )
                 except Exception as e:  # noqa: BLE001 - surfaced to every waiting caller
-                    self._fail(batch, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
+                    self._fail([r for r in batch if not r.future.done()], PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
                     continue
-            for req, gen in zip(batch, results):
-                gen.policy_version = version
-                if not req.future.cancelled():
-                    req.future.set_result(gen)
 
     @staticmethod
     def _fail(reqs: list[_Request], err: Exception, cause: Exception | None = None) -> None:
@@ -225,7 +234,16 @@ class HFPolicy(PolicyBackend):
             if not r.future.cancelled():
                 r.future.set_exception(err)
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int | None], budgets: list[int]) -> list[Generation]:
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seeds: list[int | None],
+        budgets: list[int],
+        deliver: Callable[[int, Generation], None],
+    ) -> None:
+        """One `generate` call; `deliver(i, generation)` runs as soon as row `i` has finished
+        (while longer rows go on), so its episode can continue with the environment."""
         import torch
         from transformers import (
             GenerationConfig,
@@ -249,6 +267,25 @@ class HFPolicy(PolicyBackend):
         logprobs: list[list[float]] = [[] for _ in range(n)]
         ends: list[StopMatch | None] = [None] * n
         last_scores: list[torch.Tensor] = []
+        delivered = [False] * n
+        self.stats["batches"] += 1  # counted when it starts: rows are delivered before it ends
+        self.stats["rows"] += n
+        tokenizer = self._tokenizer
+
+        def finish(i: int, end: StopMatch) -> None:
+            toks = scanners[i].tokens[: end.length]
+            delivered[i] = True
+            self.stats["tokens"] += len(toks)
+            deliver(
+                i,
+                Generation(
+                    token_ids=toks,
+                    logprobs=logprobs[i][: end.length],
+                    text=tokenizer.decode(toks[:-1] if end.reason == "eos" else toks, skip_special_tokens=False),
+                    finish_reason=end.reason,
+                    stop_string=end.stop_string,
+                ),
+            )
 
         class KeepScores(LogitsProcessor):
             """Last in the processor list: sees the distribution the next token is drawn from."""
@@ -272,6 +309,8 @@ class HFPolicy(PolicyBackend):
                         ends[i] = scanners[i].push(new[i])
                         if ends[i] is None and len(logprobs[i]) >= budgets[i]:
                             ends[i] = StopMatch(budgets[i], "length")
+                        if ends[i] is not None:
+                            finish(i, ends[i])
                     done.append(ends[i] is not None)
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -312,20 +351,6 @@ class HFPolicy(PolicyBackend):
                 logits_processor=LogitsProcessorList(processors),
                 stopping_criteria=StoppingCriteriaList([RecordAndStop()]),
             )
-        out = []
         for i in range(n):
-            end = ends[i] or StopMatch(len(scanners[i].tokens), "length")
-            toks = scanners[i].tokens[: end.length]
-            out.append(
-                Generation(
-                    token_ids=toks,
-                    logprobs=logprobs[i][: end.length],
-                    text=self._tokenizer.decode(toks[:-1] if end.reason == "eos" else toks, skip_special_tokens=False),
-                    finish_reason=end.reason,
-                    stop_string=end.stop_string,
-                )
-            )
-        self.stats["batches"] += 1
-        self.stats["rows"] += n
-        self.stats["tokens"] += sum(len(g.token_ids) for g in out)
-        return out
+            if not delivered[i]:
+                finish(i, ends[i] or StopMatch(len(scanners[i].tokens), "length"))

@@ -104,6 +104,15 @@ async def test_rows_with_different_budgets_share_a_call(policy):
     assert b.finish_reason != "length" or len(b.token_ids) == 7
 
 
+async def test_a_short_row_is_delivered_before_the_long_row_finishes(policy):
+    short = asyncio.create_task(policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=2)))
+    long = asyncio.create_task(policy.generate(_prompt(policy, "y"), SamplingParams(max_new_tokens=120)))
+    g = await short
+    assert not long.done()  # the batch is still generating the long row
+    assert len(g.token_ids) <= 2
+    assert len((await long).token_ids) <= 120
+
+
 async def test_different_distributions_are_not_mixed(policy):
     before = policy.stats["batches"]
     await asyncio.gather(
