@@ -92,11 +92,11 @@ class RolloutConfig:
     max_in_flight: int = 16
     oversample: float = 1.0
     max_staleness: int = 1
-    temperature: float = 0.7  # CPU default: at 1.0 SmolLM2-135M scores 0/8 (no usable signal); paper: 1.0
+    temperature: float = 1.0  # paper: 1.0 for training and for offline value estimation
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
-    max_new_tokens: int = 64  # per generation call (one turn); the CPU default's turns need ~20
-    max_episode_tokens: int = 192  # all tokens after the prompt, env replies included
+    max_new_tokens: int = 48  # per generation call (one turn); the CPU default's turns need ~20
+    max_episode_tokens: int = 160  # all tokens after the prompt, env replies included
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     server_model: str | None = None  # model name to send to the server (default: model.name)
