@@ -407,3 +407,13 @@ def test_a_bad_values_file_says_how_to_make_one(tmp_path):
         read_values(p)
     with pytest.raises(ConfigError, match="does not exist"):
         read_values(tmp_path / "nope.json")
+
+
+def test_a_run_without_a_run_dir_is_named_from_the_config(tmp_path):
+    """`spo-agent train` passes no run directory: a single-process run must name its own."""
+    cfg = tiny_config(tmp_path, train={"steps": 1, "run_name": "named"})
+    res = train(cfg, components=tiny_components())
+    assert res.step == 1
+    run = tmp_path / "named"
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000001"
