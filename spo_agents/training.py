@@ -579,6 +579,7 @@ class Trainer:
                 if bar is not None:
                     bar.write(f"step 0: held-out avg@{cfg.eval.k} = {row['eval/avg_at_k']:.3f}")
             t_prev = time.perf_counter()
+            t_ckpt = 0.0
             while self.step < cfg.train.steps:
                 row = await self.train_step()
                 out_of_time = cfg.train.max_minutes is not None and (time.perf_counter() - self._t_start) / 60 >= cfg.train.max_minutes
@@ -588,13 +589,15 @@ class Trainer:
                     t = time.perf_counter()
                     row.update(await self._evaluate())
                     t_eval = time.perf_counter() - t
+                # The row is logged before the checkpoint: a crash in between leaves a row newer
+                # than the checkpoint, which the resume drops (never a checkpoint without its row).
+                now = time.perf_counter()
+                last = self._finish_row(row, now - t_prev, t_eval, t_ckpt)
+                self.metrics.log(last)
                 t_ckpt = 0.0
                 if final or (cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0):
                     t_ckpt = await asyncio.to_thread(self._checkpoint)
-                now = time.perf_counter()
-                last = self._finish_row(row, now - t_prev, t_eval, t_ckpt)
                 t_prev = now
-                self.metrics.log(last)
                 if bar is not None:
                     post = {"reward": f"{last['train/reward_mean']:.3f}", "acc": f"{last['train/accuracy']:.3f}"}
                     if "eval/avg_at_k" in last:
