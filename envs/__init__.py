@@ -25,7 +25,7 @@ import importlib
 from typing import Any
 
 from spo_agents.errors import EnvError, SPOError
-from spo_agents.registry import ENVS, Spec, describe
+from spo_agents.registry import ENVS, Spec, describe, env_requirement
 
 __all__ = [
     "register",
@@ -102,14 +102,6 @@ def describe_env(id: str) -> str:
     return describe(ENVS.spec(id))
 
 
-def _requirement(spec_: Spec) -> str:
-    return (
-        f"`{spec_.id}` (from {spec_.source}, entry point `{spec_.entry_point}`) must be a subclass of "
-        f"`gymnasium.Env` (for text environments, `spo_agents.envs.MultiTurnEnv`) or a factory that returns "
-        f"an instance of one"
-    )
-
-
 def make(id: str, **kwargs: Any) -> Any:
     """Build the environment registered as `id` with the spec's default kwargs overridden by
     `kwargs` (for built-ins: `split`, `sandbox`, `sandbox_limits`, env options).
@@ -118,11 +110,7 @@ def make(id: str, **kwargs: Any) -> Any:
     not a valid environment."""
     import gymnasium
 
-    spec_, obj = ENVS.load(id)
-    if isinstance(obj, type) and not issubclass(obj, gymnasium.Env):
-        raise EnvError(f"{_requirement(spec_)}; it points to the class `{obj.__module__}.{obj.__qualname__}`, which is not one")
-    if not callable(obj):
-        raise EnvError(f"{_requirement(spec_)}; it points to {obj!r}")
+    spec_, obj = ENVS.load(id)  # validates the plugin (`registry.env_requirement`)
     env = obj(**{**spec_.kwargs, **kwargs})
     if not isinstance(env, gymnasium.Env):
         close = getattr(env, "close", None)
@@ -131,7 +119,12 @@ def make(id: str, **kwargs: Any) -> Any:
                 close()
             except Exception:
                 pass
-        raise EnvError(f"{_requirement(spec_)}; calling it returned {type(env).__name__}")
+        raise EnvError(f"{env_requirement(spec_)}; calling it returned {type(env).__name__}")
+    if getattr(env, "env_id", None) is None:
+        try:
+            env.env_id = spec_.id  # trajectories and transcripts record the registered id
+        except AttributeError:
+            pass
     return env
 
 

@@ -171,15 +171,22 @@ def _register_builtin_envs() -> None:
     importlib.import_module("spo_agents.envs")  # registers the built-ins on import
 
 
+def env_requirement(spec: Spec) -> str:
+    """What an environment plugin must be (used in every error about a bad plugin)."""
+    return (
+        f"`{spec.id}` (from {spec.source}, entry point `{spec.entry_point}`) must be a subclass of "
+        f"`gymnasium.Env` (for text environments, `spo_agents.envs.MultiTurnEnv`) or a factory that returns "
+        f"an instance of one"
+    )
+
+
 def _validate_env(spec: Spec, obj: Any) -> None:
     import gymnasium
 
-    if not (isinstance(obj, type) and issubclass(obj, gymnasium.Env)) and not callable(obj):
-        raise EnvError(
-            f"`{spec.id}` (from {spec.source}) points to {obj!r}, which is neither a `gymnasium.Env` "
-            f"subclass nor a factory returning one. An environment plugin must subclass "
-            f"`spo_agents.envs.MultiTurnEnv` (or `gymnasium.Env`)."
-        )
+    if isinstance(obj, type) and not issubclass(obj, gymnasium.Env):
+        raise EnvError(f"{env_requirement(spec)}; it points to the class `{obj.__module__}.{obj.__qualname__}`, which is not one")
+    if not callable(obj):
+        raise EnvError(f"{env_requirement(spec)}; it points to {obj!r}")
 
 
 ENVS = Registry(

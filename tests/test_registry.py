@@ -85,3 +85,25 @@ def test_unknown_sandbox_backend_error():
 
     with pytest.raises(SandboxNotFound, match="spo-agent sandbox list"):
         SANDBOXES.spec("no-such-backend")
+
+
+def test_made_envs_carry_their_registered_id():
+    from spo_agents import envs
+
+    env = envs.make("countdown-python")
+    try:
+        assert env.env_id == "countdown-python-v0"
+    finally:
+        env.close()
+
+
+def test_the_env_registry_rejects_a_class_that_is_not_an_env_on_every_path():
+    from spo_agents.errors import EnvError
+    from spo_agents.registry import ENVS
+
+    ENVS.register("not-an-env-v0", f"{__name__}:Thing", override=True)
+    try:
+        with pytest.raises(EnvError, match="must be a subclass of `gymnasium.Env`"):
+            ENVS.make("not-an-env")
+    finally:
+        ENVS._specs.pop("not-an-env-v0")
