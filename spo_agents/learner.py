@@ -342,8 +342,8 @@ class Learner:
 
     # -- the update --------------------------------------------------------------------------
     def _normalizer(self, trajs: Sequence[Trajectory]) -> float:
-        if self.settings.aggregation == "seq-mean-token-mean":
-            return float(max(1, len(trajs)))
+        if self.settings.aggregation == "seq-mean-token-mean":  # sequences with a trained token
+            return float(max(1, sum(1 for t in trajs if t.num_generated > 0)))
         return float(max(1, sum(t.num_generated for t in trajs)))
 
     def update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | torch.Tensor) -> LearnerStats:
