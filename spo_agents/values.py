@@ -82,17 +82,9 @@ def init_tracker(tracker: Any, path: str | Path) -> int:
 
 
 def tracker_ids(tracker: Any, counts: dict[str, tuple[int, int]]) -> list[str]:
-    """The ids of `counts` the tracker knows."""
-    from spo_agents.tracker import UnknownProblemError
-
-    out = []
-    for pid in counts:
-        try:
-            tracker.indices([pid])
-        except UnknownProblemError:
-            continue
-        out.append(pid)
-    return out
+    """The ids of `counts` the tracker knows (one vectorised lookup)."""
+    ids = list(counts)
+    return [pid for pid, known in zip(ids, tracker.contains(ids)) if known] if ids else []
 
 
 async def estimate(env_factory: Any, policy: Any, problem_ids: list[str], *, n: int, sampling: Any, concurrency: int, max_episode_tokens: int, seed: int = 0, progress: bool = True) -> dict[str, tuple[int, int]]:
