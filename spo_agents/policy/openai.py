@@ -30,7 +30,8 @@ import random
 from typing import Any, Literal
 
 from spo_agents.errors import PolicyError
-from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
+from spo_agents.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
+from spo_agents.weight_sync import VersionGate
 from spo_agents.policy.stopping import StopMatch, eos_token_ids, find_stop
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class OpenAIPolicy(PolicyBackend):
         ignore_eos: bool = False,
     ) -> None:
         super().__init__()
+        self._gate = VersionGate(self.version)
         import httpx
         from openai import AsyncOpenAI
 
@@ -223,9 +225,25 @@ class OpenAIPolicy(PolicyBackend):
         if self.mode == "auto":
             await self._ensure_mode(prompt_ids)
         async with self._limit:
-            if self.mode == "tokens":
-                return await self._generate_tokens(list(prompt_ids), params)
-            return await self._generate_text(list(prompt_ids), params)
+            # The gate holds new requests while weights are pushed and stamps each generation
+            # with the version current when it was *sent*, so none is attributed to weights
+            # that did not produce it.
+            async with self._gate.request() as version:
+                if self.mode == "tokens":
+                    gen = await self._generate_tokens(list(prompt_ids), params)
+                else:
+                    gen = await self._generate_text(list(prompt_ids), params)
+        gen.policy_version = version
+        return gen
+
+    async def pause(self) -> None:
+        """Hold new requests and return once none is in flight (before a weight push)."""
+        await self._gate.pause()
+
+    def resume(self) -> Resumed:
+        """Reopen with the weights of `self.version` (set it before resuming)."""
+        self._gate.resume(self.version)
+        return Resumed()
 
     def _common(self, params: SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.model, "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p}
@@ -268,7 +286,6 @@ class OpenAIPolicy(PolicyBackend):
             text=text,
             finish_reason=reason,
             stop_string=stop_string,
-            policy_version=self.version,
             info={"token_io": True},
         )
 
@@ -307,7 +324,6 @@ class OpenAIPolicy(PolicyBackend):
             text=out_text,
             finish_reason=match.reason,
             stop_string=match.stop_string,
-            policy_version=self.version,
             info={"token_io": False},
         )
 

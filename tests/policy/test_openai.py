@@ -175,3 +175,34 @@ def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     q = make_policy("openai", "m", base_url="http://127.0.0.1:9/v1", tokenizer=_tokenizer())
     assert q._client.api_key == "EMPTY"
+
+
+async def test_a_generation_carries_the_version_it_was_sent_under_and_pause_drains(monkeypatch):
+    """A weight push between request and response must not relabel the generation."""
+    import asyncio
+
+    from spo_agents.policy.base import Generation, SamplingParams
+    from spo_agents.policy.openai import OpenAIPolicy
+
+    policy = OpenAIPolicy("http://127.0.0.1:9/v1", "m", tokenizer=_tokenizer(), mode="tokens")
+    release = asyncio.Event()
+
+    async def slow(prompt_ids, params):
+        await release.wait()
+        return Generation(token_ids=[1], logprobs=[0.0], text="x", finish_reason="length")
+
+    monkeypatch.setattr(policy, "_generate_tokens", slow)
+    first = asyncio.create_task(policy.generate([1, 2], SamplingParams()))
+    await asyncio.sleep(0.01)
+    pausing = asyncio.create_task(policy.pause())
+    await asyncio.sleep(0.01)
+    assert not pausing.done()  # a request is still in flight under version 0
+    held = asyncio.create_task(policy.generate([1, 2], SamplingParams()))
+    release.set()
+    await pausing
+    assert (await first).policy_version == 0
+    assert not held.done()  # new requests wait while paused
+    policy.version = 1
+    policy.resume()
+    assert (await held).policy_version == 1
+    await policy.close()
