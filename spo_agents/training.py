@@ -119,8 +119,12 @@ def make_env_factory(cfg: Config, tokenizer: Any = None) -> Callable[[str], Any]
     return factory
 
 
-def build_components(cfg: Config, weights_from: Path | None = None) -> Components:
-    """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend)."""
+def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Path | None = None) -> Components:
+    """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend).
+
+    `rollout.backend: vllm-server` without `rollout.base_url` starts a vLLM server on loopback
+    (`spo_agents.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
+    run ends, also on Ctrl-C and crashes."""
     model, tokenizer = load_model(cfg, weights_from)
     env_factory = make_env_factory(cfg, tokenizer)
     backend = cfg.rollout.backend
@@ -138,20 +142,27 @@ def build_components(cfg: Config, weights_from: Path | None = None) -> Component
     if backend in ("openai", "vllm-server"):
         from spo_agents.policy import make_policy
 
-        if not cfg.rollout.base_url:
+        base_url, closers = cfg.rollout.base_url, []
+        if not base_url and backend == "vllm-server":
+            from spo_agents.vllm_server import VLLMServer
+
+            server = VLLMServer.from_config(cfg, log_dir=log_dir).start()
+            base_url, closers = server.openai_base_url, [server.stop]
+        if not base_url:
             raise ConfigError(f"`rollout.backend: {backend}` needs `rollout.base_url`, e.g. `http://127.0.0.1:8000/v1`")
+        # Training needs the sampled token ids and their log-probs: refuse text-only servers.
         policy = make_policy(
-            "openai", cfg.rollout.server_model or cfg.model.name, base_url=cfg.rollout.base_url,
-            api_key_env=cfg.rollout.api_key_env, tokenizer=tokenizer,
+            "openai", cfg.rollout.server_model or cfg.model.name, base_url=base_url,
+            api_key_env=cfg.rollout.api_key_env, tokenizer=tokenizer, mode="tokens",
         )  # fmt: skip
         sync = None
         if backend == "vllm-server":
             from spo_agents.vllm_server import connect
             from spo_agents.weight_sync import make_weight_sync
 
-            endpoint = connect(cfg.rollout.base_url, request_timeout_s=cfg.rollout.request_timeout_s)
+            endpoint = connect(base_url, request_timeout_s=cfg.rollout.request_timeout_s)
             sync = make_weight_sync(cfg.rollout.weight_sync, endpoint)
-        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close])
+        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close, *closers])
     raise ConfigError(f"unknown `rollout.backend` {backend!r}")
 
 
@@ -266,7 +277,7 @@ class Trainer:
         _seed_everything(cfg.train.seed)
         loaded = self.ckpt.load(self.resume_from) if self.resume_from is not None else None
         if self._components is None:
-            self._components = build_components(cfg, weights_from=loaded.model_dir if loaded else None)
+            self._components = build_components(cfg, weights_from=loaded.model_dir if loaded else None, log_dir=self.run_dir)
         elif loaded is not None:
             self.ckpt.load_model_weights(self._components.model, loaded)
         comp = self._components
@@ -294,7 +305,9 @@ class Trainer:
             from spo_agents.values import init_tracker
 
             init_tracker(self.tracker, cfg.tracker.init_values)
-        self.policy.version = self.step
+        # In-place backends serve the loaded weights now; a server serves them only after the
+        # push in `_run`, and until then its tokens belong to the initial weights (version 0).
+        self.policy.version = self.step if comp.weight_sync is None else 0
 
         group = cfg.algorithm.group_size if cfg.algorithm.name == "grpo" else 1
         self.group_size = group
@@ -562,6 +575,8 @@ class Trainer:
     async def _run(self) -> TrainResult:
         cfg = self.cfg
         self._setup()
+        if self.step > 0 and self._components.weight_sync is not None:
+            await self._publish()  # a resumed run's server still serves the initial weights
         self._t_start = time.perf_counter()
         bar = None
         if cfg.logging.progress:

@@ -417,3 +417,18 @@ def test_a_run_without_a_run_dir_is_named_from_the_config(tmp_path):
     run = tmp_path / "named"
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000001"
+
+
+def test_a_resumed_server_run_pushes_the_checkpoint_weights_before_any_rollout(tmp_path):
+    cfg = tiny_config(tmp_path, train={"steps": 1, "checkpoint_every": 1})
+    train(cfg, run_dir=tmp_path / "run", components=tiny_components())
+    events: list = []
+    comp = tiny_components()
+    comp.policy = RecordingPolicy(comp.policy, events)
+    comp.weight_sync = FakeSync(events)
+    comp.inplace = False
+    more = from_dict(Config, {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "steps": 2}})
+    train(more, run_dir=tmp_path / "run", resume=True, components=comp)
+    seq = [e for e in events if e not in (("version", 0),)]
+    assert seq[:4] == [("pause",), ("sync", 1), ("version", 1), ("resume",)]
+    assert seq[4:] == [("pause",), ("sync", 2), ("version", 2), ("resume",)]

@@ -18,6 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML config file (see configs/)")
     p.add_argument("--model", default=None, help="model name or directory (sets `model.name`)")
     p.add_argument("--steps", type=int, default=None, help="learner steps (sets `train.steps`)")
+    p.add_argument("--rollout", default=None, choices=["hf", "vllm", "openai", "vllm-server"], help="rollout backend (sets `rollout.backend`); `vllm-server` starts a vLLM server unless --base-url is given")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint of a running server (sets `rollout.base_url`)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run (its saved config, plus overrides)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tracker.rho_min=0.9 train.batch_size=16")
     p.set_defaults(func=_train)
@@ -53,6 +55,10 @@ def _config(args: argparse.Namespace):
         overrides.insert(0, f"model.name={args.model}")
     if getattr(args, "steps", None) is not None:
         overrides.insert(0, f"train.steps={args.steps}")
+    if getattr(args, "rollout", None):
+        overrides.insert(0, f"rollout.backend={args.rollout}")
+    if getattr(args, "base_url", None):
+        overrides.insert(0, f"rollout.base_url={args.base_url}")
     return load_config(args.config, overrides)
 
 
@@ -69,6 +75,10 @@ def _train(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
         if args.steps is not None:
             overrides.append(f"train.steps={args.steps}")
+        if args.rollout:
+            overrides.append(f"rollout.backend={args.rollout}")
+        if args.base_url:
+            overrides.append(f"rollout.base_url={args.base_url}")
         if args.env or args.model:
             raise ConfigError("`--env` and `--model` cannot change on `--resume`; the checkpoint belongs to the saved ones")
         cfg = load_run_config(args.resume, overrides)
