@@ -432,3 +432,41 @@ def test_a_resumed_server_run_pushes_the_checkpoint_weights_before_any_rollout(t
     seq = [e for e in events if e not in (("version", 0),)]
     assert seq[:4] == [("pause",), ("sync", 1), ("version", 1), ("resume",)]
     assert seq[4:] == [("pause",), ("sync", 2), ("version", 2), ("resume",)]
+
+
+def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the_run(tmp_path, monkeypatch):
+    import spo_agents.vllm_server as vs
+    import spo_agents.weight_sync as ws
+    from spo_agents.training import build_components
+
+    calls: list = []
+
+    class FakeServer:
+        openai_base_url = "http://127.0.0.1:5999/v1"
+
+        @classmethod
+        def from_config(cls, cfg, *, log_dir=None, **kw):
+            calls.append(("from_config", cfg.model.name, log_dir))
+            return cls()
+
+        def start(self):
+            calls.append(("start",))
+            return self
+
+        def stop(self):
+            calls.append(("stop",))
+
+    monkeypatch.setattr(vs, "VLLMServer", FakeServer)
+    monkeypatch.setattr(vs, "connect", lambda url, **kw: calls.append(("connect", url)) or object())
+    monkeypatch.setattr(ws, "make_weight_sync", lambda name, endpoint: calls.append(("sync", name)) or object())
+    cfg = tiny_config(tmp_path, rollout={"backend": "vllm-server"}, env={"id": "countdown-python"})
+    comp = build_components(cfg, log_dir=tmp_path)
+    assert calls == [("from_config", "tiny-random", tmp_path), ("start",), ("connect", FakeServer.openai_base_url), ("sync", "reload")]
+    assert comp.policy.mode == "tokens"  # a text-only server cannot train
+    for closer in comp.closers:
+        r = closer()
+        if hasattr(r, "__await__"):
+            import asyncio
+
+            asyncio.run(r)
+    assert calls[-1] == ("stop",)
