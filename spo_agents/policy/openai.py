@@ -170,6 +170,8 @@ class OpenAIPolicy(PolicyBackend):
             self.mode = "text"
             self.server_kind = "transformers-serve" if "prompt must be a string" in str(e) else "text-only"
         except openai.APIStatusError as e:
+            if e.status_code == 404:
+                await self._check_model_served()
             if e.status_code in (404, 422):
                 self.mode, self.server_kind = "text", "text-only"
             else:
@@ -191,6 +193,18 @@ class OpenAIPolicy(PolicyBackend):
                 "(%s): the `openai` backend works in text mode, usable for evaluation only",
                 self.base_url,
                 self.server_kind,
+            )
+
+    async def _check_model_served(self) -> None:
+        """A 404 usually means a wrong model name, not a text-only server: say so."""
+        try:
+            served = [m.id for m in (await self._client.models.list()).data]
+        except Exception:  # noqa: BLE001 - servers without /v1/models: fall back as before
+            return
+        if served and self.model not in served:
+            raise PolicyError(
+                f"the server at `{self.base_url}` does not serve a model named `{self.model}`; it serves "
+                f"{', '.join(f'`{m}`' for m in served)}: pass one of them as `--model` (or `rollout.server_model`)"
             )
 
     @staticmethod

@@ -206,3 +206,20 @@ async def test_a_generation_carries_the_version_it_was_sent_under_and_pause_drai
     policy.resume()
     assert (await held).policy_version == 1
     await policy.close()
+
+
+async def test_a_wrong_model_name_is_an_error_that_lists_the_served_models(server_with, monkeypatch):
+    from types import SimpleNamespace
+
+    from spo_agents.errors import PolicyError
+
+    url, _ = server_with([(404, {"error": {"message": "The model `m` does not exist."}})])
+    policy = _policy(url)
+
+    async def models_list():
+        return SimpleNamespace(data=[SimpleNamespace(id="served-model")])
+
+    monkeypatch.setattr(policy._client.models, "list", models_list)
+    with pytest.raises(PolicyError, match="does not serve a model named `tiny-random`.*`served-model`"):
+        await policy.generate([1, 2], SamplingParams(max_new_tokens=4))
+    await policy.close()
