@@ -41,6 +41,13 @@ BASE_ENV = {
 }
 NOBODY = 65534
 # System files an interpreter may read besides its own prefix (bubblewrap mounts only these).
+HOST_ALIAS = "/.spo-host"  # where interpreter directories under the work dir are bound
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
 SYSTEM_RO = ["/usr", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives"]
 
 
@@ -149,9 +156,17 @@ class Zygote:
             "drop_to": drop_to,
         }
         source = (Path(__file__).with_name("_local_worker.py")).read_text()
-        py = [cfg.python, "-I", "-c", source, json.dumps(worker_cfg)]
         if cfg.isolation != "bubblewrap":
-            return py
+            return [cfg.python, "-I", "-c", source, json.dumps(worker_cfg)]
+        # Interpreter directories under the work dir (a venv in a clone under /tmp) would be
+        # hidden by the sessions' private tmpfs there: bind them at an alias outside it and start
+        # the interpreter by its aliased path (a venv finds its pyvenv.cfg from that path).
+        alias = {p: HOST_ALIAS + p for p in paths if _under(p, WORKDIR)}
+        python = cfg.python
+        for p, a in alias.items():
+            if _under(python, p):
+                python = a + python[len(p):]
+        py = [python, "-I", "-c", source, json.dumps(worker_cfg)]
         cmd = [
             bwrap_path() or "bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
             "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox", "--cap-drop", "ALL",
@@ -163,15 +178,15 @@ class Zygote:
                 cmd += ["--ro-bind", top, top]
         for p in [*SYSTEM_RO, *paths, *cfg.extra_ro_binds]:
             if os.path.exists(p) and not p.startswith(("/bin/", "/lib/", "/lib64/", "/sbin/")):
-                cmd += ["--ro-bind", p, p]
+                cmd += ["--ro-bind", p, alias.get(p, p)]
         cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", WORKDIR, "--chdir", WORKDIR, "--clearenv"]
-        for k, v in self._env().items():
+        for k, v in self._env(python).items():
             cmd += ["--setenv", k, v]
         return cmd + ["--", *py]
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, python: str) -> dict[str, str]:
         env = dict(BASE_ENV)
-        bindir = os.path.dirname(self.cfg.python)
+        bindir = os.path.dirname(python)
         if bindir:
             env["PATH"] = f"{bindir}:{env['PATH']}"
         env.update(self.cfg.env)
@@ -198,7 +213,7 @@ class Zygote:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                env=self._env() if self.cfg.isolation != "bubblewrap" else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                env=self._env(self.cfg.python) if self.cfg.isolation != "bubblewrap" else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 start_new_session=True,
             )
         except OSError as e:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -304,3 +305,28 @@ async def test_echo_last_expression_is_opt_in():
     assert none.stdout == "p\n"
     assert statement.stdout == ""
     assert error.exception is not None and "SyntaxError" in error.exception
+
+
+async def test_an_interpreter_under_tmp_is_not_hidden_by_the_session_work_dir(tmp_path):
+    """A clone (and its venv) under /tmp, as in `mktemp -d`: the sessions' private /tmp must not
+    hide the interpreter or its site-packages."""
+    import subprocess
+    import sys
+
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip(f"the test needs a temp dir under /tmp, got {tmp_path}")
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    site = subprocess.check_output([env_dir / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    (Path(site) / "spo_probe_mod.py").write_text("VALUE = 41\n")
+    backend = LocalBackend(python=str(env_dir / "bin" / "python"), preload=())
+    if backend.isolation != "bubblewrap":
+        await backend.aclose()
+        pytest.skip(f"bubblewrap isolation not available here ({backend.isolation})")
+    try:
+        async with await backend.open_session() as s:
+            r = await s.run("import spo_probe_mod, sys\nprint(spo_probe_mod.VALUE + 1)\nopen('/tmp/w', 'w').write('x')")
+        assert r.ok, r.stderr
+        assert r.stdout.strip() == "42"
+    finally:
+        await backend.aclose()
