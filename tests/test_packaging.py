@@ -28,6 +28,10 @@ def test_wheel_maps_envs_and_sandboxes_under_the_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "spo_agents/envs/base.py" in names
     assert "spo_agents/sandboxes/base.py" in names
+    # data the code reads at run time
+    for data in ("spo_agents/envs/data/code_problems.jsonl", "spo_agents/sandboxes/docker/setup-engine.sh",
+                 "spo_agents/sandboxes/docker/Dockerfile", "spo_agents/sandboxes/_local_worker.py"):
+        assert data in names, data
     top_level = {n.split("/")[0] for n in names if not n.endswith(".dist-info/") and "/" in n}
     assert "envs" not in top_level and "sandboxes" not in top_level
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
