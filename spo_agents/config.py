@@ -193,7 +193,7 @@ class TrainSection:
     batch_size: int = 16
     mini_batches: int = 1
     epochs: int = 1
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (memory bound, not maths)
+    micro_batch_tokens: int = 1024  # padded tokens per forward/backward (memory bound, not maths): 1024 keeps the 135M learner under 4 GB (4096: 8.5 GB)
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None

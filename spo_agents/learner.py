@@ -227,7 +227,7 @@ class LearnerSettings:
     warmup_steps: int = 0
     mini_batches: int = 1
     epochs: int = 1
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int = 1024
     temperature: float = 1.0
     eps_low: float = 0.2
     eps_high: float = 0.28
