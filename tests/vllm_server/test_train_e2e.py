@@ -3,8 +3,9 @@
 The training loop (`spo_agents.training.train`) rolls out `math-python` episodes through the
 `openai` backend against a server started by `VLLMServer`, updates the learner, and pushes the
 weights with `rollout.weight_sync` after every step. Afterwards the server must serve exactly
-the learner's weights. A random-init model rarely earns a reward, so the advantages are mostly
-zero; the entropy bonus (`loss.entropy_coef`) guarantees that every step changes the weights.
+the learner's weights. The policy is the embedded SmolLM2-135M-Instruct, as in `make train`.
+With 4 episodes a step the rewards can all be equal (zero advantages), so the entropy bonus
+(`loss.entropy_coef`) guarantees that every step changes the weights.
 
 Run: `SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -m vllm tests/vllm_server -q`.
 """
@@ -25,17 +26,17 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("weight_sync", ["reload", "lora"])
 def test_training_steps_reach_the_server(tmp_path, weight_sync, vllm_python):
     from spo_agents.config import load_config
-    from spo_agents.models import tiny_model_dir
+    from spo_agents.models import embedded_model_dir
     from spo_agents.training import build_components, train
 
-    model_dir = tiny_model_dir(hidden_size=128, num_layers=2)  # vLLM's CPU attention: head size >= 32
+    model_dir = embedded_model_dir()
     lora = weight_sync == "lora"
     cfg = load_config(overrides=[
         f"model.name={model_dir}", "model.dtype=float32", "model.device=cpu", f"model.lora.enabled={str(lora).lower()}",
         "model.lora.r=8", "rollout.backend=vllm-server", f"rollout.weight_sync={weight_sync}",
         "rollout.max_in_flight=4", "rollout.max_new_tokens=16", "rollout.max_episode_tokens=48",
         "train.steps=2", "train.batch_size=4", "train.checkpoint_every=100", "eval.every=0",
-        "optim.lr=1e-3", "loss.entropy_coef=0.1", "logging.progress=false", f"train.output_dir={tmp_path}",
+        f"optim.lr={1e-3 if lora else 1e-4}", "loss.entropy_coef=0.1", "logging.progress=false", f"train.output_dir={tmp_path}",
     ])
     server = VLLMServer.from_config(cfg, log_dir=tmp_path, python=vllm_python, kv_cache_bytes=1 << 29,
                                     max_model_len=1024, startup_timeout_s=600)
