@@ -87,7 +87,6 @@ def _maj(answers: list, correct: list[bool]) -> float:
     return sum(correct[v[0]] for v in tied) / len(tied)
 
 
-@pytest.mark.slow
 def test_eval_against_transformers_serve_matches_the_transcripts(served_model, tmp_path):
     base_url, model = served_model
     k, problems = 4, 3
