@@ -63,30 +63,37 @@ async def test_tokens_and_logprobs_match_the_hf_backend(server):
     remote = make_policy("openai", model_dir, base_url=server.openai_base_url, tokenizer=model_dir)
     local = make_policy("hf", model_dir)
     tok = local.tokenizer
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=16, stop=["e"])
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("Hello there", "Once upon a time", "Numbers: 1, 2, 3")]
-    gens = await asyncio.gather(*(remote.generate(p, params) for p in prompts))
-    assert remote.supports_token_io and remote.mode == "tokens"
     import torch
 
-    for p, g in zip(prompts, gens):
-        assert g.token_ids and len(g.logprobs) == len(g.token_ids)
-        if g.finish_reason == "stop":
-            assert "e" in tok.decode(g.token_ids) and "e" not in tok.decode(g.token_ids[:-1])
-        # the hf backend's distribution for these exact tokens (same warping, teacher-forced)
-        ids = torch.tensor([p + g.token_ids])
-        with torch.no_grad():
-            logits = local.model(ids).logits[0, len(p) - 1 : -1].float() / 0.7
-        ref = []
-        for t, token in enumerate(g.token_ids):
-            z = logits[t]
-            z = torch.where(z < torch.topk(z, 20).values[-1], torch.tensor(float("-inf")), z)
-            probs = torch.softmax(z, -1)
-            order = torch.argsort(probs, descending=True)
-            keep = order[: int((torch.cumsum(probs[order], 0) < 0.9).sum()) + 1]
-            masked = torch.full_like(z, float("-inf"))
-            masked[keep] = z[keep]
-            ref.append(float(torch.log_softmax(masked, -1)[token]))
-        assert max(abs(a - b) for a, b in zip(g.logprobs, ref)) < 1e-3
+    compared = 0
+    # with a stop string (generation ends right after it) and without one (16 full tokens each)
+    for stop in (["e"], []):
+        params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=16, stop=stop)
+        gens = await asyncio.gather(*(remote.generate(p, params) for p in prompts))
+        assert remote.supports_token_io and remote.mode == "tokens"
+        for p, g in zip(prompts, gens):
+            assert g.token_ids and len(g.logprobs) == len(g.token_ids)
+            if stop and g.finish_reason == "stop":
+                assert "e" in tok.decode(g.token_ids) and "e" not in tok.decode(g.token_ids[:-1])
+            # the hf backend's distribution for these exact tokens (same warping, teacher-forced)
+            ids = torch.tensor([p + g.token_ids])
+            with torch.no_grad():
+                logits = local.model(ids).logits[0, len(p) - 1 : -1].float() / 0.7
+            ref = []
+            for t, token in enumerate(g.token_ids):
+                z = logits[t]
+                z = torch.where(z < torch.topk(z, 20).values[-1], torch.tensor(float("-inf")), z)
+                probs = torch.softmax(z, -1)
+                order = torch.argsort(probs, descending=True)
+                keep = order[: int((torch.cumsum(probs[order], 0) < 0.9).sum()) + 1]
+                masked = torch.full_like(z, float("-inf"))
+                masked[keep] = z[keep]
+                ref.append(float(torch.log_softmax(masked, -1)[token]))
+            diff = max(abs(a - b) for a, b in zip(g.logprobs, ref))
+            print(f"\nstop={stop}: {len(g.token_ids)} tokens ({g.finish_reason}), max |vLLM - hf| log-prob = {diff:.1e}")
+            assert diff < 1e-3
+            compared += len(g.token_ids)
+    assert compared >= 24  # the stop-free generations run to 16 tokens unless they sample end-of-text
     await remote.close()
     await local.close()
