@@ -23,7 +23,7 @@ METRICS: dict[str, str] = {
     "time/elapsed_s": "Wall-clock seconds since the run (or the resumed run) started.",
     "time/step_s": "Wall-clock seconds of this step, from the end of the previous one.",
     "time/rollout_wait_s": "Seconds the loop waited for the batch's trajectories to finish (generation and sandbox, overlapped).",
-    "time/learner_s": "Seconds of the learner update, including the drift re-scoring forward passes.",
+    "time/learner_s": "Seconds of the learner update, including the drift re-scoring forward passes and, with a server backend, the weight push.",
     "time/checkpoint_s": "Seconds spent writing the checkpoint at the end of the previous step (0 when none was written; the row is logged before its own checkpoint).",
     "time/eval_s": "Seconds of held-out evaluation this step (0 when none ran).",
     "time/share_generate": "Share of the step's wall time attributed to generation (the rollout wait split by the episodes' own generate/sandbox timings).",
