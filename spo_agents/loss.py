@@ -119,7 +119,7 @@ def policy_loss(
             clip_frac_low=tmean(neg * (ratio < 1.0 - eps_low).to(dtype)),
             clip_frac_high=tmean(pos * (ratio > 1.0 + eps_high).to(dtype)),
             clip_frac_dual=tmean(neg * (ratio > dual_clip).to(dtype)) if dual_on else 0.0,
-            approx_kl=tmean(torch.exp(-log_ratio) - 1.0 + log_ratio),
+            approx_kl=tmean(torch.exp(log_ratio) - 1.0 - log_ratio),  # (r - 1) - log r, r = pi / pi_old, x ~ pi_old
             abs_logp_diff=tmean(log_ratio.abs()),
             ratio_mean=tmean(ratio),
             ratio_max=float(ratio[m > 0].max()) if n_tok > 0 else 0.0,

@@ -117,7 +117,7 @@ def test_stats_by_hand():
     assert s.ratio_max == pytest.approx(20.0)
     assert s.ratio_mean == pytest.approx((1.5 + 0.5 + 20 + 1) / 4)
     assert s.abs_logp_diff == pytest.approx((math.log(1.5) + math.log(2) + math.log(20)) / 4)
-    k3 = [1 / r - 1 + math.log(r) for r in (1.5, 0.5, 20.0, 1.0)]
+    k3 = [r - 1 - math.log(r) for r in (1.5, 0.5, 20.0, 1.0)]  # KL(pi_old || pi) with tokens drawn from pi_old
     assert s.approx_kl == pytest.approx(sum(k3) / 4)
     assert (s.num_tokens, s.num_sequences) == (4.0, 3.0)
     assert s.as_dict()["loss/clip_frac_dual"] == 0.25
