@@ -107,11 +107,13 @@ def make_env_factory(cfg: Config, tokenizer: Any = None) -> Callable[[str], Any]
     from spo_agents.sandboxes.base import SandboxLimits
 
     sandbox: Any = cfg.sandbox.backend
+    limits: SandboxLimits | None = SandboxLimits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb)
     if cfg.sandbox.options:
-        from spo_agents.sandboxes import make_backend
+        from spo_agents.sandboxes import backend_from_config
 
-        sandbox = make_backend(cfg.sandbox.backend, **cfg.sandbox.options)
-    limits = SandboxLimits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb)
+        # limits named in `options` (e.g. `max_output_bytes`) join timeout_s / memory_mb in the
+        # backend's own limits, which the sessions then use
+        sandbox, limits = backend_from_config(cfg.sandbox), None
 
     def factory(split: str) -> Any:
         return envs.make(cfg.env.id, split=split, sandbox=sandbox, sandbox_limits=limits, **cfg.env.kwargs)

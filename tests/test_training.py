@@ -540,3 +540,18 @@ def test_grpo_delivers_whole_groups_with_group_advantages_and_the_degenerate_sha
     gid = [x.group_id for x in batch]
     np.testing.assert_allclose(seen["adv"], grpo_advantages(r, gid), atol=1e-12)
     assert row["train/degenerate_share"] == pytest.approx(degenerate_share(r, gid))
+
+
+def test_sandbox_limits_in_options_reach_the_training_envs_sessions():
+    from spo_agents.config import load_config
+    from spo_agents.training import make_env_factory
+
+    cfg = load_config(overrides=["sandbox.options={max_output_bytes: 200}", "sandbox.timeout_s=7"])
+    env = make_env_factory(cfg)("train")
+    try:
+        env.reset(options={"problem_id": env.problem_ids[0]})
+        reply, *_ = env.step("<code>print('x' * 5000)</code>")
+        assert reply.count("x") <= 200 and "truncated" in reply.lower()
+        assert env._session is not None
+    finally:
+        env.close()
