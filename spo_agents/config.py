@@ -80,8 +80,9 @@ class RolloutConfig:
     """How trajectories are generated.
 
     `backend`: `hf` (transformers in-process, CPU default), `vllm` (in-process engine on a GPU),
-    `openai` / `vllm-server` (an OpenAI-compatible server; `vllm-server` keeps token-in/out and
-    syncs weights with `weight_sync`).
+    `vllm-server` (a vLLM OpenAI-compatible server, token-in/out, weights synced with
+    `weight_sync`), `openai` (any OpenAI-compatible server: evaluation and offline value
+    estimation only, since the trainer cannot update its weights).
     Single-stream collection keeps `max_in_flight` episodes running and hands the learner the
     first `train.batch_size` that finish; `oversample` > 1 starts that many times more episodes
     than needed (paper Sec. 5.4). Trajectories generated more than `max_staleness` policy

@@ -262,6 +262,12 @@ class Trainer:
             )
         if advantage_name(c) in ("grpo", "rloo") and c.algorithm.name != "grpo":
             raise ConfigError(f"advantage `{advantage_name(c)}` needs grouped collection: set `algorithm.name: grpo`")
+        if c.rollout.backend == "openai":
+            raise ConfigError(
+                "`rollout.backend: openai` cannot push the learner's weights to the server, so every step would "
+                "train on samples of the initial weights; use `rollout.backend: vllm-server` (with `--base-url` "
+                "for a running vLLM server), or `openai` only for `spo-agent eval` / `estimate-values`"
+            )
         if c.train.batch_size < 1 or c.train.steps < 0:
             raise ConfigError(f"`train.batch_size` must be >= 1 and `train.steps` >= 0, got {c.train.batch_size} and {c.train.steps}")
 

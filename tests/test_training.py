@@ -555,3 +555,11 @@ def test_sandbox_limits_in_options_reach_the_training_envs_sessions():
         assert env._session is not None
     finally:
         env.close()
+
+
+def test_training_refuses_a_server_whose_weights_it_cannot_update(tmp_path):
+    from spo_agents.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, rollout={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"})
+    with pytest.raises(ConfigError, match="vllm-server"):
+        Trainer(cfg, tmp_path / "run", tiny_components())
