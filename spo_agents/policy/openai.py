@@ -279,12 +279,22 @@ class OpenAIPolicy(PolicyBackend):
         )
         choice = resp.choices[0]
         extra = choice.model_extra or {}
-        token_ids = [int(t) for t in extra.get("token_ids") or []]
-        lps = list(getattr(choice.logprobs, "token_logprobs", None) or [])
-        if len(lps) != len(token_ids):
+        if extra.get("token_ids") is None:
             raise PolicyError(
-                f"the server returned {len(token_ids)} token ids but {len(lps)} log-probs; expected one log-prob per "
-                f"sampled token (is it vLLM with `logprobs: 0` support?)"
+                "the server returned no `token_ids` for a token-id prompt: token-in/token-out needs vLLM's "
+                "`return_token_ids`; a server without it is usable for evaluation only (`mode: text`)"
+            )
+        if choice.finish_reason not in ("stop", "length"):
+            raise PolicyError(
+                f"the server ended a generation with finish_reason `{choice.finish_reason}` (aborted or failed), "
+                "not at a stop or a length limit; its partial turn is not trained on"
+            )
+        token_ids = [int(t) for t in extra["token_ids"]]
+        lps = list(getattr(choice.logprobs, "token_logprobs", None) or [])
+        if len(lps) != len(token_ids) or any(x is None for x in lps):
+            raise PolicyError(
+                f"the server returned {len(token_ids)} token ids but {sum(x is not None for x in lps)} log-probs; expected "
+                f"one log-prob per sampled token (is it vLLM with `logprobs: 0` support?)"
             )
         stop_reason = extra.get("stop_reason")
         if choice.finish_reason == "length":
@@ -296,7 +306,7 @@ class OpenAIPolicy(PolicyBackend):
         text = self._tokenizer.decode(token_ids[:-1] if reason == "eos" and token_ids and token_ids[-1] in self.eos_ids else token_ids, skip_special_tokens=False)
         return Generation(
             token_ids=token_ids,
-            logprobs=[float(x) if x is not None else 0.0 for x in lps],
+            logprobs=[float(x) for x in lps],
             text=text,
             finish_reason=reason,
             stop_string=stop_string,

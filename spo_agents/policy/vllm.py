@@ -109,6 +109,8 @@ class VLLMPolicy(PolicyBackend):
         if final is None:
             raise PolicyError("vLLM returned no output for a request")
         c = final.outputs[0]
+        if c.finish_reason not in ("stop", "length"):
+            raise PolicyError(f"vLLM ended a generation with finish_reason `{c.finish_reason}` (aborted or failed); its partial turn is not trained on")
         ids = list(c.token_ids)
         lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs or [])]
         if c.finish_reason == "length":

@@ -117,6 +117,30 @@ async def test_token_mode_returns_the_servers_tokens_and_logprobs(server_with):
     await policy.close()
 
 
+@pytest.mark.parametrize("finish", ["abort", "error"])
+async def test_an_aborted_generation_is_an_error_not_an_end_of_turn(server_with, finish):
+    url, _ = server_with([(200, _completion([11, 12], [-0.5, -1.0], finish=finish))])
+    policy = _policy(url, mode="tokens")
+    with pytest.raises(PolicyError, match=f"finish_reason `{finish}`"):
+        await policy.generate([1, 2, 3], SamplingParams(max_new_tokens=8))
+    await policy.close()
+
+
+async def test_a_reply_without_token_ids_or_logprobs_is_an_error(server_with):
+    no_ids = _completion([11], [-0.5])
+    del no_ids["choices"][0]["token_ids"]
+    url, _ = server_with([(200, no_ids)])
+    policy = _policy(url, mode="tokens")
+    with pytest.raises(PolicyError, match="evaluation only"):
+        await policy.generate([1, 2, 3], SamplingParams(max_new_tokens=8))
+    await policy.close()
+    url, _ = server_with([(200, _completion([11, 12], [-0.5, None]))])
+    policy = _policy(url, mode="tokens")
+    with pytest.raises(PolicyError, match="one log-prob per"):
+        await policy.generate([1, 2, 3], SamplingParams(max_new_tokens=8))
+    await policy.close()
+
+
 async def test_retries_on_429_and_5xx_then_succeeds(server_with):
     ok = _completion([7, 8], [-0.2, -0.3], finish="length")
     url, script = server_with([(429, {"error": "slow down"}), (503, {"error": "busy"}), (500, {"error": "oops"}), (200, ok)])
