@@ -31,7 +31,7 @@ from typing import Any
 
 from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.policy.base import PolicyBackend, SamplingParams
-from spo_agents.rollout import run_episode
+from spo_agents.rollout import _env_id, run_episode
 from spo_agents.types import Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,11 @@ async def evaluate(
             env = envs.pop() if envs else env_factory()
             try:
                 t = await run_episode(env, policy, pid, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=sample_seed(pid, i, seed), executor=executor)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a broken episode (e.g. a plugin env's bug) is data, not the end of the run
+                log.exception("episode %d of `%s` raised", i, pid)
+                t = Trajectory(pid, _env_id(env), [], [], [], [], 0.0, error=f"{type(e).__name__}: {e}")
             finally:
                 envs.append(env)
         t.group_id, t.sample_index = pid, i

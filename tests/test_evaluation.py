@@ -116,3 +116,18 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     assert any(line.split()[:1] == ["maj@2"] for line in out.splitlines())
     assert saved["num_problems"] == 2 and saved["settings"]["sampling"]["temperature"] == 0.6
     assert saved["settings"]["sampling"]["top_k"] == 20 and saved["settings"]["sampling"]["top_p"] == 0.95
+
+
+async def test_an_env_that_raises_is_an_error_sample_and_the_run_goes_on(policy, tmp_path):
+    class BuggyEnv(SayEnv):
+        def _step_episode(self, action):
+            if self.problem.id == "test-1":
+                raise ValueError("a bug in a plugin env")
+            return super()._step_episode(action)
+
+    ids = ["test-0", "test-1"]
+    report = await evaluate(lambda: BuggyEnv(), policy, ids, k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path, progress=False, max_episode_tokens=30)
+    rows = {(t.problem_id, t.sample_index): t for t in read_jsonl(tmp_path / TRANSCRIPTS)}
+    assert len(rows) == 4 and report.errors == 2 and report.num_samples == 2
+    assert all("ValueError: a bug in a plugin env" in rows[("test-1", i)].error for i in range(2))
+    assert all(rows[("test-0", i)].error is None for i in range(2))
