@@ -57,6 +57,10 @@ class DatasetError(SPOError, ValueError):
     """A problem file or source is malformed."""
 
 
+class TrajectoryError(SPOError, ValueError):
+    """A trajectory is malformed (fields of unequal length) or written by a newer schema."""
+
+
 class CheckpointError(SPOError):
     """A checkpoint is missing, corrupt or incompatible with the requested run."""
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spo_agents.errors import TrajectoryError
+
 SCHEMA_VERSION = 1
 
 
@@ -109,7 +111,7 @@ class Trajectory:
     def __post_init__(self) -> None:
         n = len(self.token_ids)
         if len(self.loss_mask) != n or len(self.logprobs) != n:
-            raise ValueError(
+            raise TrajectoryError(
                 f"`token_ids`, `loss_mask` and `logprobs` must have equal lengths, got "
                 f"{n}, {len(self.loss_mask)} and {len(self.logprobs)}"
             )
@@ -133,7 +135,7 @@ class Trajectory:
     def from_dict(cls, d: dict[str, Any]) -> Trajectory:
         version = d.get("schema_version", SCHEMA_VERSION)
         if version > SCHEMA_VERSION:
-            raise ValueError(
+            raise TrajectoryError(
                 f"trajectory schema version {version} is newer than this spo-agents understands "
                 f"({SCHEMA_VERSION}); upgrade spo-agents to read it"
             )
@@ -166,5 +168,5 @@ def read_jsonl(path: str | Path) -> Iterator[Trajectory]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1 and not line.endswith("\n"):
                 return  # torn final line from an interrupted write
-            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from e
+            raise TrajectoryError(f"{path}:{i + 1}: not valid JSON ({e})") from e
         yield Trajectory.from_dict(d)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from spo_agents.errors import TrajectoryError
 from spo_agents.types import SCHEMA_VERSION, Problem, ToolCall, Trajectory, read_jsonl, write_jsonl
 
 
@@ -41,7 +42,7 @@ def test_jsonl_round_trip_is_exact(tmp_path):
 
 
 def test_lengths_must_agree():
-    with pytest.raises(ValueError, match="equal lengths"):
+    with pytest.raises(TrajectoryError, match="equal lengths"):
         _traj(loss_mask=[1, 1])
 
 
@@ -63,14 +64,14 @@ def test_corrupt_middle_line_names_the_line(tmp_path):
     with open(path, "a") as f:
         f.write("not json\n")
     write_jsonl(path, [_traj()], append=True)
-    with pytest.raises(ValueError, match=r"t\.jsonl:2"):
+    with pytest.raises(TrajectoryError, match=r"t\.jsonl:2"):
         list(read_jsonl(path))
 
 
 def test_newer_schema_is_refused():
     d = _traj().to_dict()
     d["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(ValueError, match="upgrade spo-agents"):
+    with pytest.raises(TrajectoryError, match="upgrade spo-agents"):
         Trajectory.from_dict(json.loads(json.dumps(d)))
 
 
