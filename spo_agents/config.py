@@ -13,9 +13,11 @@ Loading rules:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -28,6 +30,25 @@ from spo_agents.errors import ConfigError, did_you_mean
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _require(section: str, obj: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raise `ConfigError` for the first field of `obj` that breaks its rule (checked in order)."""
+    for name, (ok, rule) in rules.items():
+        value = getattr(obj, name)
+        if not ok(value):
+            raise ConfigError(f"`{section}.{name}` must be {rule}, got {value!r}")
+
+
+_POSITIVE = (lambda x: _finite(x) and x > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda x: _finite(x) and x >= 0, "a finite number >= 0")
+_AT_LEAST_1 = (lambda x: isinstance(x, int) and x >= 1, "an integer >= 1")
+_INT_NON_NEGATIVE = (lambda x: isinstance(x, int) and x >= 0, "an integer >= 0")
+_TOP_P = (lambda x: _finite(x) and 0 < x <= 1, "in (0, 1]")
+
 @dataclass
 class LoraConfig:
     """LoRA adapters (needs `peft`; used by the `lora` weight sync)."""
@@ -74,6 +95,9 @@ class SandboxConfig:
     memory_mb: int = 1024
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific
 
+    def __post_init__(self) -> None:
+        _require("sandbox", self, {"timeout_s": _POSITIVE, "memory_mb": _AT_LEAST_1})
+
 
 @dataclass
 class RolloutConfig:
@@ -105,6 +129,13 @@ class RolloutConfig:
     server_python: str | None = None  # interpreter of the vLLM server venv when we start it
     server_args: list[str] = field(default_factory=list)
     request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require("rollout", self, {
+            "max_in_flight": _AT_LEAST_1, "oversample": (lambda x: _finite(x) and x >= 1, "a finite number >= 1"),
+            "max_staleness": _INT_NON_NEGATIVE, "temperature": _POSITIVE, "top_p": _TOP_P, "top_k": _INT_NON_NEGATIVE,
+            "max_new_tokens": _AT_LEAST_1, "max_episode_tokens": _AT_LEAST_1, "request_timeout_s": _POSITIVE,
+        })  # fmt: skip
 
 
 @dataclass
@@ -150,6 +181,9 @@ class SamplerConfig:
     type: Literal["prioritized", "uniform"] = "prioritized"
     eps: float = 0.05
 
+    def __post_init__(self) -> None:
+        _require("sampler", self, {"eps": _NON_NEGATIVE})
+
 
 @dataclass
 class AlgorithmConfig:
@@ -161,6 +195,9 @@ class AlgorithmConfig:
     name: Literal["spo", "grpo"] = "spo"
     advantage: Literal["auto", "spo", "spo-no-baseline", "grpo", "rloo"] = "auto"
     group_size: int = 8  # only for grouped collection (grpo / rloo)
+
+    def __post_init__(self) -> None:
+        _require("algorithm", self, {"group_size": _AT_LEAST_1})
 
 
 @dataclass
@@ -174,6 +211,13 @@ class LossConfig:
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
 
+    def __post_init__(self) -> None:
+        _require("loss", self, {
+            "eps_low": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1) (the ratio's lower clip is 1 - eps_low)"),
+            "eps_high": _NON_NEGATIVE, "dual_clip": (_finite, "a finite number (<= 1 disables the dual clip)"),
+            "kl_coef": _NON_NEGATIVE, "entropy_coef": (_finite, "a finite number"),
+        })  # fmt: skip
+
 
 @dataclass
 class OptimConfig:
@@ -184,6 +228,13 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require("optim", self, {
+            "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE,
+            "betas": (lambda b: len(b) == 2 and all(_finite(x) and 0 <= x < 1 for x in b), "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+            "grad_clip": (_finite, "a finite number (<= 0 disables clipping)"), "warmup_steps": _INT_NON_NEGATIVE,
+        })  # fmt: skip
 
 
 @dataclass
@@ -202,6 +253,14 @@ class TrainSection:
     keep_checkpoints: int = 2
     max_minutes: float | None = 18.0  # stop (after a final eval and checkpoint) once this wall time is spent; null: no limit
 
+    def __post_init__(self) -> None:
+        _require("train", self, {
+            "steps": _INT_NON_NEGATIVE, "batch_size": _AT_LEAST_1,
+            "mini_batches": (lambda x: isinstance(x, int) and 1 <= x <= self.batch_size, f"an integer in [1, train.batch_size = {self.batch_size}]"),
+            "epochs": _AT_LEAST_1, "micro_batch_tokens": _AT_LEAST_1, "checkpoint_every": _INT_NON_NEGATIVE,
+            "keep_checkpoints": _AT_LEAST_1, "max_minutes": (lambda x: x is None or (_finite(x) and x > 0), "a number > 0, or null for no limit"),
+        })  # fmt: skip
+
 
 @dataclass
 class EvalSection:
@@ -213,6 +272,12 @@ class EvalSection:
     temperature: float = 0.6
     top_p: float = 0.95
     top_k: int = 20
+
+    def __post_init__(self) -> None:
+        _require("eval", self, {
+            "every": _INT_NON_NEGATIVE, "limit": _INT_NON_NEGATIVE, "k": _AT_LEAST_1,
+            "temperature": _NON_NEGATIVE, "top_p": _TOP_P, "top_k": _INT_NON_NEGATIVE,
+        })  # fmt: skip
 
 
 @dataclass
