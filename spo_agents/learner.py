@@ -5,8 +5,10 @@ What one `Learner.update(trajectories, advantages)` does (SPO.md sections 2-3, p
 1. Pack each trajectory as `prompt_ids + token_ids`, left-padded into `[B, L]` tensors. The
    tokens trained on are exactly the ones the policy produced (`loss_mask == 1`); tokens the
    environment inserted are context only (token-in, token-out, DESIGN.md).
-2. Split the batch into `mini_batches` equal parts (one optimiser step each, one epoch), and each
-   mini-batch into micro-batches whose padded size stays under `micro_batch_tokens`, so memory is
+2. Split the batch into `mini_batches` equal parts (one optimiser step each, one epoch), after a
+   shuffle (`mini_batch_order`): trajectories arrive in the order they finished, shortest first,
+   and unshuffled chunks would give the first optimiser step only the short responses. Each
+   mini-batch is split into micro-batches whose padded size stays under `micro_batch_tokens`, so memory is
    bounded by the token budget and not by the batch size.
 3. Score every micro-batch with the current model: fp32 `log_softmax(logits / temperature)` at
    the positions that predict generated tokens. Dividing by the *sampling* temperature makes the
@@ -38,7 +40,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +76,16 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.mask.sum().item())
+
+
+def mini_batch_order(trajectories: Sequence[Trajectory]) -> list[int]:
+    """A permutation of the batch for splitting it into mini-batches. Seeded by the batch's own
+    content (problem ids, sample indices, lengths), so it needs no saved state, is the same on
+    every rank and after a resume, and differs from batch to batch."""
+    key = "\n".join(f"{t.problem_id}:{t.sample_index}:{len(t.token_ids)}" for t in trajectories)
+    order = list(range(len(trajectories)))
+    random.Random(zlib.crc32(key.encode("utf-8"))).shuffle(order)
+    return order
 
 
 def pack(trajectories: Sequence[Trajectory], pad_id: int, device: torch.device | str = "cpu") -> PackedBatch:
@@ -371,7 +385,8 @@ class Learner:
         acc: dict[str, float] = {}
         acc_w = 0.0
         bounds = [round(k * len(trajs) / n_mb) for k in range(n_mb + 1)]
-        chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(n_mb)]
+        order = mini_batch_order(trajs) if n_mb > 1 else list(range(len(trajs)))
+        chunks = [order[bounds[k] : bounds[k + 1]] for k in range(n_mb)]
         grad_norms = []
         for epoch in range(s.epochs):
             for chunk in chunks:

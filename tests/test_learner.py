@@ -175,3 +175,15 @@ def test_per_prompt_drift_is_zero_until_the_policy_moves(base_model):
     d = learner.prompt_drift(["p0", "p1", "p2"])
     assert d[0] > 0 and d[1] > 0
     assert d[2] == pytest.approx(0.0, abs=1e-6)  # p2 was stored after this very update
+
+
+def test_mini_batches_mix_finish_order_and_are_reproducible():
+    from spo_agents.learner import mini_batch_order
+
+    # finish order: shortest responses first, as the collector delivers them
+    trajs = [make_traj(f"p{i}", [1, 2], list(range(3, 4 + i))) for i in range(16)]
+    order = mini_batch_order(trajs)
+    assert sorted(order) == list(range(16)) and order != list(range(16))
+    assert order == mini_batch_order(list(trajs))  # same batch, same split (all ranks, after a resume)
+    first_half = [len(trajs[i].token_ids) for i in order[:8]]
+    assert max(first_half) > 8  # the first mini-batch is not just the 8 shortest responses
