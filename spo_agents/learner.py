@@ -29,8 +29,12 @@ Policy drift for the value tracker (SPO.md section 1):
   one mini-batch `pi_before` comes free from the loss forward; with several it costs one extra
   no-grad forward before the update. The re-score after the update is one more no-grad forward.
 - `per-prompt` mode (the authors' estimate): `PromptDriftStore` keeps each problem's last
-  response with its post-update log-probs; before an update the responses of the batch's
-  problems are re-scored and `D(x) = token-mean |log pi_now - log pi_then|`. It costs one stored
+  response with the log-probs of the policy that acted on it (`pi_then`, scored before that
+  step's update); before an update the responses of the batch's problems are re-scored and
+  `D(x) = token-mean |log pi_now - log pi_then|`. Departure: the authors stored the post-update
+  log-probs, which leaves the update right after a visit out of D(x) (a problem drawn on two
+  consecutive steps gets D = 0 although the policy moved in between); storing the pre-update
+  ones makes D(x) span the same updates as the cumulative estimate. It costs one stored
   response per problem (memory grows with the number of distinct problems seen) and one extra
   forward over the stored responses each step, on top of the post-update re-score.
 """
@@ -177,18 +181,19 @@ class _Stored:
     prompt_ids: list[int]
     token_ids: list[int]
     loss_mask: list[int]
-    logprobs: list[float]  # post-update log-probs at the last visit
+    logprobs: list[float]  # log-probs of the policy that acted at the last visit (before its update)
 
 
 class PromptDriftStore:
-    """Each problem's last response with the log-probs the policy gave it right after the update
-    that followed it; `drift(...)` re-scores them with the current policy (SPO.md section 1)."""
+    """Each problem's last response with the log-probs of the policy that acted on it (scored
+    before the update that followed); `drift(...)` re-scores them with the current policy
+    (SPO.md section 1)."""
 
     def __init__(self) -> None:
         self.items: dict[str, _Stored] = {}
 
-    def put(self, traj: Trajectory, post_logprobs: list[float]) -> None:
-        self.items[traj.problem_id] = _Stored(list(traj.prompt_ids), list(traj.token_ids), list(traj.loss_mask), list(post_logprobs))
+    def put(self, traj: Trajectory, logprobs: list[float]) -> None:
+        self.items[traj.problem_id] = _Stored(list(traj.prompt_ids), list(traj.token_ids), list(traj.loss_mask), list(logprobs))
 
     def as_trajectories(self, problem_ids: Sequence[str]) -> list[Trajectory | None]:
         out: list[Trajectory | None] = []
@@ -377,7 +382,9 @@ class Learner:
             return stats
 
         n_mb = min(s.mini_batches, len(trajs))
-        need_before = s.drift == "cumulative" and (n_mb > 1 or s.epochs > 1 or world > 1)
+        # pi_before on the whole batch: free from the loss forward with one mini-batch, one epoch
+        # and one process; otherwise one extra no-grad forward before the update
+        need_before = n_mb > 1 or s.epochs > 1 or world > 1
         before = self.score(trajs) if need_before else None
         before_free: list[list[float] | None] = [None] * len(trajs)
 
@@ -450,13 +457,15 @@ class Learner:
                 setattr(stats, k, acc[k] / acc_w)
         stats.grad_norm = sum(grad_norms) / max(1, len(grad_norms))
 
-        # Drift of this step (and the post-update log-probs per-prompt mode stores).
+        # Drift of this step. Per-prompt mode stores each response with the log-probs of the
+        # policy that acted on it (before this update), so D(x) at the next visit counts this
+        # update too, as cumulative mode does (C at the visit is taken before `add_drift`).
         after = self.score(trajs)
         if before is None:
             before = [b if b is not None else [] for b in before_free]
         stats.drift = self.mean_abs_diff(trajs, after, before)
         if self.prompt_store is not None:
-            for t, lp in zip(trajs, after):
+            for t, lp in zip(trajs, before):
                 self.prompt_store.put(t, lp)
         stats.seconds = time.perf_counter() - t0
         return stats

@@ -690,6 +690,9 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         import sys
 
         print(f"run directory: {run_dir}", file=sys.stderr)
+        t = cfg.tracker
+        rho = f"constant rho {t.rho_constant}" if t.rho_type == "constant" else f"KL-adaptive rho in [{t.rho_min}, {t.rho_max}], D_half {t.d_half}, drift `{t.drift}`"
+        print(f"{cfg.algorithm.name}: advantage `{advantage_name(cfg)}`, tracker {rho}, sampler `{cfg.sampler.type}`", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             save_config(cfg, run_dir / "config.yaml")

@@ -164,17 +164,22 @@ def test_advantage_count_must_match(base_model):
         learner.update(ts, [1.0])
 
 
-def test_per_prompt_drift_is_zero_until_the_policy_moves(base_model):
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_per_prompt_drift_counts_every_update_since_the_policy_acted(base_model, mini_batches):
     ts = batch(base_model, n=4)
     m = copy.deepcopy(base_model)
-    learner = Learner(m, LearnerSettings(lr=1e-3, drift="per-prompt"), pad_id=PAD)
+    learner = Learner(m, LearnerSettings(lr=1e-3, drift="per-prompt", mini_batches=mini_batches), pad_id=PAD)
     assert learner.prompt_drift(["p0", "p1"]) == [0.0, 0.0]  # nothing stored yet
-    learner.update(ts[:2], [1.0, -1.0])
-    assert learner.prompt_drift(["p0", "p1", "p2"]) == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    first = learner.update(ts[:2], [1.0, -1.0])
+    d1 = learner.prompt_drift(["p0", "p1", "p2"])
+    # the policy moved since it acted on p0 and p1: by exactly this update's drift
+    assert d1[0] > 0 and d1[1] > 0 and d1[2] == 0.0
+    n0, n1 = ts[0].num_generated, ts[1].num_generated
+    assert (d1[0] * n0 + d1[1] * n1) / (n0 + n1) == pytest.approx(first.drift, rel=1e-4)
+    assert first.drift > 0  # measured with several mini-batches too
     learner.update(ts[2:], [1.0, -1.0])  # the policy moves on other problems
-    d = learner.prompt_drift(["p0", "p1", "p2"])
-    assert d[0] > 0 and d[1] > 0
-    assert d[2] == pytest.approx(0.0, abs=1e-6)  # p2 was stored after this very update
+    d2 = learner.prompt_drift(["p0", "p1"])
+    assert d2[0] != pytest.approx(d1[0], rel=1e-3)  # the second update changed D(p0) too
 
 
 def test_mini_batches_mix_finish_order_and_are_reproducible():

@@ -563,3 +563,17 @@ def test_training_refuses_a_server_whose_weights_it_cannot_update(tmp_path):
     cfg = tiny_config(tmp_path, rollout={"backend": "openai", "base_url": "http://127.0.0.1:9/v1"})
     with pytest.raises(ConfigError, match="vllm-server"):
         Trainer(cfg, tmp_path / "run", tiny_components())
+
+
+def test_per_prompt_drift_runs_through_the_loop(tmp_path):
+    # 8 problems, 8 per step, one token each: every problem comes back on the next step, and its
+    # D(x) is then exactly the previous update's drift on its last response
+    comp = tiny_components()
+    comp.env_factory = lambda split: FirstTokenEnv(n=8, split=split)
+    cfg = tiny_config(tmp_path, tracker={"drift": "per-prompt"}, rollout={"max_in_flight": 8}, train={"steps": 3, "checkpoint_every": 0, "mini_batches": 2})
+    train(cfg, run_dir=tmp_path / "run", components=comp)
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] >= 1]
+    assert len(steps) == 3 and all(r["tracker/drift"] > 0 for r in steps)
+    assert steps[0]["tracker/drift_per_prompt_mean"] == 0.0  # first visits
+    for prev, cur in zip(steps, steps[1:]):
+        assert cur["tracker/drift_per_prompt_mean"] == pytest.approx(prev["tracker/drift"], rel=1e-3)
