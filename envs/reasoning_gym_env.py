@@ -25,6 +25,12 @@ reward, which SPO does not use (SPO.md section 5, outcome only). So by default t
 to [0, 1]. `info["correct"]` is `score >= 1`. A missing answer scores 0; a scorer that raises on
 a malformed answer scores 0 (`info["check_error"]` keeps the message).
 
+Several scorers hand the model's answer to sympy's `parse_expr`, which evaluates it as Python.
+So the scorer never runs in the trainer's process: each answer is scored in a fresh fork of a
+`local` sandbox worker with `reasoning_gym` pre-imported (`stateless` sessions, so one answer
+cannot tamper with the scoring of the next), bounded by `score_timeout_s` (default 10 s; past
+it the score is 0).
+
 ## Termination/Truncation
 `terminated` when the model's text does not end with a code block. `truncated` (reward 0) at the
 turn budget (`max_turns`, default `max_tool_calls + 2`), the optional token budget, an oversized
@@ -34,7 +40,7 @@ action or a sandbox infrastructure failure.
 `task` (a reasoning-gym dataset name, default `basic_arithmetic`), `task_config` (the
 generator's settings, passed to `reasoning_gym.create_dataset`), `split` (`train` | `test`,
 disjoint by a hash of the question and answer), `num_problems` (default 500 train / 100 test),
-`seed`, `test_fraction` (0.1), `partial_credit` (default False), and everything `math-python` takes (`sandbox`, `sandbox_limits`,
+`seed`, `test_fraction` (0.1), `partial_credit` (default False), `score_timeout_s` (10), and everything `math-python` takes (`sandbox`, `sandbox_limits`,
 `max_tool_calls`, `max_turns`, `one_shot`, `system_prompt`, ...). Ids are
 `rg:<task>:<generator seed>:<index>`, as in `spo_agents.envs.problems`.
 
@@ -139,6 +145,70 @@ def load_task(task: str, split: str, num_problems: int, *, seed: int = 0, test_f
         return _CACHE[key]
 
 
+
+class _ScoreError(Exception):
+    """A scorer that raised, ran out of time, or could not be run."""
+
+
+_SCORE_BACKEND: Any = None
+_SCORE_LOCK = threading.Lock()
+
+
+def _score_backend() -> Any:
+    """One process-wide `local` backend with `reasoning_gym` pre-imported in its worker."""
+    global _SCORE_BACKEND
+    with _SCORE_LOCK:
+        if _SCORE_BACKEND is None:
+            from spo_agents.sandboxes import make_backend
+
+            _SCORE_BACKEND = make_backend("local", stateless=True, preload=["numpy", "sympy", "reasoning_gym"])
+        return _SCORE_BACKEND
+
+
+class _SandboxedScorer:
+    """`dataset.score_answer(answer, entry)` run in a fresh sandbox fork per answer (see the
+    module docstring): the scorer may evaluate the answer as Python, so it must not run here."""
+
+    def __init__(self, task: str, task_config: dict[str, Any] | None, seed: int, timeout_s: float) -> None:
+        self.setup = f"import base64, pickle, reasoning_gym\n_ds = reasoning_gym.create_dataset({task!r}, size=1, seed={int(seed)}, **pickle.loads(base64.b64decode({_b64(task_config or {})!r})))\n"
+        self.timeout_s = timeout_s
+
+    def score(self, answer: str, entry: Any) -> float:
+        from spo_agents.errors import SandboxError
+
+        from .base import open_sync_session
+
+        code = (
+            self.setup
+            + f"_entry = pickle.loads(base64.b64decode({_b64(entry)!r}))\n"
+            + f"print(repr(float(_ds.score_answer({answer!r}, _entry))))\n"
+        )
+        try:
+            session = open_sync_session(_score_backend(), stateless=True, limits=None)
+            try:
+                result = session.run(code, timeout=self.timeout_s)
+            finally:
+                session.close()
+        except SandboxError as e:
+            raise _ScoreError(f"SandboxError: {e}") from e
+        if result.timed_out:
+            raise _ScoreError(f"the scorer took longer than {self.timeout_s} s")
+        if result.exception:
+            return_line = result.exception.strip().splitlines()[-1] if result.exception.strip() else "the scorer raised"
+            raise _ScoreError(return_line)
+        try:
+            return float(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise _ScoreError(f"the scorer printed no score: {result.stdout[-200:]!r} {result.stderr[-200:]!r}") from e
+
+
+def _b64(obj: Any) -> str:
+    import base64
+    import pickle
+
+    return base64.b64encode(pickle.dumps(obj)).decode("ascii")
+
+
 class ReasoningGymEnv(MathPythonEnv):
     """Any reasoning-gym generator as a tool env, scored by the generator's own scorer."""
 
@@ -152,6 +222,7 @@ class ReasoningGymEnv(MathPythonEnv):
         seed: int = 0,
         test_fraction: float = 0.1,
         partial_credit: bool = False,
+        score_timeout_s: float = 10.0,
         system_prompt: str | None = None,
         max_tool_calls: int = 8,
         **kwargs: Any,
@@ -162,6 +233,7 @@ class ReasoningGymEnv(MathPythonEnv):
         problems, self._dataset = load_task(task, split, size, seed=seed, test_fraction=test_fraction, task_config=task_config)
         self.task = task
         self.partial_credit = partial_credit
+        self._scorer = _SandboxedScorer(task, task_config, seed, timeout_s=score_timeout_s)
         if system_prompt is None:
             system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
         super().__init__(split, problems=problems, system_prompt=system_prompt, max_tool_calls=max_tool_calls, **kwargs)
@@ -182,9 +254,9 @@ class ReasoningGymEnv(MathPythonEnv):
         if answer is None:
             return 0.0, None
         try:
-            value = float(self._dataset.score_answer(answer, problem.metadata["entry"]))
-        except Exception as e:  # the generators' scorers raise on malformed answers
-            return 0.0, f"{type(e).__name__}: {e}"[:300]
+            value = self._scorer.score(answer, problem.metadata["entry"])
+        except _ScoreError as e:  # the generator's scorer raised, timed out, or the sandbox failed
+            return 0.0, str(e)[:300]
         if value != value:
             return 0.0, "the scorer returned NaN"
         return min(1.0, max(0.0, value)), None

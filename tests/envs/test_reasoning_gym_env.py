@@ -123,3 +123,21 @@ def test_answers_equivalent_ignores_whitespace_only(env):
     assert env.answers_equivalent("2 × 3", "2  ×   3")
     assert not env.answers_equivalent("2 × 3", "3 × 2")
     assert not env.answers_equivalent(None, "2")
+
+
+def test_the_scorer_evaluates_answers_in_the_sandbox_not_on_the_host(tmp_path):
+    # puzzle24's scorer hands the answer to sympy's parse_expr, which evaluates it as Python
+    env = ReasoningGymEnv("test", task="puzzle24", num_problems=2, sandbox="local", score_timeout_s=2.0)
+    marker = tmp_path / "written-by-the-answer"
+    try:
+        env.reset(options={"problem_id": env.problem_ids[0]})
+        payload = f"__import__('pathlib').Path({str(marker)!r}).write_text('x') and 24"
+        _, reward, terminated, _, info = env.step(f"<answer>{payload}</answer>")
+        assert terminated and reward == 0.0
+        assert not marker.exists()
+        env.reset(options={"problem_id": env.problem_ids[0]})
+        _, reward, *_, info = env.step("<answer>__import__('time').sleep(60) or 24</answer>")
+        assert "longer than 2.0 s" in info["check_error"]
+        assert reward == 0.0
+    finally:
+        env.close()
