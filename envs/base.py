@@ -235,8 +235,9 @@ def shared_backend(sandbox: Any) -> Any:
         return _BACKENDS[sandbox]
 
 
-def open_sync_session(backend: Any, *, stateless: bool, limits: Any) -> Any:
-    """Open a synchronous session on `backend` (raises `SandboxError` on infrastructure failure)."""
+def open_sync_session(backend: Any, *, stateless: bool | None, limits: Any) -> Any:
+    """Open a synchronous session on `backend` (raises `SandboxError` on infrastructure failure).
+    `stateless=None` leaves the choice to the backend's own default."""
     from spo_agents import sandboxes
 
     opener = getattr(sandboxes, "open_session_sync", None)
@@ -244,7 +245,8 @@ def open_sync_session(backend: Any, *, stateless: bool, limits: Any) -> Any:
         return opener(backend, stateless=stateless, limits=limits)
     from spo_agents.sandboxes.base import SyncSession, run_sync
 
-    return SyncSession(run_sync(backend.open_session(stateless=stateless, limits=limits)))
+    kw = {} if stateless is None else {"stateless": stateless}
+    return SyncSession(run_sync(backend.open_session(limits=limits, **kw)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +269,8 @@ class MultiTurnEnv(gym.Env[Any, str]):
             (`None`: no budget; rollouts usually enforce their own exact budget). Counted with
             `tokenizer.encode` when a tokenizer is given, else estimated as UTF-8 bytes / 4.
         sandbox, sandbox_limits, sandbox_stateless: the code sandbox of tool environments (a
-            backend name or `SandboxBackend` instance, shared by all instances of a run).
+            backend name or `SandboxBackend` instance, shared by all instances of a run);
+            `sandbox_stateless=None` keeps the backend's own default.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -284,7 +287,7 @@ class MultiTurnEnv(gym.Env[Any, str]):
         tokenizer: Any = None,
         sandbox: Any = None,
         sandbox_limits: Any = None,
-        sandbox_stateless: bool = False,
+        sandbox_stateless: bool | None = None,
     ) -> None:
         super().__init__()
         if not problems:

@@ -142,6 +142,7 @@ class MathPythonEnv(MultiTurnEnv):
         problems: list[Problem] | ProblemSet | None = None,
         sandbox: Any = "local",
         sandbox_limits: Any = None,
+        sandbox_stateless: bool | None = None,
         system_prompt: str | None = None,
         one_shot: bool = True,
         prompt_template: str = "{prompt}",
@@ -180,6 +181,7 @@ class MathPythonEnv(MultiTurnEnv):
             tokenizer=tokenizer,
             sandbox=sandbox,
             sandbox_limits=sandbox_limits,
+            sandbox_stateless=sandbox_stateless,
         )
         self.split = split
         self.render_mode = render_mode

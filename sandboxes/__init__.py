@@ -72,14 +72,16 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {spec.id: backend_availability(spec.id) for spec in SANDBOXES.list()}
 
 
-def open_session_sync(backend: SandboxBackend | str = "local", *, stateless: bool = False,
+def open_session_sync(backend: SandboxBackend | str = "local", *, stateless: bool | None = None,
                       limits: SandboxLimits | None = None, **options: Any) -> SyncSession:
-    """Open a session for synchronous callers (environments' `step`); runs on a shared loop."""
+    """Open a session for synchronous callers (environments' `step`); runs on a shared loop.
+    `stateless=None` keeps the backend's own default (e.g. `make_backend("local", stateless=True)`)."""
     if isinstance(backend, str):
         backend = make_backend(backend, **options)
     elif options:
         raise TypeError(f"backend options {sorted(options)} need a backend name, not a backend object")
-    return SyncSession(run_sync(backend.open_session(stateless=stateless, limits=limits)))
+    kw = {} if stateless is None else {"stateless": stateless}
+    return SyncSession(run_sync(backend.open_session(limits=limits, **kw)))
 
 
 __all__ = [

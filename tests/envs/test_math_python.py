@@ -279,3 +279,21 @@ def test_local_sandbox_sessions_are_separate_per_env(local_backend, checker):
     assert "42" in obs
     a.close()
     b.close()
+
+
+def test_a_stateless_backend_stays_stateless_in_the_env():
+    from spo_agents.sandboxes import make_backend
+
+    env = MathPythonEnv("test", sandbox=make_backend("local", stateless=True), one_shot=False)
+    try:
+        env.reset(options={"problem_id": env.problem_ids[0]})
+        env.step("<code>x = 41</code>")
+        reply, *_ = env.step("<code>print(x + 1)</code>")
+        assert "NameError" in reply  # each call in a fresh interpreter: `x` is gone
+        env.reset(options={"problem_id": env.problem_ids[0]})
+        env.sandbox_backend.stateless = False  # the backend's default decides, not the env
+        env.step("<code>x = 41</code>")
+        reply, *_ = env.step("<code>print(x + 1)</code>")
+        assert "42" in reply
+    finally:
+        env.close()
