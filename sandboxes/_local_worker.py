@@ -166,7 +166,9 @@ def _run_cell(code, namespace, counter, echo=False):
             print(e.code, file=sys.stderr)
             exit_status = 1
     except BaseException as e:  # noqa: BLE001 - the user's failure is data
-        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == "<string>":  # this worker's own frames
+            tb = tb.tb_next
         if isinstance(e, SyntaxError):
             tb = None
         exception = "".join(traceback.format_exception(type(e), e, tb))

@@ -59,6 +59,8 @@ async def test_exception_is_data_with_a_traceback(backend):
     assert r.exception is not None
     assert "Traceback" in r.exception and "ValueError: boom" in r.exception
     assert "in f" in r.exception  # the user's own frames are in it
+    frames = [line for line in r.exception.splitlines() if line.lstrip().startswith("File ")]
+    assert len(frames) == 2, r.exception  # <module> and f: none of the sandbox's own frames
 
 
 async def test_syntax_error_is_data(backend):
