@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spo_agents.errors import ConfigError
 from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.policy.base import PolicyBackend, SamplingParams
 from spo_agents.rollout import _env_id, run_episode
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TRANSCRIPTS = "transcripts.jsonl"
 RESULTS = "results.json"
+SETTINGS = "settings.json"  # how the samples were drawn; `resume` must match it
 
 
 @dataclass
@@ -171,15 +173,18 @@ async def evaluate(
     sampling = sampling or SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
     out = Path(out_dir) if out_dir is not None else None
     samples: dict[tuple[str, int], Trajectory] = {}
+    info = {"sampling": asdict(sampling), "max_episode_tokens": max_episode_tokens, "seed": seed, **(settings or {})}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / TRANSCRIPTS
         if resume and path.is_file():
+            _check_same_settings(out / SETTINGS, info)
             for t in read_jsonl(path):
                 samples[(t.problem_id, t.sample_index)] = t
             _repair_torn_tail(path)
         elif path.exists():
             path.unlink()
+        (out / SETTINGS).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     connect = getattr(policy, "connect", None)
     if connect is not None:  # fail fast, before any episode, when a server is unreachable
         await connect()
@@ -231,7 +236,6 @@ async def evaluate(
                 env.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 log.warning("closing an environment failed", exc_info=True)
-    info = {"sampling": asdict(sampling), "max_episode_tokens": max_episode_tokens, "seed": seed, **(settings or {})}
     report = compute_report(samples, problem_ids, k, equivalent, info)
     if not policy.supports_token_io:
         report.token_io = False
@@ -248,11 +252,32 @@ def _equivalence(env: Any) -> Callable[[Any, Any], bool]:
 
 
 def _repair_torn_tail(path: Path) -> None:
-    """Drop a torn last line (interrupted write) so appended records start on a new line."""
+    """End the file on a newline so appended records start on a line of their own: a last line
+    cut mid-write is dropped (its sample is redone), a complete one only gets its newline."""
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
-        path.write_bytes(data[:cut])
+        try:
+            json.loads(data[cut:])
+        except ValueError:
+            path.write_bytes(data[:cut])
+        else:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+
+
+def _check_same_settings(path: Path, now: dict[str, Any]) -> None:
+    """`resume` may only add samples drawn the same way: compare with the run's saved settings."""
+    if not path.is_file():
+        return  # written by a version that did not save them
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    now = json.loads(json.dumps(now, default=str))
+    diffs = [f"`{key}`: {saved.get(key)!r} then, {now.get(key)!r} now" for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    if diffs:
+        raise ConfigError(
+            f"`--resume` in `{path.parent}` with other settings than the run it continues: " + "; ".join(diffs)
+            + ". Resume with the same settings, or evaluate into a new `--out` directory"
+        )
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -116,6 +116,13 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     assert any(line.split()[:1] == ["maj@2"] for line in out.splitlines())
     assert saved["num_problems"] == 2 and saved["settings"]["sampling"]["temperature"] == 0.6
     assert saved["settings"]["sampling"]["top_k"] == 20 and saved["settings"]["sampling"]["top_p"] == 0.95
+    before = (tmp_path / "transcripts.jsonl").read_text()
+    args = ["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "2", "--limit", "2",
+            "--max-new-tokens", "6", "--max-episode-tokens", "30", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 1  # the same --out without --resume: refused, nothing lost
+    assert "--resume" in capsys.readouterr().err and (tmp_path / "transcripts.jsonl").read_text() == before
+    assert main([*args, "--resume", "--temperature", "1.0"]) == 1  # resuming with other sampling settings
+    assert "temperature" in capsys.readouterr().err and (tmp_path / "transcripts.jsonl").read_text() == before
 
 
 async def test_an_env_that_raises_is_an_error_sample_and_the_run_goes_on(policy, tmp_path):
@@ -131,3 +138,15 @@ async def test_an_env_that_raises_is_an_error_sample_and_the_run_goes_on(policy,
     assert len(rows) == 4 and report.errors == 2 and report.num_samples == 2
     assert all("ValueError: a bug in a plugin env" in rows[("test-1", i)].error for i in range(2))
     assert all(rows[("test-0", i)].error is None for i in range(2))
+
+
+def test_a_complete_last_line_without_its_newline_is_kept(tmp_path):
+    from spo_agents.evaluation import _repair_torn_tail
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}')  # the newline of a complete record was not written
+    _repair_torn_tail(path)
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    path.write_text('{"a": 1}\n{"b": 2')  # cut mid-record
+    _repair_torn_tail(path)
+    assert path.read_text() == '{"a": 1}\n'

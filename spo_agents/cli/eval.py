@@ -106,6 +106,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None:
         problem_ids = problem_ids[: args.limit]
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.resume and (out / "transcripts.jsonl").is_file() and (out / "transcripts.jsonl").stat().st_size:
+        raise ConfigError(f"`{out}` already holds the transcripts of an evaluation: finish it with `--resume`, or choose another `--out` (or delete it)")
     model = args.model or "smollm2-135m"
     if backend == "openai":
         policy = make_policy(
