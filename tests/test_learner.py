@@ -192,3 +192,9 @@ def test_mini_batches_mix_finish_order_and_are_reproducible():
     assert order == mini_batch_order(list(trajs))  # same batch, same split (all ranks, after a resume)
     first_half = [len(trajs[i].token_ids) for i in order[:8]]
     assert max(first_half) > 8  # the first mini-batch is not just the 8 shortest responses
+
+
+def test_half_precision_weights_without_a_master_copy_are_warned_about(base_model):
+    m = copy.deepcopy(base_model).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="round away"):
+        Learner(m, LearnerSettings(lr=1e-6), pad_id=PAD)
