@@ -393,6 +393,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "learner": self.learner.state_dict(),
             "rng": rng_state(),
+            "config": to_dict(self.cfg),
         }
         self.ckpt.save(self.step, model=self.model, tokenizer=self.tokenizer, state=state)
         return time.perf_counter() - t0
@@ -694,8 +695,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         rho = f"constant rho {t.rho_constant}" if t.rho_type == "constant" else f"KL-adaptive rho in [{t.rho_min}, {t.rho_max}], D_half {t.d_half}, drift `{t.drift}`"
         print(f"{cfg.algorithm.name}: advantage `{advantage_name(cfg)}`, tracker {rho}, sampler `{cfg.sampler.type}`", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            save_config(cfg, run_dir / "config.yaml")
+        # on resume too: the saved config plus this resume's overrides, so the next resume keeps them
+        save_config(cfg, run_dir / "config.yaml")
 
     async def main() -> TrainResult:
         trainer = Trainer(cfg, run_dir, components, resume=resume)

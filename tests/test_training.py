@@ -156,6 +156,11 @@ def test_resume_continues_to_the_requested_step_without_duplicate_metrics(tmp_pa
     res = train(more, run_dir=run, resume=True, components=tiny_components())
     assert res.step == 3
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    # the resume's override is kept for the next resume, and the checkpoint records the config
+    assert load_config(run / "config.yaml").train.steps == 3
+    from spo_agents.checkpoint import CheckpointManager
+
+    assert CheckpointManager(run, keep=2).load().state["config"]["train"]["steps"] == 3
 
 
 KILL_SCRIPT = """
