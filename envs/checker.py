@@ -339,6 +339,19 @@ def _mismatch(a: str, b: str) -> str:
     return f"at character {i}: turn k has {a[max(0, i - 30): i + 40]!r}, turn k+1 has {b[max(0, i - 30): i + 40]!r}"
 
 
+def _think_note(tokenizer: Any, expected: str, rendered: str) -> str:
+    """A pointer to `<think>` handling when the template rewrites reasoning blocks (Qwen3-style
+    templates reformat, insert or drop them), else ''."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    if "</think>" not in template or ("<think>" not in expected and "<think>" not in rendered):
+        return ""
+    return (
+        "; the chat template rewrites `<think>` blocks of assistant turns (Qwen3's inserts an empty one into the "
+        "last assistant turn, reformats the block and drops it from earlier turns), so the text it renders is not "
+        "what the policy generated. Use a template that renders assistant text verbatim, or evaluate token-in/token-out"
+    )
+
+
 def _think_dropped(messages: list[dict[str, Any]], rendered: str) -> bool:
     for m in messages:
         content = m.get("content") or ""
@@ -398,6 +411,7 @@ def _check_in_turn(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episode,
         return (
             "the chat template does not render the finished assistant turn as the prompt followed by the generated and inserted text "
             f"({_mismatch(prompt + joined, full)}); evaluation through a chat API would not see what training saw"
+            + _think_note(tokenizer, prompt + joined, full)
         )
     return None
 
@@ -409,7 +423,10 @@ def _check_chat_turns(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episo
         closed_msgs = messages + [{"role": "assistant", "content": turn.action}]
         closed = _render(tokenizer, closed_msgs, False)
         if not closed.startswith(before + turn.action):
-            return f"turn {k}: the template does not render the generated text verbatim after the generation prompt ({_mismatch(before + turn.action, closed)})"
+            return (
+                f"turn {k}: the template does not render the generated text verbatim after the generation prompt "
+                f"({_mismatch(before + turn.action, closed)})" + _think_note(tokenizer, before + turn.action, closed)
+            )
         if turn.terminated or turn.truncated:
             break
         messages = closed_msgs + [{"role": role, "content": turn.observation}]

@@ -35,6 +35,20 @@ QWEN3_LIKE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+# Qwen3's other habit: the last assistant turn is re-rendered as `<think>\n{reasoning}\n</think>\n\n{rest}`
+# (an empty block when there is no reasoning), so generated text is not kept verbatim.
+QWEN3_LAST_TURN = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' and loop.last -%}"
+    "{%- if '</think>' in m['content'] -%}"
+    "{%- set reasoning = m['content'].split('</think>')[0].split('<think>')[-1].strip() -%}"
+    "{%- set rest = m['content'].split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- else -%}{%- set reasoning = '' -%}{%- set rest = m['content'] -%}{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + rest + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 # A template that strips whitespace around assistant content (the generated text is not kept verbatim).
 TRIMMING = (
     "{%- for m in messages -%}"
@@ -255,3 +269,12 @@ def test_cli_exits_1_and_explains_a_failing_template(tmp_path, capsys):
 def test_cli_unknown_id_suggests_the_closest(capsys):
     assert main(["check-env", "countdown-pyton"]) == 1
     assert "Did you mean `countdown-python`" in capsys.readouterr().err
+
+
+def test_a_template_that_inserts_think_blocks_is_reported_with_the_reason(tmp_path):
+    path = tmp_path / "qwen3-last-turn.jinja"
+    path.write_text(QWEN3_LAST_TURN)
+    tok = load_tokenizer(chat_template=str(path))
+    for env in (ToolEnv, ChatEnv):  # in-turn replies and chat-message replies
+        r = check_token_contract(env, seed=0, episodes=1, tokenizer=tok)
+        assert not r.passed and "rewrites `<think>` blocks" in r.detail, r.detail
