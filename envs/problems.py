@@ -10,7 +10,7 @@ Sources
     Two-digit multiplications, additions and subtractions (`What is 37 * 48?`), ids such as
     `arith/mul/37x48`. Small enough for SmolLM2-135M with the tool to solve part of them, so
     training visibly moves the reward (MACHINE.md). `procedural:arith-mul` keeps only the
-    multiplications.
+    multiplications. Swapped operands of `*` and `+` are kept in the same split.
 `procedural:<tier>` / `reasoning-gym:<dataset>`
     Harder procedural tiers from the `reasoning-gym` generators: `basic_arithmetic` (tier 1),
     `simple_equations` (tier 2), `gsm_symbolic` (tier 3), or any other reasoning-gym dataset by
@@ -141,7 +141,17 @@ _ARITH_OPS = {"mul": ("*", "x", lambda a, b: a * b), "add": ("+", "+", lambda a,
 
 @functools.lru_cache(maxsize=8)
 def _arith_split_pool(ops: tuple[str, ...], split: str, test_fraction: float) -> tuple[Problem, ...]:
-    return tuple(p for p in _arith_pool(ops) if content_split(p.prompt, p.answer, test_fraction) == split)
+    return tuple(p for p in _arith_pool(ops) if content_split(_arith_key(p), p.answer, test_fraction) == split)
+
+
+def _arith_key(p: Problem) -> str:
+    """What decides the split: `a * b` and `b * a` (and `a + b`, `b + a`) are one problem, so
+    they always land in the same split (otherwise the test set holds swapped twins of training
+    problems)."""
+    op, a, b = p.metadata["op"], p.metadata["a"], p.metadata["b"]
+    if op in ("mul", "add"):
+        a, b = min(a, b), max(a, b)
+    return f"arith/{op}/{a}/{b}"
 
 
 def _arith_pool(ops: Sequence[str]) -> list[Problem]:

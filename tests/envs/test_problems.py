@@ -18,6 +18,12 @@ def test_arith_splits_are_disjoint_and_cover_the_pool():
     assert not {p.prompt for p in train} & {p.prompt for p in test}
     assert len(train) + len(test) == 3 * 90 * 90
     assert 0.07 < len(test) / (len(train) + len(test)) < 0.13
+    # no test problem is a training problem with its operands swapped (`*` and `+` commute)
+    def key(q):
+        m = q.metadata
+        return (m["op"], *sorted((m["a"], m["b"]))) if m["op"] in ("mul", "add") else (m["op"], m["a"], m["b"])
+
+    assert not {key(q) for q in train} & {key(q) for q in test}
 
 
 def test_arith_problems_are_right_and_ids_are_readable():
