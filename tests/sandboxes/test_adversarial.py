@@ -318,3 +318,16 @@ async def test_closing_stdout_does_not_break_the_session(backend):
         r = await s.run("import os, sys\nsys.stdout.close()\nos.close(1)\nos.close(2)", timeout=5.0)
         assert not r.timed_out
         await _next_call_works(s)
+
+
+async def test_process_cap_holds(backend):
+    if backend.name == "local" and os.geteuid() == 0:
+        pytest.skip("`max_processes` is not enforced for a trainer running as root: the kernel exempts host root "
+                    "from RLIMIT_NPROC (sandboxes/README.md, 'does not guarantee'); run as a user, or use `docker`")
+    async with await _open(backend, max_processes=12) as s:
+        r = await s.run(
+            "import os, time\nn = 0\nfor _ in range(40):\n    try:\n        if os.fork() == 0:\n            time.sleep(5)\n"
+            "            os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint(n)",
+            timeout=8.0,
+        )
+        assert r.stdout.strip() and int(r.stdout.strip()) < 40, r
