@@ -41,10 +41,12 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 import warnings
 import weakref
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from spo_agents.errors import ConfigError, SandboxError, did_you_mean
@@ -113,6 +115,7 @@ class _Runner:
         self.writer: asyncio.StreamWriter | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.workdir: str | None = None  # a host temp dir (isolation `none` only), removed on kill
+        self.cgroup: Path | None = None  # its pids cgroup (root only, see `_PidsCap`), removed on kill
 
     def on_readable(self, name: str) -> None:
         fd = self.fds[name]
@@ -233,6 +236,8 @@ class LocalSession(SandboxSession):
             if not hello or hello.get("op") != "ready":
                 detail = hello.get("error") if hello else "it exited before it was ready"
                 raise SandboxError(f"a `local` sandbox session failed to start ({self._backend.isolation}): {detail}")
+            # before any user code: the process cap that holds for root too
+            runner.cgroup = await loop.run_in_executor(None, self._backend._cap_processes, pid, self.limits.max_processes)
         except BaseException:
             await self._kill(runner)
             raise
@@ -258,6 +263,8 @@ class LocalSession(SandboxSession):
             runner.close()
             if runner.workdir is not None:
                 shutil.rmtree(runner.workdir, ignore_errors=True)
+            if runner.cgroup is not None:
+                self._backend._stale_cgroups.append(runner.cgroup)  # removed once its tasks are gone
         return status
 
     async def _current(self) -> _Runner:
@@ -394,6 +401,119 @@ class LocalSession(SandboxSession):
         self._backend._sessions.discard(self)
 
 
+
+# --------------------------------------------------------------------------------------------
+# A process cap that holds for root
+# --------------------------------------------------------------------------------------------
+_PIDS_V1 = Path("/sys/fs/cgroup/pids")
+
+
+class _PidsCap:
+    """Per-session pids cgroups (cgroup v1 `pids` controller), for a trainer running as root.
+
+    The kernel exempts host root from RLIMIT_NPROC, and the sessions' uid maps back to host root,
+    so `max_processes` alone does not hold there. When this process is root and the v1 `pids`
+    controller is writable, each runner is moved into a cgroup of its own with `pids.max` =
+    `max_processes` + 1 (itself), before any user code runs; the processes and threads the code
+    starts inherit it. Elsewhere (not root, or no such controller) `available` is False and
+    RLIMIT_NPROC is the cap. The groups live under one directory per trainer process, removed
+    at exit (and, for a process that was killed, by the next trainer that starts)."""
+
+    def __init__(self) -> None:
+        self.root = _pids_root()
+        self._n = 0
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        return self.root is not None
+
+    def apply(self, host_pid: int, max_processes: int) -> Path | None:
+        """Move `host_pid` into a new cgroup capped at `max_processes` + 1 tasks; its path."""
+        if self.root is None:
+            return None
+        with self._lock:
+            self._n += 1
+            group = self.root / f"b{id(self):x}-s{self._n}"
+        try:
+            group.mkdir()
+            (group / "pids.max").write_text(str(int(max_processes) + 1))
+            (group / "cgroup.procs").write_text(str(host_pid))
+        except OSError as e:
+            _rmdir_retrying(group)
+            raise SandboxError(f"cannot cap the session's processes with the pids cgroup `{group}`: {e}") from e
+        return group
+
+
+_PIDS_ROOT: Path | None = None
+_PIDS_LOCK = threading.Lock()
+_PIDS_PREFIX = "spo-agents-sandbox-"
+
+
+def _pids_root() -> Path | None:
+    """This process's directory under the v1 pids controller (created once); None if unusable."""
+    global _PIDS_ROOT
+    if os.geteuid() != 0 or not (_PIDS_V1 / "cgroup.procs").is_file():
+        return None
+    with _PIDS_LOCK:
+        if _PIDS_ROOT is None:
+            for old in _PIDS_V1.glob(_PIDS_PREFIX + "*"):  # left by trainers that were killed
+                pid = old.name[len(_PIDS_PREFIX):]
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    _remove_tree(old)
+            root = _PIDS_V1 / f"{_PIDS_PREFIX}{os.getpid()}"
+            try:
+                root.mkdir(exist_ok=True)
+            except OSError:
+                return None
+            _PIDS_ROOT = root
+            atexit.register(_remove_tree, root)
+        return _PIDS_ROOT
+
+
+def _rmdir_retrying(group: Path, tries: int = 50) -> bool:
+    for _ in range(tries):  # a killed tree may take a moment to leave its group
+        try:
+            group.rmdir()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            time.sleep(0.01)
+    return False
+
+
+def _remove_tree(root: Path) -> None:
+    for group in list(root.glob("*")):
+        if group.is_dir():
+            _rmdir_retrying(group)
+    _rmdir_retrying(root, tries=5)
+
+
+def _host_pid(root_pid: int, ns_pid: int) -> int | None:
+    """Host pid of the runner the zygote knows as `ns_pid` (pid 1 of its own pid namespace):
+    a descendant of `root_pid` whose `NSpid` ends with `ns_pid 1`."""
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            try:
+                with open(f"/proc/{child}/status") as f:
+                    line = next((ln for ln in f if ln.startswith("NSpid:")), "")
+            except OSError:
+                continue
+            ids = [int(x) for x in line.split()[1:]]
+            if len(ids) >= 2 and ids[-2] == ns_pid and ids[-1] == 1:
+                return child
+            stack.append(child)
+    return None
+
+
 class LocalBackend(SandboxBackend):
     """Python sessions forked from a pre-warmed worker, isolated with bubblewrap / namespaces.
 
@@ -457,6 +577,8 @@ class LocalBackend(SandboxBackend):
         self._zygote: Zygote | None = None
         self._sessions: weakref.WeakSet[LocalSession] = weakref.WeakSet()
         self._orphans: list[tuple[int, int, str | None]] = []  # runners of sessions never closed
+        self._pids_cap = _PidsCap()
+        self._stale_cgroups: list[Path] = []
         _LIVE.add(self)
 
     @classmethod
@@ -505,7 +627,28 @@ class LocalBackend(SandboxBackend):
             self._zygote_kill(pid, pgid)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
+        self._sweep_cgroups()
         return zygote.spawn(limits, fds)
+
+    def _cap_processes(self, pid: int, max_processes: int | None) -> Path | None:
+        """Put a new runner into its own pids cgroup when running as root (`_PidsCap`)."""
+        if max_processes is None or not self._pids_cap.available or self._zygote is None:
+            return None
+        host = pid if self._isolation == "none" else _host_pid(self._zygote.pid, pid)
+        if host is None:
+            raise SandboxError(f"cannot find the host pid of sandbox runner {pid} to cap its processes")
+        return self._pids_cap.apply(host, max_processes)
+
+    def _sweep_cgroups(self) -> None:
+        keep = []
+        for group in self._stale_cgroups:
+            try:
+                group.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                keep.append(group)
+        self._stale_cgroups = keep
 
     def _zygote_kill(self, pid: int, pgid: int) -> int | None:
         """Kill a runner without waiting for its teardown (nobody needs the status of a kill)."""
@@ -551,11 +694,13 @@ class LocalBackend(SandboxBackend):
         if self._zygote is not None:
             self._zygote.stop()
             self._zygote = None
+        self._sweep_cgroups()
 
     def close(self) -> None:
         if self._zygote is not None:
             self._zygote.stop()
             self._zygote = None
+        self._sweep_cgroups()
 
 
 _LIVE: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
