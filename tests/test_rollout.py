@@ -119,11 +119,15 @@ async def test_grouped_mode_waits_for_the_whole_group(policy):
 
 
 async def test_stale_trajectories_are_dropped_and_counted(policy):
-    scripted = ScriptedPolicy(policy.tokenizer, {"test-0": 0.01, "test-1": 0.01, "test-2": 0.3})
+    scripted = ScriptedPolicy(policy.tokenizer, {"test-0": 0.01, "test-1": 0.01, "test-2": 1.0})
     c = Collector(lambda: SayEnv(num_problems=3), scripted, max_in_flight=3, max_staleness=1)
     c.submit(["test-0", "test-1", "test-2"])
-    await asyncio.sleep(0.2)  # test-0 and test-1 finish under version 0
-    scripted.version = 2  # two learner steps later
+    for _ in range(1000):  # test-0 and test-1 finish under version 0 (however loaded the machine)
+        if c.ready == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert c.ready == 2
+    scripted.version = 2  # two learner steps later, while test-2 is still generating
     batch = await c.next_batch(1)
     assert [t.problem_id for t in batch] == ["test-2"]  # generated under version 2
     assert c.stats.dropped_stale == 2
