@@ -83,7 +83,7 @@ _STRIP = [r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", "$", "~"]
 _TEXT = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
 _FRAC_SHORT = re.compile(r"^(-?)\\[dt]?frac(\d)(\d)$")
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)$")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # 12, -0.5, .5, 1e3, 2.5E-2
 _INT_COMMAS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+$")
 
 

@@ -16,6 +16,9 @@ LABELLED = [
     (r"\boxed{1776}", "1776", 1),
     (r"The answer is \boxed{ 42 }.", "42", 1),
     (r"\boxed{-7}", "-7", 1),
+    # scientific notation
+    (r"\boxed{1e3}", "1000", 1),
+    (r"\boxed{2.5E-2}", r"\frac{1}{40}", 1),
     (r"$\boxed{5}$", "5", 1),
     (r"\boxed{2\pi}", "2\\pi", 1),
     (r"first \boxed{3}, then I recheck: \boxed{4}", "4", 1),
