@@ -238,15 +238,9 @@ def shared_backend(sandbox: Any) -> Any:
 def open_sync_session(backend: Any, *, stateless: bool | None, limits: Any) -> Any:
     """Open a synchronous session on `backend` (raises `SandboxError` on infrastructure failure).
     `stateless=None` leaves the choice to the backend's own default."""
-    from spo_agents import sandboxes
+    from spo_agents.sandboxes import open_session_sync
 
-    opener = getattr(sandboxes, "open_session_sync", None)
-    if opener is not None:
-        return opener(backend, stateless=stateless, limits=limits)
-    from spo_agents.sandboxes.base import SyncSession, run_sync
-
-    kw = {} if stateless is None else {"stateless": stateless}
-    return SyncSession(run_sync(backend.open_session(limits=limits, **kw)))
+    return open_session_sync(backend, stateless=stateless, limits=limits)
 
 
 # --------------------------------------------------------------------------------------------

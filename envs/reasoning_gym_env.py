@@ -50,15 +50,17 @@ disjoint by a hash of the question and answer), `num_problems` (default 500 trai
 
 from __future__ import annotations
 
+import base64
+import pickle
 import re
 import threading
 from typing import Any
 
-from spo_agents.errors import DatasetError, EnvError, did_you_mean
+from spo_agents.errors import DatasetError, EnvError, SandboxError, did_you_mean
 from spo_agents.types import Problem
 
 from .answers import extract_boxed
-from .base import Message, StepOutcome
+from .base import Message, StepOutcome, open_sync_session
 from .math_python import CODE_CLOSE, CODE_OPEN, MathPythonEnv, interpreter_reply
 from .problems import content_split
 
@@ -145,7 +147,6 @@ def load_task(task: str, split: str, num_problems: int, *, seed: int = 0, test_f
         return _CACHE[key]
 
 
-
 class _ScoreError(Exception):
     """A scorer that raised, ran out of time, or could not be run."""
 
@@ -174,10 +175,6 @@ class _SandboxedScorer:
         self.timeout_s = timeout_s
 
     def score(self, answer: str, entry: Any) -> float:
-        from spo_agents.errors import SandboxError
-
-        from .base import open_sync_session
-
         code = (
             self.setup
             + f"_entry = pickle.loads(base64.b64decode({_b64(entry)!r}))\n"
@@ -193,9 +190,8 @@ class _SandboxedScorer:
             raise _ScoreError(f"SandboxError: {e}") from e
         if result.timed_out:
             raise _ScoreError(f"the scorer took longer than {self.timeout_s} s")
-        if result.exception:
-            return_line = result.exception.strip().splitlines()[-1] if result.exception.strip() else "the scorer raised"
-            raise _ScoreError(return_line)
+        if result.exception:  # its last line, e.g. `ValueError: ...`
+            raise _ScoreError((result.exception.strip().splitlines() or ["the scorer raised"])[-1])
         try:
             return float(result.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError) as e:
@@ -203,9 +199,6 @@ class _SandboxedScorer:
 
 
 def _b64(obj: Any) -> str:
-    import base64
-    import pickle
-
     return base64.b64encode(pickle.dumps(obj)).decode("ascii")
 
 

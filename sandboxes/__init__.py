@@ -80,8 +80,7 @@ def open_session_sync(backend: SandboxBackend | str = "local", *, stateless: boo
         backend = make_backend(backend, **options)
     elif options:
         raise TypeError(f"backend options {sorted(options)} need a backend name, not a backend object")
-    kw = {} if stateless is None else {"stateless": stateless}
-    return SyncSession(run_sync(backend.open_session(limits=limits, **kw)))
+    return SyncSession(run_sync(backend.open_session(stateless=stateless, limits=limits)))
 
 
 __all__ = [

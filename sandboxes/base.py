@@ -91,8 +91,9 @@ class SandboxBackend(abc.ABC):
     name: str = "?"
 
     @abc.abstractmethod
-    async def open_session(self, *, stateless: bool = False, limits: SandboxLimits | None = None) -> SandboxSession:
-        """Start a session."""
+    async def open_session(self, *, stateless: bool | None = None, limits: SandboxLimits | None = None) -> SandboxSession:
+        """Start a session. `stateless=None` means the backend's own default (False unless the
+        backend was built stateless)."""
 
     @property
     def isolation(self) -> str:

@@ -228,10 +228,10 @@ class E2BBackend(SandboxBackend):
                 "Check E2B_API_KEY, network access to E2B and your plan's concurrency limit."
             ) from e
 
-    async def open_session(self, *, stateless: bool = False, limits: SandboxLimits | None = None) -> E2BSession:
+    async def open_session(self, *, stateless: bool | None = None, limits: SandboxLimits | None = None) -> E2BSession:
         self._key()  # fail before any network call when no key is set
         sandbox = await self._create_sandbox()
-        session = E2BSession(self, sandbox, stateless=stateless, limits=limits or self.limits)
+        session = E2BSession(self, sandbox, stateless=bool(stateless), limits=limits or self.limits)
         try:
             await session._open_context()
         except BaseException:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import json
 import logging
 import os
@@ -421,8 +422,6 @@ class _PidsCap:
 
     def __init__(self) -> None:
         self.root = _pids_root()
-        self._n = 0
-        self._lock = threading.Lock()
 
     @property
     def available(self) -> bool:
@@ -432,9 +431,7 @@ class _PidsCap:
         """Move `host_pid` into a new cgroup capped at `max_processes` + 1 tasks; its path."""
         if self.root is None:
             return None
-        with self._lock:
-            self._n += 1
-            group = self.root / f"b{id(self):x}-s{self._n}"
+        group = self.root / f"s{next(_GROUP_IDS)}"
         try:
             group.mkdir()
             (group / "pids.max").write_text(str(int(max_processes) + 1))
@@ -448,6 +445,7 @@ class _PidsCap:
 _PIDS_ROOT: Path | None = None
 _PIDS_LOCK = threading.Lock()
 _PIDS_PREFIX = "spo-agents-sandbox-"
+_GROUP_IDS = itertools.count(1)  # session groups under this process's root
 
 
 def _pids_root() -> Path | None:
@@ -472,14 +470,16 @@ def _pids_root() -> Path | None:
 
 
 def _rmdir_retrying(group: Path, tries: int = 50) -> bool:
-    for _ in range(tries):  # a killed tree may take a moment to leave its group
+    """Remove an empty cgroup; a killed tree may take a moment to leave it. Whether it is gone."""
+    for i in range(tries):
         try:
             group.rmdir()
             return True
         except FileNotFoundError:
             return True
         except OSError:
-            time.sleep(0.01)
+            if i + 1 < tries:
+                time.sleep(0.01)
     return False
 
 
@@ -640,15 +640,8 @@ class LocalBackend(SandboxBackend):
         return self._pids_cap.apply(host, max_processes)
 
     def _sweep_cgroups(self) -> None:
-        keep = []
-        for group in self._stale_cgroups:
-            try:
-                group.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                keep.append(group)
-        self._stale_cgroups = keep
+        """Remove the groups of ended sessions whose tasks are gone (no waiting)."""
+        self._stale_cgroups = [g for g in self._stale_cgroups if not _rmdir_retrying(g, tries=1)]
 
     def _zygote_kill(self, pid: int, pgid: int) -> int | None:
         """Kill a runner without waiting for its teardown (nobody needs the status of a kill)."""

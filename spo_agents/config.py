@@ -28,9 +28,8 @@ from spo_agents.errors import ConfigError, did_you_mean
 
 
 # --------------------------------------------------------------------------------------------
-# Sections
+# Sections (each checks its own value ranges on construction, so every loaded config is valid)
 # --------------------------------------------------------------------------------------------
-
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -48,6 +47,7 @@ _NON_NEGATIVE = (lambda x: _finite(x) and x >= 0, "a finite number >= 0")
 _AT_LEAST_1 = (lambda x: isinstance(x, int) and x >= 1, "an integer >= 1")
 _INT_NON_NEGATIVE = (lambda x: isinstance(x, int) and x >= 0, "an integer >= 0")
 _TOP_P = (lambda x: _finite(x) and 0 < x <= 1, "in (0, 1]")
+
 
 @dataclass
 class LoraConfig:

@@ -177,14 +177,15 @@ async def evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / TRANSCRIPTS
+        saved_info = json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n"
         if resume and path.is_file():
-            _check_same_settings(out / SETTINGS, info)
+            _check_same_settings(out / SETTINGS, json.loads(saved_info))
             for t in read_jsonl(path):
                 samples[(t.problem_id, t.sample_index)] = t
             _repair_torn_tail(path)
         elif path.exists():
             path.unlink()
-        (out / SETTINGS).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        (out / SETTINGS).write_text(saved_info, encoding="utf-8")
     connect = getattr(policy, "connect", None)
     if connect is not None:  # fail fast, before any episode, when a server is unreachable
         await connect()
@@ -267,11 +268,11 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _check_same_settings(path: Path, now: dict[str, Any]) -> None:
-    """`resume` may only add samples drawn the same way: compare with the run's saved settings."""
+    """`resume` may only add samples drawn the same way: compare `now` (as JSON reads back) with
+    the run's saved settings."""
     if not path.is_file():
         return  # written by a version that did not save them
     saved = json.loads(path.read_text(encoding="utf-8"))
-    now = json.loads(json.dumps(now, default=str))
     diffs = [f"`{key}`: {saved.get(key)!r} then, {now.get(key)!r} now" for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
     if diffs:
         raise ConfigError(

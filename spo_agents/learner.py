@@ -292,12 +292,12 @@ class Learner:
         self.pad_id = int(pad_id)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         params = [p for p in model.parameters() if p.requires_grad]
-        low = sum(p.numel() for p in params if p.dtype in (torch.bfloat16, torch.float16))
+        low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
         if low:
             # No fp32 master copy: AdamW writes straight into these weights, and a step of lr ~1e-6
             # on a bf16 weight of ~1e-2 (8 bits of mantissa) mostly rounds back to the old value.
             warnings.warn(
-                f"{low:,} trainable weights are in {next(p.dtype for p in params if p.dtype in (torch.bfloat16, torch.float16))} "
+                f"{sum(p.numel() for p in low):,} trainable weights are in {low[0].dtype} "
                 f"and are updated without an fp32 master copy: at lr {settings.lr:g} most updates round away. "
                 "Train with `model.dtype: float32`, or with LoRA (`model.lora.enabled: true`, adapters in fp32)",
                 stacklevel=2,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import math
 import random
@@ -47,7 +46,6 @@ import numpy as np
 
 from spo_agents.config import Config, load_config, save_config, to_dict
 from spo_agents.errors import CheckpointError, ConfigError
-from spo_agents.types import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +266,6 @@ class Trainer:
                 "train on samples of the initial weights; use `rollout.backend: vllm-server` (with `--base-url` "
                 "for a running vLLM server), or `openai` only for `spo-agent eval` / `estimate-values`"
             )
-        if c.train.batch_size < 1 or c.train.steps < 0:
-            raise ConfigError(f"`train.batch_size` must be >= 1 and `train.steps` >= 0, got {c.train.batch_size} and {c.train.steps}")
 
     # -- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:

@@ -8,7 +8,6 @@ policy can raise it by shifting probability mass, which SPO does within a few st
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -364,7 +363,6 @@ def first_token_registered():
 
 @pytest.mark.slow
 def test_cli_estimate_values_then_train_from_them_then_plot(tmp_path, first_token_registered, capsys):
-    import json
 
     from spo_agents.cli import main
 

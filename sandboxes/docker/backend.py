@@ -316,9 +316,9 @@ class DockerBackend(SandboxBackend):
         )
 
     # --- the async protocol --------------------------------------------------------------------
-    async def open_session(self, *, stateless: bool = False, limits: SandboxLimits | None = None) -> DockerSession:
+    async def open_session(self, *, stateless: bool | None = None, limits: SandboxLimits | None = None) -> DockerSession:
         limits = limits or self.limits
-        key = _Key.of(stateless, limits)
+        key = _Key.of(bool(stateless), limits)
         box = await self._in_thread(self._acquire, key)
         return DockerSession(self, key, box, limits)
 

@@ -80,7 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from spo_agents.config import apply_overrides
     from spo_agents.errors import ConfigError
-    from spo_agents.evaluation import evaluate
+    from spo_agents.evaluation import TRANSCRIPTS, evaluate
     from spo_agents.policy import make_policy
     from spo_agents.policy.base import SamplingParams
 
@@ -106,7 +106,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit is not None:
         problem_ids = problem_ids[: args.limit]
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not args.resume and (out / "transcripts.jsonl").is_file() and (out / "transcripts.jsonl").stat().st_size:
+    transcripts = out / TRANSCRIPTS
+    if not args.resume and transcripts.is_file() and transcripts.stat().st_size:
         raise ConfigError(f"`{out}` already holds the transcripts of an evaluation: finish it with `--resume`, or choose another `--out` (or delete it)")
     model = args.model or "smollm2-135m"
     if backend == "openai":
@@ -148,7 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = asyncio.run(run())
     print(f"{env_id}: {report.num_problems} problems x k={report.k} ({backend}: {model})")
     print(report.summary_table())
-    print(f"results: {out / 'results.json'}\ntranscripts: {out / 'transcripts.jsonl'}")
+    print(f"results: {out / 'results.json'}\ntranscripts: {transcripts}")
     if report.errors:
         print(f"{report.errors} samples failed for infrastructure reasons (see `error` in the transcripts); "
               f"`--resume --out {out}` retries them", file=sys.stderr)

@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     async def go():
         results = []
         try:
-            async with await backend.open_session(**({"stateless": True} if args.stateless else {})) as session:
+            async with await backend.open_session(stateless=args.stateless or None) as session:
                 for _ in range(max(args.repeat, 1)):
                     results.append(await session.run(code, args.timeout))
         finally:

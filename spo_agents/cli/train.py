@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

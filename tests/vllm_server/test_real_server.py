@@ -33,7 +33,6 @@ from spo_agents.weight_sync import (
     check_sync,
     learner_logprobs,
     push_weights,
-    server_logprobs,
 )
 
 pytestmark = pytest.mark.vllm
