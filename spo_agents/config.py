@@ -252,6 +252,10 @@ class TrainSection:
     checkpoint_every: int = 1  # 1: a killed run loses at most the step in progress
     keep_checkpoints: int = 2
     max_minutes: float | None = 18.0  # stop (after a final eval and checkpoint) once this wall time is spent; null: no limit
+    # `none`: each rank of a multi-process learner holds the whole model (data-parallel);
+    # `fsdp`: FSDP2 shards fp32 master weights, gradients and AdamW state across ranks and runs
+    # in `model.dtype` (spo_agents.sharding); also on one process, for the fp32 master copy
+    sharding: Literal["none", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         _require("train", self, {

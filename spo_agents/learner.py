@@ -21,7 +21,15 @@ What one `Learner.update(trajectories, advantages)` does (SPO.md sections 2-3, p
 5. AdamW step with gradient clipping. Under `torch.distributed` every rank sees the whole batch,
    trains on its share of each mini-batch (`indices[rank::world_size]`) with the *global*
    normaliser, and gradients are summed across ranks before clipping: the update equals the
-   single-process one (tests/test_distributed.py).
+   single-process one (tests/test_distributed.py). Two ways to hold the model:
+   - data-parallel (`train.sharding: none`): every rank holds the whole model and optimiser,
+     and the learner all-reduces the gradients;
+   - sharded (`train.sharding: fsdp`, `spo_agents.sharding`): FSDP2 holds `1 / world_size` of
+     the fp32 weights, gradients and optimiser state per rank and sums the gradients itself.
+     Every forward is then a collective, so ranks with fewer micro-batches run zero-weighted
+     ones until all have run as many (`_passes`).
+   Scoring (`score`) is split the same way: each rank scores its share of the trajectories
+   and the results are gathered.
 
 Policy drift for the value tracker (SPO.md section 1):
 - `cumulative` mode: `drift = token-mean |log pi_after - log pi_before|` over the step's own
@@ -54,7 +62,8 @@ from typing import Any
 
 import torch
 
-from spo_agents.errors import ConfigError
+from spo_agents import sharding
+from spo_agents.errors import CheckpointError, ConfigError
 from spo_agents.types import Trajectory
 
 
@@ -291,6 +300,9 @@ class Learner:
         self.settings = settings
         self.pad_id = int(pad_id)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.sharded = sharding.is_sharded(model)
+        if self.sharded and settings.kl_coef > 0:
+            raise ConfigError("`loss.kl_coef` > 0 needs a frozen reference model, which `train.sharding: fsdp` does not build; use `loss.kl_coef: 0` (the paper's setting) or `train.sharding: none`")
         params = [p for p in model.parameters() if p.requires_grad]
         low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
         if low:
@@ -320,7 +332,7 @@ class Learner:
         return 0, 1
 
     def _all_reduce_grads(self, world: int) -> None:
-        if world == 1:
+        if world == 1 or self.sharded:  # FSDP reduce-scatters (sums) the gradients itself
             return
         for p in self.model.parameters():
             if p.requires_grad:
@@ -328,21 +340,41 @@ class Learner:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
 
+    def _passes(self, n: int) -> int:
+        """How many forwards this rank must run when it has `n` of its own: the most any rank
+        has under sharding (every forward is a collective there), else `n`."""
+        _, world = self._world()
+        if not self.sharded or world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     # -- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, trajectories: Sequence[Trajectory]) -> list[list[float]]:
         """Current-policy log-probs of every trajectory's response tokens (0.0 where mask is 0),
-        computed in micro-batches under the token budget."""
-        out: list[list[float]] = [[] for _ in trajectories]
-        for group in micro_batches(trajectories, self.settings.micro_batch_tokens):
-            sub = [trajectories[i] for i in group]
-            b = pack(sub, self.pad_id, self.device)
+        computed in micro-batches under the token budget. With several ranks, each scores
+        `trajectories[rank::world]` and all ranks get every result (a collective)."""
+        rank, world = self._world()
+        mine = list(range(rank, len(trajectories), world))
+        scores: dict[int, list[float]] = {}
+        groups = micro_batches([trajectories[i] for i in mine], self.settings.micro_batch_tokens)
+        for j in range(self._passes(len(groups))):
+            if j >= len(groups):  # only keeps the collectives of a sharded model in step
+                token_logprobs(self.model, pack(trajectories[:1], self.pad_id, self.device), self.settings.temperature)
+                continue
+            idx = [mine[g] for g in groups[j]]
+            b = pack([trajectories[i] for i in idx], self.pad_id, self.device)
             logp, _ = token_logprobs(self.model, b, self.settings.temperature)
-            for row, i in enumerate(group):
+            for row, i in enumerate(idx):
                 n = len(trajectories[i].token_ids)
-                vals = (logp[row, logp.shape[1] - n :] * b.mask[row, b.mask.shape[1] - n :]).tolist() if n else []
-                out[i] = vals
-        return out
+                scores[i] = (logp[row, logp.shape[1] - n :] * b.mask[row, b.mask.shape[1] - n :]).tolist() if n else []
+        if world > 1:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, scores)
+            scores = {i: v for part in parts for i, v in part.items()}
+        return [scores.get(i, []) for i in range(len(trajectories))]
 
     @staticmethod
     def mean_abs_diff(trajectories: Sequence[Trajectory], a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
@@ -412,7 +444,13 @@ class Learner:
                 normalizer = self._normalizer(mb)
                 mine = chunk[rank::world]
                 self.optimizer.zero_grad(set_to_none=True)
-                for group in micro_batches([trajs[i] for i in mine], s.micro_batch_tokens) if mine else []:
+                groups = micro_batches([trajs[i] for i in mine], s.micro_batch_tokens) if mine else []
+                for _ in range(self._passes(len(groups)) - len(groups)):
+                    # a sharded model's forward and backward are collectives: run as many as the
+                    # busiest rank, with zero weight
+                    logp, _ = token_logprobs(self.model, pack([trajs[chunk[0]]], self.pad_id, self.device), s.temperature)
+                    (logp.sum() * 0.0).backward()
+                for group in groups:
                     idx = [mine[g] for g in group]
                     sub = [trajs[i] for i in idx]
                     b = pack(sub, self.pad_id, self.device)
@@ -449,7 +487,7 @@ class Learner:
                             before_free[i] = lp[row, lp.shape[1] - n :].tolist() if n else []
                 self._all_reduce_grads(world)
                 norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], s.grad_clip if s.grad_clip > 0 else float("inf"))
-                grad_norms.append(float(norm))
+                grad_norms.append(sharding.grad_norm_value(norm))
                 self.optimizer.step()
                 stats.optimizer_steps += 1
             stats.lr = float(self.scheduler.get_last_lr()[0])
@@ -482,15 +520,32 @@ class Learner:
         return stats
 
     # -- state -------------------------------------------------------------------------------
+    @property
+    def _optimizer_format(self) -> str:
+        return "fsdp-full" if self.sharded else "torch"
+
     def state_dict(self) -> dict[str, Any]:
+        """Optimiser, scheduler and drift store. Sharded, the optimiser state is gathered on
+        rank 0 keyed by parameter name (a collective; other ranks get an empty one)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": sharding.full_optimizer_state(self.model, self.optimizer) if self.sharded else self.optimizer.state_dict(),
+            "optimizer_format": self._optimizer_format,
             "scheduler": self.scheduler.state_dict(),
             "prompt_store": self.prompt_store.state_dict() if self.prompt_store is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        fmt = state.get("optimizer_format", "torch")
+        if fmt != self._optimizer_format:
+            setting = {"torch": "none", "fsdp-full": "fsdp"}
+            raise CheckpointError(
+                f"the checkpoint's optimiser state was written with `train.sharding: {setting.get(fmt, fmt)}` and this run uses "
+                f"`train.sharding: {setting[self._optimizer_format]}`; resume with `train.sharding={setting.get(fmt, fmt)}`"
+            )
+        if self.sharded:
+            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.prompt_store is not None and state.get("prompt_store"):
             self.prompt_store.load_state_dict(state["prompt_store"])

@@ -83,10 +83,13 @@ def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]
     from spo_agents.models import resolve_model
 
     path = resolve_model(cfg.model.name)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    sharded = cfg.train.sharding == "fsdp"
+    # sharded: fp32 master weights, left on the CPU; `shard_model` moves each rank's shard
+    dtype = torch.float32 if sharded else {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(str(weights_from) if weights_from is not None else path, dtype=dtype)
-    model.to(_device(cfg.model.device))
+    if not sharded:
+        model.to(_device(cfg.model.device))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.lora.enabled:
@@ -285,6 +288,13 @@ class Trainer:
         elif loaded is not None:
             self.ckpt.load_model_weights(self._components.model, loaded)
         comp = self._components
+        if cfg.train.sharding == "fsdp" and self.world > 1 and comp.inplace:
+            raise ConfigError(
+                "`rollout.backend: hf` generates with the learner's own module on rank 0, which cannot run a model "
+                "sharded across processes (every forward needs all ranks); with `train.sharding: fsdp` on several "
+                "processes use `rollout.backend: vllm-server` or `vllm`"
+            )
+        self._shard(comp.model)
         self.model, self.tokenizer, self.policy = comp.model, comp.tokenizer, comp.policy
 
         self.train_env = comp.env_factory(cfg.env.split)
@@ -380,18 +390,44 @@ class Trainer:
             "eval/problems": report.num_problems,
         }
 
+    def _shard(self, model: Any) -> None:
+        """Apply `train.sharding: fsdp` to `model` (after any checkpoint weights are loaded)."""
+        from spo_agents.sharding import is_sharded, shard_model
+
+        if self.cfg.train.sharding == "fsdp" and not is_sharded(model):
+            shard_model(model, compute_dtype=self.cfg.model.dtype, device_type=_device(self.cfg.model.device))
+
+    def _gather(self, what: str) -> Any:
+        """The sharded model's full state on rank 0, for `what` = `weights` (the model in
+        `model.dtype`, for a weight push) or `state` (fp32 weights and the learner's state, for a
+        checkpoint). A collective: rank 0 first tells the other ranks (`_follow`) to join."""
+        from spo_agents.sharding import full_model_state
+        from spo_agents.weight_sync import _is_peft
+
+        if self.rank == 0 and self.world > 1:
+            _broadcast((what,))
+        trainable_only = _is_peft(self.model)  # an adapter's push or checkpoint needs only the adapter
+        if what == "weights":
+            return full_model_state(self.model, self.cfg.model.dtype, trainable_only=trainable_only)
+        return full_model_state(self.model, trainable_only=trainable_only), self.learner.state_dict()
+
     def _checkpoint(self) -> float:
         from spo_agents.checkpoint import rng_state
+        from spo_agents.sharding import GatheredModel
 
         t0 = time.perf_counter()
+        model, learner_state = self.model, None
+        if self.learner.sharded:
+            weights, learner_state = self._gather("state")
+            model = GatheredModel(self.model, weights)
         state = {
             "tracker": self.tracker.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "learner": self.learner.state_dict(),
+            "learner": learner_state if learner_state is not None else self.learner.state_dict(),
             "rng": rng_state(),
             "config": to_dict(self.cfg),
         }
-        self.ckpt.save(self.step, model=self.model, tokenizer=self.tokenizer, state=state)
+        self.ckpt.save(self.step, model=model, tokenizer=self.tokenizer, state=state)
         return time.perf_counter() - t0
 
     async def _publish(self) -> None:
@@ -400,12 +436,18 @@ class Trainer:
         sync = self._components.weight_sync
         if sync is None:
             self.policy.version = self.step
-        elif isinstance(sync, _VLLMInProcessSync):
-            await sync.push(self.model, self.step)
+            return
+        model = self.model
+        if self.learner.sharded:
+            from spo_agents.sharding import GatheredModel
+
+            model = GatheredModel(self.model, await asyncio.to_thread(self._gather, "weights"))
+        if isinstance(sync, _VLLMInProcessSync):
+            await sync.push(model, self.step)
         else:
             from spo_agents.weight_sync import push_weights
 
-            await push_weights(self.policy, sync, self.model, self.step)
+            await push_weights(self.policy, sync, model, self.step)
 
     async def train_step(self) -> dict[str, Any]:
         """One step (module docstring); returns its metrics row."""
@@ -441,9 +483,9 @@ class Trainer:
         if self._components.inplace and hasattr(self.policy, "pause"):
             await self.policy.pause()
         try:
+            if self.world > 1:  # the other ranks score and update with this rank (`_follow`)
+                await asyncio.to_thread(_broadcast, ("update", good, adv.tolist()))
             drift_pp = await asyncio.to_thread(self.learner.prompt_drift, pids) if cfg.tracker.drift == "per-prompt" else None
-            if self.world > 1:
-                await asyncio.to_thread(_broadcast, (good, adv.tolist()))
             lstats = await asyncio.to_thread(self.learner.update, good, adv)
         finally:
             if self._components.inplace and hasattr(self.policy, "resume"):
@@ -551,8 +593,10 @@ class Trainer:
                 await asyncio.to_thread(_broadcast, None)  # releases the followers
 
     def _follow(self) -> TrainResult:
-        """Ranks > 0 of a distributed learner: receive each batch from rank 0, take part in the
-        update (gradients are summed across ranks inside `Learner.update`), until rank 0 stops."""
+        """Ranks > 0 of a distributed learner: do what rank 0 broadcasts, until it sends None.
+        `("update", trajectories, advantages)`: score (per-prompt drift) and update with it
+        (gradients are summed across ranks inside `Learner.update`); `("weights",)` and
+        `("state",)`: join the gather of a sharded model's full state (`_gather`)."""
         from spo_agents.learner import Learner, LearnerSettings
 
         _seed_everything(self.cfg.train.seed)
@@ -563,6 +607,7 @@ class Trainer:
             model, tokenizer = self._components.model, self._components.tokenizer
             if loaded is not None:
                 self.ckpt.load_model_weights(model, loaded)
+        self._shard(model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.model, self.learner = model, Learner(model, LearnerSettings.from_config(self.cfg), pad_id=int(pad))
         self.step = 0
@@ -570,11 +615,14 @@ class Trainer:
             self.learner.load_state_dict(loaded.state["learner"])
             self.step = loaded.step
         while (msg := _broadcast(None, receive=True)) is not None:
-            trajs, adv = msg
-            if self.cfg.tracker.drift == "per-prompt":
-                self.learner.prompt_drift([t.problem_id for t in trajs])
-            self.learner.update(trajs, adv)
-            self.step += 1
+            if msg[0] == "update":
+                _, trajs, adv = msg
+                if self.cfg.tracker.drift == "per-prompt":
+                    self.learner.prompt_drift([t.problem_id for t in trajs])
+                self.learner.update(trajs, adv)
+                self.step += 1
+            else:
+                self._gather(msg[0])
         return TrainResult(self.run_dir, self.step, False, [], {})
 
     async def _run(self) -> TrainResult:
@@ -646,19 +694,24 @@ class Trainer:
                 await r
 
 
-def _init_distributed() -> int:
-    """This process's rank when launched by torchrun / accelerate with `WORLD_SIZE` > 1, else -1."""
+def _init_distributed(cfg: Config) -> int:
+    """This process's rank when launched by torchrun / accelerate with `WORLD_SIZE` > 1, else -1.
+    A single process with `train.sharding: fsdp` gets a process group of its own (FSDP needs
+    one); it still counts as not distributed (-1)."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return -1
     import torch
     import torch.distributed as dist
 
+    cuda = _device(cfg.model.device).startswith("cuda")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if cfg.train.sharding == "fsdp" and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return -1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
 
 
@@ -676,8 +729,21 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
 
     Under `torchrun` / `accelerate launch` (`WORLD_SIZE` > 1) the process group is initialised
     here (NCCL on GPUs, gloo on CPU): rank 0 runs rollouts, the tracker, evaluation, metrics and
-    checkpoints and broadcasts each batch; every rank takes part in the learner update."""
-    rank = _init_distributed()
+    checkpoints and broadcasts each batch; every rank takes part in the learner update. A single
+    process with `train.sharding: fsdp` gets a one-rank group, removed again at the end."""
+    import torch.distributed as dist
+
+    initialized_before = dist.is_available() and dist.is_initialized()
+    rank = _init_distributed(cfg)
+    own_group = rank < 0 and dist.is_available() and dist.is_initialized() and not initialized_before
+    try:
+        return _train(cfg, rank, run_dir, resume, components)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, rank: int, run_dir: str | Path | None, resume: bool, components: Components | None) -> TrainResult:
     if run_dir is None:
         run_dir = new_run_dir(cfg) if rank <= 0 else None
         if rank >= 0:

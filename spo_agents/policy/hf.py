@@ -114,7 +114,7 @@ class HFPolicy(PolicyBackend):
                     model.to(device)
         self.model = model
         self._tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._device = torch.device(device) if device is not None else None
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
@@ -144,6 +144,12 @@ class HFPolicy(PolicyBackend):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Request(list(prompt_ids), params, fut))
         return await asyncio.wrap_future(fut)
+
+    @property
+    def device(self) -> Any:
+        """Where generation runs: the `device` given, else the model's (read each time, since
+        `train.sharding: fsdp` moves the shared module after this policy is built)."""
+        return self._device if self._device is not None else next(self.model.parameters()).device
 
     async def close(self) -> None:
         if self._closed:
