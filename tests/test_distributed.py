@@ -20,10 +20,21 @@ import pytest
 LR = 1e-4
 
 
-def torchrun(script_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+def torchrun(script_args: list[str], env: dict[str, str], *, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """This file on 2 processes, under `torchrun` or `accelerate launch` (which, with
+    `--multi_gpu` and no GPU, starts gloo ranks on the CPU the same way)."""
+    if launcher == "accelerate":
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0", __file__, *script_args],
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=600,
+        [*cmd, __file__, *script_args], env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -189,6 +200,62 @@ def test_one_process_sharded_training_generates_in_place_and_resumes(tmp_path):
               run_dir=tmp_path / "run", resume=True, components=T.tiny_components())  # fmt: skip
 
 
+def test_load_model_for_sharding_keeps_fp32_weights_on_the_cpu():
+    """`train.sharding: fsdp` loads the fp32 master weights whatever `model.dtype` says (that is
+    the compute dtype) and leaves them on the CPU for `shard_model` to place."""
+    import torch
+
+    from spo_agents.config import Config, from_dict
+    from spo_agents.models import tiny_model_dir
+    from spo_agents.training import load_model
+
+    data = {"model": {"name": str(tiny_model_dir()), "dtype": "bfloat16", "device": "cpu"}}
+    plain, _ = load_model(from_dict(Config, data))
+    sharded, _ = load_model(from_dict(Config, {**data, "train": {"sharding": "fsdp"}}))
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in sharded.parameters()} == {torch.float32}
+    assert {p.device.type for p in sharded.parameters()} == {"cpu"}
+
+
+def test_sharding_refuses_what_it_cannot_do():
+    import torch
+
+    from spo_agents.errors import ConfigError
+    from spo_agents.learner import Learner, LearnerSettings
+    from spo_agents.sharding import shard_model
+
+    with pytest.raises(ConfigError, match="needs a process group"):
+        shard_model(torch.nn.Linear(2, 2), compute_dtype="bfloat16", device_type="cpu")
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="fp32 master weights"):
+            shard_model(torch.nn.Linear(2, 2).to(torch.bfloat16), compute_dtype="bfloat16", device_type="cpu")
+        with pytest.raises(ConfigError, match="cannot find the decoder layers"):
+            shard_model(torch.nn.Linear(2, 2), compute_dtype="bfloat16", device_type="cpu")
+        from transformers import AutoModelForCausalLM
+
+        from spo_agents.models import tiny_model_dir
+
+        model = shard_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir()), compute_dtype="float32", device_type="cpu")
+        with pytest.raises(ConfigError, match="kl_coef"):
+            Learner(model, LearnerSettings(kl_coef=0.1), pad_id=2)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharding_on_several_processes_refuses_the_in_place_policy(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_training as T
+
+    from spo_agents.errors import ConfigError
+    from spo_agents.training import Trainer
+
+    t = Trainer(T.tiny_config(tmp_path, train={"sharding": "fsdp"}), tmp_path / "run", T.tiny_components())
+    t.rank, t.world = 0, 2  # as rank 0 of two would see it
+    with pytest.raises(ConfigError, match="use `rollout.backend: vllm-server` or `vllm`"):
+        t._setup()
+
+
 class CopySync:
     """Stands in for a server's `reload`: copies each pushed state into the rollout model."""
 
@@ -274,7 +341,8 @@ def test_two_process_sharded_loop_pushes_checkpoints_and_resumes(tmp_path):
     adam = state["learner"]["optimizer"]["state"]
     assert adam and {int(v["step"]) for v in adam.values()} == {4}  # 2 steps x 2 mini-batches
 
-    proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop", "SPO_SHARDING": "fsdp", "SPO_STEPS": "3", "SPO_RESUME": "1"})
+    # the resume goes through `accelerate launch`, as the README's multi-GPU command does
+    proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop", "SPO_SHARDING": "fsdp", "SPO_STEPS": "3", "SPO_RESUME": "1"}, launcher="accelerate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     assert r0["step"] == 3 and r0["versions"] == [2, 3]  # the resumed run pushes the checkpoint first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +87,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = _config(args)
         run_dir = None  # `train` names it (the same on every rank of a distributed run)
     res = train(cfg, run_dir=run_dir, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of a multi-process learner: rank 0 reports
+        return 0
     evals = ", ".join(f"step {s}: {v:.3f}" for s, v in res.eval_history)
     print(f"finished at step {res.step}{' (stopped at train.max_minutes)' if res.stopped_early else ''}; run directory: {res.run_dir}")
     if evals:
