@@ -109,6 +109,9 @@ def full_model_state(model: Any, dtype: str | None = None, *, trainable_only: bo
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=_options(ignore_frozen_params=trainable_only))
+    if trainable_only:  # a tied output layer is not a parameter of its own and slips through
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
     if dtype is not None:
         want = _torch_dtype(dtype)
         state = {k: (v.to(want) if v.is_floating_point() else v) for k, v in state.items()}
@@ -142,10 +145,16 @@ class GatheredModel:
     model still saves only its adapter); anything else (`config`, `peft_config`, ...) is the
     model's."""
 
-    def __init__(self, model: Any, state: dict[str, Any]) -> None:
+    def __init__(self, model: Any, state: dict[str, Any], device: Any = None) -> None:
         self._model = model
         self._state = state
+        self._device = device
         self._param_names = [n for n, _ in model.named_parameters()]
+
+    def on(self, device: Any) -> GatheredModel:
+        """The same weights, with `named_parameters()` / `parameters()` moving each tensor to
+        `device` as it is read (the `nccl` weight sync streams from the GPU, one at a time)."""
+        return GatheredModel(self._model, self._state, device)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._state)
@@ -153,7 +162,8 @@ class GatheredModel:
     def named_parameters(self) -> Iterator[tuple[str, Any]]:
         for name in self._param_names:
             if name in self._state:  # frozen weights are absent from a `trainable_only` gather
-                yield name, self._state[name]
+                t = self._state[name]
+                yield name, t if self._device is None else t.to(self._device)
 
     def parameters(self) -> Iterator[Any]:
         for _, p in self.named_parameters():

@@ -91,7 +91,9 @@ def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]
     if not sharded:
         model.to(_device(cfg.model.device))
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed it and deprecated the old name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if cfg.model.lora.enabled:
         try:
             from peft import LoraConfig, get_peft_model

@@ -341,8 +341,11 @@ class NcclSync(WeightSync):
         self.client  # noqa: B018 - connect before pausing the server
 
     def _update(self, model: Any, version: int, stats: SyncStats) -> None:
+        from spo_agents.sharding import GatheredModel
+
         t = time.perf_counter()
-        self.client.update_model_params(model)
+        # a sharded learner's gathered weights are on the CPU; NCCL sends from the GPU
+        self.client.update_model_params(model.on(self.device) if isinstance(model, GatheredModel) else model)
         stats.load_s = time.perf_counter() - t
         stats.bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 

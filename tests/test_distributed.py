@@ -256,6 +256,57 @@ def test_sharding_on_several_processes_refuses_the_in_place_policy(tmp_path):
         t._setup()
 
 
+@pytest.mark.parametrize("variant", ["lora", "gradient-checkpointing"])
+def test_sharding_with_lora_or_gradient_checkpointing(tmp_path, variant):
+    """LoRA: only the adapters train, the gather for a push or checkpoint holds only them, and
+    the adapter saved from it equals the learner's. Gradient checkpointing: the sharded update
+    is the one without it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from spo_agents.learner import Learner, LearnerSettings
+    from spo_agents.models import tiny_model_dir
+    from spo_agents.sharding import GatheredModel, full_model_state, shard_model
+    from spo_agents.weight_sync import _is_peft
+
+    trajs, adv = make_batch()
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        runs = []
+        for checkpointing in ([False] if variant == "lora" else [False, True]):
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+            if variant == "lora":
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+            if checkpointing:
+                (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            shard_model(model, compute_dtype="float32", device_type="cpu")
+            learner = Learner(model, LearnerSettings(lr=1e-3, micro_batch_tokens=24), pad_id=2)
+            learner.update(trajs, adv)
+            runs.append((model, full_model_state(model, trainable_only=variant == "lora")))
+    finally:
+        torch.distributed.destroy_process_group()
+    model, state = runs[0]
+    if variant == "lora":
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and set(state) == trainable and all("lora_" in n for n in state)
+        gathered = GatheredModel(model, state)
+        assert _is_peft(gathered)
+        gathered.save_pretrained(tmp_path / "adapter")
+        saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        assert len(saved) == len(state)
+        for name, value in saved.items():  # peft drops the adapter name from the keys
+            match = [v for k, v in state.items() if k.replace(".default", "") == name]
+            assert len(match) == 1 and torch.equal(match[0], value), name
+    else:
+        (_, a), (_, b) = runs
+        assert set(a) == set(b)
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
 class CopySync:
     """Stands in for a server's `reload`: copies each pushed state into the rollout model."""
 

@@ -187,6 +187,23 @@ class FakeClient:
         self.log.append(("close",))
 
 
+def test_nccl_streams_a_sharded_learners_gathered_weights_from_the_sync_device():
+    """A sharded learner pushes weights gathered on the CPU; NCCL sends from the sync's device,
+    so each tensor is moved there as the client reads it."""
+    from spo_agents.sharding import GatheredModel
+
+    log: list = []
+
+    class DeviceClient(FakeClient):
+        def update_model_params(self, model):
+            self.log.append(("update", sorted({p.device.type for p in model.parameters()})))
+
+    model = tiny_llama()
+    gathered = GatheredModel(model, {k: v.clone() for k, v in model.state_dict().items()})
+    NcclSync(FakeEndpoint(), client=DeviceClient(log), device="meta").sync(gathered, 1)
+    assert log[:2] == [("init", "meta"), ("update", ["meta"])]
+
+
 def test_nccl_call_order_with_a_fake_client():
     log: list = []
     ep = FakeEndpoint()
