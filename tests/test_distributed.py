@@ -333,7 +333,10 @@ def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool
     from spo_agents.sharding import full_model_state
     from spo_agents.training import train
 
-    cfg = T.tiny_config(out_dir, train={"steps": steps, "batch_size": 8, "checkpoint_every": 1, "mini_batches": 2, "sharding": sharding})
+    cfg = T.tiny_config(
+        out_dir, train={"steps": steps, "batch_size": 8, "checkpoint_every": 1, "mini_batches": 2, "sharding": sharding},
+        tracker={"drift": os.environ.get("SPO_DRIFT", "cumulative")},
+    )  # fmt: skip
     comp = T.tiny_components()
     sync = None
     if sharding == "fsdp":
@@ -354,10 +357,12 @@ def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool
 
 
 @pytest.mark.slow
-def test_two_process_training_loop_keeps_ranks_in_sync(tmp_path):
+@pytest.mark.parametrize("drift", ["cumulative", "per-prompt"])
+def test_two_process_training_loop_keeps_ranks_in_sync(tmp_path, drift):
+    """Per-prompt drift re-scores stored responses on every rank, in step with rank 0."""
     import torch
 
-    proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop"})
+    proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop", "SPO_DRIFT": drift})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["step"] == r1["step"] == 2
