@@ -26,10 +26,10 @@ from spo_agents.learner import Learner, LearnerSettings
 from spo_agents.sharding import full_model_state, shard_model
 from spo_agents.types import Trajectory
 
-QWEN3_06B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True, rope_theta=1e6,
-)  # fmt: skip
+QWEN3_06B = {
+    "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960, "tie_word_embeddings": True, "rope_theta": 1e6,
+}  # fmt: skip
 
 
 def batch(n: int, prompt: int, response: int, vocab: int, seed: int) -> tuple[list[Trajectory], list[float]]:

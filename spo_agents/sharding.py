@@ -127,7 +127,10 @@ def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
 
 def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
     """Load a `full_optimizer_state` dict (every rank passes the whole dict; collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 

@@ -277,10 +277,10 @@ class Trainer:
         from spo_agents.checkpoint import set_rng_state
         from spo_agents.learner import Learner, LearnerSettings
         from spo_agents.metrics import MetricsWriter, truncate_after
+        from spo_agents.policy.base import SamplingParams
         from spo_agents.rollout import Collector
         from spo_agents.sampler import make_sampler
         from spo_agents.tracker import ValueTracker
-        from spo_agents.policy.base import SamplingParams
 
         cfg = self.cfg
         _seed_everything(cfg.train.seed)
@@ -585,7 +585,6 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     async def run(self) -> TrainResult:
-        cfg = self.cfg
         if self.world > 1 and self.rank != 0:
             return self._follow()
         try:
@@ -685,7 +684,7 @@ class Trainer:
             await self.collector.close()
             try:
                 self.train_env.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
+            except Exception:  # closing is best effort
                 log.warning("closing the training environment failed", exc_info=True)
         return TrainResult(self.run_dir, self.step, stopped_early, list(self.eval_history), last)
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import test_distributed as D  # noqa: E402
-import test_training as T  # noqa: E402
+import test_distributed as D
+import test_training as T
 
-from spo_agents.training import train  # noqa: E402
+from spo_agents.training import train
 
 pytestmark = [
     pytest.mark.gpu,
