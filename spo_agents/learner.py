@@ -346,7 +346,7 @@ class Learner:
         _, world = self._world()
         if not self.sharded or world == 1:
             return n
-        t = torch.tensor([n], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return int(t.item())
 

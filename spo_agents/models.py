@@ -26,6 +26,16 @@ from spo_agents.errors import ConfigError
 EMBEDDED = "smollm2-135m"
 TINY = "tiny-random"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype called `name` (one of `DTYPES`, as `model.dtype` spells them)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"`dtype` must be one of {', '.join(f'`{d}`' for d in DTYPES)}, got `{name}`")
+    return getattr(torch, name)
 
 
 def cache_dir() -> Path:

@@ -17,7 +17,7 @@ master copy and the mixed precision without any sharding). What that gives:
 
 Every forward of a sharded model is a collective: all ranks must run the same number of
 forwards in the same order. The learner pads its per-rank micro-batch lists to the same length
-(`equal_count`), and the trainer has the other ranks join every gather of the full weights
+(`Learner._passes`), and the trainer has the other ranks join every gather of the full weights
 (checkpoints, weight pushes) by broadcasting what to do next (`spo_agents.training`).
 
 Full state dicts (`full_model_state`, `full_optimizer_state`) are gathered on rank 0 into CPU
@@ -31,14 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from spo_agents.errors import ConfigError
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+from spo_agents.models import torch_dtype
 
 
 def is_sharded(model: Any) -> bool:
@@ -73,13 +66,11 @@ def shard_model(model: Any, *, compute_dtype: str, device_type: str) -> Any:
 
     if not dist.is_initialized():
         raise ConfigError("`train.sharding: fsdp` needs a process group; start training through `spo_agents.training.train`")
-    if compute_dtype not in DTYPES:
-        raise ConfigError(f"`model.dtype` must be one of {', '.join(DTYPES)} for sharding, got {compute_dtype!r}")
     low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
     if low:
         raise ConfigError(f"`train.sharding: fsdp` keeps fp32 master weights; `{low[0]}` is {model.get_parameter(low[0]).dtype}. Load the model in float32")
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=_torch_dtype(compute_dtype), reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch_dtype(compute_dtype), reduce_dtype=torch.float32)
     layers = _layer_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in layers]
     if not blocks:
@@ -113,7 +104,7 @@ def full_model_state(model: Any, dtype: str | None = None, *, trainable_only: bo
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
     if dtype is not None:
-        want = _torch_dtype(dtype)
+        want = torch_dtype(dtype)
         state = {k: (v.to(want) if v.is_floating_point() else v) for k, v in state.items()}
     return state
 

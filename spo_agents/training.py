@@ -80,12 +80,12 @@ def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spo_agents.models import resolve_model
+    from spo_agents.models import resolve_model, torch_dtype
 
     path = resolve_model(cfg.model.name)
     sharded = cfg.train.sharding == "fsdp"
     # sharded: fp32 master weights, left on the CPU; `shard_model` moves each rank's shard
-    dtype = torch.float32 if sharded else {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    dtype = torch.float32 if sharded else torch_dtype(cfg.model.dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(str(weights_from) if weights_from is not None else path, dtype=dtype)
     if not sharded:

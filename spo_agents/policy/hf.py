@@ -105,10 +105,9 @@ class HFPolicy(PolicyBackend):
             if tokenizer is None:
                 tokenizer = AutoTokenizer.from_pretrained(model_name)
             if model is None:
-                torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-                if torch_dtype is None:
-                    raise ConfigError(f"`dtype` must be one of `float32`, `bfloat16`, `float16`, got `{dtype}`")
-                model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype)
+                from spo_agents.models import torch_dtype
+
+                model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch_dtype(dtype))
                 model.eval()
                 if device is not None:
                     model.to(device)
