@@ -115,7 +115,8 @@ def compute_report(
         errors += len(trajs) - len(valid)
         token_io = token_io and all(t.info.get("token_io", True) for t in valid)
         correct = [t.correct for t in valid]
-        answers = [t.info.get("answer") for t in valid]
+        # an episode cut off by a budget never gave its final answer: it does not vote
+        answers = [None if t.truncated else t.info.get("answer") for t in valid]
         n, c = len(valid), sum(correct)
         results.append(
             ProblemResult(

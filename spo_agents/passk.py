@@ -6,9 +6,12 @@
   forms the huge binomials and stays exact to float precision for any n.
 - maj@k: correctness of the most frequent final answer, with equivalent answers counted together
   (`equivalent(a, b)`, the environment's `answers_equivalent`). Samples without an answer do not
-  vote. When several answer clusters tie for the most votes, maj@k is the fraction of the tied
-  clusters that are correct (the expected score of a uniformly random tie-break), so the metric
-  does not depend on sample order. A cluster is correct when its first sample is.
+  vote (`None`; `evaluation.compute_report` also withholds the answer of an episode a budget cut
+  off, which never finished). An answer cluster is correct when the environment judged any of its
+  members correct against the reference: the verdict belongs to the answer, not to whichever
+  sample came first. When several clusters tie for the most votes, maj@k is the fraction of the
+  tied clusters that are correct (the expected score of a uniformly random tie-break). So the
+  metric is invariant under any permutation of the samples.
 """
 
 from __future__ import annotations
@@ -55,10 +58,13 @@ def cluster_answers(answers: Sequence[Any], equivalent: Callable[[Any, Any], boo
 
 
 def majority_correct(answers: Sequence[Any], correct: Sequence[bool], equivalent: Callable[[Any, Any], bool]) -> float:
-    """maj@k of one problem: 0.0 when no sample gave an answer (see the module docstring)."""
+    """maj@k of one problem from each sample's answer (`None`: no vote) and the environment's
+    verdict on that answer; 0.0 when no sample gave an answer (see the module docstring)."""
+    if len(answers) != len(correct):
+        raise ValueError(f"maj@k needs one verdict per answer, got {len(answers)} answers and {len(correct)} verdicts")
     clusters = cluster_answers(answers, equivalent)
     if not clusters:
         return 0.0
     top = max(len(cl) for cl in clusters)
     tied = [cl for cl in clusters if len(cl) == top]
-    return sum(1.0 for cl in tied if correct[cl[0]]) / len(tied)
+    return sum(1.0 for cl in tied if any(correct[i] for i in cl)) / len(tied)

@@ -76,15 +76,20 @@ def _pass_at_k(outcomes: list[bool], k: int) -> float:
 
 
 def _maj(answers: list, correct: list[bool]) -> float:
-    votes: dict[str, list[int]] = {}
-    for i, a in enumerate(answers):
+    """Votes per distinct answer; the top answer scores 1 when it is the right one (any sample
+    with it was judged correct); ties average."""
+    votes: dict[str, int] = {}
+    right: dict[str, bool] = {}
+    for a, c in zip(answers, correct):
         if a is not None:
-            votes.setdefault(str(a).strip(), []).append(i)
+            key = str(a).strip()
+            votes[key] = votes.get(key, 0) + 1
+            right[key] = right.get(key, False) or c
     if not votes:
         return 0.0
-    top = max(len(v) for v in votes.values())
-    tied = [v for v in votes.values() if len(v) == top]
-    return sum(correct[v[0]] for v in tied) / len(tied)
+    top = max(votes.values())
+    tied = [a for a, v in votes.items() if v == top]
+    return sum(right[a] for a in tied) / len(tied)
 
 
 def test_eval_against_transformers_serve_matches_the_transcripts(served_model, tmp_path):

@@ -57,6 +57,55 @@ def test_majority_counts_equivalent_answers_together():
     assert majority_correct([None, None], [False, False], eq) == 0.0
 
 
+def test_majority_judges_a_cluster_by_its_answer_not_by_its_first_sample():
+    # "42" is the reference; the first "42" was cut off by a budget (answer kept, reward 0)
+    eq = str.__eq__
+    assert majority_correct(["42", "42", "7"], [False, True, False], eq) == 1.0
+    assert majority_correct(["42", "42", "7"], [True, False, False], eq) == 1.0
+    assert majority_correct(["7", "7", "42"], [False, False, True], eq) == 0.0
+
+
+def _maj_from_votes(answers: list, correct: list[bool]) -> float:
+    """maj@k written from its definition: count votes per distinct answer; the answer with the most
+    votes scores 1 when it is correct (some sample with it was judged correct); ties average."""
+    votes: dict = {}
+    right: dict = {}
+    for a, c in zip(answers, correct):
+        if a is None:
+            continue
+        votes[a] = votes.get(a, 0) + 1
+        right[a] = right.get(a, False) or c
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    tied = [a for a, v in votes.items() if v == top]
+    return sum(right[a] for a in tied) / len(tied)
+
+
+@given(st.lists(st.tuples(st.sampled_from([None, "1", "2", "3"]), st.booleans()), min_size=1, max_size=9), st.randoms())
+def test_majority_is_invariant_under_any_permutation_of_the_samples(samples, rng):
+    answers, correct = [a for a, _ in samples], [c for _, c in samples]
+    reference = majority_correct(answers, correct, str.__eq__)
+    assert reference == pytest.approx(_maj_from_votes(answers, correct))
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    assert majority_correct([answers[i] for i in order], [correct[i] for i in order], str.__eq__) == pytest.approx(reference)
+
+
+def test_a_truncated_episode_does_not_vote():
+    from spo_agents.evaluation import compute_report
+    from spo_agents.types import Trajectory
+
+    def sample(answer: str, correct: bool, truncated: bool = False) -> Trajectory:
+        return Trajectory("p", "e", [1], [2], [1], [0.0], float(correct), terminated=not truncated, truncated=truncated,
+                          info={"answer": answer, "correct": correct})
+
+    # two cut-off "9" answers would outvote the finished "5" if they voted
+    samples = {("p", 0): sample("9", False, True), ("p", 1): sample("9", False, True), ("p", 2): sample("5", True)}
+    report = compute_report(samples, ["p"], 3, str.__eq__)
+    assert report.maj_at_k == 1.0 and report.problems[0].answers == [None, None, "5"]
+
+
 @pytest.fixture(scope="module")
 def policy():
     p = make_policy("hf", "tiny-random", torch_threads=1)
