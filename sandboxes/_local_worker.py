@@ -20,9 +20,10 @@ kill is by process group.
 
 Zygote protocol (host <-> zygote, SOCK_SEQPACKET, one JSON object per message, strictly request /
 response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) -> `{pid, pgid}`;
-`kill` -> `{status}` (`null` with `wait: false`: the kill is sent, the reaping happens later);
-`wait` -> `{status}` (or `null` while running). Statuses use the shell's convention: the exit
-code, or 128 + N for death by signal N.
+`kill` -> `{status, signal}` (`null`s with `wait: false`: the kill is sent, the reaping happens
+later); `wait` -> `{status, signal}` (`null`s while running). `status` uses the shell's convention
+(the exit code, or 128 + N for death by signal N); `signal` is N, or `null` when the process exited
+by itself, so an `os._exit(137)` is told apart from a SIGKILL.
 
 Runner protocol (host <-> runner, SOCK_STREAM, 4-byte big-endian length + JSON): the runner
 sends `ready`, then for each `{code, cpu_s, echo}` it sends `{exit_status, exception, memory_error}`
@@ -89,6 +90,14 @@ def _status(waitstatus):
     if os.WIFSIGNALED(waitstatus):
         return 128 + os.WTERMSIG(waitstatus)
     return os.WEXITSTATUS(waitstatus)
+
+
+def _exit_reply(waitstatus):
+    """`{status, signal}` of a raw wait status (`null`s for a process still running)."""
+    if waitstatus is None:
+        return {"status": None, "signal": None}
+    sig = os.WTERMSIG(waitstatus) if os.WIFSIGNALED(waitstatus) else None
+    return {"status": _status(waitstatus), "signal": sig}
 
 
 # --- runner ------------------------------------------------------------------------------------
@@ -313,7 +322,7 @@ def _zygote(sock, cfg):
     own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if cfg["namespaces"] else None
     sock.send(json.dumps({"op": "ready", "pid": os.getpid()}).encode())
     runners = set()
-    exited = {}  # runner pid -> status, for runners reaped while waiting for another
+    exited = {}  # runner pid -> raw wait status, for runners reaped while waiting for another
     abandoned = set()  # killed without waiting: reaped whenever they are done, status dropped
 
     def collect(got, st):
@@ -321,7 +330,7 @@ def _zygote(sock, cfg):
             abandoned.discard(got)
             runners.discard(got)
         elif got in runners:
-            exited[got] = _status(st)
+            exited[got] = st
 
     def reap(pid, block):
         if pid in exited:
@@ -395,9 +404,9 @@ def _zygote(sock, cfg):
             else:
                 abandoned.add(pid)  # its teardown goes on while the next session starts
                 status = None
-            sock.send(json.dumps({"status": status}).encode())
+            sock.send(json.dumps(_exit_reply(status)).encode())
         elif op == "wait":
-            sock.send(json.dumps({"status": reap(req["pid"], bool(req.get("block")))}).encode())
+            sock.send(json.dumps(_exit_reply(reap(req["pid"], bool(req.get("block"))))).encode())
         else:
             sock.send(json.dumps({"error": f"unknown op {op!r}"}).encode())
 

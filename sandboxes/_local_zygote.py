@@ -109,6 +109,22 @@ def _world_readable(paths: tuple[str, ...]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Exit:
+    """How a session process ended: `status` in the shell's convention (the exit code, or 128 + N
+    for death by signal N) and `signal` (N, or None when the process exited by itself)."""
+
+    status: int
+    signal: int | None = None
+
+    @classmethod
+    def of(cls, reply: dict) -> Exit | None:
+        if reply.get("status") is None:
+            return None
+        sig = reply.get("signal")
+        return cls(int(reply["status"]), int(sig) if sig is not None else None)
+
+
 @dataclass
 class ZygoteConfig:
     """How to start the zygote. `isolation` is a resolved level, never `auto`."""
@@ -122,10 +138,15 @@ class ZygoteConfig:
 
 
 class Zygote:
-    """One pre-warmed worker process and the socket to it."""
+    """One pre-warmed worker process and the socket to it.
+
+    `generation` counts the worker's starts: a session process belongs to the generation that
+    forked it, and requests about it are sent only to that worker (a restarted worker reuses the
+    same pids in its own namespace, and must never be asked to kill another session's process)."""
 
     def __init__(self, cfg: ZygoteConfig) -> None:
         self.cfg = cfg
+        self.generation = 0
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -223,6 +244,7 @@ class Zygote:
         finally:
             child.close()
         self._proc, self._sock, self._stderr = proc, host, stderr
+        self.generation += 1
         host.settimeout(120)
         try:
             msg = host.recv(1 << 16)
@@ -272,11 +294,13 @@ class Zygote:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        proc = self._proc  # read once: another thread may be stopping the worker
+        return proc is not None and proc.poll() is None
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        proc = self._proc
+        return proc.pid if proc is not None else None
 
     # --- requests ---
     def _request_locked(self, msg: dict, fds: list[int] | None = None) -> dict:
@@ -299,31 +323,39 @@ class Zygote:
             raise SandboxError(f"the `local` sandbox worker exited during `{msg['op']}`. {detail}".strip())
         return json.loads(reply)
 
-    def spawn(self, limits: dict, fds: list[int]) -> tuple[int, int]:
-        """Fork a session; returns (keeper pid, init pid) in the zygote's pid namespace."""
+    def current(self, generation: int) -> bool:
+        """Whether the worker that forked a process of `generation` is still the one running."""
+        return generation == self.generation and self.alive
+
+    def spawn(self, limits: dict, fds: list[int]) -> tuple[int, int, int]:
+        """Fork a session; returns its pid and process group in the zygote's pid namespace, and
+        the worker's generation."""
         with self._lock:
             if not self.alive:
                 self._start_locked()
+            generation = self.generation
             reply = self._request_locked({"op": "spawn", "limits": limits}, fds)
         if "error" in reply:
             raise SandboxError(
                 f"the `local` sandbox could not start a session ({self.cfg.isolation}): {reply['error']}. "
                 f"If namespaces are not permitted here, use `isolation='none'` (no isolation)."
             )
-        return int(reply["pid"]), int(reply["pgid"])
+        return int(reply["pid"]), int(reply["pgid"]), generation
 
-    def kill(self, pid: int, pgid: int, wait: bool = True) -> int | None:
-        """Kill a session's whole tree; returns its exit status (shell convention) when `wait`."""
+    def kill(self, pid: int, pgid: int, generation: int, wait: bool = True) -> Exit | None:
+        """Kill a session's whole tree; returns how it ended when `wait`. None as well when its
+        worker is gone (the session died with it)."""
         with self._lock:
-            if not self.alive:
-                return None  # the sessions died with the worker
-            return self._request_locked({"op": "kill", "pid": pid, "pgid": pgid, "wait": wait})["status"]
-
-    def wait(self, pid: int, block: bool = True) -> int | None:
-        with self._lock:
-            if not self.alive:
+            if not self.current(generation):
                 return None
-            return self._request_locked({"op": "wait", "pid": pid, "block": block})["status"]
+            return Exit.of(self._request_locked({"op": "kill", "pid": pid, "pgid": pgid, "wait": wait}))
+
+    def wait(self, pid: int, generation: int, block: bool = True) -> Exit | None:
+        """How a session process ended; None while it runs, or when its worker is gone."""
+        with self._lock:
+            if not self.current(generation):
+                return None
+            return Exit.of(self._request_locked({"op": "wait", "pid": pid, "block": block}))
 
 
 _LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spo-sandbox-launcher")

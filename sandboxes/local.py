@@ -21,9 +21,26 @@ Isolation is layered, and `backend.isolation` says which layer is in force:
 
 In every mode: per-call wall clock (a timeout kills the session's whole process tree, starts a
 new session and says so), CPU seconds, memory (address space on top of the pre-imported
-interpreter), processes, open files, file size, disk (work dir size) and output (head and tail
-kept per stream, `output_truncated` set). User-code failure is data in the `SandboxResult`;
-`SandboxError` means the sandbox itself failed.
+interpreter), processes (as root: a pids cgroup per session, see `_PidsCap`), open files, file
+size, disk (work dir size) and output (head and tail kept per stream, `output_truncated` set).
+
+The code's doing or the infrastructure's. What the code or the sandbox's own limits cause is data
+in the `SandboxResult`: an exception, `sys.exit`, `os._exit(n)` (any n, 137 included), a signal
+the code sends itself, a crash in C code, the timeout, the CPU, memory, output and process limits
+(`session_restarted` when the session was lost). A session ended by something else raises
+`SandboxError` (its state is lost; the next call starts a fresh session and reports
+`session_restarted`):
+- the worker (bubblewrap, the zygote) vanishing, whoever killed it;
+- a SIGKILL of the session's process that the sandbox did not send. The sandbox knows its own
+  kills (timeouts, cancelled calls, `close`), and the code cannot send one: the session's process
+  is pid 1 of its pid namespace, which ignores SIGKILL from inside it, and other sessions cannot
+  address it. The zygote reports a death by signal apart from an exit code, so `os._exit(137)`
+  stays a result.
+What this does not cover: the kernel's own SIGKILLs count as outside kills (the OOM killer, when
+the machine runs out of memory; a hard `RLIMIT_CPU` the code lowered itself); another signal from
+outside (SIGTERM, SIGSEGV) cannot be told from one the code sent itself and stays a result; with
+isolation `none` the code can SIGKILL itself and kill the worker, so there a SIGKILL stays a result
+and only the worker's death raises.
 
 What it does not guarantee: protection against kernel exploits (it is not a VM: use `docker` or
 `e2b` for a stronger boundary); CPU seconds are a soft limit code can raise (the wall clock is
@@ -39,6 +56,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import tempfile
@@ -53,7 +71,7 @@ from typing import Any
 from spo_agents.errors import ConfigError, SandboxError, did_you_mean
 
 from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
-from ._local_zygote import Zygote, ZygoteConfig, bwrap_works, python_default
+from ._local_zygote import Exit, Zygote, ZygoteConfig, bwrap_works, python_default
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +79,7 @@ ISOLATION_LEVELS = ("auto", "bubblewrap", "unshare", "none")
 _READ_CHUNK = 1 << 18
 _SIGKILL_STATUS = 128 + 9
 _SIGXCPU_STATUS = 128 + 24
+_CREDENTIALS_SPACE = socket.CMSG_SPACE(struct.calcsize("3i"))  # struct ucred: pid, uid, gid
 
 
 class _Capture:
@@ -105,10 +124,16 @@ class _Capture:
 
 
 class _Runner:
-    """One forked session process tree and the host ends of its channels."""
+    """One forked session process tree and the host ends of its channels.
 
-    def __init__(self, pid: int, pgid: int, ctrl: socket.socket, out_fd: int, err_fd: int, limit: int) -> None:
-        self.pid, self.pgid = pid, pgid
+    `pid` and `pgid` are the zygote's view of it (its pid namespace); `generation` is the start of
+    the worker that forked it (`Zygote.generation`); `host_pid` is the session process as this
+    process sees it."""
+
+    def __init__(self, pid: int, pgid: int, generation: int, ctrl: socket.socket, out_fd: int, err_fd: int,
+                 limit: int) -> None:
+        self.pid, self.pgid, self.generation = pid, pgid, generation
+        self.host_pid: int | None = None
         self.ctrl = ctrl
         self.fds = {"stdout": out_fd, "stderr": err_fd}
         self.captures = {"stdout": _Capture(limit), "stderr": _Capture(limit)}
@@ -189,6 +214,7 @@ class LocalSession(SandboxSession):
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[int | None]] = set()
         self._closed = False
+        self._lost = False  # an infrastructure failure took the session's state: the next result says so
         self.restarts = 0
         self.start_s = 0.0
 
@@ -205,10 +231,13 @@ class LocalSession(SandboxSession):
         # work dir is a host temp dir of the session's own, removed when the session ends.
         workdir = tempfile.mkdtemp(prefix="spo-sandbox-") if self._backend.isolation == "none" else None
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The runner's first message then carries its sender's pid as this process sees it (see
+        # `_read_hello`): that is how the session's host pid is known, whatever its namespaces.
+        host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            pid, pgid = await loop.run_in_executor(
+            pid, pgid, generation = await loop.run_in_executor(
                 None, self._backend._spawn_runner, self._limits_msg(workdir), [child.fileno(), out_w, err_w]
             )
         except BaseException:
@@ -222,61 +251,73 @@ class LocalSession(SandboxSession):
             child.close()
             os.close(out_w)
             os.close(err_w)
-        runner = _Runner(pid, pgid, host, out_r, err_r, self.limits.max_output_bytes)
+        runner = _Runner(pid, pgid, generation, host, out_r, err_r, self.limits.max_output_bytes)
         runner.loop = loop
         runner.workdir = workdir
         for name, fd in runner.fds.items():
             os.set_blocking(fd, False)
             loop.add_reader(fd, runner.on_readable, name)
         try:
-            runner.reader, runner.writer = await asyncio.open_unix_connection(sock=host)
-            try:
-                hello = await asyncio.wait_for(runner.recv(), 60)
-            except asyncio.TimeoutError:
-                hello = None
+            hello, host_pid = await _read_hello(host, 60)
             if not hello or hello.get("op") != "ready":
                 detail = hello.get("error") if hello else "it exited before it was ready"
                 raise SandboxError(f"a `local` sandbox session failed to start ({self._backend.isolation}): {detail}")
+            if not host_pid:
+                raise SandboxError("a `local` sandbox session started, but the kernel did not say which process it is")
+            host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+            runner.host_pid = host_pid
+            runner.reader, runner.writer = await asyncio.open_unix_connection(sock=host)
             # before any user code: the process cap that holds for root too
-            runner.cgroup = await loop.run_in_executor(None, self._backend._cap_processes, pid, self.limits.max_processes)
+            runner.cgroup = await loop.run_in_executor(
+                None, self._backend._cap_processes, host_pid, self.limits.max_processes
+            )
         except BaseException:
             await self._kill(runner)
             raise
         return runner
 
-    async def _kill(self, runner: _Runner, settle: bool = False) -> int | None:
-        """Kill the runner's tree; with `settle`, first give a dying runner a moment to exit by itself."""
+    async def _kill(self, runner: _Runner, settle: bool = False) -> Exit | None:
+        """Kill the runner's tree and release what it held (channels, work dir, pids cgroup).
+
+        With `settle`, a runner that hung up first gets a moment to exit by itself; how it ended
+        is returned then (None when it had not, or its worker is gone): the sandbox sent it no
+        signal, so a signal in it came from elsewhere."""
         loop = asyncio.get_running_loop()
+        backend = self._backend
+        ended = None
         try:
-            status = None
             if settle:
                 for _ in range(100):
-                    if self._backend.worker_pid is None:
+                    if not backend._holds(runner.generation):
                         break  # the worker itself is gone, and the session with it
-                    status = await loop.run_in_executor(None, self._backend._zygote_wait, runner.pid)
-                    if status is not None:
+                    ended = await loop.run_in_executor(None, backend._zygote_wait, runner.pid, runner.generation)
+                    if ended is not None:
                         break
                     await asyncio.sleep(0.005)
-            if status is None:
-                status = await loop.run_in_executor(None, self._backend._zygote_kill, runner.pid, runner.pgid)
+            if ended is None:
+                await loop.run_in_executor(None, backend._zygote_kill, runner.pid, runner.pgid, runner.generation)
         finally:
             runner.drain()
             runner.close()
             if runner.workdir is not None:
                 shutil.rmtree(runner.workdir, ignore_errors=True)
             if runner.cgroup is not None:
-                self._backend._stale_cgroups.append(runner.cgroup)  # removed once its tasks are gone
-        return status
+                await backend._release_group(runner.cgroup)
+        return ended
 
     async def _current(self) -> _Runner:
+        if self._runner is None and self._next is not None:
+            task, self._next = self._next, None
+            self._runner = await task
+        if self._runner is not None and self.stateless and not self._backend._holds(self._runner.generation):
+            # A stateless session keeps nothing between calls: a fork whose worker has gone since
+            # is replaced without a word.
+            stale, self._runner = self._runner, None
+            await self._kill(stale)
         if self._runner is None:
-            if self._next is not None:
-                task, self._next = self._next, None
-                self._runner = await task
-            else:
-                t0 = time.perf_counter()
-                self._runner = await self._spawn()
-                self.start_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._runner = await self._spawn()
+            self.start_s = time.perf_counter() - t0
         return self._runner
 
     async def start(self) -> None:
@@ -292,6 +333,7 @@ class LocalSession(SandboxSession):
                 raise SandboxError("this `local` sandbox session is closed; open a new one with `backend.open_session()`")
             timeout = self.limits.timeout_s if timeout is None else float(timeout)
             runner = await self._current()
+            restarted, self._lost = self._lost, False
             t0 = time.perf_counter()
             reply: dict[str, Any] | None = None
             timed_out = False
@@ -313,7 +355,7 @@ class LocalSession(SandboxSession):
                     self._abandon(runner)
                     raise
             duration = time.perf_counter() - t0
-            result = SandboxResult(duration_s=duration)
+            result = SandboxResult(duration_s=duration, session_restarted=restarted)
             if reply is not None:
                 runner.drain()
                 result.exit_status = int(reply["exit_status"])
@@ -323,11 +365,20 @@ class LocalSession(SandboxSession):
                 if self.stateless:
                     self._recycle()
                 return result
-            # The session is gone (timeout) or died (os._exit, a signal, a crash): kill what is
-            # left of its tree, report, and start a fresh one so the next call works.
-            status = await self._kill(runner, settle=not timed_out)
+            # The session is gone (timeout) or died (os._exit, a signal, a crash, or a kill from
+            # outside): kill what is left of its tree, report, and start a fresh one.
+            ended = await self._kill(runner, settle=not timed_out)
             self._runner = None
+            self.restarts += 1
             self._collect(runner, result)
+            outside = None if timed_out else self._killed_from_outside(runner, ended)
+            if outside is not None:
+                self._lost = not self.stateless  # the next call starts a fresh session and says so
+                raise SandboxError(
+                    f"{outside} while a call ran: an infrastructure failure, not the code's. The session's state "
+                    f"is lost; its next call starts a fresh one (`session_restarted`)."
+                )
+            status = ended.status if ended is not None else None
             result.timed_out = timed_out or status == _SIGXCPU_STATUS
             if status == _SIGXCPU_STATUS:
                 result.extra["cpu_exceeded"] = True
@@ -339,19 +390,31 @@ class LocalSession(SandboxSession):
                 msg = f"the session process exited with status {result.exit_status}; it was restarted (earlier variables are lost)"
             result.stderr = (result.stderr + ("\n" if result.stderr and not result.stderr.endswith("\n") else "") + msg)
             result.session_restarted = True
-            self.restarts += 1
             try:
                 self._runner = await self._spawn()
             except SandboxError as e:
                 result.extra["restart_error"] = str(e)
             return result
 
+    def _killed_from_outside(self, runner: _Runner, ended: Exit | None) -> str | None:
+        """Why a runner that hung up did not end by the code's doing, or None when it may have.
+
+        The sandbox sent it nothing (it is asked to settle first), and in a namespaced session the
+        code cannot SIGKILL its runner (pid 1 of its own pid namespace ignores it from inside) nor
+        reach the worker; so the worker vanishing, or a SIGKILL, came from outside. With isolation
+        `none` the code can SIGKILL itself, so there only the worker's death counts."""
+        if not self._backend._holds(runner.generation):
+            return "the `local` sandbox worker ended (killed or died outside the sandbox's control)"
+        if ended is not None and ended.signal == signal.SIGKILL and self._backend.isolation != "none":
+            return "the session's process was killed from outside the sandbox (a SIGKILL the sandbox did not send)"
+        return None
+
     def __del__(self) -> None:
         # Dropped without `close()`: hand the runner to the backend, which kills it at its next
         # request (a finaliser must not block on the worker's lock).
         runner = getattr(self, "_runner", None)
         if runner is not None and not self._closed:
-            self._backend._orphans.append((runner.pid, runner.pgid, runner.workdir))
+            self._backend._orphans.append((runner.pid, runner.pgid, runner.generation, runner.workdir, runner.cgroup))
             try:
                 runner.close()
             except Exception:  # noqa: BLE001 - the loop may be gone already
@@ -365,6 +428,7 @@ class LocalSession(SandboxSession):
     def _abandon(self, runner: _Runner) -> None:
         self._runner = None
         self.restarts += 1
+        self._lost = not self.stateless
         task = asyncio.get_running_loop().create_task(self._kill(runner))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -416,9 +480,12 @@ class _PidsCap:
     so `max_processes` alone does not hold there. When this process is root and the v1 `pids`
     controller is writable, each runner is moved into a cgroup of its own with `pids.max` =
     `max_processes` + 1 (itself), before any user code runs; the processes and threads the code
-    starts inherit it. Elsewhere (not root, or no such controller) `available` is False and
-    RLIMIT_NPROC is the cap. The groups live under one directory per trainer process, removed
-    at exit (and, for a process that was killed, by the next trainer that starts)."""
+    starts inherit it. The runner is named by the pid the kernel stamped on its first message
+    (`_read_hello`), never looked up by its pid inside the namespaces, which other processes (the
+    zygote) share. Elsewhere (not root, or no such controller) `available` is False and
+    RLIMIT_NPROC is the cap. A session's group is removed as the session ends (once its killed
+    tree has left it); the groups live under one directory per trainer process, removed at exit
+    (and, for a process that was killed, by the next trainer that starts)."""
 
     def __init__(self) -> None:
         self.root = _pids_root()
@@ -490,28 +557,43 @@ def _remove_tree(root: Path) -> None:
     _rmdir_retrying(root, tries=5)
 
 
-def _host_pid(root_pid: int, ns_pid: int) -> int | None:
-    """Host pid of the runner the zygote knows as `ns_pid` (pid 1 of its own pid namespace):
-    a descendant of `root_pid` whose `NSpid` ends with `ns_pid 1`."""
-    stack = [root_pid]
-    while stack:
-        pid = stack.pop()
+async def _read_hello(sock: socket.socket, timeout: float) -> tuple[dict[str, Any] | None, int | None]:
+    """The runner's first frame, and the pid of the process that sent it as this process sees it.
+
+    With SO_PASSCRED on the receiving socket, the kernel stamps every message with its sender's
+    credentials and translates the pid into the receiver's pid namespace. The first frame is sent
+    by the runner itself before any user code exists, so this pid is the session's host pid,
+    however deeply its pid namespaces nest. (None, pid) when it hung up or timed out first."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    fd = sock.fileno()
+    buf = bytearray()
+    pid = None
+    deadline = loop.time() + timeout
+    while True:
+        want = 4 - len(buf) if len(buf) < 4 else 4 + struct.unpack(">I", buf[:4])[0] - len(buf)
+        if len(buf) >= 4 and want == 0:
+            return json.loads(bytes(buf[4:])), pid
         try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                children = [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-        for child in children:
+            data, ancdata, _, _ = sock.recvmsg(want, _CREDENTIALS_SPACE)
+        except BlockingIOError:
+            readable = loop.create_future()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
             try:
-                with open(f"/proc/{child}/status") as f:
-                    line = next((ln for ln in f if ln.startswith("NSpid:")), "")
-            except OSError:
-                continue
-            ids = [int(x) for x in line.split()[1:]]
-            if len(ids) >= 2 and ids[-2] == ns_pid and ids[-1] == 1:
-                return child
-            stack.append(child)
-    return None
+                await asyncio.wait_for(readable, max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                return None, pid
+            finally:
+                loop.remove_reader(fd)
+            continue
+        except OSError:
+            return None, pid
+        if not data:
+            return None, pid
+        for level, kind, value in ancdata:
+            if pid is None and level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", value[: struct.calcsize("3i")])[0]
+        buf += data
 
 
 class LocalBackend(SandboxBackend):
@@ -576,9 +658,11 @@ class LocalBackend(SandboxBackend):
         )
         self._zygote: Zygote | None = None
         self._sessions: weakref.WeakSet[LocalSession] = weakref.WeakSet()
-        self._orphans: list[tuple[int, int, str | None]] = []  # runners of sessions never closed
+        # runners of sessions never closed: pid, pgid, generation, work dir, pids cgroup
+        self._orphans: list[tuple[int, int, int, str | None, Path | None]] = []
         self._pids_cap = _PidsCap()
-        self._stale_cgroups: list[Path] = []
+        self._stale_cgroups: list[Path] = []  # groups of ended sessions not yet empty, retried at each start
+        self._stale_lock = threading.Lock()
         _LIVE.add(self)
 
     @classmethod
@@ -619,44 +703,63 @@ class LocalBackend(SandboxBackend):
             _register_exit_hook()
         return self._zygote
 
-    def _spawn_runner(self, limits: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+    def _spawn_runner(self, limits: dict[str, Any], fds: list[int]) -> tuple[int, int, int]:
         """Fork a runner (blocking; called in an executor thread), after reaping orphans."""
         zygote = self._zygote_for_spawn()
         while self._orphans:
-            pid, pgid, workdir = self._orphans.pop()
-            self._zygote_kill(pid, pgid)
+            pid, pgid, generation, workdir, group = self._orphans.pop()
+            self._zygote_kill(pid, pgid, generation)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
+            if group is not None and not _rmdir_retrying(group):
+                self._stale(group)
         self._sweep_cgroups()
         return zygote.spawn(limits, fds)
 
-    def _cap_processes(self, pid: int, max_processes: int | None) -> Path | None:
-        """Put a new runner into its own pids cgroup when running as root (`_PidsCap`)."""
-        if max_processes is None or not self._pids_cap.available or self._zygote is None:
+    def _cap_processes(self, host_pid: int, max_processes: int | None) -> Path | None:
+        """Put a new runner (its pid as this process sees it) into its own pids cgroup when
+        running as root (`_PidsCap`)."""
+        if max_processes is None or not self._pids_cap.available:
             return None
-        host = pid if self._isolation == "none" else _host_pid(self._zygote.pid, pid)
-        if host is None:
-            raise SandboxError(f"cannot find the host pid of sandbox runner {pid} to cap its processes")
-        return self._pids_cap.apply(host, max_processes)
+        return self._pids_cap.apply(host_pid, max_processes)
+
+    async def _release_group(self, group: Path) -> None:
+        """Remove an ended session's pids cgroup as soon as its killed tree has left it (a few
+        milliseconds); one still busy after two seconds is retried at each session start."""
+        for _ in range(200):
+            if _rmdir_retrying(group, tries=1):
+                return
+            await asyncio.sleep(0.01)
+        self._stale(group)
+
+    def _stale(self, group: Path) -> None:
+        with self._stale_lock:
+            self._stale_cgroups.append(group)
 
     def _sweep_cgroups(self) -> None:
         """Remove the groups of ended sessions whose tasks are gone (no waiting)."""
-        self._stale_cgroups = [g for g in self._stale_cgroups if not _rmdir_retrying(g, tries=1)]
+        with self._stale_lock:
+            self._stale_cgroups = [g for g in self._stale_cgroups if not _rmdir_retrying(g, tries=1)]
 
-    def _zygote_kill(self, pid: int, pgid: int) -> int | None:
+    def _holds(self, generation: int) -> bool:
+        """Whether the worker that forked runners of `generation` is still running."""
+        z = self._zygote
+        return z is not None and z.current(generation)
+
+    def _zygote_kill(self, pid: int, pgid: int, generation: int) -> None:
         """Kill a runner without waiting for its teardown (nobody needs the status of a kill)."""
         if self._zygote is None:
-            return None
+            return
         try:
-            return self._zygote.kill(pid, pgid, wait=False)
+            self._zygote.kill(pid, pgid, generation, wait=False)
         except SandboxError:
-            return None
+            pass
 
-    def _zygote_wait(self, pid: int) -> int | None:
+    def _zygote_wait(self, pid: int, generation: int) -> Exit | None:
         if self._zygote is None:
             return None
         try:
-            return self._zygote.wait(pid, block=False)
+            return self._zygote.wait(pid, generation, block=False)
         except SandboxError:
             return None
 

@@ -66,6 +66,64 @@ async def test_fork_bomb(backend):
     assert os.system("true") == 0
 
 
+COUNTING_BOMB = (
+    "import os, time\nn = 0\nfor _ in range({tries}):\n    try:\n        if os.fork() == 0:\n"
+    "            time.sleep(60)\n            os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint(n)"
+)
+EXPONENTIAL_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+
+
+def _why_no_process_cap(backend) -> str | None:
+    """Why `max_processes` is not enforced by this backend here (None when it is)."""
+    if backend.name == "local" and os.geteuid() == 0 and not backend._pids_cap.available:
+        return ("running as root without a writable cgroup v1 `pids` controller, `max_processes` is not enforced: "
+                "the kernel exempts host root from RLIMIT_NPROC (sandboxes/README.md); run as a user, or use `docker`")
+    return None
+
+
+async def _kill_worker(backend) -> None:
+    """Kill the backend's worker from outside and wait until its processes are gone."""
+    import psutil
+
+    worker = psutil.Process(backend.worker_pid)
+    tree = [worker, *worker.children(recursive=True)]
+    worker.kill()
+    await asyncio.to_thread(psutil.wait_procs, tree, 10)
+
+
+@pytest.mark.parametrize("start", ["fresh", "restarted"])
+async def test_fork_bomb_is_capped_in_each_session_after_a_worker_start(backend, start):
+    """The first sessions of a worker, opened together before any of them runs code (as a batch of
+    rollouts does), each hold the process cap: a fork bomb in any of them stops at `max_processes`."""
+    why = _why_no_process_cap(backend)
+    if why:
+        pytest.skip(why)
+    cap, n_sessions = 12, 4
+    fresh = make_backend(backend.name, **dict(getattr(backend, "options", {})))
+    try:
+        if start == "restarted":
+            if not hasattr(fresh, "worker_pid"):
+                pytest.skip(f"the `{backend.name}` backend has no shared worker to restart")
+            async with await _open(fresh) as s:
+                await _next_call_works(s)
+            await _kill_worker(fresh)
+        sessions = [await _open(fresh, max_processes=cap) for _ in range(n_sessions)]
+        try:
+            for i, s in enumerate(sessions):
+                r = await s.run(COUNTING_BOMB.format(tries=3 * cap), timeout=20.0)
+                assert r.ok, r
+                made = int(r.stdout.strip())
+                assert made <= cap, f"session {i + 1}/{n_sessions} of a {start} worker made {made} processes (cap {cap})"
+                r = await s.run(EXPONENTIAL_BOMB, timeout=1.0)
+                assert r.timed_out and r.session_restarted, r
+                await _next_call_works(s)
+        finally:
+            for s in sessions:
+                await s.close()
+    finally:
+        await fresh.aclose()
+
+
 async def test_memory_bomb_at_once(backend):
     async with await _open(backend, memory_mb=256) as s:
         r = await s.run("x = bytearray(4 * 1024**3)\nprint('allocated')")
@@ -321,9 +379,9 @@ async def test_closing_stdout_does_not_break_the_session(backend):
 
 
 async def test_process_cap_holds(backend):
-    if backend.name == "local" and os.geteuid() == 0 and not backend._pids_cap.available:
-        pytest.skip("running as root without a writable cgroup v1 `pids` controller, `max_processes` is not enforced: "
-                    "the kernel exempts host root from RLIMIT_NPROC (sandboxes/README.md); run as a user, or use `docker`")
+    why = _why_no_process_cap(backend)
+    if why:
+        pytest.skip(why)
     async with await _open(backend, max_processes=12) as s:
         r = await s.run(
             "import os, time\nn = 0\nfor _ in range(40):\n    try:\n        if os.fork() == 0:\n            time.sleep(5)\n"

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from spo_agents.config import SandboxConfig
-from spo_agents.errors import ConfigError, SandboxNotFound
+from spo_agents.errors import ConfigError, SandboxError, SandboxNotFound
 from spo_agents.registry import SANDBOXES
 from spo_agents.sandboxes import (
     SandboxLimits,
@@ -118,8 +118,6 @@ def test_the_interpreter_is_configurable(tmp_path):
 
 
 def test_a_missing_interpreter_is_an_infrastructure_error():
-    from spo_agents.errors import SandboxError
-
     b = make_backend("local", python="/nonexistent/python3", **QUICK)
     with pytest.raises(SandboxError, match="/nonexistent/python3"):
         open_session_sync(b)
@@ -177,17 +175,86 @@ async def test_restarted_session_has_a_fresh_work_dir(shared):
 
 
 # --- lifecycle ---
-async def test_worker_death_is_survived(local):
+async def test_worker_death_between_calls_is_an_infrastructure_error_then_survived(local):
     async with await local.open_session() as s:
         await s.run("x = 1")
         worker = psutil.Process(local.worker_pid)
+        tree = [worker, *worker.children(recursive=True)]
         os.kill(worker.pid, signal.SIGKILL)
-        tree = worker.children(recursive=True)
         psutil.wait_procs(tree, timeout=10)
+        with pytest.raises(SandboxError, match="outside"):
+            await s.run("print('x' in globals())")
         r = await s.run("print('x' in globals())")
-        assert r.session_restarted and not r.ok
+        assert r.session_restarted and r.ok and r.stdout == "False\n", r
         after = await s.run("print('back')")
-    assert after.stdout == "back\n"
+    assert after.stdout == "back\n" and not after.session_restarted
+
+
+def _runner_of(ns: str) -> int:
+    """Host pid of the session process that is pid 1 of the pid namespace `ns`."""
+    for p in psutil.pids():
+        try:
+            if os.readlink(f"/proc/{p}/ns/pid") != ns:
+                continue
+            with open(f"/proc/{p}/status") as f:
+                nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if nspid[-1] == "1":
+            return p
+    raise AssertionError(f"no process is pid 1 of {ns}")
+
+
+@pytest.mark.parametrize("isolation", ["auto", "unshare"])
+@pytest.mark.parametrize("victim", ["worker", "session"])
+async def test_a_kill_from_outside_mid_call_is_an_infrastructure_error(victim, isolation):
+    """Killing the worker, or the session's own process, while code runs is not the code's doing:
+    the call raises `SandboxError`, and the next call runs in a fresh session that says so."""
+    local = make_backend("local", isolation=isolation, **QUICK)
+    try:
+        async with await local.open_session() as s:
+            ns = (await s.run("import os\nx = 1\nprint(os.readlink('/proc/self/ns/pid'))")).stdout.strip()
+            call = asyncio.ensure_future(s.run("import time\ntime.sleep(30)\nprint('done')"))
+            await asyncio.sleep(0.5)
+            os.kill(local.worker_pid if victim == "worker" else _runner_of(ns), signal.SIGKILL)
+            with pytest.raises(SandboxError, match="killed from outside|ended"):
+                await asyncio.wait_for(call, 20)
+            r = await s.run("print('x' in globals())")
+            assert r.ok and r.stdout == "False\n" and r.session_restarted, r
+            again = await s.run("print('again')")
+            assert again.stdout == "again\n" and not again.session_restarted
+    finally:
+        await local.aclose()
+
+
+async def test_a_stateless_session_replaces_a_fork_its_worker_took_down(local):
+    async with await local.open_session(stateless=True) as s:
+        assert (await s.run("print(1)")).ok  # the next call's fork is started in the background
+        worker = psutil.Process(local.worker_pid)
+        tree = [worker, *worker.children(recursive=True)]
+        worker.kill()
+        psutil.wait_procs(tree, timeout=10)
+        r = await s.run("print(2)")
+    assert r.ok and r.stdout == "2\n", r
+
+
+async def test_deaths_the_code_or_the_sandbox_cause_stay_results(local):
+    """The same exit status as a SIGKILL (137), a timeout, an uncaught signal handler exit, an
+    exception and `sys.exit` are the code's outcome: data in the result, never `SandboxError`."""
+    async with await local.open_session(limits=SandboxLimits(timeout_s=10, memory_mb=256)) as s:
+        r = await s.run("import os\nos._exit(137)")
+        assert r.exit_status == 137 and r.session_restarted and not r.ok, r
+        r = await s.run("while True:\n    pass", timeout=0.5)
+        assert r.timed_out and r.session_restarted, r
+        r = await s.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nimport time\ntime.sleep(5)")
+        assert r.session_restarted and r.exit_status == 128 + signal.SIGTERM, r
+        r = await s.run("raise ValueError('no')")
+        assert r.exception and "ValueError" in r.exception and not r.session_restarted, r
+        r = await s.run("import sys\nsys.exit(4)")
+        assert r.exit_status == 4 and not r.session_restarted, r
+        r = await s.run("x = bytearray(2 * 1024**3)")
+        assert r.memory_exceeded, r
+        assert (await s.run("print('ok')")).stdout == "ok\n"
 
 
 async def test_backend_close_leaves_no_process(local):
