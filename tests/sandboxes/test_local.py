@@ -227,9 +227,26 @@ async def test_a_kill_from_outside_mid_call_is_an_infrastructure_error(victim, i
         await local.aclose()
 
 
+async def test_closing_a_session_of_a_dead_worker_leaves_the_new_workers_sessions_alone(local):
+    """The restarted worker numbers its sessions from the same pids: ending a session of the dead
+    worker must not kill the new worker's session that got the same number."""
+    old = await local.open_session()
+    await old.run("pass")
+    worker = psutil.Process(local.worker_pid)
+    tree = [worker, *worker.children(recursive=True)]
+    worker.kill()
+    psutil.wait_procs(tree, timeout=10)
+    async with await local.open_session() as new:
+        await new.run("x = 7")
+        await old.close()
+        r = await new.run("print(x)")
+    assert r.stdout == "7\n" and not r.session_restarted, r
+
+
 async def test_a_stateless_session_replaces_a_fork_its_worker_took_down(local):
     async with await local.open_session(stateless=True) as s:
-        assert (await s.run("print(1)")).ok  # the next call's fork is started in the background
+        assert (await s.run("print(1)")).ok
+        await asyncio.wait([s._next])  # the next call's fork, started in the background, is ready
         worker = psutil.Process(local.worker_pid)
         tree = [worker, *worker.children(recursive=True)]
         worker.kill()
