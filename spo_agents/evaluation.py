@@ -54,6 +54,7 @@ class ProblemResult:
     avg: float
     pass_at_k: dict[int, float]
     maj: float
+    reward_sum: float = 0.0  # sum of the valid samples' rewards (offline value estimation)
 
 
 @dataclass
@@ -128,6 +129,7 @@ def compute_report(
                 avg=c / n if n else 0.0,
                 pass_at_k={j: pass_at_k(n, c, j) for j in ks if n >= j},
                 maj=majority_correct(answers, correct, equivalent),
+                reward_sum=float(sum(t.reward for t in valid)),
             )
         )
     scored = [r for r in results if r.n > 0]

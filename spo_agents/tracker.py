@@ -232,12 +232,15 @@ class ValueTracker:
             raise ConfigError(f"`add_drift` expects a finite drift >= 0, got {d}")
         self.C += d
 
-    def update(self, idx: Any, rewards: Any, drift: Any = None) -> None:
-        """Fold one reward per sample into its problem's belief (Alg. 2). # idx [B], rewards [B]
+    def update(self, idx: Any, rewards: Any, drift: Any = None) -> np.ndarray:
+        """Fold one reward per sample into its problem's belief (Alg. 2); returns the rho each
+        sample was folded in with. # idx [B], rewards [B] -> rho [B]
 
         Duplicate indices are applied in order, exactly as a loop over the batch would: the
-        k-th occurrence of a problem sees the state left by the (k-1)-th (so in cumulative mode
-        it has D = 0). Vectorised by occurrence rank: one numpy pass per multiplicity level.
+        k-th occurrence of a problem sees the state left by the (k-1)-th, and since the policy
+        did not move between two copies in one update, every copy after the first has D = 0 in
+        both drift modes (a `drift` passed for it is ignored). Vectorised by occurrence rank: one
+        numpy pass per multiplicity level.
         """
         i = self._check_idx(idx)
         r = np.asarray(rewards, dtype=np.float64).reshape(-1)
@@ -250,15 +253,20 @@ class ValueTracker:
             d = np.broadcast_to(np.asarray(drift, dtype=np.float64), i.shape)
         elif self.config["drift"] == "per-prompt" and self.config["rho_type"] != "constant":
             raise ConfigError("`drift: per-prompt` needs the drift of each sample: pass `drift=` (one value per index)")
-        for sel in _occurrence_ranks(i):
+        rho_used = np.empty(i.shape, dtype=np.float64)  # [B]
+        for rank, sel in enumerate(_occurrence_ranks(i)):
             j = i[sel]  # [b], distinct
-            rho = self.rho(j, None if d is None else d[sel])  # [b]
+            d_sel = None if d is None else (d[sel] if rank == 0 else np.zeros(sel.size))  # repeats: D = 0
+            rho = self.rho(j, d_sel)  # [b]
             self.alpha[j] = rho * self.alpha[j] + r[sel]
             self.beta[j] = rho * self.beta[j] + (1.0 - r[sel])
             self.c_last[j] = self.C
+            rho_used[sel] = rho
+        return rho_used
 
     def init_offline(self, idx: Any, successes: Any, samples: Any) -> None:
-        """Offline value estimation (SPO.md section 1): s successes out of n ACTUAL samples.
+        """Offline value estimation (paper Sec. 4.1): reward sum s (successes for 0/1 rewards)
+        out of n ACTUAL samples.
 
         N0 = 1 / (1 - rho_min); alpha0 = N0 (s + 0.5) / (n + 1); beta0 = N0 (n - s + 0.5) / (n + 1).
         Problems with n = 0 keep alpha = beta = 0.5. Does not count as a visit.
@@ -270,8 +278,8 @@ class ValueTracker:
             raise ConfigError(f"`init_offline` needs one (successes, samples) pair per index: {i.size}, {s.size}, {n.size}")
         if np.unique(i).size != i.size:
             raise ConfigError("`init_offline` got the same problem index twice; aggregate its samples first")
-        if np.any(n < 0) or np.any(s < 0) or np.any(s > n) or np.any(n != np.round(n)) or np.any(s != np.round(s)):
-            raise ConfigError("`init_offline` needs integer counts with 0 <= successes <= samples")
+        if np.any(n < 0) or np.any(s < 0) or np.any(s > n) or np.any(n != np.round(n)) or not np.all(np.isfinite(s)):
+            raise ConfigError("`init_offline` needs integer sample counts and reward sums with 0 <= successes <= samples")
         n0 = 1.0 / (1.0 - self.config["rho_min"])
         has = n > 0
         self.alpha[i] = np.where(has, n0 * (s + 0.5) / (n + 1.0), 0.5)

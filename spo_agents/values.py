@@ -2,11 +2,13 @@
 
 Before training, sample `n` episodes of every training problem with the initial policy and the
 TRAINING sampling settings (temperature 1.0 by default; the authors used eval settings, which
-biases v_hat0), and count successes. `spo-agent estimate-values` writes the counts to a values
+biases v_hat0), and sum the rewards: the same reward the tracker folds in during training, so
+with fractional rewards (partial credit, share of tests passed) s is that sum, not a count of
+fully correct episodes (which would bias v_hat0 low). `spo-agent estimate-values` writes the counts to a values
 file; `train` reads it through `tracker.init_values` and sets, per problem,
 alpha0 = N0 (s + 0.5) / (n + 1), beta0 = N0 (n - s + 0.5) / (n + 1), N0 = 1 / (1 - rho_min),
-where n is the number of samples actually drawn (episodes with infrastructure errors are not
-samples). Problems missing from the file keep alpha = beta = 0.5.
+where s is the sum of rewards in [0, 1] (the number of successes for 0/1 rewards) and n the
+number of samples actually drawn (episodes with infrastructure errors are not samples). Problems missing from the file keep alpha = beta = 0.5.
 
 The values file is JSON::
 
@@ -32,17 +34,22 @@ FORMAT = "spo-agents/values"
 VERSION = 1
 
 
-def write_values(path: str | Path, counts: dict[str, tuple[int, int]], meta: dict[str, Any]) -> None:
-    """Write `problem id -> (successes, samples)` with its metadata (atomically)."""
+def _number(x: float) -> float | int:
+    """An integral reward sum as an int (files stay readable), else the float."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def write_values(path: str | Path, counts: dict[str, tuple[float, int]], meta: dict[str, Any]) -> None:
+    """Write `problem id -> (reward sum, samples)` with its metadata (atomically)."""
     from spo_agents.checkpoint import write_text_atomic
 
-    doc = {"format": FORMAT, "version": VERSION, **meta, "problems": {pid: {"successes": int(s), "samples": int(n)} for pid, (s, n) in counts.items()}}
+    doc = {"format": FORMAT, "version": VERSION, **meta, "problems": {pid: {"successes": _number(s), "samples": int(n)} for pid, (s, n) in counts.items()}}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(p, json.dumps(doc, indent=1) + "\n")
 
 
-def read_values(path: str | Path) -> dict[str, tuple[int, int]]:
+def read_values(path: str | Path) -> dict[str, tuple[float, int]]:
     """`problem id -> (successes, samples)` from a values file (validated)."""
     p = Path(path)
     if not p.is_file():
@@ -56,9 +63,11 @@ def read_values(path: str | Path) -> dict[str, tuple[int, int]]:
     out = {}
     for pid, rec in doc["problems"].items():
         try:
-            s, n = int(rec["successes"]), int(rec["samples"])
+            s, n = float(rec["successes"]), rec["samples"]
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise TypeError("samples must be an integer")
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"values file `{p}`: problem `{pid}` needs integer `successes` and `samples`, got {rec!r}") from e
+            raise ConfigError(f"values file `{p}`: problem `{pid}` needs a number `successes` (reward sum) and an integer `samples`, got {rec!r}") from e
         if not 0 <= s <= n:
             raise ConfigError(f"values file `{p}`: problem `{pid}` has {s} successes out of {n} samples; need 0 <= successes <= samples")
         out[str(pid)] = (s, n)
@@ -81,24 +90,24 @@ def init_tracker(tracker: Any, path: str | Path) -> int:
     return len(ids)
 
 
-def tracker_ids(tracker: Any, counts: dict[str, tuple[int, int]]) -> list[str]:
+def tracker_ids(tracker: Any, counts: dict[str, tuple[float, int]]) -> list[str]:
     """The ids of `counts` the tracker knows (one vectorised lookup)."""
     ids = list(counts)
     return [pid for pid, known in zip(ids, tracker.contains(ids)) if known] if ids else []
 
 
-async def estimate(env_factory: Any, policy: Any, problem_ids: list[str], *, n: int, sampling: Any, concurrency: int, max_episode_tokens: int, seed: int = 0, progress: bool = True) -> dict[str, tuple[int, int]]:
-    """Run `n` episodes per problem; `problem id -> (successes, valid samples)`."""
+async def estimate(env_factory: Any, policy: Any, problem_ids: list[str], *, n: int, sampling: Any, concurrency: int, max_episode_tokens: int, seed: int = 0, progress: bool = True) -> dict[str, tuple[float, int]]:
+    """Run `n` episodes per problem; `problem id -> (reward sum, valid samples)`."""
     from spo_agents.evaluation import evaluate
 
     report = await evaluate(
         env_factory, policy, problem_ids, k=n, sampling=sampling, concurrency=concurrency,
         progress=progress, max_episode_tokens=max_episode_tokens, seed=seed,
     )  # fmt: skip
-    return {r.problem_id: (int(r.correct), int(r.n)) for r in report.problems}
+    return {r.problem_id: (r.reward_sum, int(r.n)) for r in report.problems}
 
 
-def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = None, progress: bool = True) -> dict[str, tuple[int, int]]:
+def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = None, progress: bool = True) -> dict[str, tuple[float, int]]:
     """`spo-agent estimate-values`: counts for the training split of `cfg.env` under the training
     sampling settings of `cfg.rollout`, written to `out`."""
     import asyncio
@@ -115,7 +124,7 @@ def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = No
     r = cfg.rollout
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
 
-    async def main() -> dict[str, tuple[int, int]]:
+    async def main() -> dict[str, tuple[float, int]]:
         try:
             return await estimate(
                 lambda: comp.env_factory(cfg.env.split), comp.policy, ids, n=n, sampling=sampling,

@@ -398,6 +398,32 @@ def test_offline_values_initialise_the_tracker_with_actual_counts(tmp_path):
     assert tr.alpha[tr.indices(["a"])[0]] == pytest.approx(n0 * 3.5 / 5, rel=1e-6)
 
 
+class HalfCreditEnv(FirstTokenEnv):
+    """Every answer earns 0.5 and none is fully correct (partial credit)."""
+
+    def step(self, text):
+        return "", 0.5, True, False, {"correct": False, "answer": text[:8]}
+
+
+def test_offline_values_sum_the_reward_training_folds_in(tmp_path):
+    import asyncio
+
+    from spo_agents.config import TrackerConfig
+    from spo_agents.policy.base import SamplingParams
+    from spo_agents.tracker import ValueTracker
+    from spo_agents.values import estimate, init_tracker, write_values
+
+    comp = tiny_components()
+    counts = asyncio.run(estimate(lambda: HalfCreditEnv(), comp.policy, ["train-0", "train-1"], n=4,
+                                  sampling=SamplingParams(max_new_tokens=1), concurrency=4, max_episode_tokens=1, progress=False))
+    assert counts == {"train-0": (2.0, 4), "train-1": (2.0, 4)}  # 4 x 0.5, not 0 fully correct
+    write_values(tmp_path / "v.json", counts, {"env": "x"})
+    tr = ValueTracker.from_config(["train-0", "train-1"], TrackerConfig())
+    init_tracker(tr, tmp_path / "v.json")
+    # alpha0 = N0 (s + 0.5) / (n + 1) with s = 2: v_hat0 = 2.5 / 5 = 0.5, the expected reward
+    assert tr.v_hat(tr.indices(["train-0"]))[0] == pytest.approx(0.5)
+
+
 def test_a_bad_values_file_says_how_to_make_one(tmp_path):
     from spo_agents.errors import ConfigError
     from spo_agents.values import read_values
