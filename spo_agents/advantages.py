@@ -4,8 +4,15 @@ SPO (SPO.md section 2; paper Sec. 4.2, Eqs. 8-10):
     A = r - v_hat_before                        # baseline BEFORE this reward is folded in
     A_tilde = (A - mean_B(A)) / (std_B(A) + 1e-8)   # global over the batch, no groups
 std_B is the population standard deviation (ddof = 0), so a normalised batch has std exactly
-std / (std + 1e-8), i.e. 1 for any non-degenerate batch. `spo-no-baseline` is the ablation with
-v_hat = 0 (plain batch-normalised rewards).
+std / (std + 1e-8), i.e. 1 for any non-degenerate batch. The authors' code uses the sample std
+(ddof = 1); the two differ by the factor sqrt(B / (B - 1)) (1.0002 at the paper's B = 2048, 3%
+at B = 16). `spo-no-baseline` is the ablation with v_hat = 0 (plain batch-normalised rewards).
+
+Token-measure normalisation (`norm="token"`, beyond the paper: SPO++, arXiv 2608.24870): one
+advantage per trajectory feeds a token-mean loss, which weights each trajectory by its number of
+trained tokens n_i, so whitening over trajectories does not centre what the loss sees. Here the
+mean and std are taken under that measure: m = sum n_i A_i / sum n_i,
+s = sqrt(sum n_i (A_i - m)^2 / sum n_i), A_tilde = (A - m) / (s + 1e-8).
 
 Comparison estimators (they need groups of samples of the same problem):
 - `grpo`: (r - mean_g) / (std_g + 1e-8) per group, with the sample std (ddof = 1) as the common
@@ -49,25 +56,30 @@ def _groups(group_ids: Any, size: int) -> tuple[np.ndarray, int]:
     return inverse, int(inverse.max()) + 1 if size else 0
 
 
-def normalize(a: Any) -> np.ndarray:
-    """(a - mean) / (std + 1e-8) with the population std; all-equal input gives zeros. # [B]"""
+def normalize(a: Any, weights: Any = None) -> np.ndarray:
+    """(a - mean) / (std + 1e-8) with the population std, under `weights` (e.g. trained tokens
+    per trajectory) when given; all-equal input (or no weight) gives zeros. # [B] -> [B]"""
     a = np.asarray(a, dtype=np.float64)
-    if a.size == 0 or a.max() == a.min():
+    w = np.ones_like(a) if weights is None else _vector(weights, "weights", a.size)
+    if weights is not None and np.any(w < 0):
+        raise ConfigError("`weights` must be >= 0 (trained tokens per trajectory)")
+    if a.size == 0 or a.max() == a.min() or w.sum() <= 0:
         return np.zeros_like(a)
-    centred = a - a.mean()
-    return centred / (np.sqrt(np.mean(centred**2)) + EPS)
+    centred = a - np.sum(w * a) / w.sum()
+    return centred / (np.sqrt(np.sum(w * centred**2) / w.sum()) + EPS)
 
 
-def spo_advantages(rewards: Any, v_hat_before: Any) -> np.ndarray:
-    """Global-normalised r - v_hat_before (Eqs. 8-10). # rewards [B], v_hat_before [B] -> [B]"""
+def spo_advantages(rewards: Any, v_hat_before: Any, token_counts: Any = None) -> np.ndarray:
+    """Global-normalised r - v_hat_before (Eqs. 8-10), under the token measure when
+    `token_counts` is given. # rewards [B], v_hat_before [B], token_counts [B] -> [B]"""
     r = _vector(rewards, "rewards")
     v = _vector(v_hat_before, "v_hat_before", r.size)
-    return normalize(r - v)
+    return normalize(r - v, token_counts)
 
 
-def no_baseline_advantages(rewards: Any) -> np.ndarray:
+def no_baseline_advantages(rewards: Any, token_counts: Any = None) -> np.ndarray:
     """Ablation: v_hat = 0, i.e. global-normalised rewards. # [B] -> [B]"""
-    return normalize(_vector(rewards, "rewards"))
+    return normalize(_vector(rewards, "rewards"), token_counts)
 
 
 def grpo_advantages(rewards: Any, group_ids: Any) -> np.ndarray:
@@ -114,14 +126,21 @@ def degenerate_share(rewards: Any, group_ids: Any) -> float:
     return float(_constant_group(r, g, k).mean())
 
 
-def compute_advantages(name: str, rewards: Any, v_hat_before: Any = None, group_ids: Any = None) -> np.ndarray:
-    """Dispatch on the config name: `spo`, `spo-no-baseline`, `grpo` or `rloo`. # [B]"""
+def compute_advantages(
+    name: str, rewards: Any, v_hat_before: Any = None, group_ids: Any = None, token_counts: Any = None
+) -> np.ndarray:
+    """Dispatch on the config name: `spo`, `spo-no-baseline`, `grpo` or `rloo`. # [B]
+
+    `token_counts` (trained tokens per trajectory) selects the token-measure normalisation of
+    the single-stream estimators; the group estimators do not take it."""
     if name == "spo":
         if v_hat_before is None:
             raise ConfigError("advantage `spo` needs `v_hat_before` (the tracker's values before this batch)")
-        return spo_advantages(rewards, v_hat_before)
+        return spo_advantages(rewards, v_hat_before, token_counts)
     if name == "spo-no-baseline":
-        return no_baseline_advantages(rewards)
+        return no_baseline_advantages(rewards, token_counts)
+    if token_counts is not None:
+        raise ConfigError(f"advantage `{name}` normalises within groups; token-measure normalisation applies to `spo` only")
     if name in ("grpo", "rloo"):
         if group_ids is None:
             raise ConfigError(f"advantage `{name}` needs `group_ids` (grouped collection, `algorithm.group_size` > 1)")

@@ -118,8 +118,11 @@ class RolloutConfig:
     oversample: float = 1.0
     max_staleness: int = 1
     temperature: float = 1.0  # paper: 1.0 for training and for offline value estimation
+    # Training samples from the full distribution: the learner's ratio compares the behaviour
+    # log-probs with the full softmax, so a nucleus (top-p < 1) or top-k would bias every ratio
+    # (at top-p 0.5 an on-policy ratio is about 0.5). Both are refused here; `eval.*` keeps them.
     top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
+    top_k: int = 0
     max_new_tokens: int = 48  # per generation call (one turn); the CPU default's turns need ~20
     max_episode_tokens: int = 160  # all tokens after the prompt, env replies included
     base_url: str | None = None
@@ -133,7 +136,9 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _require("rollout", self, {
             "max_in_flight": _AT_LEAST_1, "oversample": (lambda x: _finite(x) and x >= 1, "a finite number >= 1"),
-            "max_staleness": _INT_NON_NEGATIVE, "temperature": _POSITIVE, "top_p": _TOP_P, "top_k": _INT_NON_NEGATIVE,
+            "max_staleness": _INT_NON_NEGATIVE, "temperature": _POSITIVE,
+            "top_p": (lambda x: x == 1.0, "1.0: the learner scores the full softmax, so a nucleus biases every ratio; use `eval.top_p` for evaluation"),
+            "top_k": (lambda x: x == 0, "0: the learner scores the full softmax, so top-k biases every ratio; use `eval.top_k` for evaluation"),
             "max_new_tokens": _AT_LEAST_1, "max_episode_tokens": _AT_LEAST_1, "request_timeout_s": _POSITIVE,
         })  # fmt: skip
 
@@ -174,15 +179,18 @@ class TrackerConfig:
 class SamplerConfig:
     """Which problems are attempted next (SPO.md section 4, paper Eq. 11).
 
-    `prioritized`: w = sqrt(v_hat (1 - v_hat)) + eps, drawn without replacement;
-    `uniform`: the ablation.
+    `prioritized`: w = sqrt(v_hat (1 - v_hat)) / N_eff^gamma + eps, drawn without replacement,
+    N_eff = alpha + beta. `gamma: 0` (default) is the authors' code, which drops the N_eff term
+    the paper writes; gamma > 0 draws problems with much evidence less often.
+    `uniform`: the ablation (and GRPO's sampling).
     """
 
     type: Literal["prioritized", "uniform"] = "prioritized"
     eps: float = 0.05
+    gamma: float = 0.0
 
     def __post_init__(self) -> None:
-        _require("sampler", self, {"eps": _NON_NEGATIVE})
+        _require("sampler", self, {"eps": _NON_NEGATIVE, "gamma": _NON_NEGATIVE})
 
 
 @dataclass
@@ -195,6 +203,10 @@ class AlgorithmConfig:
     name: Literal["spo", "grpo"] = "spo"
     advantage: Literal["auto", "spo", "spo-no-baseline", "grpo", "rloo"] = "auto"
     group_size: int = 8  # only for grouped collection (grpo / rloo)
+    # `batch`: mean and std over the batch's trajectories (the paper). `token`: weighted by each
+    # trajectory's trained-token count, the measure a token-mean loss applies (SPO++,
+    # arXiv 2608.24870); single-stream estimators only.
+    advantage_norm: Literal["batch", "token"] = "batch"
 
     def __post_init__(self) -> None:
         _require("algorithm", self, {"group_size": _AT_LEAST_1})

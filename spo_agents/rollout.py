@@ -42,10 +42,10 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from spo_agents.errors import ConfigError, RolloutError, SPOError
+from spo_agents.errors import ConfigError, PolicyError, RolloutError, SPOError
 from spo_agents.policy.base import PolicyBackend, SamplingParams
 from spo_agents.types import ToolCall, Trajectory
 
@@ -147,13 +147,20 @@ async def run_episode(
             t = time.perf_counter()
             gen = await policy.generate(prompt_ids + token_ids, params)
             timings["generate"] += time.perf_counter() - t
-            token_io = token_io and bool(gen.info.get("token_io", policy.supports_token_io))
+            turn_token_io = bool(gen.info.get("token_io", policy.supports_token_io))
+            token_io = token_io and turn_token_io
+            if turn_token_io and len(gen.logprobs) != len(gen.token_ids):
+                # a token-in/out backend must report the log-prob of what it sampled (a text-only
+                # server's turns keep 0.0: they are for evaluation only)
+                raise PolicyError(
+                    f"the policy returned {len(gen.token_ids)} tokens but {len(gen.logprobs)} log-probs; "
+                    "training needs the behaviour log-prob of every sampled token"
+                )
             turn_starts.append(len(token_ids))
             versions.append(gen.policy_version)
             token_ids += gen.token_ids
             loss_mask += [1] * len(gen.token_ids)
-            lps = list(gen.logprobs) if len(gen.logprobs) == len(gen.token_ids) else [0.0] * len(gen.token_ids)
-            logprobs += lps
+            logprobs += list(gen.logprobs) if len(gen.logprobs) == len(gen.token_ids) else [0.0] * len(gen.token_ids)
             assistant_text += gen.text
             t = time.perf_counter()
             obs, r, terminated, truncated, info = await in_thread(env.step, gen.text)
@@ -226,7 +233,6 @@ class CollectorStats:
     dropped_stale: int = 0
     errors: int = 0
     cancelled: int = 0
-    staleness: list[int] = field(default_factory=list)  # policy versions behind, per delivered trajectory
 
 
 @dataclass
@@ -291,6 +297,9 @@ class Collector:
         self._envs: list[Any] = []
         self._ready: collections.deque[list[Trajectory]] = collections.deque()  # units: 1 or a whole group
         self._groups: dict[str, list[Trajectory]] = {}
+        # submissions (one episode, or one group) not settled yet, per problem id: settled when
+        # delivered, dropped as stale, failed (single-stream) or cancelled
+        self._unsettled: collections.Counter[str] = collections.Counter()
         self._counter = 0
         self._consecutive_errors = 0
         self._wake: asyncio.Event | None = None
@@ -309,7 +318,23 @@ class Collector:
                 for i in range(self.group_size):
                     self._pending.append(_Job(str(pid), gid, i, now))
             self.stats.submitted += self.group_size
+            self._unsettled[str(pid)] += 1
         self._fill()
+
+    @property
+    def outstanding(self) -> int:
+        """Episodes submitted and not settled yet (pending, running, or finished but not delivered)."""
+        return sum(self._unsettled.values()) * self.group_size
+
+    @property
+    def busy_problems(self) -> list[str]:
+        """Problem ids with an episode (or group) submitted and not settled yet."""
+        return list(self._unsettled)
+
+    def _settle(self, problem_id: str) -> None:
+        self._unsettled[problem_id] -= 1
+        if self._unsettled[problem_id] <= 0:
+            del self._unsettled[problem_id]
 
     @property
     def in_flight(self) -> int:
@@ -382,6 +407,7 @@ class Collector:
         if traj.group_id is None:
             if traj.error is not None and not self.include_errors:
                 self.failed.append(traj)
+                self._settle(traj.problem_id)
             else:
                 self._ready.append([traj])
             return
@@ -413,10 +439,11 @@ class Collector:
                 unit = self._ready.popleft()
                 if self._stale(unit):
                     self.stats.dropped_stale += len(unit)
+                    self._settle(unit[0].problem_id)
                     continue
                 out += unit
                 self.stats.delivered += len(unit)
-                self.stats.staleness += [self.policy.version - t.policy_version for t in unit]
+                self._settle(unit[0].problem_id)
             if len(out) >= n or (not self._tasks and not self._pending):
                 return out
             if self._consecutive_errors >= self.max_consecutive_errors:
@@ -438,6 +465,8 @@ class Collector:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._groups.clear()
         self.stats.cancelled += n
+        # what is left unsettled is what finished and waits for delivery
+        self._unsettled = collections.Counter(unit[0].problem_id for unit in self._ready)
         return n
 
     async def close(self) -> None:

@@ -1,7 +1,10 @@
 """Which problems are attempted next: prioritised sampling from the tracker (SPO.md section 4).
 
-Paper Eq. 11: w(x) = sqrt(v_hat(x) (1 - v_hat(x))) + eps, eps = 0.05; the next batch is drawn
-with probability proportional to w, without replacement, from the whole problem pool.
+Paper Eq. 11: w(x) = sqrt(v_hat(x) (1 - v_hat(x))) / N_eff(x)^gamma + eps, eps = 0.05, with
+N_eff = alpha + beta the tracker's effective sample count; the next batch is drawn with
+probability proportional to w, without replacement, from the whole problem pool. The authors'
+code drops the N_eff term; `gamma = 0` (the default) does the same, and gamma > 0 draws
+problems the tracker has much evidence on less often.
 
 Drawing without replacement uses exponential keys (Efraimidis & Spirakis 2006): each problem
 gets k = E / w with E ~ Exp(1), and the n smallest keys, in increasing order, are the sample.
@@ -38,23 +41,35 @@ class PrioritizedSampler:
 
     kind = "prioritized"
 
-    def __init__(self, num_problems: int, eps: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, num_problems: int, eps: float = 0.05, seed: int = 0, gamma: float = 0.0) -> None:
         if num_problems < 0:
             raise ConfigError(f"`num_problems` must be >= 0, got {num_problems}")
         if not eps >= 0:
             raise ConfigError(f"`sampler.eps` must be >= 0, got {eps}")
+        if not (np.isfinite(gamma) and gamma >= 0):
+            raise ConfigError(f"`sampler.gamma` must be a finite number >= 0, got {gamma}")
         self.num_problems = int(num_problems)
         self.eps = float(eps)
+        self.gamma = float(gamma)
         self.rng = np.random.default_rng(seed)
         self.draws = 0  # batches drawn so far
 
-    def weights(self, v_hat: Any) -> np.ndarray:
-        """w = sqrt(v (1 - v)) + eps, unnormalised. # [N]"""
+    def weights(self, v_hat: Any, n_eff: Any = None) -> np.ndarray:
+        """w = sqrt(v (1 - v)) / n_eff^gamma + eps, unnormalised. # [N]
+
+        `n_eff` (alpha + beta per problem, [N]) is needed only when gamma > 0."""
         v = self._check_v(v_hat)
         w = v * v  # [N]; in place below: this runs on the whole pool every step
         np.subtract(v, w, out=w)  # v (1 - v), negative exactly when v is outside [0, 1]
         np.maximum(w, 0.0, out=w)  # == clipping v into [0, 1]
         np.sqrt(w, out=w)
+        if self.gamma > 0:
+            if n_eff is None:
+                raise SamplingError("`sampler.gamma` > 0 needs each problem's effective count alpha + beta (`n_eff`)")
+            n = np.asarray(n_eff, dtype=np.float64)
+            if n.shape != w.shape or not np.all(n > 0):
+                raise SamplingError(f"`n_eff` must be {w.shape[0]} positive counts alpha + beta, got shape {n.shape}")
+            w /= n**self.gamma
         w += self.eps
         if np.isnan(w.sum()):
             raise SamplingError("`v_hat` contains NaN or infinity; the tracker state is corrupt")
@@ -69,9 +84,9 @@ class PrioritizedSampler:
         p = w[w > 0] / total
         return float(-(p * np.log(p)).sum() / np.log(self.num_problems))
 
-    def sample(self, v_hat: Any, n: int, exclude: Any = None) -> np.ndarray:
+    def sample(self, v_hat: Any, n: int, exclude: Any = None, n_eff: Any = None) -> np.ndarray:
         """n distinct indices (int64, in draw order), drawn proportionally to w without replacement."""
-        w = self.weights(v_hat)  # [N]
+        w = self.weights(v_hat, n_eff)  # [N]
         if exclude is not None:
             ex = np.asarray(exclude, dtype=np.int64).reshape(-1)
             if ex.size and (ex.min() < 0 or ex.max() >= self.num_problems):
@@ -100,6 +115,35 @@ class PrioritizedSampler:
         if v.shape != (self.num_problems,):
             raise SamplingError(f"`v_hat` must have shape ({self.num_problems},) (one value per problem), got {v.shape}")
         return v
+
+    def draw(self, v_hat: Any, n: int, busy: Any = (), n_eff: Any = None) -> np.ndarray:
+        """n indices for new episodes while the problems in `busy` still run. # -> [n]
+
+        Distinct and outside `busy` as long as the pool allows it; when it runs short, the rest
+        come from `busy` (still distinct within this draw), and a problem is drawn twice in one
+        call only when `n` exceeds the number of drawable problems."""
+        w = self.weights(v_hat, n_eff)  # [N]
+        drawable = w > 0
+        if n > 0 and not drawable.any():
+            raise SamplingError("no problem has a weight > 0; raise `sampler.eps` above 0")
+        taken = np.zeros(self.num_problems, dtype=bool)  # [N] busy, then drawn in this call
+        taken[np.asarray(busy, dtype=np.int64).reshape(-1)] = True
+        out: list[np.ndarray] = []
+        left = n
+        while left > 0:
+            free = int(np.count_nonzero(drawable & ~taken))
+            if free == 0:  # the pool is exhausted: start another round over every problem
+                taken[:] = False
+                for got in out:  # ...except the ones this call already drew in the current round
+                    taken[got] = True
+                if not (drawable & ~taken).any():
+                    taken[:] = False
+                continue
+            got = self.sample(v_hat, min(left, free), exclude=np.flatnonzero(taken), n_eff=n_eff)
+            taken[got] = True
+            out.append(got)
+            left -= got.size
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         """RNG state and draw counter: a restored sampler draws the same next batch."""
@@ -135,14 +179,14 @@ class UniformSampler(PrioritizedSampler):
     def __init__(self, num_problems: int, seed: int = 0) -> None:
         super().__init__(num_problems, eps=1.0, seed=seed)
 
-    def weights(self, v_hat: Any) -> np.ndarray:
+    def weights(self, v_hat: Any, n_eff: Any = None) -> np.ndarray:
         return np.ones(self._check_v(v_hat).shape)
 
 
 def make_sampler(cfg: SamplerConfig, num_problems: int, seed: int) -> PrioritizedSampler:
     """The sampler named by `sampler.type`."""
     if cfg.type == "prioritized":
-        return PrioritizedSampler(num_problems, eps=cfg.eps, seed=seed)
+        return PrioritizedSampler(num_problems, eps=cfg.eps, seed=seed, gamma=cfg.gamma)
     if cfg.type == "uniform":
         return UniformSampler(num_problems, seed=seed)
     raise ConfigError(f"`sampler.type` must be `prioritized` or `uniform`, got {cfg.type!r}")

@@ -31,7 +31,6 @@ default: at most the step in progress).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 import random
@@ -263,6 +262,8 @@ class Trainer:
                 f"`train.batch_size` ({c.train.batch_size}) must be a multiple of `algorithm.group_size` "
                 f"({c.algorithm.group_size}) in GRPO mode (whole groups per batch)"
             )
+        if c.algorithm.advantage_norm == "token" and advantage_name(c) in ("grpo", "rloo"):
+            raise ConfigError(f"`algorithm.advantage_norm: token` applies to the single-stream estimators; advantage `{advantage_name(c)}` normalises within groups")
         if advantage_name(c) in ("grpo", "rloo") and c.algorithm.name != "grpo":
             raise ConfigError(f"advantage `{advantage_name(c)}` needs grouped collection: set `algorithm.name: grpo`")
         if c.rollout.backend == "openai":
@@ -334,7 +335,6 @@ class Trainer:
             max_episode_tokens=cfg.rollout.max_episode_tokens, group_size=group,
             max_staleness=cfg.rollout.max_staleness, seed=cfg.train.seed + self.step,
         )  # fmt: skip
-        self.outstanding: collections.Counter[int] = collections.Counter()  # problem idx -> episodes in flight
         self.metrics = MetricsWriter(
             self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, run_name=self.run_dir.name, config=to_dict(cfg),
@@ -345,26 +345,27 @@ class Trainer:
 
     # -- pieces of a step --------------------------------------------------------------------
     def _refill(self) -> None:
-        """Keep `ceil(batch_size * oversample)` episodes outstanding (step 1 of the docstring)."""
+        """Keep `ceil(batch_size * oversample)` episodes outstanding (step 1 of the docstring).
+        New problems avoid those the collector still has in flight while the pool allows it:
+        over-sampling stops at the pool's size, and a problem runs twice at once only when one
+        batch needs more problems than the pool has."""
         cfg = self.cfg
+        g = self.group_size
         target = max(cfg.train.batch_size, math.ceil(cfg.train.batch_size * cfg.rollout.oversample))
-        st = self.collector.stats
-        outstanding = st.submitted - st.delivered - st.dropped_stale - len(self.collector.failed) - st.cancelled
-        if sum(self.outstanding.values()) * self.group_size > outstanding:
-            self.outstanding.clear()  # some were dropped as stale: forget which are in flight
-        need = (target - outstanding) // self.group_size
+        unsettled = self.collector.outstanding // g  # submissions: episodes, or groups of g
+        cap = max(cfg.train.batch_size // g, len(self.problem_ids))
+        need = min((target - self.collector.outstanding) // g, cap - unsettled)
         if need <= 0:
             return
-        v = self.tracker.v_hat()
-        exclude = np.fromiter(self.outstanding.keys(), dtype=np.int64) if self.outstanding else None
-        n_avail = len(self.problem_ids) - (0 if exclude is None else exclude.size)
-        if n_avail < need:
-            exclude = None
-        need = min(need, len(self.problem_ids))
-        idx = self.sampler.sample(v, need, exclude=exclude)
-        for i in idx:
-            self.outstanding[int(i)] += 1
+        busy = self.tracker.indices(self.collector.busy_problems)
+        idx = self.sampler.draw(self.tracker.v_hat(), need, busy, n_eff=self._n_eff())
         self.collector.submit([self.problem_ids[i] for i in idx])
+
+    def _n_eff(self) -> np.ndarray | None:
+        """alpha + beta per problem, for `sampler.gamma` > 0."""
+        if self.cfg.sampler.gamma <= 0:
+            return None
+        return self.tracker.alpha.astype(np.float64) + self.tracker.beta
 
     async def _evaluate(self) -> dict[str, float]:
         from spo_agents.evaluation import evaluate
@@ -460,11 +461,6 @@ class Trainer:
         self._refill()
         batch = await self.collector.next_batch(cfg.train.batch_size)
         t_rollout = time.perf_counter() - t0
-        for i, t in zip(self.tracker.indices([t.problem_id for t in batch]), batch):
-            if t.sample_index == 0 and self.outstanding[int(i)] > 0:  # one count per submission
-                self.outstanding[int(i)] -= 1
-                if self.outstanding[int(i)] == 0:
-                    del self.outstanding[int(i)]
         errors_before = self._errors_seen
         self._errors_seen = self.collector.stats.errors
         good = [t for t in batch if t.error is None]
@@ -477,7 +473,8 @@ class Trainer:
         group_ids = [t.group_id for t in good] if self.group_size > 1 else None
         name = advantage_name(cfg)
         baseline = v_before if name == "spo" else None
-        adv = compute_advantages(name, rewards, baseline, group_ids)
+        tokens = [t.num_generated for t in good] if cfg.algorithm.advantage_norm == "token" else None
+        adv = compute_advantages(name, rewards, baseline, group_ids, tokens)
         raw = rewards - (v_before if name == "spo" else 0.0)
 
         # Learner update (weights shared with an in-process policy: pause generation).
@@ -501,8 +498,7 @@ class Trainer:
 
         # Tracker: rho from the drift measured so far, then this step's drift joins C.
         drift_arr = np.asarray(drift_pp) if drift_pp is not None else None
-        rho = self.tracker.rho(idx, drift_arr)
-        self.tracker.update(idx, rewards, drift=drift_arr)
+        rho = self.tracker.update(idx, rewards, drift=drift_arr)
         if cfg.tracker.drift == "cumulative":
             self.tracker.add_drift(lstats.drift)
 
@@ -514,7 +510,7 @@ class Trainer:
 
     def _metrics_row(self, good, batch, rewards, adv, raw, v_before, rho, lstats, drift_pp, t_rollout, t_learn) -> dict[str, Any]:
         v_all = self.tracker.v_hat()
-        w = self.sampler.weights(v_all)
+        w = self.sampler.weights(v_all, self._n_eff())
         p = w / w.sum()
         ent = float(-(p[p > 0] * np.log(p[p > 0])).sum())
         n = len(good)

@@ -185,3 +185,29 @@ def test_degenerate_share_matches_reference_loop(rg):
     r, g = zip(*rg)
     same = [len({x for x, h in zip(r, g) if h == gi}) == 1 for gi in g]
     assert degenerate_share(r, g) == pytest.approx(sum(same) / len(same))
+
+
+@given(
+    st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.integers(0, 300)), min_size=2, max_size=40),
+)
+def test_token_measure_advantages_have_token_weighted_mean_0_and_std_1(rows):
+    r = np.array([a for a, _, _ in rows])
+    v = np.array([b for _, b, _ in rows])
+    n = np.array([c for _, _, c in rows], dtype=float)
+    a = r - v
+    assume(n.sum() > 0 and np.ptp(a[n > 0]) > 1e-3)
+    out = compute_advantages("spo", r, v, token_counts=n)
+    # SPO++'s action-token measure: every trained token counts once
+    mean = np.sum(n * out) / n.sum()
+    std = math.sqrt(np.sum(n * (out - mean) ** 2) / n.sum())
+    assert mean == pytest.approx(0.0, abs=1e-6) and std == pytest.approx(1.0, rel=1e-5)
+
+
+def test_token_measure_by_hand():
+    # A = [1, 0], tokens [3, 1]: m = 3/4, s = sqrt((3 * 1/16 + 1 * 9/16) / 4) = sqrt(3)/4
+    out = compute_advantages("spo", [1.0, 0.0], [0.0, 0.0], token_counts=[3, 1])
+    s = math.sqrt(3) / 4
+    assert out.tolist() == pytest.approx([0.25 / s, -0.75 / s], rel=1e-6)
+    with pytest.raises(ConfigError, match="token-measure"):
+        compute_advantages("grpo", [1.0, 0.0], group_ids=[0, 0], token_counts=[3, 1])
+

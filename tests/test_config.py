@@ -61,6 +61,39 @@ def test_paper_config_has_the_paper_settings():
     assert cfg.sampler.eps == 0.05 and cfg.algorithm.name == "spo"
 
 
+@pytest.mark.parametrize("override", ["rollout.top_p=0.5", "rollout.top_k=20"])
+def test_training_refuses_truncated_sampling_and_evaluation_keeps_it(override):
+    with pytest.raises(ConfigError, match="full softmax.*`eval.top_"):
+        load_config(None, [override])
+    cfg = load_config(None, ["eval.top_p=0.5", "eval.top_k=20"])
+    assert (cfg.eval.top_p, cfg.eval.top_k) == (0.5, 20)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def test_the_grpo_comparison_differs_from_the_default_only_in_the_algorithm():
+    spo = _flat(to_dict(load_config(Path(__file__).parent.parent / "configs" / "cpu-default.yaml")))
+    grpo = _flat(to_dict(load_config(Path(__file__).parent.parent / "configs" / "grpo-cpu.yaml")))
+    differ = {k for k in spo if spo[k] != grpo[k]}
+    assert differ and all(k.startswith("algorithm.") or k == "sampler.type" for k in differ), sorted(differ)
+    assert grpo["sampler.type"] == "uniform" and grpo["algorithm.name"] == "grpo"
+    assert grpo["train.batch_size"] % grpo["algorithm.group_size"] == 0  # same trajectories per step
+
+
+def test_the_paper_config_is_synchronous_and_the_async_variant_differs_only_in_collection():
+    here = Path(__file__).parent.parent / "configs"
+    paper = _flat(to_dict(load_config(here / "qwen3-8b-math-python.yaml")))
+    async_ = _flat(to_dict(load_config(here / "qwen3-8b-math-python-async.yaml")))
+    assert paper["rollout.oversample"] == 1.0 and paper["rollout.max_staleness"] == 0
+    assert async_["rollout.oversample"] > 1.0
+    assert {k for k in paper if paper[k] != async_[k]} <= {"rollout.oversample", "rollout.max_staleness", "rollout.max_in_flight"}
+
+
 def test_grpo_config_selects_grouped_collection():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "grpo-cpu.yaml")
     assert cfg.algorithm.name == "grpo" and cfg.algorithm.group_size >= 2

@@ -147,3 +147,28 @@ def test_nan_v_hat_is_rejected():
 def test_exclude_with_duplicates_counts_each_problem_once():
     s = PrioritizedSampler(5, seed=2)
     assert sorted(s.sample(V, 3, exclude=[1, 1, 4]).tolist()) == [0, 2, 3]
+
+
+def test_draw_takes_the_free_problems_first_then_the_busy_ones():
+    s = PrioritizedSampler(5, seed=0)
+    got = s.draw(np.full(5, 0.5), 4, busy=[0, 1, 2])
+    assert len(set(got.tolist())) == 4 and set(got[:2].tolist()) == {3, 4}  # free ones before repeats
+    again = s.draw(np.full(5, 0.5), 7, busy=[])
+    assert sorted(np.bincount(again, minlength=5).tolist()) == [1, 1, 1, 2, 2]  # past the pool: evenly
+
+
+def test_draw_without_busy_problems_is_the_plain_sample():
+    a, b = PrioritizedSampler(50, seed=7), PrioritizedSampler(50, seed=7)
+    v = np.linspace(0.0, 1.0, 50)
+    assert a.draw(v, 10, busy=[]).tolist() == b.sample(v, 10).tolist()
+
+
+def test_gamma_divides_the_weight_by_the_evidence():
+    # Eq. 11 with the N_eff term: w = sqrt(v (1 - v)) / N_eff^gamma + eps
+    s = PrioritizedSampler(2, eps=0.05, gamma=0.5)
+    w = s.weights(np.array([0.5, 0.5]), n_eff=np.array([1.0, 16.0]))
+    assert w.tolist() == pytest.approx([0.5 / 1.0 + 0.05, 0.5 / 4.0 + 0.05])
+    with pytest.raises(SamplingError, match="alpha \\+ beta"):
+        s.weights(np.array([0.5, 0.5]))
+    assert PrioritizedSampler(2).weights(np.array([0.5, 0.5])).tolist() == pytest.approx([0.55, 0.55])
+
