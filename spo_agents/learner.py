@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 from spo_agents import sharding
-from spo_agents.errors import CheckpointError, ConfigError
+from spo_agents.errors import CheckpointError, ConfigError, PolicyError
 from spo_agents.types import Trajectory
 
 
@@ -102,6 +102,19 @@ def mini_batch_order(trajectories: Sequence[Trajectory]) -> list[int]:
     return order
 
 
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether dropout would be active in train mode: a dropout layer with p > 0 (LoRA's), or a
+    transformers config with a dropout probability > 0 (applied functionally in attention)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            if any("dropout" in k and isinstance(v, (int, float)) and v > 0 for k, v in cfg.to_dict().items()):
+                return True
+    return False
+
+
 def pack(trajectories: Sequence[Trajectory], pad_id: int, device: torch.device | str = "cpu") -> PackedBatch:
     """Pack trajectories into left-padded tensors (see `PackedBatch`)."""
     if not trajectories:
@@ -114,21 +127,28 @@ def pack(trajectories: Sequence[Trajectory], pad_id: int, device: torch.device |
     mask = torch.zeros((B, L), dtype=torch.float32)  # aligned with input positions first
     old = torch.zeros((B, L), dtype=torch.float32)
     for i, (t, s) in enumerate(zip(trajectories, seqs)):
+        bad = [j for j, (m, lp) in enumerate(zip(t.loss_mask, t.logprobs)) if m and not math.isfinite(lp)]
+        if bad:
+            raise PolicyError(
+                f"trajectory of `{t.problem_id}` has non-finite behaviour log-probs at {len(bad)} sampled tokens "
+                f"(first at token {bad[0]}: {t.logprobs[bad[0]]}); the policy backend must report a finite "
+                "log-prob for every token it samples"
+            )
         off = L - len(s)
         input_ids[i, off:] = torch.tensor(s, dtype=torch.long)
         attn[i, off:] = 1
         r0 = off + len(t.prompt_ids)
         if t.token_ids:
             mask[i, r0:] = torch.tensor(t.loss_mask, dtype=torch.float32)
-            old[i, r0:] = torch.tensor(t.logprobs, dtype=torch.float32)
+            old[i, r0:] = torch.tensor([lp if m else 0.0 for m, lp in zip(t.loss_mask, t.logprobs)], dtype=torch.float32)
     position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
     # Target j of the shifted view is token j + 1, predicted from position j.
     return PackedBatch(
         input_ids=input_ids.to(device),
         attention_mask=attn.to(device),
         position_ids=position_ids.to(device),
-        mask=(mask[:, 1:] * (old[:, 1:].isfinite())).to(device),
-        old_logprobs=torch.nan_to_num(old[:, 1:], nan=0.0, posinf=0.0, neginf=0.0).to(device),
+        mask=mask[:, 1:].to(device),
+        old_logprobs=old[:, 1:].to(device),
     )
 
 
@@ -410,7 +430,14 @@ class Learner:
 
     def update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | torch.Tensor) -> LearnerStats:
         """One PPO-clip phase on the batch (module docstring). Every rank must call it with the
-        same `trajectories` and `advantages`."""
+        same `trajectories` and `advantages`. The loss forwards run in train mode; the model is
+        left in eval mode, so rollouts, evaluation and scoring never see dropout."""
+        try:
+            return self._update(trajectories, advantages)
+        finally:
+            self.model.eval()
+
+    def _update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | torch.Tensor) -> LearnerStats:
         from spo_agents.loss import policy_loss
 
         s = self.settings
@@ -427,7 +454,8 @@ class Learner:
         n_mb = min(s.mini_batches, len(trajs))
         # pi_before on the whole batch: free from the loss forward with one mini-batch, one epoch
         # and one process; otherwise one extra no-grad forward before the update
-        need_before = n_mb > 1 or s.epochs > 1 or world > 1
+        # (and with dropout on, since the loss forward runs in train mode)
+        need_before = n_mb > 1 or s.epochs > 1 or world > 1 or _has_dropout(self.model)
         before = self.score(trajs) if need_before else None
         before_free: list[list[float] | None] = [None] * len(trajs)
 
@@ -506,6 +534,7 @@ class Learner:
                 setattr(stats, k, acc[k] / acc_w)
         stats.grad_norm = sum(grad_norms) / max(1, len(grad_norms))
 
+        self.model.eval()
         # Drift of this step. Per-prompt mode stores each response with the log-probs of the
         # policy that acted on it (before this update), so D(x) at the next visit counts this
         # update too, as cumulative mode does (C at the visit is taken before `add_drift`).

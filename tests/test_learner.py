@@ -198,3 +198,34 @@ def test_half_precision_weights_without_a_master_copy_are_warned_about(base_mode
     m = copy.deepcopy(base_model).to(torch.bfloat16)
     with pytest.warns(UserWarning, match="round away"):
         Learner(m, LearnerSettings(lr=1e-6), pad_id=PAD)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_non_finite_behaviour_log_prob_is_a_policy_error_not_a_zero(bad):
+    from spo_agents.errors import PolicyError
+
+    t = Trajectory(problem_id="a", env_id="e", prompt_ids=[5], token_ids=[7, 8], loss_mask=[1, 1], logprobs=[-0.1, bad], reward=1.0)
+    with pytest.raises(PolicyError, match="`a`.*log-prob"):
+        pack([t], pad_id=PAD)
+    # an inserted token's log-prob is not used: whatever it holds, packing works and it counts 0
+    u = Trajectory(problem_id="b", env_id="e", prompt_ids=[5], token_ids=[7, 8], loss_mask=[1, 0], logprobs=[-0.1, bad], reward=1.0)
+    assert pack([u], pad_id=PAD).old_logprobs.isfinite().all()
+
+
+def test_the_update_leaves_the_model_in_eval_mode_and_scores_without_dropout():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spo_agents.models import tiny_model_dir
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir())
+    cfg.attention_dropout = 0.5  # dropout that only train mode applies
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    learner = Learner(model, LearnerSettings(lr=1e-3), pad_id=PAD)
+    trajs = batch(model.eval(), n=2)
+    learner.update(trajs, [1.0, -1.0])
+    assert not model.training
+    # scores are deterministic: the drift measured on an unchanged model is exactly 0
+    a, b = learner.score(trajs), learner.score(trajs)
+    assert a == b
+

@@ -152,3 +152,18 @@ async def test_collector_runs_real_episodes_end_to_end(policy):
     assert c.in_flight + c.pending + c.ready == 3
     await c.close()
     assert c.in_flight == 0
+
+
+class NoLogprobPolicy(ScriptedPolicy):
+    """A token-in/out backend that drops the log-probs (as a broken engine build would)."""
+
+    async def generate(self, prompt_ids, params):
+        gen = await super().generate(prompt_ids, params)
+        return Generation(gen.token_ids, [], gen.text, gen.finish_reason, policy_version=gen.policy_version)
+
+
+async def test_missing_behaviour_log_probs_fail_the_episode_instead_of_becoming_zero(policy):
+    p = NoLogprobPolicy(policy.tokenizer, {"test-1": 0.0})
+    t = await run_episode(SayEnv(), p, "test-1", sampling=FAST, max_episode_tokens=40)
+    assert t.error is not None and "PolicyError" in t.error and "log-probs" in t.error
+

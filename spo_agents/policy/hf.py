@@ -28,7 +28,8 @@ same way (for example one request at a time).
 Sharing weights with the learner. `HFPolicy(model=module, tokenizer=tok)` wraps an existing
 `torch.nn.Module`; the learner updates it in place between `await policy.pause()` (returns once
 no `generate` is running; later calls wait) and `policy.resume()`, then sets `policy.version`.
-Generation runs under `torch.no_grad()` with the module in whatever mode it is in.
+Generation runs under `torch.no_grad()` in eval mode (no dropout): the module is put in eval mode
+before each batch (the learner, which trains it in train mode, leaves it in eval mode too).
 """
 
 from __future__ import annotations
@@ -345,6 +346,8 @@ class HFPolicy(PolicyBackend):
             num_beams=1,
         )
         known = [s for s in seeds if s is not None]
+        if self.model.training:
+            self.model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if known:
                 digest = hashlib.sha256(repr(sorted(known)).encode()).digest()

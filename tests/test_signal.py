@@ -1,0 +1,52 @@
+"""The sign of the whole SPO signal, through the real trainer, on the tiny model.
+
+`FirstTokenEnv` rewards an answer whose first token does not start with a space. The probability
+the model gives that behaviour is computed exactly from its next-token distribution on every
+training prompt, before and after a few SPO steps: SPO must raise it, and with the reward's sign
+flipped (the same behaviour now costs 1) it must lower it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training import FirstTokenEnv, tiny_components, tiny_config
+
+from spo_agents.training import train
+
+
+class FlippedEnv(FirstTokenEnv):
+    def step(self, text):
+        obs, r, term, trunc, info = super().step(text)
+        return obs, -r, term, trunc, info
+
+
+@torch.no_grad()
+def p_rewarded(comp) -> float:
+    """Mean over the training prompts of P(first token does not start with a space)."""
+    tok, model = comp.tokenizer, comp.model
+    texts = [tok.decode([i], skip_special_tokens=True) for i in range(len(tok))]
+    ok = torch.tensor([bool(t) and not t.startswith(" ") for t in texts])  # the env's own rule
+    env = FirstTokenEnv()
+    probs = []
+    for pid in env.problem_ids:
+        msgs, _ = env.reset(options={"problem_id": pid})
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        logits = model(torch.tensor([ids])).logits[0, -1, : len(texts)]
+        probs.append(float(torch.softmax(logits.float(), -1)[ok[: logits.shape[0]]].sum()))
+    return sum(probs) / len(probs)
+
+
+@pytest.mark.parametrize("flipped", [False, True], ids=["reward", "flipped-reward"])
+def test_spo_moves_the_rewarded_behaviour_in_the_direction_of_the_reward(tmp_path, flipped):
+    comp = tiny_components(seed=0)
+    if flipped:
+        comp.env_factory = lambda split: FlippedEnv(split=split)
+    before = p_rewarded(comp)
+    cfg = tiny_config(tmp_path, train={"steps": 6, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 3e-2})
+    train(cfg, run_dir=tmp_path / "run", components=comp)
+    after = p_rewarded(comp)
+    if flipped:
+        assert after < before - 0.05, (before, after)
+    else:
+        assert after > before + 0.05, (before, after)
