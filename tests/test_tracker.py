@@ -41,8 +41,13 @@ class ReferenceTracker:
         return min(max(2.0 ** (-d / kw["d_half"]), kw["rho_min"]), kw["rho_max"])
 
     def update(self, idx, rewards, drift=None):
+        acted_on = set()  # problems already folded in by this update
         for k, (i, r) in enumerate(zip(idx, rewards)):
-            rho = self.rho(i, None if drift is None else drift[k])
+            # D(x) is how far the policy moved since it last acted on x; a second copy of x in
+            # one update follows the first with no optimiser step in between, so its D is 0.
+            d = 0.0 if i in acted_on else (None if drift is None else drift[k])
+            acted_on.add(i)
+            rho = self.rho(i, d)
             self.alpha[i] = rho * self.alpha[i] + r
             self.beta[i] = rho * self.beta[i] + (1 - r)
             self.last[i] = self.C
@@ -203,6 +208,21 @@ def test_per_prompt_mode_matches_reference_loop(steps):
         t.update(np.array(idx), r, drift=drift)
         ref.update(idx, r.tolist(), drift=drift.tolist())
     np.testing.assert_allclose(t.v_hat(), ref.v_hat(), rtol=1e-5)
+
+
+def test_a_repeat_in_one_update_has_no_drift_in_either_mode_by_hand():
+    for mode in ("cumulative", "per-prompt"):
+        t = ValueTracker(IDS, drift=mode)
+        t.update([1], [1.0], drift=[0.0])  # first visit: alpha 1.48, beta 0.48
+        t.add_drift(0.06)
+        # two copies of prob-1 in one update with D = 0.06 measured since the first visit:
+        # the first copy forgets with rho = 2**-1 = 0.5 -> clipped to 0.875; the second copy
+        # comes right after it (no update in between), D = 0 -> rho_max = 0.96
+        rho = t.update([1, 1], [0.0, 1.0], drift=[0.06, 0.06])
+        assert rho == pytest.approx([0.875, 0.96])
+        a1, b1 = 0.875 * 1.48 + 0.0, 0.875 * 0.48 + 1.0
+        assert t.alpha[1] == pytest.approx(0.96 * a1 + 1.0, rel=1e-6), mode
+        assert t.beta[1] == pytest.approx(0.96 * b1 + 0.0, rel=1e-6), mode
 
 
 @FAST
