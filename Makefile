@@ -12,7 +12,7 @@ STAMP := $(VENV)/.spo-setup-stamp
 VLLM_VENV ?= .venv-vllm
 ARGS ?=
 
-.PHONY: setup train test test-slow test-docker test-vllm test-gpu test-all bench vllm-cpu docker-engine clean
+.PHONY: setup train test test-slow test-docker test-vllm test-gpu test-browser test-all bench vllm-cpu docker-engine clean
 
 # Set-up is re-run only when the project's dependency list changes.
 $(STAMP): pyproject.toml Makefile
@@ -51,6 +51,20 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# The viewer in a real browser: Debian's chromium and chromium-driver (installed here when run as
+# root, the way `system-packages` installs bubblewrap), driven by selenium with the system
+# chromedriver; nothing is downloaded by selenium. Without them the test is skipped and says why.
+test-browser: setup
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) \
+	    && echo "installed chromium and chromium-driver" || echo "could not install chromium; the browser test will be skipped"; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	    sudo apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 && echo "installed chromium and chromium-driver" || true; \
+	  else echo "chromium not found and cannot be installed without root: the browser test will be skipped"; fi; \
+	fi
+	$(PY) -m pytest -q -m browser $(ARGS)
 
 test-docker: setup docker-engine
 	$(PY) -m pytest -q -m docker $(ARGS)

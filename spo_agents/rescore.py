@@ -100,7 +100,7 @@ def transcript_model_text(t: Any) -> list[str]:
     completion = t.info.get("completion")
     if completion is None:
         raise ConfigError(
-            f"the transcript of `{t.problem_id}` (sample {t.sample_index}) has no `info[\"completion\"]`; "
+            f'the transcript of `{t.problem_id}` (sample {t.sample_index}) has no `info["completion"]`; '
             "only transcripts written by `spo-agent eval` can be re-scored"
         )
     outputs = [c.output for c in t.tool_calls]
@@ -320,9 +320,13 @@ def _run_config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def rescore_eval_dir(
-    eval_dir: str | Path, *, env_id: str | None = None, env_kwargs: dict[str, Any] | None = None,
-    split: str | None = None, write: bool = True,
-) -> RescoreReport:  # fmt: skip
+    eval_dir: str | Path,
+    *,
+    env_id: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    split: str | None = None,
+    write: bool = True,
+) -> RescoreReport:
     """Re-score an eval dir's transcripts (module docstring); writes `results.rescored.json`."""
     from spo_agents.evaluation import RESULTS, TRANSCRIPTS, compute_report
     from spo_agents.types import read_jsonl

@@ -66,8 +66,16 @@ META = "meta.json"
 PROBLEMS = "problems.json.gz"
 VISITS = "visits.jsonl"
 VISIT_COLUMNS = (
-    "step", "index", "problem_id", "reward", "correct", "v_hat_before", "rho", "advantage", "policy_version",
-)  # fmt: skip
+    "step",
+    "index",
+    "problem_id",
+    "reward",
+    "correct",
+    "v_hat_before",
+    "rho",
+    "advantage",
+    "policy_version",
+)
 _STEP_FILE = re.compile(r"^step-(\d{6,})\.jsonl\.gz$")
 
 
@@ -93,6 +101,13 @@ class Segment:
     tool_call: int | None = None
     logprobs: list[float] | None = None
     pieces: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (non-finite log-probs as strings, as `Trajectory` stores them)."""
+        d = {name: getattr(self, name) for name in _SEGMENT_ORDER}
+        if self.logprobs is not None:
+            d["logprobs"] = [x if math.isfinite(x) else repr(x) for x in self.logprobs]
+        return d
 
 
 @dataclass
@@ -135,10 +150,9 @@ class LoggedTrajectory:
         return [s.text or "" for s in self.segments if s.kind == "model"]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for s in d["segments"]:
-            if s["logprobs"] is not None:
-                s["logprobs"] = [x if math.isfinite(x) else repr(x) for x in s["logprobs"]]
+        """Plain JSON-ready dict (shallow: lists are shared with the record, not copied)."""
+        d = {name: getattr(self, name) for name in _RECORD_ORDER}
+        d["segments"] = [s.to_dict() for s in self.segments]
         return d
 
     @classmethod
@@ -160,8 +174,10 @@ class LoggedTrajectory:
         return cls(**{k: v for k, v in d.items() if k in _RECORD_FIELDS})
 
 
-_SEGMENT_FIELDS = set(Segment.__dataclass_fields__)
-_RECORD_FIELDS = set(LoggedTrajectory.__dataclass_fields__)
+_SEGMENT_ORDER = tuple(Segment.__dataclass_fields__)
+_RECORD_ORDER = tuple(LoggedTrajectory.__dataclass_fields__)
+_SEGMENT_FIELDS = set(_SEGMENT_ORDER)
+_RECORD_FIELDS = set(_RECORD_ORDER)
 
 
 @dataclass(frozen=True)
@@ -247,22 +263,43 @@ def _tool_call_dict(call: Any) -> dict[str, Any]:
 
 
 def make_record(
-    trajectory: Any, *, step: int, index: int, batch_size: int, advantage: float, v_hat_before: float,
-    rho: float, tokenizer: Any = None, logprobs: bool = False,
-) -> LoggedTrajectory:  # fmt: skip
+    trajectory: Any,
+    *,
+    step: int,
+    index: int,
+    batch_size: int,
+    advantage: float,
+    v_hat_before: float,
+    rho: float,
+    tokenizer: Any = None,
+    logprobs: bool = False,
+) -> LoggedTrajectory:
     """The `LoggedTrajectory` of one `spo_agents.types.Trajectory`."""
     t = trajectory
     info = {k: _json_safe(v) for k, v in t.info.items() if k not in ("tool_call", "tool_calls", "completion")}
     return LoggedTrajectory(
-        step=int(step), index=int(index), batch_size=int(batch_size), problem_id=str(t.problem_id),
-        env_id=str(t.env_id), reward=float(t.reward), advantage=float(advantage), v_hat_before=float(v_hat_before),
-        rho=float(rho), correct=bool(t.correct), answer=_json_safe(t.info.get("answer")),
-        policy_version=int(t.policy_version), policy_versions=[int(v) for v in t.policy_versions],
-        terminated=bool(t.terminated), truncated=bool(t.truncated), prompt_text=_decode(tokenizer, t.prompt_ids),
-        prompt_tokens=len(t.prompt_ids), segments=segments_of(t, tokenizer, logprobs),
-        tool_calls=[_tool_call_dict(c) for c in t.tool_calls], timings={k: float(v) for k, v in t.timings.items()},
+        step=int(step),
+        index=int(index),
+        batch_size=int(batch_size),
+        problem_id=str(t.problem_id),
+        env_id=str(t.env_id),
+        reward=float(t.reward),
+        advantage=float(advantage),
+        v_hat_before=float(v_hat_before),
+        rho=float(rho),
+        correct=bool(t.correct),
+        answer=_json_safe(t.info.get("answer")),
+        policy_version=int(t.policy_version),
+        policy_versions=[int(v) for v in t.policy_versions],
+        terminated=bool(t.terminated),
+        truncated=bool(t.truncated),
+        prompt_text=_decode(tokenizer, t.prompt_ids),
+        prompt_tokens=len(t.prompt_ids),
+        segments=segments_of(t, tokenizer, logprobs),
+        tool_calls=[_tool_call_dict(c) for c in t.tool_calls],
+        timings={k: float(v) for k, v in t.timings.items()},
         info=info,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,10 +429,13 @@ class TrajectoryLog:
         self.save_logprobs = bool(save_logprobs)
         self.last_step = int(start_step)
         meta = {
-            "schema_version": SCHEMA_VERSION, "keep_last_steps": self.keep_last_steps,
-            "older_sample": self.older_sample, "older_max": self.older_max, "seed": self.seed,
+            "schema_version": SCHEMA_VERSION,
+            "keep_last_steps": self.keep_last_steps,
+            "older_sample": self.older_sample,
+            "older_max": self.older_max,
+            "seed": self.seed,
             "save_logprobs": self.save_logprobs,
-        }  # fmt: skip
+        }
         _write_atomic(self.dir / META, (json.dumps(meta, indent=2) + "\n").encode())
         if problem_ids is not None:
             ids = json.dumps(list(problem_ids), ensure_ascii=False).encode()
@@ -429,7 +469,12 @@ class TrajectoryLog:
 
     # -- writing ----------------------------------------------------------------------------
     def record(
-        self, step: int, trajectories: Sequence[Any], advantages: Any, v_hat_before: Any, rho: Any,
+        self,
+        step: int,
+        trajectories: Sequence[Any],
+        advantages: Any,
+        v_hat_before: Any,
+        rho: Any,
         tokenizer: Any = None,
     ) -> None:
         """Log the batch the learner trained on at `step` (one value per trajectory in
@@ -449,16 +494,24 @@ class TrajectoryLog:
         adv, vb, rho_ = lists["advantages"], lists["v_hat_before"], lists["rho"]
         records = [
             make_record(
-                t, step=step, index=i, batch_size=n, advantage=adv[i], v_hat_before=vb[i], rho=rho_[i],
-                tokenizer=tokenizer, logprobs=self.save_logprobs,
+                t,
+                step=step,
+                index=i,
+                batch_size=n,
+                advantage=adv[i],
+                v_hat_before=vb[i],
+                rho=rho_[i],
+                tokenizer=tokenizer,
+                logprobs=self.save_logprobs,
             )
             for i, t in enumerate(trajectories)
-        ]  # fmt: skip
+        ]
         if records:
             _write_records(step_file(self.dir, step), [r.to_dict() for r in records])
         rows = [
-            Visit(step, r.index, r.problem_id, r.reward, r.correct, r.v_hat_before, r.rho, r.advantage,
-                  r.policy_version)
+            Visit(
+                step, r.index, r.problem_id, r.reward, r.correct, r.v_hat_before, r.rho, r.advantage, r.policy_version
+            )
             for r in records
         ]
         self._visits.write("".join(_visit_row(v) + "\n" for v in rows))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
+from spo_agents.envs.answers import AnswerChecker, CheckResult
 
 from spo_agents import envs
 from spo_agents.cli import main
-from spo_agents.envs.answers import AnswerChecker, CheckResult
 from spo_agents.errors import ConfigError
 from spo_agents.evaluation import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
 from spo_agents.rescore import completion_segments, rescore_eval_dir, rescore_path
@@ -42,17 +42,32 @@ def _eval_dir(path, problems, env_id="math-python-v0"):
     p0, p1, p2 = problems
     boxed2 = "\\boxed{" + p2.answer + "}"
     samples = [
-        _sample(p0.id, 0, f"<code>print(1)</code>{_reply(p0.answer)}So \\boxed{{{p0.answer}}}.", 1.0, p0.answer,
-                calls=[("print(1)", p0.answer)], env_id=env_id),
+        _sample(
+            p0.id,
+            0,
+            f"<code>print(1)</code>{_reply(p0.answer)}So \\boxed{{{p0.answer}}}.",
+            1.0,
+            p0.answer,
+            calls=[("print(1)", p0.answer)],
+            env_id=env_id,
+        ),
         _sample(p0.id, 1, f"It is \\boxed{{{p0.answer}.0}}", 1.0, f"{p0.answer}.0", "number", env_id=env_id),
         _sample(p1.id, 0, "\\boxed{1}", 0.0, "1", "number", env_id=env_id),
         # saved as wrong by an older checker that timed out; the answer is the reference itself
         _sample(p1.id, 1, f"\\boxed{{{p1.answer}}}", 0.0, p1.answer, "timeout", env_id=env_id),
         # the reference appears only inside the interpreter's reply, which is not the model's answer
-        _sample(p2.id, 0, f"<code>print(x)</code>{_reply(boxed2)}I do not know.", 0.0, None, "empty",
-                calls=[("print(x)", boxed2)], env_id=env_id),
+        _sample(
+            p2.id,
+            0,
+            f"<code>print(x)</code>{_reply(boxed2)}I do not know.",
+            0.0,
+            None,
+            "empty",
+            calls=[("print(x)", boxed2)],
+            env_id=env_id,
+        ),
         _sample(p2.id, 1, "", 0.0, None, env_id=env_id, error="sandbox failure: gone"),
-    ]  # fmt: skip
+    ]
     path.mkdir(parents=True, exist_ok=True)
     write_jsonl(path / TRANSCRIPTS, samples)
     by_key = {(t.problem_id, t.sample_index): t for t in samples}
@@ -148,8 +163,13 @@ def test_training_trajectories_are_rescored_from_their_model_segments(tmp_path, 
 def test_completion_segments_cut_out_env_replies():
     text = f"a <code>print(1)</code>{_reply('1')}b <code>x</code>{_reply('</code> tricky')}c"
     segs = completion_segments(text, ["1", "</code> tricky"])
-    assert segs == [("model", "a <code>print(1)</code>"), ("env", _reply("1")), ("model", "b <code>x</code>"),
-                    ("env", _reply("</code> tricky")), ("model", "c")]  # fmt: skip
+    assert segs == [
+        ("model", "a <code>print(1)</code>"),
+        ("env", _reply("1")),
+        ("model", "b <code>x</code>"),
+        ("env", _reply("</code> tricky")),
+        ("model", "c"),
+    ]
     chat = "first<|im_end|>\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\nsecond"
     assert [k for k, _ in completion_segments(chat)] == ["model", "env", "model"]
     assert completion_segments("") == [("model", "")]

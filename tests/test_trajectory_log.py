@@ -36,11 +36,19 @@ def math_trajectory(pid: str = "p/1", answer: str = "5", version: int = 0) -> Tr
     mask = [1] * len(first) + [0] * len(reply) + [1] * len(last)
     logprobs = [-0.5 if m else 0.0 for m in mask]
     return Trajectory(
-        pid, "math-python-v0", TOK.encode("What is 2 + 3?"), ids, mask, logprobs, reward=float(answer == "5"),
-        terminated=True, policy_version=version, turn_starts=[0, len(first) + len(reply)],
+        pid,
+        "math-python-v0",
+        TOK.encode("What is 2 + 3?"),
+        ids,
+        mask,
+        logprobs,
+        reward=float(answer == "5"),
+        terminated=True,
+        policy_version=version,
+        turn_starts=[0, len(first) + len(reply)],
         tool_calls=[ToolCall(code="print(2 + 3)", output="5", ok=True, duration_s=0.01)],
         info={"answer": answer, "correct": answer == "5", "check": "number"},
-    )  # fmt: skip
+    )
 
 
 def test_segments_split_model_text_tool_code_and_env_reply():

@@ -23,9 +23,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_DIR|EVAL_DIR")
     p.add_argument("--env", default=None, help="env to re-score with (default: the latest version of the saved one)")
     p.add_argument(
-        "--env-arg", action="append", default=[], metavar="KEY=VALUE",
+        "--env-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="environment option the episodes were made with (YAML value); repeatable",
-    )  # fmt: skip
+    )
     p.add_argument("--split", default=None, help="problem split of an eval dir (default: the saved one, else `test`)")
     p.set_defaults(func=_rescore)
 
