@@ -160,6 +160,10 @@ class TrackerConfig:
     rho_min: float = 0.875
     rho_max: float = 0.96
     drift: Literal["cumulative", "per-prompt"] = "cumulative"
+    # Measurement aid for `drift: cumulative`: also keep each problem's last response and log the
+    # per-prompt D(x) next to the cumulative one on the batch's revisited problems
+    # (`tracker/drift_revisited_*`); costs what `per-prompt` mode costs. rho still uses `drift`.
+    compare_drift: bool = False
     baseline: bool = True
     init_values: str | None = None
 

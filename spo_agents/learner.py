@@ -39,12 +39,15 @@ Policy drift for the value tracker (SPO.md section 1):
 - `per-prompt` mode (the authors' estimate): `PromptDriftStore` keeps each problem's last
   response with the log-probs of the policy that acted on it (`pi_then`, scored before that
   step's update); before an update the responses of the batch's problems are re-scored and
-  `D(x) = token-mean |log pi_now - log pi_then|`. Departure: the authors stored the post-update
-  log-probs, which leaves the update right after a visit out of D(x) (a problem drawn on two
-  consecutive steps gets D = 0 although the policy moved in between); storing the pre-update
-  ones makes D(x) span the same updates as the cumulative estimate. It costs one stored
-  response per problem (memory grows with the number of distinct problems seen) and one extra
-  forward over the stored responses each step, on top of the post-update re-score.
+  `D(x) = token-mean |log pi_now - log pi_then|`. Departure: the authors store the log-probs of
+  the policy after the update that followed the visit and re-score after each later update, so
+  their D(x) at a visit spans the updates from the one after the previous visit up to the last
+  one, one update later than ours at both ends (a one-update shift; consecutive visits get a
+  non-zero D in both). Storing the behaviour policy's log-probs makes D(x) span the same updates
+  as the cumulative estimate. It costs one stored response per problem (memory grows with the
+  number of distinct problems seen) and one extra forward over the stored responses each step.
+- `tracker.compare_drift` keeps the store in cumulative mode too and logs both estimates on the
+  batch's revisited problems, so their ratio can be measured on a real run.
 """
 
 from __future__ import annotations
@@ -304,7 +307,8 @@ class LearnerSettings:
             aggregation=cfg.loss.aggregation,
             kl_coef=cfg.loss.kl_coef,
             entropy_coef=cfg.loss.entropy_coef,
-            drift=cfg.tracker.drift,
+            # the responses per-prompt drift re-scores are kept in that mode and when comparing
+            drift="per-prompt" if cfg.tracker.compare_drift else cfg.tracker.drift,
         )
 
 

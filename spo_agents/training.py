@@ -484,7 +484,7 @@ class Trainer:
         try:
             if self.world > 1:  # the other ranks score and update with this rank (`_follow`)
                 await asyncio.to_thread(_broadcast, ("update", good, adv.tolist()))
-            drift_pp = await asyncio.to_thread(self.learner.prompt_drift, pids) if cfg.tracker.drift == "per-prompt" else None
+            drift_pp = await asyncio.to_thread(self.learner.prompt_drift, pids) if self._scores_prompt_drift() else None
             lstats = await asyncio.to_thread(self.learner.update, good, adv)
         finally:
             if self._components.inplace and hasattr(self.policy, "resume"):
@@ -497,16 +497,40 @@ class Trainer:
         t_learn = time.perf_counter() - t1
 
         # Tracker: rho from the drift measured so far, then this step's drift joins C.
-        drift_arr = np.asarray(drift_pp) if drift_pp is not None else None
+        compared = self._compare_drift(idx, drift_pp) if cfg.tracker.compare_drift else {}
+        drift_arr = np.asarray(drift_pp) if drift_pp is not None and cfg.tracker.drift == "per-prompt" else None
         rho = self.tracker.update(idx, rewards, drift=drift_arr)
         if cfg.tracker.drift == "cumulative":
             self.tracker.add_drift(lstats.drift)
 
         row = self._metrics_row(good, batch, rewards, adv, raw, v_before, rho, lstats, drift_arr, t_rollout, t_learn)
+        row.update(compared)
         row["episode/rollout_errors"] = self.collector.stats.errors - errors_before
         if self.group_size > 1:
             row["train/degenerate_share"] = degenerate_share(rewards, group_ids)
         return row
+
+    def _scores_prompt_drift(self) -> bool:
+        """Whether each step re-scores the stored responses (per-prompt drift, or comparing)."""
+        return self.cfg.tracker.drift == "per-prompt" or self.cfg.tracker.compare_drift
+
+    def _compare_drift(self, idx: np.ndarray, drift_pp: list[float]) -> dict[str, float]:
+        """Both D(x) estimates on this batch's revisited problems, before the tracker update:
+        per-prompt (re-scored stored response) and cumulative (C - C at the last visit)."""
+        c_last = self.tracker.c_last[idx]  # [B]
+        seen = ~np.isnan(c_last)
+        _, first = np.unique(idx, return_index=True)
+        revisited = np.zeros(idx.shape, dtype=bool)
+        revisited[first] = seen[first]  # one per problem: later copies have D = 0 by rule
+        if not revisited.any():
+            return {"tracker/drift_revisited": 0}
+        pp = np.asarray(drift_pp)[revisited]
+        cum = self.tracker.C - c_last[revisited]
+        return {
+            "tracker/drift_revisited": int(revisited.sum()),
+            "tracker/drift_revisited_per_prompt": float(pp.mean()),
+            "tracker/drift_revisited_cumulative": float(cum.mean()),
+        }
 
     def _metrics_row(self, good, batch, rewards, adv, raw, v_before, rho, lstats, drift_pp, t_rollout, t_learn) -> dict[str, Any]:
         v_all = self.tracker.v_hat()
@@ -614,7 +638,7 @@ class Trainer:
         while (msg := _broadcast(None, receive=True)) is not None:
             if msg[0] == "update":
                 _, trajs, adv = msg
-                if self.cfg.tracker.drift == "per-prompt":
+                if self._scores_prompt_drift():
                     self.learner.prompt_drift([t.problem_id for t in trajs])
                 self.learner.update(trajs, adv)
                 self.step += 1

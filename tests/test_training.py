@@ -606,3 +606,16 @@ def test_per_prompt_drift_runs_through_the_loop(tmp_path):
     assert steps[0]["tracker/drift_per_prompt_mean"] == 0.0  # first visits
     for prev, cur in zip(steps, steps[1:]):
         assert cur["tracker/drift_per_prompt_mean"] == pytest.approx(prev["tracker/drift"], rel=1e-3)
+
+
+def test_compare_drift_logs_both_estimates_on_revisited_problems(tmp_path):
+    comp = tiny_components()
+    comp.env_factory = lambda split: FirstTokenEnv(n=10, split=split)  # 10 problems, 8 per step: revisits
+    cfg = tiny_config(tmp_path, tracker={"compare_drift": True}, train={"steps": 3, "checkpoint_every": 0})
+    train(cfg, run_dir=tmp_path / "run", components=comp)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[0]["tracker/drift_revisited"] == 0  # nothing seen before the first step
+    later = [r for r in rows[1:] if r["tracker/drift_revisited"] > 0]
+    assert later and all(r["tracker/drift_revisited_per_prompt"] > 0 and r["tracker/drift_revisited_cumulative"] > 0 for r in later)
+    assert undocumented(set().union(*rows)) == []
+
