@@ -276,12 +276,14 @@ class LocalSession(SandboxSession):
             raise
         return runner
 
-    async def _kill(self, runner: _Runner, settle: bool = False) -> Exit | None:
+    async def _kill(self, runner: _Runner, settle: bool = False, wait_group: bool = True) -> Exit | None:
         """Kill the runner's tree and release what it held (channels, work dir, pids cgroup).
 
         With `settle`, a runner that hung up first gets a moment to exit by itself; how it ended
         is returned then (None when it had not, or its worker is gone): the sandbox sent it no
-        signal, so a signal in it came from elsewhere."""
+        signal, so a signal in it came from elsewhere. The pids cgroup is removed once the killed
+        tree has left it (a fork bomb's tree can take seconds): awaited, or with `wait_group`
+        False, in the background so that a timed-out call returns at once."""
         loop = asyncio.get_running_loop()
         backend = self._backend
         ended = None
@@ -302,7 +304,10 @@ class LocalSession(SandboxSession):
             if runner.workdir is not None:
                 shutil.rmtree(runner.workdir, ignore_errors=True)
             if runner.cgroup is not None:
-                await backend._release_group(runner.cgroup)
+                if wait_group:
+                    await backend._release_group(runner.cgroup)
+                else:
+                    backend._release_later(runner.cgroup)
         return ended
 
     async def _current(self) -> _Runner:
@@ -367,7 +372,7 @@ class LocalSession(SandboxSession):
                 return result
             # The session is gone (timeout) or died (os._exit, a signal, a crash, or a kill from
             # outside): kill what is left of its tree, report, and start a fresh one.
-            ended = await self._kill(runner, settle=not timed_out)
+            ended = await self._kill(runner, settle=not timed_out, wait_group=False)
             self._runner = None
             self.restarts += 1
             self._collect(runner, result)
@@ -663,6 +668,8 @@ class LocalBackend(SandboxBackend):
         self._pids_cap = _PidsCap()
         self._stale_cgroups: list[Path] = []  # groups of ended sessions not yet empty, retried at each start
         self._stale_lock = threading.Lock()
+        self._releasing: set[Path] = set()  # groups of ended sessions being removed as their trees leave
+        self._release_tasks: set[asyncio.Task[None]] = set()
         _LIVE.add(self)
 
     @classmethod
@@ -723,14 +730,43 @@ class LocalBackend(SandboxBackend):
             return None
         return self._pids_cap.apply(host_pid, max_processes)
 
-    async def _release_group(self, group: Path) -> None:
-        """Remove an ended session's pids cgroup as soon as its killed tree has left it (a few
-        milliseconds); one still busy after two seconds is retried at each session start."""
-        for _ in range(200):
-            if _rmdir_retrying(group, tries=1):
+    async def _release_group(self, group: Path, patience_s: float = 30.0) -> None:
+        """Remove an ended session's pids cgroup as soon as its killed tree has left it (usually
+        milliseconds; seconds for a fork bomb on a busy machine). One still busy after
+        `patience_s` is retried at each session start and by `aclose`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience_s
+        pause = 0.005
+        with self._stale_lock:
+            self._releasing.add(group)
+        try:
+            while not _rmdir_retrying(group, tries=1):
+                if loop.time() > deadline:
+                    self._stale(group)
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 1.5, 0.1)
+        finally:
+            with self._stale_lock:
+                self._releasing.discard(group)
+
+    def _release_later(self, group: Path) -> None:
+        task = asyncio.get_running_loop().create_task(self._release_group(group))
+        self._release_tasks.add(task)
+        task.add_done_callback(self._release_tasks.discard)
+
+    async def _release_all(self, patience_s: float = 10.0) -> None:
+        """Remove every group of an ended session, waiting for their trees to leave them (at most
+        `patience_s`; what is left then is removed at exit)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience_s
+        while True:
+            with self._stale_lock:
+                pending = set(self._stale_cgroups) | self._releasing
+            if not [g for g in pending if not _rmdir_retrying(g, tries=1)] or loop.time() > deadline:
+                self._sweep_cgroups()
                 return
-            await asyncio.sleep(0.01)
-        self._stale(group)
+            await asyncio.sleep(0.02)
 
     def _stale(self, group: Path) -> None:
         with self._stale_lock:
@@ -790,7 +826,7 @@ class LocalBackend(SandboxBackend):
         if self._zygote is not None:
             self._zygote.stop()
             self._zygote = None
-        self._sweep_cgroups()
+        await self._release_all()
 
     def close(self) -> None:
         if self._zygote is not None:

@@ -161,8 +161,15 @@ async def test_groups_are_removed_as_sessions_end():
         async with await backend.open_session(limits=lim) as s:  # its start reaps the dropped session
             await s.run("pass")
         assert backend.worker_pid is not None
-        left = _ours() - before
-        assert not left, f"session groups left after their sessions ended: {sorted(left)}"
+        # A timed-out call's group goes in the background, once its killed tree has left it.
+        for _ in range(300):
+            left = _ours() - before
+            if not left:
+                break
+            await asyncio.sleep(0.1)
+        root = _pids_root()
+        held = {g: (root / g / "cgroup.procs").read_text().split() for g in left}
+        assert not left, f"session groups left 30 s after their sessions ended (group: its processes): {held}"
     finally:
         await backend.aclose()
     assert not _ours() - before
