@@ -321,6 +321,11 @@ class Collector:
             self._unsettled[str(pid)] += 1
         self._fill()
 
+    def take_failed(self) -> list[Trajectory]:
+        """The failed trajectories kept out of batches since the last call (the list is emptied)."""
+        out, self.failed = self.failed, []
+        return out
+
     @property
     def outstanding(self) -> int:
         """Episodes submitted and not settled yet (pending, running, or finished but not delivered)."""

@@ -34,6 +34,7 @@ import asyncio
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from spo_agents.config import Config, load_config, save_config, to_dict
-from spo_agents.errors import CheckpointError, ConfigError
+from spo_agents.errors import CheckpointError, ConfigError, RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,20 @@ def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]
     return model, tokenizer
 
 
-def make_env_factory(cfg: Config, tokenizer: Any = None) -> Callable[[str], Any]:
+def preflight(cfg: Config, env_factory: Callable[[str], Any]) -> None:
+    """Resolve the named components (sandbox backend, environment and its kwargs) before anything
+    heavy runs: a typo fails here with the registry's suggestion, not as rollout errors later."""
+    from spo_agents import sandboxes  # registers the built-in backends
+    from spo_agents.registry import SANDBOXES
+
+    SANDBOXES.load(cfg.sandbox.backend)
+    ok, why = sandboxes.backend_availability(cfg.sandbox.backend)
+    if not ok:
+        raise ConfigError(f"`sandbox.backend: {cfg.sandbox.backend}` is not available here: {why}")
+    env_factory(cfg.env.split).close()
+
+
+def make_env_factory(cfg: Config) -> Callable[[str], Any]:
     """`split -> env` for the configured environment and sandbox."""
     from spo_agents import envs
     from spo_agents.sandboxes.base import SandboxLimits
@@ -128,9 +142,11 @@ def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Pat
 
     `rollout.backend: vllm-server` without `rollout.base_url` starts a vLLM server on loopback
     (`spo_agents.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
-    run ends, also on Ctrl-C and crashes."""
+    run ends, also on Ctrl-C and crashes. Every named component is resolved before the model
+    loads (`preflight`)."""
+    env_factory = make_env_factory(cfg)
+    preflight(cfg, env_factory)
     model, tokenizer = load_model(cfg, weights_from)
-    env_factory = make_env_factory(cfg, tokenizer)
     backend = cfg.rollout.backend
     if backend == "hf":
         from spo_agents.policy.hf import HFPolicy
@@ -242,6 +258,7 @@ class Trainer:
         from spo_agents.checkpoint import CheckpointManager
 
         self.cfg = cfg
+        self._bar: Any = None  # the progress bar while `run` shows one
         self.run_dir = Path(run_dir)
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.train.keep_checkpoints)
         self.resume_from = self.ckpt.latest() if resume else None
@@ -340,7 +357,9 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project, run_name=self.run_dir.name, config=to_dict(cfg),
         )  # fmt: skip
         self.eval_ids: list[str] = []
-        self._errors_seen = 0
+        from spo_agents.health import HealthLimits, StepHealth
+
+        self.health = StepHealth(HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps), warn=self._console)
         self.eval_history: list[tuple[int, float]] = []
 
     # -- pieces of a step --------------------------------------------------------------------
@@ -461,11 +480,11 @@ class Trainer:
         self._refill()
         batch = await self.collector.next_batch(cfg.train.batch_size)
         t_rollout = time.perf_counter() - t0
-        errors_before = self._errors_seen
-        self._errors_seen = self.collector.stats.errors
         good = [t for t in batch if t.error is None]
+        failed = [t for t in batch if t.error is not None] + self.collector.take_failed()
         if not good:
-            raise ConfigError("every trajectory of the batch failed; see the log for the rollout errors")
+            last = failed[-1].error if failed else "none recorded"
+            raise RolloutError(f"every trajectory of the batch failed for infrastructure reasons (last: {last}); see the log")
         pids = [t.problem_id for t in good]
         idx = self.tracker.indices(pids)
         rewards = np.array([t.reward for t in good], dtype=np.float64)
@@ -505,10 +524,19 @@ class Trainer:
 
         row = self._metrics_row(good, batch, rewards, adv, raw, v_before, rho, lstats, drift_arr, t_rollout, t_learn)
         row.update(compared)
-        row["episode/rollout_errors"] = self.collector.stats.errors - errors_before
+        row["episode/rollout_errors"] = len(failed)
+        row["episode/sandbox_errors"] = sum(1 for t in good + failed for tc in t.tool_calls if tc.infra_error)
+        row.update(self.health.observe(self.step, len(good), len(failed), adv, rewards, failed[-1].error if failed else None))
         if self.group_size > 1:
             row["train/degenerate_share"] = degenerate_share(rewards, group_ids)
         return row
+
+    def _console(self, msg: str) -> None:
+        """A line on the console now (above the progress bar when there is one)."""
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     def _scores_prompt_drift(self) -> bool:
         """Whether each step re-scores the stored responses (per-prompt drift, or comparing)."""
@@ -565,7 +593,6 @@ class Trainer:
             "sampler/entropy_ratio": ent / math.log(len(w)) if len(w) > 1 else 1.0,
             "episode/tool_calls": len(tool_calls) / n,
             "episode/tool_failures": sum(1 for tc in tool_calls if not tc.ok and tc.infra_error is None) / n,
-            "episode/sandbox_errors": sum(1 for tc in tool_calls if tc.infra_error),
             "episode/truncation_rate": float(np.mean([t.truncated for t in good])),
             "episode/generated_tokens": gen / n,
             "episode/length_tokens": sum(len(t.token_ids) for t in good) / n,
@@ -657,6 +684,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="spo-agent train", unit="step", dynamic_ncols=True)
+        self._bar = bar
         stopped_early = False
         last: dict[str, Any] = {}
         try:
@@ -771,8 +799,6 @@ def _train(cfg: Config, rank: int, run_dir: str | Path | None, resume: bool, com
             run_dir = _broadcast(str(run_dir) if rank == 0 else None, receive=rank != 0)
     run_dir = Path(run_dir)
     if rank <= 0:
-        import sys
-
         print(f"run directory: {run_dir}", file=sys.stderr)
         t = cfg.tracker
         rho = f"constant rho {t.rho_constant}" if t.rho_type == "constant" else f"KL-adaptive rho in [{t.rho_min}, {t.rho_max}], D_half {t.d_half}, drift `{t.drift}`"

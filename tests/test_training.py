@@ -619,3 +619,38 @@ def test_compare_drift_logs_both_estimates_on_revisited_problems(tmp_path):
     assert later and all(r["tracker/drift_revisited_per_prompt"] > 0 and r["tracker/drift_revisited_cumulative"] > 0 for r in later)
     assert undocumented(set().union(*rows)) == []
 
+
+def test_a_misspelt_sandbox_backend_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import spo_agents.training as training
+    from spo_agents.errors import SandboxNotFound
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the sandbox backend was resolved")
+
+    monkeypatch.setattr(training, "load_model", no_model)
+    cfg = load_config(None, ["sandbox.backend=lokal", f"train.output_dir={tmp_path}", "logging.progress=false"])
+    with pytest.raises(SandboxNotFound, match="Did you mean `local`"):
+        training.build_components(cfg)
+
+
+class HalfBrokenEnv(FirstTokenEnv):
+    """The sandbox of every other problem is broken (an infrastructure error the env reports)."""
+
+    def step(self, text):
+        if int(self.pid.split("-")[1]) % 2:
+            return "", 0.0, False, True, {"error": "sandbox failure: worker gone"}
+        return super().step(text)
+
+
+def test_steps_that_lose_many_episodes_to_the_infrastructure_are_reported_then_stop_the_run(tmp_path, capsys):
+    from spo_agents.errors import RolloutError
+
+    comp = tiny_components()
+    comp.env_factory = lambda split: HalfBrokenEnv(split=split)
+    cfg = tiny_config(tmp_path, train={"steps": 6, "checkpoint_every": 0}, rollout={"max_error_steps": 2})
+    with pytest.raises(RolloutError, match="2 steps in a row"):
+        train(cfg, run_dir=tmp_path / "run", components=comp)
+    assert "failed for infrastructure reasons" in capsys.readouterr().err
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows and rows[0]["episode/infra_error_share"] > 0.25 and rows[0]["episode/rollout_errors"] > 0
+
