@@ -21,8 +21,13 @@ What is covered (each container):
   (everything in the container but itself and init), keeps the output read so far and forks a new
   worker (`timed_out`, `session_restarted`). A crash (`os._exit`, a signal, the OOM killer, which
   is pointed at the worker) is reported the same way, with `memory_exceeded` for OOM kills. If the
-  supervisor itself does not answer within `HOST_GRACE_S` after the timeout, or dies, the host
-  kills the container and continues the session in a fresh one;
+  supervisor itself does not answer within `HOST_GRACE_S` after the timeout, the host kills the
+  container and continues the session in a fresh one (a timed-out result);
+- a container that ends under a call by no doing of the code (killed from outside, the engine or
+  the supervisor failing: the code cannot signal the supervisor) raises `SandboxError`, an
+  infrastructure failure; the next call continues in a fresh container and reports
+  `session_restarted`. A container the kernel's OOM killer ended (its memory limit) is the code's
+  doing and stays a result with `memory_exceeded`;
 - cleanup: containers carry the labels `spo-agents.sandbox`, `spo-agents.owner` (host:pid) and
   `spo-agents.backend`; `close()` removes a session's container, `aclose()` the pool and every
   container of the backend (found by label), an `atexit` hook does the same at interpreter exit,
@@ -607,7 +612,7 @@ class DockerBackend(SandboxBackend):
     def _run_locked(self, session: DockerSession, code: str, timeout: float | None) -> SandboxResult:
         limits = session.limits
         t = float(limits.timeout_s if timeout is None else timeout)
-        restarted_before = False
+        restarted_before, session._lost = session._lost, False
         if session.box is None:  # lost in an earlier call and no warm container was ready then
             box = self._acquire(session.key)
             with session._box_lock:
@@ -641,18 +646,19 @@ class DockerBackend(SandboxBackend):
                 return _closed_result(time.monotonic() - start)
             state = self._inspect_state(box.id)
             self._replace(session)
-            oom = bool(state.get("OOMKilled"))
             status = int(state.get("ExitCode") or 0) or KILLED_STATUS
-            why = (
-                f"was killed by the out-of-memory killer (limit {limits.memory_mb} MB)"
-                if oom
-                else f"exited with status {status}"
-            )
+            if not state.get("OOMKilled"):
+                session._lost = not session.stateless
+                raise SandboxError(
+                    f"the session's container {box.id[:12]} ended (status {status}) while a call ran, not by the "
+                    "code's doing: it was killed from outside, or the engine or the sandbox's supervisor failed. "
+                    "The session's state is lost; its next call continues in a new container (`session_restarted`)."
+                )
             return SandboxResult(
-                stderr=f"the session's container {why}; the session was restarted in a new container "
-                "(earlier variables are lost)",
+                stderr=f"the session's container was killed by the out-of-memory killer (limit {limits.memory_mb} MB); "
+                "the session was restarted in a new container (earlier variables are lost)",
                 exit_status=status,
-                memory_exceeded=oom,
+                memory_exceeded=True,
                 session_restarted=True,
                 duration_s=time.monotonic() - start,
                 extra={"container": box.id[:12]},
@@ -743,6 +749,7 @@ class DockerSession(SandboxSession):
         self._run_lock = threading.Lock()  # one call at a time (held in the backend's threads)
         self._box_lock = threading.Lock()  # guards `box` and `_closed`
         self._closed = False
+        self._lost = False  # its container ended by no doing of the code: the next result says so
 
     @property
     def container_id(self) -> str | None:
