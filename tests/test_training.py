@@ -361,6 +361,18 @@ def first_token_registered():
     yield "first-token"
 
 
+def test_cli_train_takes_env_args_like_eval(tmp_path, first_token_registered, capsys):
+    from spo_agents.cli import main
+
+    args = ["train", "--env", "first-token", "--env-arg", "n=12", "--steps", "1", "model.name=tiny-random",
+            "rollout.max_new_tokens=1", "rollout.max_episode_tokens=1", "logging.progress=false", "train.batch_size=8",
+            f"train.output_dir={tmp_path}", "train.run_name=envarg", "eval.every=0"]
+    assert main(args) == 0
+    assert load_config(tmp_path / "envarg" / "config.yaml").env.kwargs == {"n": 12}
+    assert main(["train", "--env-arg", "n", "--steps", "1"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_estimate_values_then_train_from_them_then_plot(tmp_path, first_token_registered, capsys):
 

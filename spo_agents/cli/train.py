@@ -6,6 +6,22 @@ import argparse
 import os
 
 
+_ENV_ARG_HELP = "environment option, repeatable (sets `env.kwargs.KEY`), e.g. --env-arg source=procedural:arith-mul"
+
+
+def _env_arg_overrides(items: list[str]) -> list[str]:
+    """`--env-arg KEY=VALUE` as the dotted override `env.kwargs.KEY=VALUE`."""
+    from spo_agents.errors import ConfigError
+
+    out = []
+    for item in items:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip() or "." in key:
+            raise ConfigError(f"`--env-arg {item}` must look like KEY=VALUE with a plain key, e.g. `--env-arg source=procedural:arith`")
+        out.append(f"env.kwargs.{item.strip()}")
+    return out
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -15,6 +31,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "`train.output_dir/<run name>`; `--resume RUN_DIR` continues an interrupted run.",
     )
     p.add_argument("--env", default=None, help="environment id (default: math-python)")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help=_ENV_ARG_HELP)
     p.add_argument("--config", default=None, help="YAML config file (see configs/)")
     p.add_argument("--model", default=None, help="model name or directory (sets `model.name`)")
     p.add_argument("--steps", type=int, default=None, help="learner steps (sets `train.steps`)")
@@ -28,9 +45,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "estimate-values",
         help="offline value estimation: n samples per training problem, for `tracker.init_values`",
         description="Sample N episodes of every training problem with the initial policy and the "
-        "training sampling settings; write problem id -> (successes, samples) for `tracker.init_values` (SPO.md section 1).",
+        "training sampling settings; write problem id -> (reward sum, samples) for `tracker.init_values` (docs/algorithm.md section 1).",
     )
     e.add_argument("--env", default=None, help="environment id (default: the config's)")
+    e.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help=_ENV_ARG_HELP)
     e.add_argument("--model", default=None, help="model name or directory (default: the config's)")
     e.add_argument("-n", type=int, default=8, help="samples per problem (paper: 8)")
     e.add_argument("--config", default=None, help="YAML config file (sampling and env settings)")
@@ -48,7 +66,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     from spo_agents.config import load_config
 
-    overrides = list(args.overrides)
+    overrides = _env_arg_overrides(getattr(args, "env_arg", [])) + list(args.overrides)
     if getattr(args, "env", None):
         overrides.insert(0, f"env.id={args.env}")
     if getattr(args, "model", None):
@@ -79,8 +97,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"rollout.backend={args.rollout}")
         if args.base_url:
             overrides.append(f"rollout.base_url={args.base_url}")
-        if args.env or args.model:
-            raise ConfigError("`--env` and `--model` cannot change on `--resume`; the checkpoint belongs to the saved ones")
+        if args.env or args.model or args.env_arg:
+            raise ConfigError("`--env`, `--env-arg` and `--model` cannot change on `--resume`; the checkpoint belongs to the saved ones")
         cfg = load_run_config(args.resume, overrides)
         run_dir = args.resume
     else:
