@@ -22,9 +22,10 @@ trained on: the ids, the step and policy version, v_hat before the update, the a
 the reward and answer, and the text split into `Segment`s: runs of tokens the policy sampled
 (`model`, loss mask 1) and runs the environment inserted (`env`, loss mask 0), each with its
 tokens and decoded text. Model segments are further split into `text` and `code` parts where a
-tool call's code appears; env segments that answer a tool call name it. Per-token log-probs and
-the text of each token are kept when `save_logprobs=True`. The segments' tokens and masks,
-concatenated, are exactly the trajectory's `token_ids` and `loss_mask`.
+tool call's code appears; env segments that answer a tool call name it. Per-token log-probs
+(rounded to 6 significant digits, float32's precision) and the text of each token are kept when
+`save_logprobs=True`. The segments' tokens and masks, concatenated, are exactly the trajectory's
+`token_ids` and `loss_mask`.
 
 **Bounds.** Every trajectory of the last `keep_last_steps` steps is kept. When a step leaves
 that window its file is thinned to a seeded sample: each trajectory gets a key
@@ -204,6 +205,11 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str | None:
     return tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
+def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's own text (a token that is part of a multi-byte character decodes to U+FFFD)."""
+    return [tokenizer.decode([x], skip_special_tokens=False) for x in ids]
+
+
 def _runs(mask: Sequence[int], starts: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) runs of equal mask; a generation start (`turn_starts`) also opens a run."""
     cuts = {0, len(mask)} | {s for s in starts if 0 < s < len(mask)}
@@ -234,9 +240,9 @@ def segments_of(trajectory: Any, tokenizer: Any = None, logprobs: bool = False) 
         seg = Segment("model" if mask else "env", mask, [int(x) for x in t.token_ids[a:b]])
         seg.text = _decode(tokenizer, seg.tokens)
         if mask and logprobs:
-            seg.logprobs = [float(x) for x in t.logprobs[a:b]]
+            seg.logprobs = [float(f"{x:.6g}") for x in t.logprobs[a:b]]  # float32 precision, half the bytes
             if tokenizer is not None:
-                seg.pieces = [tokenizer.decode([x], skip_special_tokens=False) for x in seg.tokens]
+                seg.pieces = _pieces(tokenizer, seg.tokens)
         segs.append(seg)
     for i, seg in enumerate(segs):
         if seg.kind != "model" or seg.text is None:

@@ -402,18 +402,20 @@ def problem_page(layout: Layout, i: int, run: RunDir, problem_id: str) -> str:
         )
     if visits:
         steps = [float(v.step) for v in visits]
-        chart = line_chart(
+        values = line_chart(
             [
                 Series("v_hat before the visit", steps, [v.v_hat_before for v in visits]),
                 Series("reward", steps, [v.reward for v in visits]),
-                Series("advantage", steps, [v.advantage for v in visits], dashed=True),
             ],
-            title="Visits",
-            width=900,
-            height=240,
+            title="v_hat and reward at each visit",
             chart_id="chart-visits",
         )
-        parts.append(f'<div class="card">{chart}</div>')
+        adv = line_chart(
+            [Series("advantage", steps, [v.advantage for v in visits]), Series("rho", steps, [v.rho for v in visits])],
+            title="Advantage and rho at each visit",
+            chart_id="chart-advantages",
+        )
+        parts.append(f'<div class="grid"><div class="card">{values}</div><div class="card">{adv}</div></div>')
     headers = [
         ("step", "num"),
         ("reward", "num"),
@@ -635,12 +637,10 @@ def evals_page(layout: Layout, i: int, run: RunDir) -> str:
         chart = line_chart(
             [Series("avg@k", steps, avg), Series("maj@k", steps, maj)],
             title="Held-out accuracy by step",
-            width=900,
-            height=240,
             y_range=(0.0, 1.0),
             chart_id="chart-evals",
         )
-        parts.append(f'<div class="card">{chart}</div><h2>Evaluations</h2>')
+        parts.append(f'<div class="grid"><div class="card">{chart}</div></div><h2>Evaluations</h2>')
     headers = [
         ("eval dir", ""),
         ("problems", "num"),
@@ -699,11 +699,8 @@ def eval_page(layout: Layout, base: str, ev: EvalDir, q: dict[str, str], target:
         cl = clusters_of(
             [t.info.get("answer") for t in trajs], [t.correct for t in trajs], [t.sample_index for t in trajs]
         )
-        cells = "".join(
-            f'<span class="cl{" win" if n == 0 else ""}"><span class="mono">{esc(_short(c.answer))}</span> ×{c.votes} '
-            f"{verdict(c.correct)}</span>"
-            for n, c in enumerate(cl[:5])
-        ) + (f' <span class="muted">+{len(cl) - 5}</span>' if len(cl) > 5 else "")
+        cells = "".join(_cluster_chip(c, c.votes == cl[0].votes) for c in cl[:5])
+        cells += f' <span class="muted">+{len(cl) - 5}</span>' if len(cl) > 5 else ""
         link = f'<a class="mono" href="{href(base + "/problem", id=pid)}">{esc(pid)}</a>'
         body.append(
             [link, num(p.get("n")), num(p.get("correct")), num(p.get("avg"))]
@@ -712,6 +709,12 @@ def eval_page(layout: Layout, base: str, ev: EvalDir, q: dict[str, str], target:
         )
     parts.append(table(headers, body))
     return layout.render(ev.name, "".join(parts), target=target, tab=tab)
+
+
+def _cluster_chip(c: Any, top: bool) -> str:
+    """An answer cluster as `answer ×votes ✓`; the most voted (maj@k's pick, ties included) outlined."""
+    answer = f'<span class="mono">{esc(_short(c.answer))}</span>'
+    return f'<span class="cl{" win" if top else ""}">{answer} ×{c.votes} {verdict(c.correct)}</span>'
 
 
 def _short(v: Any, n: int = 40) -> str:

@@ -30,6 +30,7 @@ header.top .live { margin-left: auto; font-size: 12px; color: #9fe3bf; }
 main { max-width: 1320px; margin: 0 auto; padding: 18px 20px 40px; }
 h1 { font-size: 20px; margin: 4px 0 12px; }
 h2 { font-size: 16px; margin: 22px 0 10px; }
+h1.mono, h1 .mono { font-size: 18px; }
 .muted { color: var(--muted); }
 .small { font-size: 12px; }
 .kpis { display: flex; flex-wrap: wrap; gap: 10px; margin-bottom: 14px; }

@@ -66,6 +66,25 @@ def fmt(v: float, step: float | None = None) -> str:
     return f"{v:.3g}"
 
 
+def _axes(pts: list[tuple[float, float]], y_range: tuple[float, float] | None) -> tuple[list[float], list[float]]:
+    """Tick values of the x and y axes for the points (the axes span the outer ticks)."""
+    if not pts:
+        return [0.0, 1.0], [0.0, 1.0]
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    if y_range is not None:  # the fixed range, widened when the data leave it
+        y0, y1 = min(y0, y_range[0]), max(y1, y_range[1])
+    span = max(abs(y0), abs(y1)) * 1e-3  # a nearly flat line is drawn flat, not as noise in the 7th digit
+    if y_range is None and y1 - y0 < span:
+        mid = (y0 + y1) / 2
+        y0, y1 = mid - span / 2, mid + span / 2
+    if y_range is None and y1 - y0 < 1e-12:  # zeros: 0 to 1
+        y0, y1 = 0.0, 1.0
+    return nice_ticks(x0, x1, 6), nice_ticks(y0, y1, 4)
+
+
 def _step(ticks: list[float]) -> float | None:
     return ticks[1] - ticks[0] if len(ticks) > 1 else None
 
@@ -88,20 +107,24 @@ def line_chart(
     series: Sequence[Series],
     *,
     title: str = "",
-    width: int = 460,
-    height: int = 230,
+    width: int = 600,
+    height: int = 250,
     x_label: str = "step",
     y_range: tuple[float, float] | None = None,
     chart_id: str = "",
 ) -> str:
     """An SVG line chart of `series` (empty series are listed in the legend as `no data`)."""
-    left, right, top, bottom = 52, 14, 30, 40
+    pts = [(x, y) for s in series for x, y in zip(s.xs, s.ys) if y is not None and math.isfinite(y)]
+    xt, yt = _axes(pts, y_range)
+    xstep, ystep = _step(xt), _step(yt)
+    labels = [fmt(t, ystep) for t in yt]
+    right, top, bottom = 14, 30, 40
+    left = max(44, 12 + round(6.4 * max((len(lb) for lb in labels), default=1)))
     pw = width - left - right
     legend = _legend(series, left, pw) if len(series) > 1 else []
     legend_rows = max((row for _, _, row, _ in legend), default=-1) + 1
     top += 16 * legend_rows
     ph = height + 16 * legend_rows - top - bottom
-    pts = [(x, y) for s in series for x, y in zip(s.xs, s.ys) if y is not None and math.isfinite(y)]
     out = [
         f'<svg class="chart" id="{escape(chart_id)}" viewBox="0 0 {width} {height + 16 * legend_rows}" '
         f'width="{width}" height="{height + 16 * legend_rows}" role="img" aria-label="{escape(title)}">',
@@ -117,17 +140,8 @@ def line_chart(
             f'<text class="empty" x="{left + pw / 2}" y="{top + ph / 2}" text-anchor="middle">no data yet</text></svg>'
         )
         return "".join(out)
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    y0, y1 = y_range if y_range is not None else (min(p[1] for p in pts), max(p[1] for p in pts))
-    if y_range is None and y1 - y0 < 1e-12:  # a flat line: a range around it (0 to 1 for zeros)
-        y0, y1 = (0.0, 1.0) if y0 == 0 else (y0 - abs(y0) * 0.1, y1 + abs(y1) * 0.1)
-    xt, yt = nice_ticks(x0, x1, 6), nice_ticks(y0, y1, 4)
-    if y_range is None:
-        y0, y1 = yt[0], yt[-1]
-    xstep, ystep = _step(xt), _step(yt)
     x0, x1 = xt[0], xt[-1]
+    y0, y1 = yt[0], yt[-1]
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * pw
