@@ -27,7 +27,7 @@ from spo_agents.types import ToolCall, Trajectory
 
 
 def make_batch(tok, rng, batch: int, tokens: int, step: int) -> list[Trajectory]:
-    words = "the answer is we compute first then value sum product check result so".split()
+    words = ["the", "answer", "is", "we", "compute", "first", "then", "value", "sum", "product", "check"]
     out = []
     for i in range(batch):
         prose = " ".join(rng.choice(words, size=max(1, tokens // 3)))
