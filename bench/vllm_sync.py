@@ -117,8 +117,9 @@ def main() -> int:
 def compare_training(args: argparse.Namespace) -> int:
     import json as _json
 
+    from spo_agents.components import build_components
     from spo_agents.config import load_config
-    from spo_agents.training import build_components, train
+    from spo_agents.training import train
     from spo_agents.vllm_server import VLLMServer
     from spo_agents.weight_sync import WeightSync
 

@@ -36,170 +36,25 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from spo_agents.components import (
+    Components,
+    VLLMInProcessSync,
+    build_components,
+    load_model,
+    resolve_device,
+)
 from spo_agents.config import Config, load_config, save_config, to_dict
 from spo_agents.errors import CheckpointError, ConfigError, RolloutError
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# What the loop needs, built from the config (or injected by tests)
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Components:
-    """The pieces the loop drives. `build_components` makes them from a `Config`; tests pass
-    fakes. `env_factory(split)` returns a fresh environment of that split."""
-
-    model: Any
-    tokenizer: Any
-    policy: Any
-    env_factory: Callable[[str], Any]
-    weight_sync: Any = None  # object with `sync(model, version)` (sync or async), server backends
-    inplace: bool = True  # the policy shares the learner's module (pause during the update)
-    closers: list[Callable[[], Any]] = field(default_factory=list)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]:
-    """The trainable model and its tokenizer (`model.name` resolved by `spo_agents.models`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from spo_agents.models import resolve_model, torch_dtype
-
-    path = resolve_model(cfg.model.name)
-    sharded = cfg.train.sharding == "fsdp"
-    # sharded: fp32 master weights, left on the CPU; `shard_model` moves each rank's shard
-    dtype = torch.float32 if sharded else torch_dtype(cfg.model.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(str(weights_from) if weights_from is not None else path, dtype=dtype)
-    if not sharded:
-        model.to(_device(cfg.model.device))
-    if cfg.model.gradient_checkpointing:
-        # transformers 5.x renamed it and deprecated the old name
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    if cfg.model.lora.enabled:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as e:
-            raise ConfigError("`model.lora.enabled: true` needs `peft`: `pip install 'spo-agents[lora]'`") from e
-        lc = cfg.model.lora
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
-    return model, tokenizer
-
-
-def preflight(cfg: Config, env_factory: Callable[[str], Any]) -> None:
-    """Resolve the named components (sandbox backend, environment and its kwargs) before anything
-    heavy runs: a typo fails here with the registry's suggestion, not as rollout errors later."""
-    from spo_agents import sandboxes  # registers the built-in backends
-    from spo_agents.registry import SANDBOXES
-
-    SANDBOXES.load(cfg.sandbox.backend)
-    ok, why = sandboxes.backend_availability(cfg.sandbox.backend)
-    if not ok:
-        raise ConfigError(f"`sandbox.backend: {cfg.sandbox.backend}` is not available here: {why}")
-    env_factory(cfg.env.split).close()
-
-
-def make_env_factory(cfg: Config) -> Callable[[str], Any]:
-    """`split -> env` for the configured environment and sandbox."""
-    from spo_agents import envs
-    from spo_agents.sandboxes.base import SandboxLimits
-
-    sandbox: Any = cfg.sandbox.backend
-    limits: SandboxLimits | None = SandboxLimits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb)
-    if cfg.sandbox.options:
-        from spo_agents.sandboxes import backend_from_config
-
-        # limits named in `options` (e.g. `max_output_bytes`) join timeout_s / memory_mb in the
-        # backend's own limits, which the sessions then use
-        sandbox, limits = backend_from_config(cfg.sandbox), None
-
-    def factory(split: str) -> Any:
-        return envs.make(cfg.env.id, split=split, sandbox=sandbox, sandbox_limits=limits, **cfg.env.kwargs)
-
-    return factory
-
-
-def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Path | None = None) -> Components:
-    """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend).
-
-    `rollout.backend: vllm-server` without `rollout.base_url` starts a vLLM server on loopback
-    (`spo_agents.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
-    run ends, also on Ctrl-C and crashes. Every named component is resolved before the model
-    loads (`preflight`)."""
-    env_factory = make_env_factory(cfg)
-    preflight(cfg, env_factory)
-    model, tokenizer = load_model(cfg, weights_from)
-    backend = cfg.rollout.backend
-    if backend == "hf":
-        from spo_agents.policy.hf import HFPolicy
-
-        policy = HFPolicy(model=model, tokenizer=tokenizer)
-        return Components(model, tokenizer, policy, env_factory, inplace=True, closers=[policy.close])
-    if backend == "vllm":
-        from spo_agents.policy import make_policy
-
-        policy = make_policy("vllm", cfg.model.name, dtype=cfg.model.dtype)
-        sync = _VLLMInProcessSync(policy)
-        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close])
-    if backend in ("openai", "vllm-server"):
-        from spo_agents.policy import make_policy
-
-        base_url, closers = cfg.rollout.base_url, []
-        if not base_url and backend == "vllm-server":
-            from spo_agents.vllm_server import VLLMServer
-
-            server = VLLMServer.from_config(cfg, log_dir=log_dir).start()
-            base_url, closers = server.openai_base_url, [server.stop]
-        if not base_url:
-            raise ConfigError(f"`rollout.backend: {backend}` needs `rollout.base_url`, e.g. `http://127.0.0.1:8000/v1`")
-        # Training needs the sampled token ids and their log-probs: refuse text-only servers.
-        policy = make_policy(
-            "openai", cfg.rollout.server_model or cfg.model.name, base_url=base_url,
-            api_key_env=cfg.rollout.api_key_env, tokenizer=tokenizer, mode="tokens",
-        )  # fmt: skip
-        sync = None
-        if backend == "vllm-server":
-            from spo_agents.vllm_server import connect
-            from spo_agents.weight_sync import make_weight_sync
-
-            endpoint = connect(base_url, request_timeout_s=cfg.rollout.request_timeout_s)
-            sync = make_weight_sync(cfg.rollout.weight_sync, endpoint)
-        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close, *closers])
-    raise ConfigError(f"unknown `rollout.backend` {backend!r}")
-
-
-class _VLLMInProcessSync:
-    """Loads the learner's weights into an in-process vLLM engine after each step (GPU path;
-    not run on the CPU machines this project is tested on)."""
-
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-
-    async def push(self, model: Any, version: int) -> None:
-        await self.policy.pause()
-        try:
-            await self.policy.load_weights([(name, p.detach()) for name, p in model.state_dict().items()])
-            self.policy.version = version
-        finally:
-            self.policy.resume()
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +272,7 @@ class Trainer:
         from spo_agents.sharding import is_sharded, shard_model
 
         if self.cfg.train.sharding == "fsdp" and not is_sharded(model):
-            shard_model(model, compute_dtype=self.cfg.model.dtype, device_type=_device(self.cfg.model.device))
+            shard_model(model, compute_dtype=self.cfg.model.dtype, device_type=resolve_device(self.cfg.model.device))
 
     def _gather(self, what: str) -> Any:
         """The sharded model's full state on rank 0, for `what` = `weights` (the model in
@@ -464,7 +319,7 @@ class Trainer:
             from spo_agents.sharding import GatheredModel
 
             model = GatheredModel(self.model, await asyncio.to_thread(self._gather, "weights"))
-        if isinstance(sync, _VLLMInProcessSync):
+        if isinstance(sync, VLLMInProcessSync):
             await sync.push(model, self.step)
         else:
             from spo_agents.weight_sync import push_weights
@@ -752,7 +607,7 @@ def _init_distributed(cfg: Config) -> int:
     import torch
     import torch.distributed as dist
 
-    cuda = _device(cfg.model.device).startswith("cuda")
+    cuda = resolve_device(cfg.model.device).startswith("cuda")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if cfg.train.sharding == "fsdp" and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -112,8 +112,8 @@ def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = No
     sampling settings of `cfg.rollout`, written to `out`."""
     import asyncio
 
+    from spo_agents.components import build_components
     from spo_agents.policy.base import SamplingParams
-    from spo_agents.training import build_components
 
     if n < 1:
         raise ConfigError(f"`-n` must be >= 1 (samples per problem), got {n}")

@@ -205,9 +205,9 @@ def test_load_model_for_sharding_keeps_fp32_weights_on_the_cpu():
     the compute dtype) and leaves them on the CPU for `shard_model` to place."""
     import torch
 
+    from spo_agents.components import load_model
     from spo_agents.config import Config, from_dict
     from spo_agents.models import tiny_model_dir
-    from spo_agents.training import load_model
 
     data = {"model": {"name": str(tiny_model_dir()), "dtype": "bfloat16", "device": "cpu"}}
     plain, _ = load_model(from_dict(Config, data))

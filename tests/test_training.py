@@ -222,7 +222,7 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint_with_the_tracker
 @pytest.mark.slow
 def test_spo_raises_reward_on_a_learnable_env(tmp_path):
     cfg = tiny_config(tmp_path, train={"steps": 12, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 1e-2})
-    res = train(cfg, run_dir=tmp_path / "run", components=tiny_components())
+    train(cfg, run_dir=tmp_path / "run", components=tiny_components())
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first = np.mean([r["train/reward_mean"] for r in rows[:3]])
     last = np.mean([r["train/reward_mean"] for r in rows[-3:]])
@@ -327,7 +327,7 @@ def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monk
 
 
 async def test_in_process_vllm_push_order():
-    from spo_agents.training import _VLLMInProcessSync
+    from spo_agents.components import VLLMInProcessSync
 
     events = []
 
@@ -343,7 +343,7 @@ async def test_in_process_vllm_push_order():
         def resume(self):
             events.append(("resume", self.version))
 
-    await _VLLMInProcessSync(FakeVLLM()).push(torch.nn.Linear(2, 2), 7)
+    await VLLMInProcessSync(FakeVLLM()).push(torch.nn.Linear(2, 2), 7)
     assert events == ["pause", ("load", 2), ("resume", 7)]
 
 
@@ -476,7 +476,7 @@ def test_a_resumed_server_run_pushes_the_checkpoint_weights_before_any_rollout(t
 def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the_run(tmp_path, monkeypatch):
     import spo_agents.vllm_server as vs
     import spo_agents.weight_sync as ws
-    from spo_agents.training import build_components
+    from spo_agents.components import build_components
 
     calls: list = []
 
@@ -584,8 +584,8 @@ def test_grpo_delivers_whole_groups_with_group_advantages_and_the_degenerate_sha
 
 
 def test_sandbox_limits_in_options_reach_the_training_envs_sessions():
+    from spo_agents.components import make_env_factory
     from spo_agents.config import load_config
-    from spo_agents.training import make_env_factory
 
     cfg = load_config(overrides=["sandbox.options={max_output_bytes: 200}", "sandbox.timeout_s=7"])
     env = make_env_factory(cfg)("train")
@@ -633,16 +633,16 @@ def test_compare_drift_logs_both_estimates_on_revisited_problems(tmp_path):
 
 
 def test_a_misspelt_sandbox_backend_fails_before_the_model_loads(tmp_path, monkeypatch):
-    import spo_agents.training as training
+    import spo_agents.components as components
     from spo_agents.errors import SandboxNotFound
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the sandbox backend was resolved")
 
-    monkeypatch.setattr(training, "load_model", no_model)
+    monkeypatch.setattr(components, "load_model", no_model)
     cfg = load_config(None, ["sandbox.backend=lokal", f"train.output_dir={tmp_path}", "logging.progress=false"])
     with pytest.raises(SandboxNotFound, match="Did you mean `local`"):
-        training.build_components(cfg)
+        components.build_components(cfg)
 
 
 class HalfBrokenEnv(FirstTokenEnv):

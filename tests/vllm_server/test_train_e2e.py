@@ -25,9 +25,10 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("weight_sync", ["reload", "lora"])
 def test_training_steps_reach_the_server(tmp_path, weight_sync, vllm_python):
+    from spo_agents.components import build_components
     from spo_agents.config import load_config
     from spo_agents.models import embedded_model_dir
-    from spo_agents.training import build_components, train
+    from spo_agents.training import train
 
     model_dir = embedded_model_dir()
     lora = weight_sync == "lora"
