@@ -162,8 +162,8 @@ def test_screenshots(tmp_path):
     server = ViewServer([a, b, e], port=0).start()
     driver = _driver(1400, 900)
     shots = {
-        "overview": ("r/0", 1700), "problems": ("r/0/problems?sort=visits&desc=1", 900), "problem": (None, 900),
-        "trajectory": ("r/0/traj?step=39&index=2", 760), "logprobs": ("r/0/traj?step=39&index=3&lp=1", 760),
+        "overview": ("r/0", 1180), "problems": ("r/0/problems?sort=visits&desc=1", 900), "problem": (None, 900),
+        "trajectory": ("r/0/traj?step=39&index=2", 840), "logprobs": ("r/0/traj?step=39&index=3&lp=1", 840),
         "eval": ("e/2", 900), "compare": ("compare", 1180),
     }  # fmt: skip
     try:
