@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from view_fixtures import INJECTION, TOK, episode, make_eval_dir, make_run
+from view_fixtures import TOK, episode, make_eval_dir, make_run
 
 from spo_agents.cli import main
 from spo_agents.trajectory_log import TrajectoryLog
@@ -190,7 +190,3 @@ def test_svg_ticks_cover_the_data_and_gaps_split_the_path():
 def test_cli_refuses_a_directory_that_is_neither(tmp_path, capsys):
     assert main(["view", str(tmp_path)]) == 1
     assert "neither a run dir" in capsys.readouterr().err
-
-
-def test_injection_fixture_is_markup():
-    assert "<script>" in INJECTION  # the escaping test above relies on it
