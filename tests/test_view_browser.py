@@ -22,7 +22,6 @@ from view_fixtures import make_eval_dir, make_run
 from spo_agents.view import ViewServer
 
 pytestmark = pytest.mark.browser
-os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not fetch drivers or browsers
 
 
 def _driver(width: int = 1400, height: int = 1000):
@@ -32,6 +31,7 @@ def _driver(width: int = 1400, height: int = 1000):
             "chromium / chromedriver not found: `make test-browser` installs Debian's `chromium` and "
             "`chromium-driver` when run as root (apt-get); without them the browser test cannot run"
         )
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must not fetch drivers or browsers
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
