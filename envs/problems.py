@@ -61,6 +61,7 @@ DEFAULT_SOURCE = "procedural:arith"
 TIERS: dict[str, int] = {
     "arith": 0,
     "arith-mul": 0,
+    "arith-hard": 1,
     "basic_arithmetic": 1,
     "simple_equations": 2,
     "gsm_symbolic": 3,
@@ -179,6 +180,119 @@ def _arith(split: str, seed: int, size: int | None, test_fraction: float, ops: S
     chosen = [pool[i] for i in order[: size if size is not None else len(pool)]]
     name = "procedural:arith" if len(ops) == 3 else "procedural:arith-mul"
     return ProblemSet(name, split, chosen, LoadReport(rows=len(pool), loaded=len(chosen)))
+
+
+# --------------------------------------------------------------------------------------------
+# Procedural: multi-step arithmetic and two-step word problems (`arith-hard`)
+# --------------------------------------------------------------------------------------------
+#: An expression tree: an operand name (`"a"`) or `(op, left, right)` with op in `+ - *`.
+Expr = str | tuple[str, "Expr", "Expr"]
+
+_EXPR_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+_COMMUTATIVE = ("+", "*")
+
+
+@dataclass(frozen=True)
+class HardKind:
+    """One kind of `arith-hard` problem: a question template over operands with ranges, and the
+    expression that answers it."""
+
+    name: str
+    template: str  # `str.format` fields are the operand names
+    ranges: tuple[tuple[str, int, int], ...]  # (operand, low, high), both ends included
+    expr: Expr
+
+
+#: The kinds, in the order the generator cycles through them (an equal share each).
+HARD_KINDS: tuple[HardKind, ...] = (
+    HardKind("mul-add", "What is {a} * {b} + {c}?", (("a", 10, 99), ("b", 10, 99), ("c", 100, 999)), ("+", ("*", "a", "b"), "c")),
+    HardKind("mul-sub-mul", "What is {a} * {b} - {c} * {d}?", (("a", 10, 99), ("b", 10, 99), ("c", 10, 99), ("d", 10, 99)), ("-", ("*", "a", "b"), ("*", "c", "d"))),
+    HardKind("paren-mul", "What is ({a} + {b}) * {c}?", (("a", 10, 99), ("b", 10, 99), ("c", 10, 99)), ("*", ("+", "a", "b"), "c")),
+    HardKind("mul3", "What is {a} * {b}?", (("a", 100, 999), ("b", 10, 99)), ("*", "a", "b")),
+    HardKind(
+        "word-boxes",
+        "A shop has {a} boxes with {b} pens in each box. How many pens does the shop have?",
+        (("a", 10, 99), ("b", 10, 99)),
+        ("*", "a", "b"),
+    ),
+    HardKind(
+        "word-rows",
+        "A hall has {a} rows of {b} chairs and {c} extra chairs. How many chairs are there in the hall?",
+        (("a", 10, 99), ("b", 10, 99), ("c", 10, 99)),
+        ("+", ("*", "a", "b"), "c"),
+    ),
+)
+#: Default set size of `arith-hard` when `size` is not given, per split.
+HARD_DEFAULT_SIZE = {"train": 2000, "test": 200}
+
+
+def eval_expr(expr: Expr, values: Mapping[str, int]) -> int:
+    """The value of an expression tree for the given operands."""
+    if isinstance(expr, str):
+        return values[expr]
+    op, left, right = expr
+    return _EXPR_OPS[op](eval_expr(left, values), eval_expr(right, values))
+
+
+def canonical_expr(expr: Expr, values: Mapping[str, int]) -> str:
+    """The expression with its operands filled in, the two sides of every `+` and `*` in a fixed
+    order, so `37 * 48 + 125` and `125 + 48 * 37` give the same text (they are one problem)."""
+    if isinstance(expr, str):
+        return str(values[expr])
+    op, left, right = expr
+    lt, rt = canonical_expr(left, values), canonical_expr(right, values)
+    if op in _COMMUTATIVE and rt < lt:
+        lt, rt = rt, lt
+    return f"({lt} {op} {rt})"
+
+
+def _hard_item(seed: int, index: int) -> Problem:
+    """Item `index` of the `arith-hard` stream of `seed`: a function of (seed, index) alone,
+    through SHA-256, so sets do not depend on a library's random number generator."""
+    kind = HARD_KINDS[index % len(HARD_KINDS)]
+    digest = hashlib.sha256(f"arith-hard\x00{seed}\x00{index}".encode()).digest()
+    values = {}
+    for j, (name, lo, hi) in enumerate(kind.ranges):
+        values[name] = lo + int.from_bytes(digest[4 * j : 4 * j + 4], "big") % (hi - lo + 1)
+    operands = [values[name] for name, _, _ in kind.ranges]
+    return Problem(
+        id=f"arith-hard/{kind.name}/{'-'.join(map(str, operands))}",
+        prompt=kind.template.format(**values),
+        answer=str(eval_expr(kind.expr, values)),
+        metadata={"source": "arith-hard", "tier": TIERS["arith-hard"], "kind": kind.name, "operands": dict(values), "expression": canonical_expr(kind.expr, values)},
+    )
+
+
+def _arith_hard(split: str, seed: int, size: int | None, test_fraction: float) -> ProblemSet:
+    """The first `size` distinct problems of `split` in the stream of `seed`. The split is decided
+    by the canonical expression, so operand-swapped twins (and a word problem and a bare
+    expression that compute the same thing) always share a split; a set holds one of each."""
+    want = size if size is not None else HARD_DEFAULT_SIZE[split]
+    share = test_fraction if split == "test" else 1.0 - test_fraction
+    if share <= 0:
+        raise DatasetError(f"`test_fraction` {test_fraction} leaves no problems for split `{split}`; use a value in (0, 1)")
+    cap = int(want / share * 3) + 1000
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    report = LoadReport()
+    for i in range(cap):
+        p = _hard_item(seed, i)
+        report.rows += 1
+        key = p.metadata["expression"]
+        if content_split(f"arith-hard/{key}", p.answer, test_fraction) != split:
+            report.other_split += 1
+            continue
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
+        problems.append(p)
+        if len(problems) >= want:
+            break
+    if len(problems) < want:
+        raise DatasetError(f"`procedural:arith-hard` yielded only {len(problems)} `{split}` problems out of {cap} generated; ask for fewer (`num_problems`)")
+    report.loaded = len(problems)
+    return ProblemSet("procedural:arith-hard", split, problems, report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,6 +712,8 @@ def load_problems(
 
     if kind == "procedural" and arg in ("arith", "arith-mul"):
         result = _arith(split, seed, size, test_fraction, ("mul", "add", "sub") if arg == "arith" else ("mul",))
+    elif kind == "procedural" and arg == "arith-hard":
+        result = _arith_hard(split, seed, size, test_fraction)
     elif kind in ("procedural", "reasoning-gym", "rg"):
         names = _rg_names()
         if not arg or (names and arg not in names):

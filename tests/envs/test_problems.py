@@ -57,6 +57,103 @@ def test_content_split_is_stable():
     assert 0.17 < share < 0.23
 
 
+# --- procedural: arith-hard ----------------------------------------------------------------
+def _hard_value(p):
+    """The answer computed from the question text alone: the bare expression after `What is`, or
+    the word problem's arithmetic (boxes x pens; rows x chairs + extra chairs)."""
+    import re
+
+    nums = [int(n) for n in re.findall(r"\d+", p.prompt)]
+    if p.prompt.startswith("A shop has"):
+        return nums[0] * nums[1]
+    if p.prompt.startswith("A hall has"):
+        return nums[0] * nums[1] + nums[2]
+    m = re.fullmatch(r"What is ([\d ()+*-]+)\?", p.prompt)
+    assert m, p.prompt
+    return eval(m.group(1), {"__builtins__": {}})  # digits, spaces, parentheses and + - * only
+
+
+def _hard_twin_key(p):
+    """What a problem is up to swapping the operands of + and *: the operation's shape and the
+    operands, with the operands of each commutative operation sorted."""
+    import re
+
+    n = [int(x) for x in re.findall(r"\d+", p.prompt)]
+    text = p.prompt
+    if text.startswith("A shop has") or re.fullmatch(r"What is \d+ \* \d+\?", text):
+        return ("a*b", tuple(sorted(n)))
+    if text.startswith("A hall has") or re.fullmatch(r"What is \d+ \* \d+ \+ \d+\?", text):
+        return ("a*b+c", tuple(sorted(n[:2])), n[2])
+    if re.fullmatch(r"What is \d+ \* \d+ - \d+ \* \d+\?", text):
+        return ("a*b-c*d", tuple(sorted(n[:2])), tuple(sorted(n[2:])))
+    if re.fullmatch(r"What is \(\d+ \+ \d+\) \* \d+\?", text):
+        return ("(a+b)*c", tuple(sorted(n[:2])), n[2])
+    raise AssertionError(f"unexpected question {text!r}")
+
+
+def test_arith_hard_answers_match_an_independent_computation():
+    kinds = set()
+    for split in ("train", "test"):
+        for p in load_problems("procedural:arith-hard", split):
+            assert p.answer == str(_hard_value(p)), p
+            kinds.add(p.metadata["kind"])
+    assert kinds == {"mul-add", "mul-sub-mul", "paren-mul", "mul3", "word-boxes", "word-rows"}
+
+
+def test_arith_hard_splits_are_disjoint_also_under_operand_swaps():
+    # Large sets, so that a split by the literal text would put many swapped twins across splits
+    # (each 2-digit product has its twin among ~8,000 ordered pairs).
+    train = load_problems("procedural:arith-hard", "train", size=20_000)
+    test = load_problems("procedural:arith-hard", "test", size=1_000)
+    assert not set(train.ids) & set(test.ids)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    train_keys = {_hard_twin_key(p) for p in train}
+    test_keys = [_hard_twin_key(p) for p in test]
+    assert not train_keys & set(test_keys)
+    assert len(set(test_keys)) == len(test_keys)  # a set holds one problem of each twin pair
+    assert len(train_keys) == len(train)
+    # not vacuous: train holds over half of the 4,095 products of two 2-digit numbers (word-boxes),
+    # so a split that ignored swaps would send the twins of about half the test word-boxes to train
+    two_digit_products = {k for k in train_keys if k[0] == "a*b" and k[1][1] < 100}
+    assert len(two_digit_products) > 2000
+
+
+def test_arith_hard_is_deterministic_by_seed_with_stable_ids():
+    a = load_problems("procedural:arith-hard", "train", seed=3, size=60)
+    clear_cache()
+    b = load_problems("procedural:arith-hard", "train", seed=3, size=60)
+    c = load_problems("procedural:arith-hard", "train", seed=4, size=60)
+    assert a is not b and [(p.id, p.prompt, p.answer) for p in a] == [(p.id, p.prompt, p.answer) for p in b]
+    assert a.ids != c.ids and len(set(a.ids)) == 60
+    # ids name the kind and the operands in the order the question gives them, and do not move
+    # between versions (the stream is a hash of seed and index, not a library RNG)
+    assert load_problems("procedural:arith-hard", "train", seed=0, size=5).ids == [
+        "arith-hard/mul-add/57-43-208",
+        "arith-hard/mul-sub-mul/44-99-38-44",
+        "arith-hard/mul3/409-29",
+        "arith-hard/word-boxes/12-43",
+        "arith-hard/word-rows/72-55-29",
+    ]
+    for p in a:
+        assert p.id.split("/")[1] == p.metadata["kind"]
+        assert p.id.split("/")[2].split("-") == re_numbers(p.prompt)
+
+
+def re_numbers(text):
+    import re
+
+    return re.findall(r"\d+", text)
+
+
+def test_arith_hard_mixes_the_kinds_evenly_in_the_test_split():
+    test = load_problems("procedural:arith-hard", "test")
+    assert len(test) == 200
+    counts = {}
+    for p in test:
+        counts[p.metadata["kind"]] = counts.get(p.metadata["kind"], 0) + 1
+    assert len(counts) == 6 and min(counts.values()) >= 20
+
+
 # --- procedural: reasoning-gym tiers --------------------------------------------------------
 def test_reasoning_gym_tier_is_deterministic_with_disjoint_splits():
     train = load_problems("procedural:basic_arithmetic", "train", seed=0, size=40)
