@@ -53,6 +53,7 @@ def _driver(width: int = 1400, height: int = 1000):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    driver = _driver()  # first: without a browser the test is skipped before building anything
     root = tmp_path_factory.mktemp("browser")
     runs = [
         make_run(root, "run-a", steps=12, batch=8, num_problems=60, k=2, inject=True),
@@ -60,7 +61,6 @@ def site(tmp_path_factory):
         make_eval_dir(root, k=4, inject=True),
     ]
     server = ViewServer(runs, port=0, refresh_s=1).start()
-    driver = _driver()
     yield server, driver, runs
     driver.quit()
     server.stop()
