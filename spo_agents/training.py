@@ -61,11 +61,24 @@ log = logging.getLogger(__name__)
 # Run directories
 # --------------------------------------------------------------------------------------------
 def new_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or f"{cfg.env.id}-{cfg.algorithm.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+    """The directory of a new run. A directory of the same name that holds a checkpoint is
+    refused (continue it with `--resume`); one left by a start that stopped before its first
+    checkpoint is taken over, its metrics kept aside as `metrics.jsonl.stopped-<time>`."""
+    from spo_agents.checkpoint import CheckpointManager
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = cfg.train.run_name or f"{cfg.env.id}-{cfg.algorithm.name}-{stamp}"
     run = Path(cfg.train.output_dir) / name
-    if (run / "checkpoints").exists():
+    if CheckpointManager(run).steps():
         raise ConfigError(f"run directory `{run}` already holds checkpoints; continue it with `--resume {run}` or pick another `train.run_name`")
-    run.mkdir(parents=True, exist_ok=True)
+    if (run / "metrics.jsonl").exists():
+        (run / "metrics.jsonl").rename(run / f"metrics.jsonl.stopped-{stamp}")
+        print(f"`{run}` was left by a start that stopped before its first checkpoint; starting it over "
+              f"(its metrics kept as `metrics.jsonl.stopped-{stamp}`)", file=sys.stderr)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run directory `{run}` ({e.strerror}); set `train.output_dir` to a writable directory") from e
     return run
 
 
@@ -157,7 +170,7 @@ class Trainer:
 
         cfg = self.cfg
         _seed_everything(cfg.train.seed)
-        loaded = self.ckpt.load(self.resume_from) if self.resume_from is not None else None
+        loaded = self.ckpt.load() if self.resume_from is not None else None
         if self._components is None:
             self._components = build_components(cfg, weights_from=loaded.model_dir if loaded else None, log_dir=self.run_dir)
         elif loaded is not None:
@@ -503,7 +516,7 @@ class Trainer:
         from spo_agents.learner import Learner, LearnerSettings
 
         _seed_everything(self.cfg.train.seed)
-        loaded = self.ckpt.load(self.resume_from) if self.resume_from is not None else None
+        loaded = self.ckpt.load() if self.resume_from is not None else None
         if self._components is None:
             model, tokenizer = load_model(self.cfg, weights_from=loaded.model_dir if loaded else None)
         else:

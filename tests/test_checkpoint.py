@@ -85,8 +85,62 @@ def test_corrupt_state_file_says_which_and_what_to_do(tmp_path):
     mgr = CheckpointManager(tmp_path)
     path = mgr.save(1, model=small_model(), state={})
     (path / "trainer_state.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="Delete .*step-000001"):
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*step-000001.*trainer_state.pt.*checksum.*without `--resume`"):
         mgr.load()
+
+
+def test_flipped_weight_bytes_are_caught_and_the_older_checkpoint_is_used(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, model=small_model(1), state={"v": 1})
+    path = mgr.save(2, model=small_model(2), state={"v": 2})
+    weights = path / "model" / "model.pt"
+    data = bytearray(weights.read_bytes())
+    for i in range(len(data) - 40, len(data) - 20):  # flip bytes inside the stored tensors
+        data[i] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert mgr.load().state["v"] == 1
+
+
+def test_a_checkpoint_completed_before_latest_was_updated_is_used(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save(1, model=small_model(), state={"v": 1})
+    mgr.save(2, model=small_model(), state={"v": 2})
+    (tmp_path / "checkpoints" / "latest").write_text("step-000001\n")  # the crash came before the pointer
+    assert mgr.load().step == 2
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_room_it_needs(tmp_path, monkeypatch):
+    import errno
+
+    mgr = CheckpointManager(tmp_path, keep=2)
+    mgr.save(1, model=small_model(), state={})
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if str(f).endswith("trainer_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="disk filled up.*step-000002.*GB free.*N \\+ 1"):
+        mgr.save(2, model=small_model(), state={})
+    assert mgr.steps() == [1] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_fixed_run_name_restarts_cleanly_after_a_kill_before_the_first_checkpoint(tmp_path, capsys):
+    from spo_agents.config import load_config
+    from spo_agents.training import new_run_dir
+
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=fixed"])
+    run = new_run_dir(cfg)
+    MetricsWriter(run).log({"step": 0, "eval/avg_at_k": 0.5})
+    (run / "checkpoints" / ".tmp-step-000001-x").mkdir(parents=True)  # killed during the first write
+    again = new_run_dir(cfg)
+    assert again == run and not (run / "metrics.jsonl").exists()  # no duplicate rows in the new run
+    assert len(list(run.glob("metrics.jsonl.stopped-*"))) == 1 and "starting it over" in capsys.readouterr().err
+    CheckpointManager(run).save(1, model=small_model(), state={})
+    with pytest.raises(Exception, match="--resume"):
+        new_run_dir(cfg)
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
