@@ -583,7 +583,7 @@ class TrajectoryLogReader:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir) / LOG_DIR
         self._cache: dict[Path, tuple[tuple[int, int], list[LoggedTrajectory]]] = {}
-        self._visit_cache: tuple[tuple[int, int], list[Visit]] | None = None
+        self._visit_cache: tuple[int, int, list[Visit]] | None = None  # inode, bytes parsed, rows
 
     def exists(self) -> bool:
         return (self.dir / VISITS).is_file() or bool(_step_files(self.dir))
@@ -637,8 +637,13 @@ class TrajectoryLogReader:
             st = path.stat()
         except FileNotFoundError:
             return []
-        key = (st.st_mtime_ns, st.st_size)
-        if self._visit_cache is None or self._visit_cache[0] != key:
-            self._visit_cache = (key, _parse_visits(path.read_bytes(), path)[0])
-        rows = self._visit_cache[1]
+        inode, offset, rows = self._visit_cache or (None, 0, [])
+        if inode != st.st_ino or st.st_size < offset:  # a new file (rewritten on resume): read it whole
+            offset, rows = 0, []
+        if st.st_size > offset:  # appended since: parse only the new complete lines
+            with open(path, "rb") as f:
+                f.seek(offset)
+                new, good = _parse_visits(f.read(), path)
+            rows, offset = rows + new, offset + good
+        self._visit_cache = (st.st_ino, offset, rows)
         return rows if problem_id is None else [v for v in rows if v.problem_id == problem_id]

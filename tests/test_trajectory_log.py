@@ -139,9 +139,11 @@ def test_no_older_sample_keeps_only_the_window(tmp_path):
 
 def test_resume_after_a_crash_loses_nothing_before_it(tmp_path):
     trajs = [math_trajectory("a"), math_trajectory("b", answer="6")]
+    early = TrajectoryLogReader(tmp_path)  # a viewer that reads along while the run writes
     with TrajectoryLog(tmp_path, keep_last_steps=4, older_sample=0.0) as log:
         for step in range(1, 7):
             log.record(step, trajs, [1.0, -1.0], [0.5, 0.5], [0.9, 0.9], TOK)
+            assert [v.step for v in early.visits()] == [s for s in range(1, step + 1) for _ in "ab"]
     # the crash: step 6 was logged but its checkpoint never written, and a visit row was torn
     with open(tmp_path / LOG_DIR / VISITS, "a", encoding="utf-8") as f:
         f.write('[7, 0, "a", 1.0, tr')
@@ -153,6 +155,7 @@ def test_resume_after_a_crash_loses_nothing_before_it(tmp_path):
     reader = TrajectoryLogReader(tmp_path)
     visits = reader.visits()
     assert [(v.step, v.problem_id) for v in visits] == [(s, p) for s in range(1, 8) for p in "ab"]
+    assert early.visits() == visits  # the reader that read along follows the rewrite at resume
     assert [v.correct for v in reader.visits("b")] == [False] * 7
     assert reader.steps() == [4, 5, 6, 7]
     assert not list((tmp_path / LOG_DIR).glob(".step-*"))
