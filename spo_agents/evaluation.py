@@ -11,8 +11,8 @@ Files written to `out_dir` (when given):
 
 `resume=True` reads `transcripts.jsonl` and runs only the samples that are missing or ended in an
 infrastructure error; the last record of a sample wins. Samples with an infrastructure error
-(`Trajectory.error`) are not evidence about the policy: they are counted in `errors` and left
-out of the metrics; a problem with fewer than j valid samples is left out of pass@j
+(`Trajectory.error`) are not evidence about the policy: they are counted in `errors`, listed in
+`failed_samples` and left out of the metrics; a problem with fewer than j valid samples is left out of pass@j
 (`EvalReport.incomplete`).
 """
 
@@ -72,6 +72,9 @@ class EvalReport:
     token_io: bool
     problems: list[ProblemResult] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    # samples that ended in an infrastructure error (after the backend's retries), left out of the
+    # metrics: {"problem_id", "sample_index", "error"} each; `--resume` redoes them
+    failed_samples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -241,6 +244,10 @@ async def evaluate(
             except Exception:  # noqa: BLE001 - closing is best effort
                 log.warning("closing an environment failed", exc_info=True)
     report = compute_report(samples, problem_ids, k, equivalent, info)
+    report.failed_samples = [
+        {"problem_id": pid, "sample_index": i, "error": samples[(pid, i)].error}
+        for pid in problem_ids for i in range(k) if (pid, i) in samples and samples[(pid, i)].error is not None
+    ]  # fmt: skip
     if not policy.supports_token_io:
         report.token_io = False
     if out is not None:

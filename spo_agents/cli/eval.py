@@ -6,39 +6,70 @@
 Sampling defaults follow the paper's evaluation (App. D): temperature 0.6, top-p 0.95, top-k 20
 (top-k is sent only to servers that take it). `--out DIR` receives `transcripts.jsonl` and
 `results.json`; `--resume` finishes an interrupted run in the same `--out` without redoing
-finished samples.
+finished samples. One process at a time writes into an `--out` directory: it holds an exclusive
+lock on `DIR/.eval.lock` (`fcntl.flock`, released when the process ends), and a second `eval`
+into the same directory is refused.
+
+Exit status: 0 when every sample finished; 1 when any sample failed for infrastructure reasons
+after the backend's retries (the summary and `results.json`'s `failed_samples` list them; the
+metrics cover the samples that finished), or on an error before any sample ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+from typing import IO
+
+LOCK = ".eval.lock"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on an environment (avg@k, pass@k, maj@k)")
     p.add_argument("--env", required=True, help="environment id (`spo-agent envs`), or `package.module:EnvClass`")
-    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the environment (YAML value); repeatable")
-    p.add_argument("--split", default="test", help="problem split passed to environments that take `split` (default: test)")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the environment (YAML value); repeatable")
+    p.add_argument("--split", default="test",
+                   help="problem split passed to environments that take `split` (default: test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("-k", type=int, default=1, help="samples per problem (default: 1)")
-    p.add_argument("--backend", choices=["openai", "hf", "vllm"], default=None, help="default: `openai` with --base-url, else `hf`")
+    p.add_argument("--backend", choices=["openai", "hf", "vllm"], default=None,
+                   help="default: `openai` with --base-url, else `hf`")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", default=None, help="served model name (with --base-url) or a model for --backend hf: a directory, `smollm2-135m` (default) or `tiny-random`")
+    p.add_argument("--model", default=None,
+                   help="served model name (with --base-url) or a model for --backend hf: a directory, "
+                        "`smollm2-135m` (default) or `tiny-random`")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory matching the served model (default: --model)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default: OPENAI_API_KEY; `EMPTY` when unset)")
-    p.add_argument("--mode", choices=["auto", "tokens", "text"], default="auto", help="openai backend: probe the server (auto), require token ids, or text only")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request before a retry (default: 600)")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx and timeouts (default: 5)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: OPENAI_API_KEY; `EMPTY` when unset)")
+    p.add_argument("--mode", choices=["auto", "tokens", "text"], default="auto",
+                   help="openai backend: probe the server (auto), require token ids, or text only")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request waits for the next byte of its answer before a retry (default: 600)")
+    p.add_argument("--connect-timeout", type=float, default=3.0, help="seconds to open a connection (default: 3)")
+    p.add_argument("--probe-timeout", type=float, default=10.0,
+                   help="seconds the first (1-token) request waits for an answer before the run stops (default: 10)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries of one request on 429, 5xx, timeouts and dropped connections (default: 5)")
+    p.add_argument("--backoff", type=float, default=0.5,
+                   help="seconds before the first retry, doubling for each next one (default: 0.5)")
+    p.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between two retries (default: 10)")
+    p.add_argument("--server-wait", type=float, default=300.0,
+                   help="seconds requests wait for a server that went down (refuses connections) to come back "
+                        "(default: 300)")
     p.add_argument("--concurrency", type=int, default=8, help="episodes in flight (default: 8)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=20, help="0 disables")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per generation call (default: 1024)")
-    p.add_argument("--max-episode-tokens", type=int, default=4096, help="tokens per episode after the prompt (default: 4096)")
+    p.add_argument("--max-episode-tokens", type=int, default=4096,
+                   help="tokens per episode after the prompt (default: 4096)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, metavar="DIR", help="where transcripts.jsonl and results.json go (default: runs/eval/ENV-TIME)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where transcripts.jsonl and results.json go (default: runs/eval/ENV-TIME)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
@@ -57,7 +88,9 @@ def _env_factory(env_id: str, split: str, kwargs: dict):
         try:
             obj = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise EnvError(f"cannot load `{env_id}` ({e}); expected `package.module:EnvClass` importable from here") from e
+            raise EnvError(
+                f"cannot load `{env_id}` ({e}); expected `package.module:EnvClass` importable from here"
+            ) from e
         base_kwargs: dict = {}
         resolved = env_id
     else:
@@ -74,15 +107,10 @@ def _env_factory(env_id: str, split: str, kwargs: dict):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
-    from pathlib import Path
 
     from spo_agents.config import apply_overrides
     from spo_agents.errors import ConfigError
-    from spo_agents.evaluation import TRANSCRIPTS, evaluate
-    from spo_agents.policy import make_policy
-    from spo_agents.policy.base import SamplingParams
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     backend = args.backend or ("openai" if args.base_url else "hf")
@@ -100,15 +128,37 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         problem_ids = list(probe.problem_ids)
     except AttributeError as e:
-        raise ConfigError(f"`{env_id}` has no `problem_ids`; `spo-agent eval` needs a `spo_agents.envs.MultiTurnEnv`") from e
+        raise ConfigError(
+            f"`{env_id}` has no `problem_ids`; `spo-agent eval` needs a `spo_agents.envs.MultiTurnEnv`"
+        ) from e
     finally:
         probe.close()
     if args.limit is not None:
         problem_ids = problem_ids[: args.limit]
-    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    default_out = Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out) if args.out else default_out
+    lock = lock_out_dir(out)
+    try:
+        return _run(args, backend, factory, env_id, problem_ids, out)
+    finally:
+        lock.close()
+
+
+def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_ids: list[str], out: Path) -> int:
+    """Evaluate into `out` (locked by the caller) and print the summary; the exit status."""
+    import asyncio
+
+    from spo_agents.errors import ConfigError
+    from spo_agents.evaluation import TRANSCRIPTS, evaluate
+    from spo_agents.policy import make_policy
+    from spo_agents.policy.base import SamplingParams
+
     transcripts = out / TRANSCRIPTS
     if not args.resume and transcripts.is_file() and transcripts.stat().st_size:
-        raise ConfigError(f"`{out}` already holds the transcripts of an evaluation: finish it with `--resume`, or choose another `--out` (or delete it)")
+        raise ConfigError(
+            f"`{out}` already holds the transcripts of an evaluation: finish it with `--resume`, or choose another "
+            f"`--out` (or delete it)"
+        )
     model = args.model or "smollm2-135m"
     if backend == "openai":
         policy = make_policy(
@@ -119,12 +169,21 @@ def _eval(args: argparse.Namespace) -> int:
             api_key_env=args.api_key_env,
             mode=args.mode,
             request_timeout_s=args.request_timeout,
+            connect_timeout_s=args.connect_timeout,
+            probe_timeout_s=args.probe_timeout,
             max_retries=args.max_retries,
+            backoff_s=args.backoff,
+            max_backoff_s=args.max_backoff,
+            server_wait_s=args.server_wait,
             max_concurrency=max(args.concurrency, 1),
         )
+        print(f"connecting to {args.base_url} (model `{model}`): a 1-token request, waiting up to "
+              f"{args.probe_timeout:g} s for its answer", file=sys.stderr)
     else:
         policy = make_policy(backend, model)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    sampling = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
+    )
     settings = {"env": env_id, "split": args.split, "backend": backend, "model": model, "base_url": args.base_url}
 
     async def run():
@@ -149,8 +208,40 @@ def _eval(args: argparse.Namespace) -> int:
     report = asyncio.run(run())
     print(f"{env_id}: {report.num_problems} problems x k={report.k} ({backend}: {model})")
     print(report.summary_table())
+    if backend == "openai":
+        print(f"server: {policy.stats.summary()}")
     print(f"results: {out / 'results.json'}\ntranscripts: {transcripts}")
-    if report.errors:
-        print(f"{report.errors} samples failed for infrastructure reasons (see `error` in the transcripts); "
-              f"`--resume --out {out}` retries them", file=sys.stderr)
-    return 1 if report.errors and not report.num_samples else 0
+    failed = report.failed_samples
+    if failed:
+        print(f"{len(failed)} of {report.num_problems * report.k} samples failed for infrastructure reasons after "
+              f"retries and are left out of the metrics, which cover the {report.num_samples} that finished "
+              f"(`failed_samples` in results.json; first: {failed[0]['error']}); `--resume --out {out}` redoes them",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def lock_out_dir(out: Path) -> IO[str]:
+    """Take the exclusive lock of an eval output directory for this process, or raise
+    `ConfigError` when another process holds it. Close the returned file to release it (the
+    lock also ends with the process, however it ends)."""
+    import fcntl
+
+    from spo_agents.errors import ConfigError
+
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - the open file is the lock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise ConfigError(
+            f"another `spo-agent eval` ({holder}) is writing into `{out}`: two runs would interleave their "
+            f"transcripts. Wait for it to finish (then `--resume` if needed), or evaluate into another `--out`"
+        ) from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
