@@ -277,9 +277,20 @@ class TrainSection:
     # `fsdp`: FSDP2 shards fp32 master weights, gradients and AdamW state across ranks and runs
     # in `model.dtype` (spo_agents.sharding); also on one process, for the fp32 master copy
     sharding: Literal["none", "fsdp"] = "none"
+    # What the learner trained on, for `spo-agent view` / `rescore` (RUN_DIR/trajectories/):
+    # every trajectory of the last `trajectories_keep_steps` steps plus a seeded sample
+    # (`trajectories_older_sample`, at most `trajectories_older_max`) of older ones, gzip per
+    # step. The tracker's per-visit log (`visits.jsonl`) is kept in any case.
+    save_trajectories: bool = True
+    trajectories_keep_steps: int = 20
+    trajectories_older_sample: float = 0.1
+    trajectories_older_max: int = 5000
+    trajectories_logprobs: bool = False
 
     def __post_init__(self) -> None:
         _require("train", self, {
+            "trajectories_keep_steps": _AT_LEAST_1, "trajectories_older_max": _INT_NON_NEGATIVE,
+            "trajectories_older_sample": (lambda x: _finite(x) and 0 <= x <= 1, "in [0, 1]"),
             "steps": _INT_NON_NEGATIVE, "batch_size": _AT_LEAST_1,
             "mini_batches": (lambda x: isinstance(x, int) and 1 <= x <= self.batch_size, f"an integer in [1, train.batch_size = {self.batch_size}]"),
             "epochs": _AT_LEAST_1, "micro_batch_tokens": _AT_LEAST_1, "checkpoint_every": _INT_NON_NEGATIVE,

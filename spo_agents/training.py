@@ -167,6 +167,7 @@ class Trainer:
         from spo_agents.rollout import Collector
         from spo_agents.sampler import make_sampler
         from spo_agents.tracker import ValueTracker
+        from spo_agents.trajectory_log import TrajectoryLog
 
         cfg = self.cfg
         _seed_everything(cfg.train.seed)
@@ -225,6 +226,12 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project, run_name=self.run_dir.name, config=to_dict(cfg),
         )  # fmt: skip
         self.eval_ids: list[str] = []
+        t = cfg.train
+        self.trajectory_log = TrajectoryLog(
+            self.run_dir, keep_last_steps=t.trajectories_keep_steps, older_sample=t.trajectories_older_sample,
+            older_max=t.trajectories_older_max, seed=t.seed, save_logprobs=t.trajectories_logprobs,
+            start_step=self.step, problem_ids=self.problem_ids, save_trajectories=t.save_trajectories,
+        )  # fmt: skip
         from spo_agents.health import HealthLimits, StepHealth
 
         self.health = StepHealth(HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps), warn=self._console)
@@ -387,6 +394,7 @@ class Trainer:
         compared = self._compare_drift(idx, drift_pp) if cfg.tracker.compare_drift else {}
         drift_arr = np.asarray(drift_pp) if drift_pp is not None and cfg.tracker.drift == "per-prompt" else None
         rho = self.tracker.update(idx, rewards, drift=drift_arr)
+        await asyncio.to_thread(self.trajectory_log.record, self.step, good, adv, v_before, rho, self.tokenizer)
         if cfg.tracker.drift == "cumulative":
             self.tracker.add_drift(lstats.drift)
 
@@ -597,6 +605,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+            self.trajectory_log.close()
             await self.collector.close()
             try:
                 self.train_env.close()

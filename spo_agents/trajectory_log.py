@@ -419,6 +419,7 @@ class TrajectoryLog:
         save_logprobs: bool = False,
         start_step: int = 0,
         problem_ids: Sequence[str] | None = None,
+        save_trajectories: bool = True,
     ) -> None:
         if keep_last_steps < 1:
             raise ConfigError(f"`keep_last_steps` must be >= 1 (steps kept whole), got {keep_last_steps}")
@@ -433,6 +434,7 @@ class TrajectoryLog:
         self.older_max = int(older_max)
         self.seed = int(seed)
         self.save_logprobs = bool(save_logprobs)
+        self.save_trajectories = bool(save_trajectories)  # False: only the per-visit log
         self.last_step = int(start_step)
         meta = {
             "schema_version": SCHEMA_VERSION,
@@ -512,7 +514,7 @@ class TrajectoryLog:
             )
             for i, t in enumerate(trajectories)
         ]
-        if records:
+        if records and self.save_trajectories:
             _write_records(step_file(self.dir, step), [r.to_dict() for r in records])
         rows = [
             Visit(
@@ -524,7 +526,7 @@ class TrajectoryLog:
         self._visits.flush()
         os.fsync(self._visits.fileno())
         self.last_step = step
-        if records:
+        if records and self.save_trajectories:
             self._tail.append(step)
         old = [s for s in self._tail if s <= step - self.keep_last_steps]
         self._tail = [s for s in self._tail if s > step - self.keep_last_steps]

@@ -102,6 +102,13 @@ def test_two_steps_change_weights_write_documented_metrics_and_checkpoints(tmp_p
     assert (ck / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step-")) == ["step-000001", "step-000002"]
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    # what the learner trained on is kept for the viewer, with the tracker's per-visit log
+    from spo_agents.trajectory_log import TrajectoryLogReader
+
+    log = TrajectoryLogReader(tmp_path / "run")
+    visits = log.visits()
+    assert [v.step for v in visits] == [1] * 8 + [2] * 8
+    assert sorted(log.steps()) == [1, 2] and len(log.read_step(2)) == 8
 
 
 def _state_after_setup(cfg, run_dir):
