@@ -1,9 +1,10 @@
 """A fault-injecting HTTP proxy on loopback, for testing clients of an OpenAI-compatible server.
 
-`FaultProxy(upstream_port, rate=0.3).start()` listens on 127.0.0.1 and forwards each request to
-`127.0.0.1:upstream_port`, except that a share `rate` of the POST requests meets a fault instead,
-spread evenly (request n is faulted when floor(n * rate) > floor((n - 1) * rate)), with the kinds
-taken in turn from `kinds`:
+`FaultProxy(upstream_port, rate=0.3, seed=1).start()` listens on 127.0.0.1 and forwards each
+request to `127.0.0.1:upstream_port`, except that each POST request meets a fault instead with
+probability `rate`, independently (the n-th POST draws the n-th number of `random.Random(seed)`, so
+a seed fixes which POSTs are faulted, whatever the request), with the kinds taken in turn from
+`kinds`:
 
 - `500`: an HTTP 500 reply, the request is not forwarded;
 - `429`: an HTTP 429 reply with `Retry-After: retry_after`, not forwarded;
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
+import random
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ class FaultProxy:
         upstream_port: int,
         *,
         rate: float = 0.3,
+        seed: int = 1,
         kinds: tuple[str, ...] = KINDS,
         retry_after: str = "1",
         delay_s: float = 0.5,
@@ -57,6 +59,7 @@ class FaultProxy:
         self.rate, self.kinds, self.retry_after, self.delay_s = rate, kinds, retry_after, delay_s
         self.outage_after, self.outage_s = outage_after, outage_s
         self.on_post = on_post
+        self._rng = random.Random(seed)
         self.faults: Counter[str] = Counter()
         self.posts = 0
         self.forwarded = 0
@@ -114,12 +117,11 @@ class FaultProxy:
         """Count a POST; its number (1-based) and its fault kind, or None."""
         with self._lock:
             self.posts += 1
-            n = self.posts
-            faulted = math.floor(n * self.rate) > math.floor((n - 1) * self.rate)
-            kind = self.kinds[(math.floor(n * self.rate) - 1) % len(self.kinds)] if faulted else None
-            if kind is not None:
+            kind = None
+            if self._rng.random() < self.rate:
+                kind = self.kinds[sum(self.faults.values()) % len(self.kinds)]
                 self.faults[kind] += 1
-        return n, kind
+        return self.posts, kind
 
     def _forward(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -216,10 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--rate", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--outage-after", type=int, default=None)
     parser.add_argument("--outage-s", type=float, default=3.0)
     args = parser.parse_args(argv)
-    proxy = FaultProxy(args.upstream_port, rate=args.rate, outage_after=args.outage_after, outage_s=args.outage_s)
+    proxy = FaultProxy(args.upstream_port, rate=args.rate, seed=args.seed, outage_after=args.outage_after,
+                       outage_s=args.outage_s)  # fmt: skip
     proxy.port = args.port
     proxy.start()
     print(f"listening on {proxy.base_url}", flush=True)
