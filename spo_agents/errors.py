@@ -34,7 +34,13 @@ class EnvError(SPOError):
     """An environment plugin is malformed (not a valid env, wrong signature, ...)."""
 
 
-class SandboxError(SPOError):
+class InfraError(SPOError):
+    """Infrastructure failed (sandbox, policy server): the episode it hit is not evidence about
+    the policy. Rollouts catch exactly this family and record it in the trajectory; every other
+    exception (a bad config, a bug in a plugin) stops the run."""
+
+
+class SandboxError(InfraError):
     """The sandbox infrastructure failed (not the user's code: that is data in the result)."""
 
 
@@ -45,11 +51,11 @@ class SandboxNotFound(SPOError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class RolloutError(SPOError):
+class RolloutError(InfraError):
     """Generating trajectories failed for a reason that is not the model's fault."""
 
 
-class PolicyError(SPOError):
+class PolicyError(InfraError):
     """A policy backend cannot serve the request (unreachable server, missing feature, ...)."""
 
 
@@ -63,6 +69,26 @@ class TrajectoryError(SPOError, ValueError):
 
 class CheckpointError(SPOError):
     """A checkpoint is missing, corrupt or incompatible with the requested run."""
+
+
+class PluginError(EnvError):
+    """An environment raised while it ran: a bug in the plugin, never data and never retried."""
+
+    @classmethod
+    def from_exception(cls, env: object, exc: BaseException) -> PluginError:
+        """Name the environment, the exception and the innermost frame of the plugin's code."""
+        import inspect
+        import traceback
+
+        env_file = inspect.getsourcefile(type(env)) if hasattr(type(env), "__module__") else None
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = [f for f in frames if env_file and f.filename == env_file] or frames
+        where = f" at {own[-1].filename}:{own[-1].lineno} (in `{own[-1].name}`)" if own else ""
+        return cls(
+            f"the environment `{type(env).__name__}` raised {type(exc).__name__}: {exc}{where}. "
+            "An environment must turn bad model output into an observation and a reward; an exception "
+            "is a bug in the environment: fix it and run again"
+        )
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -16,8 +16,10 @@ the trajectory holds exactly the sampled tokens and the inserted reply tokens.
 
 The episode ends when the env terminates or truncates, or when `max_episode_tokens` (all tokens
 after the prompt, replies included) is spent (`truncated`). Infrastructure failures
-(`SandboxError`, `PolicyError`, any `SPOError`) become `Trajectory.error`: a bad rollout is data,
-not a crash.
+(`InfraError`: `SandboxError`, `PolicyError`) become `Trajectory.error`: a bad rollout is data,
+not a crash. Anything else (a bad config, an environment that raises) is a programmer error and
+stops the run: the collector raises it from `next_batch`, an environment's own exception as a
+`PluginError` naming its file and line.
 
 `Collector` keeps `max_in_flight` episodes running and hands out the first that finish, with no
 group barrier (paper Sec. 3 and 5.4). Over-sampling is submitting more problems than a batch needs:
@@ -45,7 +47,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spo_agents.errors import ConfigError, PolicyError, RolloutError, SPOError
+from spo_agents.errors import ConfigError, InfraError, PluginError, PolicyError, RolloutError, SPOError
 from spo_agents.policy.base import PolicyBackend, SamplingParams
 from spo_agents.types import ToolCall, Trajectory
 
@@ -192,7 +194,7 @@ async def run_episode(
             token_ids += reply
             loss_mask += [0] * len(reply)
             logprobs += [0.0] * len(reply)
-    except SPOError as e:
+    except InfraError as e:
         error = f"{type(e).__name__}: {e}"
     timings["total"] = time.perf_counter() - t_start
     if not timings["sandbox"]:
@@ -302,6 +304,7 @@ class Collector:
         self._unsettled: collections.Counter[str] = collections.Counter()
         self._counter = 0
         self._consecutive_errors = 0
+        self._fatal: BaseException | None = None  # a programmer error in an episode: raised by next_batch
         self._wake: asyncio.Event | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="env")
 
@@ -389,9 +392,13 @@ class Collector:
             )
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - one broken episode must not stop the collector
-            log.exception("episode of `%s` raised", job.problem_id)
-            traj = Trajectory(job.problem_id, _env_id(env), [], [], [], [], 0.0, error=f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - anything but an infrastructure error stops the collector
+            self._fatal = e if isinstance(e, SPOError) else PluginError.from_exception(env, e)
+            self._fatal.__cause__ = None if self._fatal is e else e
+            self._tasks.discard(asyncio.current_task())
+            if self._wake is not None:
+                self._wake.set()
+            return
         self._tasks.discard(asyncio.current_task())  # no longer in flight (the done-callback comes later)
         self._envs.append(env)
         traj.timings["queued"] = queued
@@ -439,6 +446,8 @@ class Collector:
             self._wake = asyncio.Event()
         out: list[Trajectory] = []
         while True:
+            if self._fatal is not None:
+                raise self._fatal
             self._fill()
             while self._ready and len(out) < n:
                 unit = self._ready.popleft()

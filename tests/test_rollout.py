@@ -167,3 +167,32 @@ async def test_missing_behaviour_log_probs_fail_the_episode_instead_of_becoming_
     t = await run_episode(SayEnv(), p, "test-1", sampling=FAST, max_episode_tokens=40)
     assert t.error is not None and "PolicyError" in t.error and "log-probs" in t.error
 
+
+class BuggySayEnv(SayEnv):
+    def _step_episode(self, action):
+        raise ValueError("a bug in a plugin env")
+
+
+async def test_an_env_that_raises_stops_the_collector_with_its_file_and_line(policy):
+    from spo_agents.errors import PluginError
+
+    c = Collector(lambda: BuggySayEnv(), policy, max_in_flight=2, sampling=FAST, max_episode_tokens=40)
+    c.submit(["test-0", "test-1"])
+    with pytest.raises(PluginError, match=r"`BuggySayEnv` raised ValueError: a bug in a plugin env at .*test_rollout.py:\d+"):
+        await c.next_batch(2)
+    await c.close()
+
+
+async def test_a_config_error_inside_an_episode_is_not_recorded_as_a_bad_rollout(policy):
+    from spo_agents.errors import ConfigError
+
+    class Misconfigured(SayEnv):
+        def reset(self, *, seed=None, options=None):
+            raise ConfigError("`foo` must be set")
+
+    c = Collector(lambda: Misconfigured(), policy, max_in_flight=1, sampling=FAST)
+    c.submit(["test-0"])
+    with pytest.raises(ConfigError, match="`foo` must be set"):
+        await c.next_batch(1)
+    await c.close()
+
