@@ -1,6 +1,6 @@
 """Rollout throughput: single-stream vs grouped collection under long-tailed response lengths.
 
-The experiment of the SPO paper's Sec. 5.4 (SPO.md "Why it exists", point 2), run for real: one
+The experiment of the SPO paper's Sec. 5.4 (docs/algorithm.md section 0), run for real: one
 OpenAI-compatible server (vLLM's CPU server by default, `--engine vllm`), one environment
 episode per request, and the same number of accepted trajectories collected in three ways in
 the same run:

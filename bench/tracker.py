@@ -1,4 +1,4 @@
-"""Benchmark of the SPO value tracker and prioritised sampler at data-set scale (SPO.md 1 and 4).
+"""Benchmark of the SPO value tracker and prioritised sampler at data-set scale (docs/algorithm.md sections 1 and 4).
 
     .venv/bin/python bench/tracker.py                # table
     .venv/bin/python bench/tracker.py --json         # one JSON object

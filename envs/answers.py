@@ -1,7 +1,7 @@
 """Final answers: extraction of the last `\\boxed{...}` and a symbolic equivalence check.
 
 The reward of `math-python` is 1 when the last `\\boxed{}` of the model's text is equivalent to the
-reference (SPO.md section 5; the paper's authors used exact string match, a symbolic checker
+reference (docs/algorithm.md section 5; the paper's authors used exact string match, a symbolic checker
 is better). The check runs in three steps, cheapest first:
 
 1. normalised string equality (`\\frac12` and `\\frac{1}{2}`, `$5$` and `5`, `1{,}000` and `1000`);

@@ -13,7 +13,7 @@ One episode is one problem. The interaction, as rollouts drive it:
         `reply_role = "user"` / `"tool"` it is a new chat message of that role.
         Its tokens are appended with loss mask 0 and generation resumes.
 
-Rules (see STYLE.md):
+Rules:
 - malformed model output (no answer, unclosed tags, giant code, undecodable text) is an
   observation and a reward, never an exception; envs raise only on programmer errors;
 - `terminated`: the task ended (an answer was given); `truncated`: a budget ran out;

@@ -1,7 +1,7 @@
 """`spo-agent check-env`: the contract every environment of the suite must keep.
 
 Gymnasium's own `check_env` proves the `reset` / `step` API; an LLM environment also has to be
-safe to train on token-in, token-out (DESIGN.md, "Data flow"; PEERS.md, lesson 1). The checks:
+safe to train on token-in, token-out. The checks:
 
 | check | what it proves |
 |---|---|

@@ -3,7 +3,7 @@
 ## Description
 The classic numbers game. The model gets 3 to 4 numbers (`count`) and a target, and must write
 an arithmetic expression that equals the target using `+ - * /` and parentheses, each given
-number at most once. As in `math-python` (SPO.md section 5), it may run Python between
+number at most once. As in `math-python` (docs/algorithm.md section 5), it may run Python between
 `<code>` and `</code>` to search or check (generation stops at `</code>`; the interpreter's
 reply continues the assistant turn, `reply_role = None`), and answers with
 `\\boxed{expression}`. Every problem is solvable: the target is built from the numbers.

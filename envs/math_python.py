@@ -1,4 +1,4 @@
-"""`math-python-v0`: math problems with a Python interpreter (SPO.md section 5, paper Sec. 5).
+"""`math-python-v0`: math problems with a Python interpreter (docs/algorithm.md section 5, paper Sec. 5).
 
 Episode
 -------

@@ -20,7 +20,7 @@ the final answer: the content of the last `<answer>...</answer>` in everything t
 ## Reward
 The generator's own scorer, `dataset.score_answer(answer, entry)`, kept in `info["score"]`.
 Many scorers give small partial credit (e.g. 0.01 for any well-formed wrong answer): a format
-reward, which SPO does not use (SPO.md section 5, outcome only). So by default the reward is
+reward, which SPO does not use (docs/algorithm.md section 5, outcome only). So by default the reward is
 1.0 when the score is 1 and 0.0 otherwise; `partial_credit=True` uses the score itself, clipped
 to [0, 1]. `info["correct"]` is `score >= 1`. A missing answer scores 0; a scorer that raises on
 a malformed answer scores 0 (`info["check_error"]` keeps the message).

@@ -1,6 +1,6 @@
 """Advantage estimators: SPO's tracker baseline and the group baselines it is compared with.
 
-SPO (SPO.md section 2; paper Sec. 4.2, Eqs. 8-10):
+SPO (docs/algorithm.md section 2; paper Sec. 4.2, Eqs. 8-10):
     A = r - v_hat_before                        # baseline BEFORE this reward is folded in
     A_tilde = (A - mean_B(A)) / (std_B(A) + 1e-8)   # global over the batch, no groups
 std_B is the population standard deviation (ddof = 0), so a normalised batch has std exactly
@@ -118,7 +118,7 @@ def _constant_group(r: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
 
 
 def degenerate_share(rewards: Any, group_ids: Any) -> float:
-    """Share of samples in groups whose rewards are all equal (zero GRPO advantage; SPO.md 'Why')."""
+    """Share of samples in groups whose rewards are all equal (zero GRPO advantage; docs/algorithm.md section 0)."""
     r = _vector(rewards, "rewards")
     if r.size == 0:
         return 0.0

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run, written atomically (DESIGN.md "State that must survive a crash").
+"""Checkpoints of a training run, written atomically.
 
 Layout of a run directory::
 

@@ -2,7 +2,7 @@
 
 Every field is documented once, here. Defaults are the embedded CPU run
 (`spo-agent train --env math-python` with nothing else); `configs/qwen3-8b-math-python.yaml`
-holds the paper's settings (SPO.md section 3).
+holds the paper's settings (docs/algorithm.md section 3).
 
 Loading rules:
 - unknown keys are errors that name the nearest valid key;
@@ -150,7 +150,7 @@ class RolloutConfig:
 
 @dataclass
 class TrackerConfig:
-    """The persistent per-problem value tracker (SPO.md section 1, paper Sec. 4.1).
+    """The persistent per-problem value tracker (docs/algorithm.md section 1, paper Sec. 4.1).
 
     rho(x) = 2 ** (-D(x) / d_half) clipped to [rho_min, rho_max] for `rho_type: kl-adaptive`;
     `rho_type: constant` uses `rho_constant` (ablation). `drift`: `cumulative` (running sum of
@@ -186,7 +186,7 @@ class TrackerConfig:
 
 @dataclass
 class SamplerConfig:
-    """Which problems are attempted next (SPO.md section 4, paper Eq. 11).
+    """Which problems are attempted next (docs/algorithm.md section 4, paper Eq. 11).
 
     `prioritized`: w = sqrt(v_hat (1 - v_hat)) / N_eff^gamma + eps, drawn without replacement,
     N_eff = alpha + beta. `gamma: 0` (default) is the authors' code, which drops the N_eff term
@@ -223,7 +223,7 @@ class AlgorithmConfig:
 
 @dataclass
 class LossConfig:
-    """Token-level PPO-clip with clip-higher and dual clip (SPO.md section 3)."""
+    """Token-level PPO-clip with clip-higher and dual clip (docs/algorithm.md section 3)."""
 
     eps_low: float = 0.2
     eps_high: float = 0.28

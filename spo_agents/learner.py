@@ -1,10 +1,10 @@
 """The learner: one PPO-clip update of the policy on a batch of finished trajectories.
 
-What one `Learner.update(trajectories, advantages)` does (SPO.md sections 2-3, paper Sec. 4.2):
+What one `Learner.update(trajectories, advantages)` does (docs/algorithm.md sections 2-3, paper Sec. 4.2):
 
 1. Pack each trajectory as `prompt_ids + token_ids`, left-padded into `[B, L]` tensors. The
    tokens trained on are exactly the ones the policy produced (`loss_mask == 1`); tokens the
-   environment inserted are context only (token-in, token-out, DESIGN.md).
+   environment inserted are context only (token-in, token-out).
 2. Split the batch into `mini_batches` equal parts (one optimiser step each, one epoch), after a
    shuffle (`mini_batch_order`): trajectories arrive in the order they finished, shortest first,
    and unshuffled chunks would give the first optimiser step only the short responses. Each
@@ -14,7 +14,7 @@ What one `Learner.update(trajectories, advantages)` does (SPO.md sections 2-3, p
    the positions that predict generated tokens. Dividing by the *sampling* temperature makes the
    new log-probs comparable with the behaviour log-probs, which backends report for the
    temperature-scaled distribution they sampled from. Top-p / top-k truncation is not
-   reproduced: train with them off (the default and the paper's setting, SPO.md section 3).
+   reproduced: train with them off (the default and the paper's setting, docs/algorithm.md section 3).
 4. PPO-clip token loss against the behaviour log-probs (`pi_old`), via `spo_agents.loss`. The
    normaliser is the whole mini-batch's token count (or sequence count for
    `seq-mean-token-mean`), so the sum of micro-batch losses equals the full mini-batch loss.
@@ -31,7 +31,7 @@ What one `Learner.update(trajectories, advantages)` does (SPO.md sections 2-3, p
    Scoring (`score`) is split the same way: each rank scores its share of the trajectories
    and the results are gathered.
 
-Policy drift for the value tracker (SPO.md section 1):
+Policy drift for the value tracker (docs/algorithm.md section 1):
 - `cumulative` mode: `drift = token-mean |log pi_after - log pi_before|` over the step's own
   batch, where `pi_before` is the model before this step's update and `pi_after` after it. With
   one mini-batch `pi_before` comes free from the loss forward; with several it costs one extra
@@ -220,7 +220,7 @@ class _Stored:
 class PromptDriftStore:
     """Each problem's last response with the log-probs of the policy that acted on it (scored
     before the update that followed); `drift(...)` re-scores them with the current policy
-    (SPO.md section 1)."""
+    (docs/algorithm.md section 1)."""
 
     def __init__(self) -> None:
         self.items: dict[str, _Stored] = {}

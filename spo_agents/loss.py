@@ -1,4 +1,4 @@
-"""Token-level PPO-clip policy loss with clip-higher and dual clip (SPO.md section 3).
+"""Token-level PPO-clip policy loss with clip-higher and dual clip (docs/algorithm.md section 3).
 
 Per generated token t of sample b, with the sample's advantage A_b broadcast to its tokens and
 ratio = exp(log pi - log pi_old) (pi_old: the behaviour policy that sampled the token):

@@ -4,7 +4,7 @@ TensorBoard (`logging.tensorboard: true`) and Weights & Biases (`logging.wandb: 
 
 `METRICS` documents every key the training loop writes; a test fails when a key is written
 without documentation. `markdown_table()` renders the documentation for the README.
-Only the training loop writes metrics (STYLE.md); it builds them from typed stats objects.
+Only the training loop writes metrics; it builds them from typed stats objects.
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ METRICS: dict[str, str] = {
     "train/reward_std": "Standard deviation of the batch's rewards.",
     "train/accuracy": "Share of the batch's episodes whose final answer was correct.",
     "train/advantage_raw_std": "Standard deviation of r - baseline before normalisation (the variance the baseline removes; paper Sec. 5).",
-    "train/advantage_mean": "Mean of the normalised advantages (about 0 by construction, SPO.md section 2).",
+    "train/advantage_mean": "Mean of the normalised advantages (about 0 by construction, docs/algorithm.md section 2).",
     "train/advantage_std": "Standard deviation of the normalised advantages (about 1, or 0 when every advantage is equal).",
     "train/batch_size": "Trajectories used by the learner this step (after dropping rollout errors).",
-    "train/degenerate_share": "GRPO only: share of samples in groups whose rewards are all equal (zero advantage, wasted compute; SPO.md 'Why it exists').",
+    "train/degenerate_share": "GRPO only: share of samples in groups whose rewards are all equal (zero advantage, wasted compute; docs/algorithm.md section 0).",
     "tracker/v_hat_mean": "Mean v_hat over the batch's problems before their rewards were folded in (the baseline used).",
     "tracker/v_hat_p10": "10th percentile of the batch's v_hat (before update).",
     "tracker/v_hat_p50": "Median of the batch's v_hat (before update).",
     "tracker/v_hat_p90": "90th percentile of the batch's v_hat (before update).",
     "tracker/v_hat_all_mean": "Mean v_hat over all training problems after the update.",
-    "tracker/rho_mean": "Mean forgetting factor rho applied to the batch's problems (SPO.md section 1).",
+    "tracker/rho_mean": "Mean forgetting factor rho applied to the batch's problems (docs/algorithm.md section 1).",
     "tracker/rho_min": "Smallest rho applied this step.",
     "tracker/rho_max": "Largest rho applied this step.",
     "tracker/drift": "Policy drift measured this step: token-mean |log pi_after - log pi_before| on the batch (see spo_agents.learner).",
@@ -75,7 +75,7 @@ METRICS: dict[str, str] = {
     "learner/grad_norm": "Gradient norm before clipping (mean over optimiser steps).",
     "learner/lr": "Learning rate of the step.",
     "learner/optimizer_steps": "Optimiser steps taken this step (`train.mini_batches` x `train.epochs`).",
-    "eval/avg_at_k": "Held-out evaluation: mean correctness over k samples per problem (SPO.md section 6).",
+    "eval/avg_at_k": "Held-out evaluation: mean correctness over k samples per problem (docs/algorithm.md section 6).",
     "eval/pass_at_k": "Held-out evaluation: unbiased pass@k.",
     "eval/maj_at_k": "Held-out evaluation: majority-vote correctness over k samples.",
     "eval/k": "Samples per problem in the held-out evaluation.",

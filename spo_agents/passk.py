@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper's App. D (SPO.md section 6), as small pure functions.
+"""Evaluation metrics of the paper's App. D (docs/algorithm.md section 6), as small pure functions.
 
 - avg@k: mean correctness over the k samples of a problem.
 - pass@k: the unbiased estimator 1 - C(n - c, k) / C(n, k) from n >= k samples with c correct,

@@ -1,6 +1,6 @@
 """Single-stream rollout: episodes driven by the policy, delivered the moment they finish.
 
-One episode (`run_episode`, DESIGN.md "Data flow"): the environment's reset messages go through
+One episode (`run_episode`): the environment's reset messages go through
 the chat template (with the generation prompt) to give `prompt_ids`; then, until the episode ends,
 the policy generates until one of `env.stop_sequences` or end-of-turn, `env.step(text)` runs in
 a worker thread, and the environment's reply is appended with loss mask 0. Token-in, token-out:
@@ -11,7 +11,7 @@ the trajectory holds exactly the sampled tokens and the inserted reply tokens.
 - `reply_role = "user"` / `"tool"`: the reply is a new chat message; its tokens are the chat
   template's delta: the text of everything so far is a prefix of the chat rendered with the reply
   (and the next generation prompt), and the suffix is tokenised. A template that is not
-  prefix-preserving (PEERS.md, lesson 1) makes the episode an error instead of a silently wrong
+  prefix-preserving makes the episode an error instead of a silently wrong
   training sequence.
 
 The episode ends when the env terminates or truncates, or when `max_episode_tokens` (all tokens

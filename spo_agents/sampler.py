@@ -1,4 +1,4 @@
-"""Which problems are attempted next: prioritised sampling from the tracker (SPO.md section 4).
+"""Which problems are attempted next: prioritised sampling from the tracker (docs/algorithm.md section 4).
 
 Paper Eq. 11: w(x) = sqrt(v_hat(x) (1 - v_hat(x))) / N_eff(x)^gamma + eps, eps = 0.05, with
 N_eff = alpha + beta the tracker's effective sample count; the next batch is drawn with

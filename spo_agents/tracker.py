@@ -1,4 +1,4 @@
-"""The persistent per-problem value tracker of SPO (SPO.md section 1; paper Sec. 4.1, Alg. 2).
+"""The persistent per-problem value tracker of SPO (docs/algorithm.md section 1; paper Sec. 4.1, Alg. 2).
 
 Each problem x carries a Beta(alpha, beta) belief over its success probability:
 
@@ -20,7 +20,7 @@ alpha + beta <- rho (alpha + beta) + 1. We apply the same arithmetic to every fi
 for rewards outside [0, 1] v_hat is that moving average (it may leave [0, 1], and alpha or beta
 may become negative: they are then no longer Beta parameters). Non-finite rewards are rejected.
 
-Departures from the authors' code (all listed in SPO.md): keyed by a stable problem id, not the
+Departures from the authors' code (all listed in docs/algorithm.md): keyed by a stable problem id, not the
 prompt text; offline initialisation uses each problem's actual sample count; the state is saved
 and restored (`state_dict` / `load_state_dict`); D_half and rho_max are configurable.
 
@@ -86,7 +86,7 @@ class TrackerSummary:
 
 
 class ValueTracker:
-    """Beta(alpha, beta) per problem, vectorised over problems (SPO.md section 1).
+    """Beta(alpha, beta) per problem, vectorised over problems (docs/algorithm.md section 1).
 
     Problems are addressed by their index in `problem_ids` (the order given at construction);
     `indices(ids)` maps ids to those indices.

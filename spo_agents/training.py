@@ -1,6 +1,6 @@
-"""The training loop behind `spo-agent train` (DESIGN.md "Data flow of one training step").
+"""The training loop behind `spo-agent train`.
 
-One step, in this order (SPO.md sections 1-4; paper Alg. 1):
+One step, in this order (docs/algorithm.md sections 1-4; paper Alg. 1):
 
 1. Sample: the sampler draws problems with weights from the tracker's v_hat (Eq. 11) to keep
    `ceil(batch_size * rollout.oversample)` episodes outstanding (problems already in flight are

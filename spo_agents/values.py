@@ -1,4 +1,4 @@
-"""Offline value estimation: the tracker's starting point (SPO.md section 1, paper Sec. 4.1).
+"""Offline value estimation: the tracker's starting point (docs/algorithm.md section 1, paper Sec. 4.1).
 
 Before training, sample `n` episodes of every training problem with the initial policy and the
 TRAINING sampling settings (temperature 1.0 by default; the authors used eval settings, which

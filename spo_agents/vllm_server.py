@@ -2,12 +2,11 @@
 
 On a cluster the generation servers are separate processes; here the training loop either
 connects to a server that is already running (`connect(base_url)`) or starts one itself on the
-loopback interface (`VLLMServer`), with the flags weight synchronisation needs (DESIGN.md,
-"Policy backends"; MACHINE.md, "vLLM's server on CPU"):
+loopback interface (`VLLMServer`), with the flags weight synchronisation needs:
 
 - `--logprobs-mode processed_logprobs`: the log-probs returned with each sampled token are those
   of the distribution actually sampled from (after temperature / top-k / top-p), which is what
-  the PPO ratio needs as pi_old (SPO.md section 3). The default (raw) mode is not.
+  the PPO ratio needs as pi_old (docs/algorithm.md section 3). The default (raw) mode is not.
 - `--dtype float32` by default: in fp32 the server's log-probs match the learner's to ~1e-5; in
   bf16 they differ by up to ~0.2, which shows up as a spurious policy ratio.
 - `VLLM_SERVER_DEV_MODE=1` exposes `/collective_rpc` (full-weight reload), `/reset_prefix_cache`,

@@ -1,10 +1,9 @@
 """Keep a vLLM server's weights equal to the learner's after every update.
 
-After each optimiser step (DESIGN.md, "Data flow of one training step": "new weights to the
-policy backend") the server that generates rollouts must serve exactly the learner's weights,
-and every trajectory must record which weights generated it: the PPO ratio (SPO.md section 3)
-divides by the behaviour policy's log-probs, and the value tracker's forgetting factor (SPO.md
-section 1) is driven by the policy drift between versions. Three strategies, one interface,
+After each optimiser step the server that generates rollouts must serve exactly the learner's
+weights, and every trajectory must record which weights generated it: the PPO ratio
+(docs/algorithm.md section 3) divides by the behaviour policy's log-probs, and the value
+tracker's forgetting factor (section 1) is driven by the policy drift between versions. Three strategies, one interface,
 chosen by `rollout.weight_sync`:
 
 - `reload` (`ReloadSync`): write the full state dict as safetensors to a fast local directory

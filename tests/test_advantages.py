@@ -1,4 +1,4 @@
-"""Advantage estimators (SPO.md section 2): hand values, reference loops, properties."""
+"""Advantage estimators (docs/algorithm.md section 2): hand values, reference loops, properties."""
 
 from __future__ import annotations
 

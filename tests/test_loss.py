@@ -1,4 +1,4 @@
-"""PPO-clip policy loss (SPO.md section 3): per-token reference loop, clip cases, gradients."""
+"""PPO-clip policy loss (docs/algorithm.md section 3): per-token reference loop, clip cases, gradients."""
 
 from __future__ import annotations
 

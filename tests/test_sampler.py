@@ -1,4 +1,4 @@
-"""Prioritised sampling (SPO.md section 4, Eq. 11): weights, draw distribution, state."""
+"""Prioritised sampling (docs/algorithm.md section 4, Eq. 11): weights, draw distribution, state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ValueTracker (SPO.md section 1): hand-computed values, a slow reference loop, properties."""
+"""ValueTracker (docs/algorithm.md section 1): hand-computed values, a slow reference loop, properties."""
 
 from __future__ import annotations
 

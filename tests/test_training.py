@@ -563,7 +563,7 @@ def test_a_step_uses_the_value_before_the_update_and_updates_the_tracker_after(t
     assert len(set(np.round(v_before, 6))) > 1  # the baselines differ, so the check below can fail
     np.testing.assert_allclose(seen["adv"], compute_advantages("spo", r, v_before), atol=1e-12)
     np.testing.assert_array_equal(seen["alpha_at_update"], alpha0)  # nothing folded in before the learner ran
-    # after the update: first visit, so rho = rho_max (SPO.md section 1)
+    # after the update: first visit, so rho = rho_max (docs/algorithm.md section 1)
     rho = t.cfg.tracker.rho_max
     np.testing.assert_allclose(t.tracker.alpha[idx], rho * alpha0[idx] + r, rtol=1e-6)
     np.testing.assert_allclose(t.tracker.beta[idx], rho * beta0[idx] + (1 - r), rtol=1e-6)

@@ -11,7 +11,7 @@ stays free and torch's intra-op thread pool (`torch_threads`) is not oversubscri
 
 Log-probs. `Generation.logprobs` are fp32 log-probs of the distribution actually sampled from:
 the model's logits after temperature, top-k and top-p (`transformers` logits processors), i.e.
-the behaviour policy pi_old of the PPO ratio (SPO.md section 3). Tokens removed by top-k/top-p
+the behaviour policy pi_old of the PPO ratio (docs/algorithm.md section 3). Tokens removed by top-k/top-p
 cannot be sampled, so every returned log-prob is finite. With `temperature = 0` decoding is
 greedy and the log-probs are those of the unmodified model (temperature 1).
 
