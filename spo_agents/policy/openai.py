@@ -74,9 +74,9 @@ _PROBE = "the capability probe"
 
 @dataclass
 class RequestStats:
-    """What the backend's requests met: `requests` sent (retries included), `retries` by reason
-    (`HTTP 500`, `HTTP 429`, `dropped connection`, `timeout`), and the server outages waited for
-    (`outages`, `outage_s` seconds in all)."""
+    """What the backend's requests met: `requests` attempted (retries and refused connections
+    included), `retries` by reason (`HTTP 500`, `HTTP 429`, `dropped connection`, `timeout`), and
+    the server outages waited for (`outages`, `outage_s` seconds in all)."""
 
     requests: int = 0
     retries: dict[str, int] = field(default_factory=dict)
