@@ -50,7 +50,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _recompute(rows: list[dict]) -> dict:
-    """avg@k, pass@k and maj@k from the transcripts alone (SPO.md section 6 / paper App. D):
+    """avg@k, pass@k and maj@k from the transcripts alone (docs/algorithm.md section 6, paper App. D):
     pass@j is the share of j-subsets of a problem's valid samples with a correct one; an episode
     cut off by a budget does not vote in maj@k; failed samples are left out."""
     by_pid: dict[str, list[dict]] = {}
