@@ -276,14 +276,14 @@ class LocalSession(SandboxSession):
             raise
         return runner
 
-    async def _kill(self, runner: _Runner, settle: bool = False, wait_group: bool = True) -> Exit | None:
+    async def _kill(self, runner: _Runner, settle: bool = False) -> Exit | None:
         """Kill the runner's tree and release what it held (channels, work dir, pids cgroup).
 
         With `settle`, a runner that hung up first gets a moment to exit by itself; how it ended
         is returned then (None when it had not, or its worker is gone): the sandbox sent it no
-        signal, so a signal in it came from elsewhere. The pids cgroup is removed once the killed
-        tree has left it (a fork bomb's tree can take seconds): awaited, or with `wait_group`
-        False, in the background so that a timed-out call returns at once."""
+        signal, so a signal in it came from elsewhere. The pids cgroup is removed in the background
+        as soon as the killed tree has left it (milliseconds; seconds for a fork bomb on a busy
+        machine), so neither a timed-out call nor `close` waits for that."""
         loop = asyncio.get_running_loop()
         backend = self._backend
         ended = None
@@ -304,10 +304,7 @@ class LocalSession(SandboxSession):
             if runner.workdir is not None:
                 shutil.rmtree(runner.workdir, ignore_errors=True)
             if runner.cgroup is not None:
-                if wait_group:
-                    await backend._release_group(runner.cgroup)
-                else:
-                    backend._release_later(runner.cgroup)
+                backend._release_later(runner.cgroup)
         return ended
 
     async def _current(self) -> _Runner:
@@ -372,7 +369,7 @@ class LocalSession(SandboxSession):
                 return result
             # The session is gone (timeout) or died (os._exit, a signal, a crash, or a kill from
             # outside): kill what is left of its tree, report, and start a fresh one.
-            ended = await self._kill(runner, settle=not timed_out, wait_group=False)
+            ended = await self._kill(runner, settle=not timed_out)
             self._runner = None
             self.restarts += 1
             self._collect(runner, result)
@@ -746,6 +743,9 @@ class LocalBackend(SandboxBackend):
                     return
                 await asyncio.sleep(pause)
                 pause = min(pause * 1.5, 0.1)
+        except asyncio.CancelledError:  # its event loop is shutting down
+            self._stale(group)
+            raise
         finally:
             with self._stale_lock:
                 self._releasing.discard(group)
