@@ -4,8 +4,8 @@ A *backend* (`local`, `docker`, `e2b`, or a plugin) opens *sessions*. A session 
 Python interpreter: variables survive between `run` calls unless the session is stateless.
 
 - User-code failure (an exception, a timeout, too much memory or output) is data in the
-  `SandboxResult`; only infrastructure failure (cannot start a worker, engine down, ...)
-  raises `SandboxError`.
+  `SandboxResult`; only infrastructure failure (cannot start a worker, engine down, a session
+  killed from outside the sandbox, ...) raises `SandboxError`.
 - Async first, because many episodes are in flight at once; `SyncSession` wraps a session for
   synchronous callers (environments' `step`, which rollouts run in worker threads).
 - `close()` is safe to call twice; sessions are (async) context managers.
@@ -43,7 +43,8 @@ class SandboxResult:
 
     `exit_status` is 0 when the code ran to completion; `exception` holds the traceback text when
     it raised. `session_restarted` is set when the session was lost (timeout, crash, `os._exit`)
-    and had to be started afresh, so earlier variables are gone.
+    and had to be started afresh, so earlier variables are gone; after a call that raised
+    `SandboxError` because the session was killed from outside, the next call's result says so.
     """
 
     stdout: str = ""
