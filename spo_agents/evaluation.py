@@ -10,7 +10,10 @@ Files written to `out_dir` (when given):
 - `results.json`: the report (`EvalReport.to_dict()`), written at the end.
 
 `resume=True` reads `transcripts.jsonl` and runs only the samples that are missing or ended in an
-infrastructure error; the last record of a sample wins. Samples with an infrastructure error
+infrastructure error; the last record of a sample wins. It refuses other settings than
+`settings.json` records (sampling, budgets, k, the env with its options and the problems'
+fingerprint), except a moved server (`base_url`), which is a notice. An environment that raises
+stops the evaluation with a `PluginError` (the finished samples stay in the transcripts). Samples with an infrastructure error
 (`Trajectory.error`) are not evidence about the policy: they are counted in `errors`, listed in
 `failed_samples` and left out of the metrics; a problem with fewer than j valid samples is left out of pass@j
 (`EvalReport.incomplete`).
@@ -29,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spo_agents.errors import ConfigError
+from spo_agents.errors import ConfigError, PluginError, SPOError
 from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.policy.base import PolicyBackend, SamplingParams
-from spo_agents.rollout import _env_id, run_episode
+from spo_agents.rollout import run_episode
 from spo_agents.types import Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -179,7 +182,7 @@ async def evaluate(
     sampling = sampling or SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
     out = Path(out_dir) if out_dir is not None else None
     samples: dict[tuple[str, int], Trajectory] = {}
-    info = {"sampling": asdict(sampling), "max_episode_tokens": max_episode_tokens, "seed": seed, **(settings or {})}
+    info = {"sampling": asdict(sampling), "max_episode_tokens": max_episode_tokens, "seed": seed, "k": k, **(settings or {})}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / TRANSCRIPTS
@@ -210,11 +213,10 @@ async def evaluate(
             env = envs.pop() if envs else env_factory()
             try:
                 t = await run_episode(env, policy, pid, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=sample_seed(pid, i, seed), executor=executor)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a broken episode (e.g. a plugin env's bug) is data, not the end of the run
-                log.exception("episode %d of `%s` raised", i, pid)
-                t = Trajectory(pid, _env_id(env), [], [], [], [], 0.0, error=f"{type(e).__name__}: {e}")
+            except SPOError:
+                raise  # a config error: the run stops (infrastructure errors are in `t.error`)
+            except Exception as e:  # an environment's own exception is a plugin bug, never data
+                raise PluginError.from_exception(env, e) from e
             finally:
                 envs.append(env)
         t.group_id, t.sample_index = pid, i
@@ -229,8 +231,14 @@ async def evaluate(
             bar.update(1)
             bar.set_postfix(acc=f"{tally['correct'] / tally['done']:.3f}", errors=sum(1 for s in samples.values() if s.error))
 
+    tasks = [asyncio.ensure_future(one(pid, i)) for pid, i in todo]
     try:
-        await asyncio.gather(*(one(pid, i) for pid, i in todo))
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:  # the finished samples are in the transcripts; stop the rest
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -277,13 +285,30 @@ def _repair_torn_tail(path: Path) -> None:
                 f.write(b"\n")
 
 
+def problems_fingerprint(problems: list[Any]) -> str:
+    """SHA-256 over the problems' ids and prompts, in order: another data file, split or limit
+    gives another fingerprint even where ids overlap."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.prompt], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+#: settings a resume may change (the server moved but serves the same model): a notice only
+MOVABLE = ("base_url",)
+
+
 def _check_same_settings(path: Path, now: dict[str, Any]) -> None:
     """`resume` may only add samples drawn the same way: compare `now` (as JSON reads back) with
-    the run's saved settings."""
+    the run's saved settings (the env and its options, the problems, k, sampling, budgets)."""
     if not path.is_file():
         return  # written by a version that did not save them
     saved = json.loads(path.read_text(encoding="utf-8"))
-    diffs = [f"`{key}`: {saved.get(key)!r} then, {now.get(key)!r} now" for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+    keys = sorted(set(saved) | set(now))
+    for key in MOVABLE:
+        if saved.get(key) != now.get(key):
+            print(f"notice: resuming with `{key}` {now.get(key)!r} (the run used {saved.get(key)!r})", file=sys.stderr)
+    diffs = [f"`{key}`: {saved.get(key)!r} then, {now.get(key)!r} now" for key in keys if key not in MOVABLE and saved.get(key) != now.get(key)]
     if diffs:
         raise ConfigError(
             f"`--resume` in `{path.parent}` with other settings than the run it continues: " + "; ".join(diffs)

@@ -174,7 +174,9 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     assert "temperature" in capsys.readouterr().err and (tmp_path / "transcripts.jsonl").read_text() == before
 
 
-async def test_an_env_that_raises_is_an_error_sample_and_the_run_goes_on(policy, tmp_path):
+async def test_an_env_that_raises_stops_the_evaluation_as_a_plugin_bug_and_keeps_the_finished_samples(policy, tmp_path):
+    from spo_agents.errors import PluginError
+
     class BuggyEnv(SayEnv):
         def _step_episode(self, action):
             if self.problem.id == "test-1":
@@ -182,11 +184,34 @@ async def test_an_env_that_raises_is_an_error_sample_and_the_run_goes_on(policy,
             return super()._step_episode(action)
 
     ids = ["test-0", "test-1"]
-    report = await evaluate(lambda: BuggyEnv(), policy, ids, k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path, progress=False, max_episode_tokens=30)
-    rows = {(t.problem_id, t.sample_index): t for t in read_jsonl(tmp_path / TRANSCRIPTS)}
-    assert len(rows) == 4 and report.errors == 2 and report.num_samples == 2
-    assert all("ValueError: a bug in a plugin env" in rows[("test-1", i)].error for i in range(2))
-    assert all(rows[("test-0", i)].error is None for i in range(2))
+    with pytest.raises(PluginError, match=r"`BuggyEnv` raised ValueError: a bug in a plugin env at .*test_evaluation.py:\d+"):
+        await evaluate(lambda: BuggyEnv(), policy, ids, k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path,
+                       progress=False, max_episode_tokens=30, concurrency=1)
+    rows = list(read_jsonl(tmp_path / TRANSCRIPTS))
+    assert all(t.error is None and t.problem_id == "test-0" for t in rows)  # nothing recorded as data
+
+
+def test_resume_refuses_another_problem_set_and_allows_a_moved_server(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from spo_agents.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    base = ["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "1", "--limit", "2",
+            "--max-new-tokens", "4", "--max-episode-tokens", "20", "--out", str(tmp_path), "--no-progress"]
+    assert main(base) == 0
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["k"] == 1 and settings["env_kwargs"] == {} and len(settings["problems"]) == 64
+    capsys.readouterr()
+    assert main([*base, "--resume", "--limit", "3"]) == 1  # other problems: refused
+    assert "`problems`" in capsys.readouterr().err
+    assert main([*base, "--resume", "-k", "2"]) == 1
+    assert "`k`" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    saved["base_url"] = "http://elsewhere:8000/v1"  # the run's server has moved since
+    (tmp_path / "settings.json").write_text(json.dumps(saved))
+    assert main([*base, "--resume"]) == 0
+    assert "notice: resuming with `base_url`" in capsys.readouterr().err
 
 
 def test_a_complete_last_line_without_its_newline_is_kept(tmp_path):

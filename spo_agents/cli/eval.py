@@ -127,14 +127,16 @@ def _eval(args: argparse.Namespace) -> int:
     probe = factory()
     try:
         problem_ids = list(probe.problem_ids)
+        if args.limit is not None:
+            problem_ids = problem_ids[: args.limit]
+        fingerprint = _fingerprint(probe, problem_ids)
     except AttributeError as e:
         raise ConfigError(
             f"`{env_id}` has no `problem_ids`; `spo-agent eval` needs a `spo_agents.envs.MultiTurnEnv`"
         ) from e
     finally:
         probe.close()
-    if args.limit is not None:
-        problem_ids = problem_ids[: args.limit]
+    args.env_kwargs, args.problems_fingerprint = env_kwargs, fingerprint
     default_out = Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out) if args.out else default_out
     lock = lock_out_dir(out)
@@ -142,6 +144,18 @@ def _eval(args: argparse.Namespace) -> int:
         return _run(args, backend, factory, env_id, problem_ids, out)
     finally:
         lock.close()
+
+
+def _fingerprint(env, problem_ids: list[str]) -> str:
+    """The problems' fingerprint (ids and prompts) of a `MultiTurnEnv`; ids alone for other envs."""
+    from spo_agents.envs.base import MultiTurnEnv
+    from spo_agents.evaluation import problems_fingerprint
+    from spo_agents.types import Problem
+
+    if isinstance(env, MultiTurnEnv):
+        by_id = {p.id: p for p in env.problems}
+        return problems_fingerprint([by_id[i] for i in problem_ids])
+    return problems_fingerprint([Problem(i, "") for i in problem_ids])
 
 
 def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_ids: list[str], out: Path) -> int:
@@ -184,7 +198,10 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
     )
-    settings = {"env": env_id, "split": args.split, "backend": backend, "model": model, "base_url": args.base_url}
+    settings = {
+        "env": env_id, "split": args.split, "backend": backend, "model": model, "base_url": args.base_url,
+        "env_kwargs": args.env_kwargs, "problems": args.problems_fingerprint,
+    }  # fmt: skip
 
     async def run():
         try:
