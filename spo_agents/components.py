@@ -135,9 +135,11 @@ def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Pat
         if not base_url:
             raise ConfigError(f"`rollout.backend: {backend}` needs `rollout.base_url`, e.g. `http://127.0.0.1:8000/v1`")
         # Training needs the sampled token ids and their log-probs: refuse text-only servers.
+        r = cfg.rollout
         policy = make_policy(
-            "openai", cfg.rollout.server_model or cfg.model.name, base_url=base_url,
-            api_key_env=cfg.rollout.api_key_env, tokenizer=tokenizer, mode="tokens",
+            "openai", r.server_model or cfg.model.name, base_url=base_url, api_key_env=r.api_key_env,
+            tokenizer=tokenizer, mode="tokens", request_timeout_s=r.request_timeout_s, max_retries=r.max_retries,
+            server_wait_s=r.server_wait_s,
         )  # fmt: skip
         sync = None
         if backend == "vllm-server":

@@ -131,7 +131,9 @@ class RolloutConfig:
     weight_sync: Literal["reload", "lora", "nccl"] = "reload"
     server_python: str | None = None  # interpreter of the vLLM server venv when we start it
     server_args: list[str] = field(default_factory=list)
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # server backends: the wait for the next byte of an answer
+    max_retries: int = 5  # server backends: retries of a request after 429 / 5xx / a dropped connection
+    server_wait_s: float = 300.0  # server backends: how long a server that went down is waited for
     # A step that loses more than this share of its finished episodes to infrastructure errors
     # is reported at once; `max_error_steps` such steps in a row stop the run.
     max_error_share: float = 0.25
@@ -140,6 +142,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _require("rollout", self, {
             "max_error_share": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"), "max_error_steps": _AT_LEAST_1,
+            "max_retries": _INT_NON_NEGATIVE, "server_wait_s": _NON_NEGATIVE,
             "max_in_flight": _AT_LEAST_1, "oversample": (lambda x: _finite(x) and x >= 1, "a finite number >= 1"),
             "max_staleness": _INT_NON_NEGATIVE, "temperature": _POSITIVE,
             "top_p": (lambda x: x == 1.0, "1.0: the learner scores the full softmax, so a nucleus biases every ratio; use `eval.top_p` for evaluation"),
