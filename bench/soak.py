@@ -78,7 +78,8 @@ class Case:
 
 COUNTING_BOMB = (
     f"import os, time\nn = 0\nfor _ in range({3 * CAP}):\n    try:\n        if os.fork() == 0:\n"
-    "            time.sleep(60)\n            os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint('made', n)"
+    "            time.sleep(60)\n            os._exit(0)\n        n += 1\n    except OSError:\n        break\n"
+    "print('made', n)"
 )
 CASES = [
     # ordinary code
@@ -99,8 +100,8 @@ CASES = [
     Case("counting_bomb", COUNTING_BOMB, timeout=15.0, weight=2),
     Case("memory_at_once", "blob = bytearray(8 * 1024**3)\nprint('allocated')"),
     Case("memory_growing", "b = []\nwhile True:\n    b.append(bytearray(32 * 2**20))", timeout=10.0),
-    Case("huge_output", "import sys\nblock = 'y' * 2**20\nfor _ in range(20):\n    sys.stdout.write(block)\nprint('END')",
-         timeout=10.0),
+    Case("huge_output", "import sys\nblock = 'y' * 2**20\nfor _ in range(20):\n    sys.stdout.write(block)\n"
+         "print('END')", timeout=10.0),
     Case("background", (
         "import os, subprocess, sys, time\n"
         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
@@ -374,7 +375,7 @@ async def _episode(soak: Soak, s, n_calls: int, kill: str | None) -> None:
     weights = [c.weight for c in CASES]
     for _ in range(n_calls - 1):
         case = soak.rng.choices(CASES, weights)[0]
-        kind, r = await _call(soak, s, case)
+        _, r = await _call(soak, s, case)
         namespaces.add(_session_ns(s))
         if case.name == "counting_bomb":
             _check_groups(soak, s, "counting bomb")
@@ -528,7 +529,7 @@ async def soak(calls: int, concurrency: int, seed: int, verbose: bool) -> dict:
 
 
 def machine() -> dict:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
                          cwd=Path(__file__).resolve().parent).stdout.strip()
     return {"uname": " ".join(platform.uname()), "python": sys.version.split()[0], "cores": os.cpu_count(),
             "euid": os.geteuid(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git}

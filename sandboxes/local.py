@@ -559,6 +559,11 @@ def _remove_tree(root: Path) -> None:
     _rmdir_retrying(root, tries=5)
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _read_hello(sock: socket.socket, timeout: float) -> tuple[dict[str, Any] | None, int | None]:
     """The runner's first frame, and the pid of the process that sent it as this process sees it.
 
@@ -580,7 +585,7 @@ async def _read_hello(sock: socket.socket, timeout: float) -> tuple[dict[str, An
             data, ancdata, _, _ = sock.recvmsg(want, _CREDENTIALS_SPACE)
         except BlockingIOError:
             readable = loop.create_future()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(fd, _wake, readable)
             try:
                 await asyncio.wait_for(readable, max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
