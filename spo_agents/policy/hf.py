@@ -1,35 +1,64 @@
 """`hf`: transformers in-process, the CPU default and the backend of the tests.
 
-Batching. Concurrent `generate` calls are queued; a single worker thread waits `batch_wait_s`
-(a few milliseconds) for more requests, groups them by identical sampling settings (temperature,
-top-p, top-k, stop strings; `max_new_tokens` may differ, each row stops at its own), and runs one
-left-padded `model.generate` call per group. Each row's result is handed back the moment that
-row finishes (its episode goes on with the environment), but the batch is static: requests that
-arrive while it runs wait for its longest row before their own batch starts (an engine with
-continuous batching, like vLLM, admits them at once). Torch runs in that one thread, so the event loop
-stays free and torch's intra-op thread pool (`torch_threads`) is not oversubscribed.
+Scheduling (`scheduler="continuous"`, the default). Concurrent `generate` calls are queued for a
+single worker thread that decodes all running requests together, one token per step, over a
+KV cache shared by the batch: before each step, requests that arrived since the last one are
+prefilled (in one left-padded forward pass) and their cache rows join the batch; after each
+step, every request that has finished (its stop string, end-of-turn token or its own
+`max_new_tokens`) is handed back at once and its rows leave the cache. A short request that
+arrives while a long one runs therefore waits at most one prefill and one step, never for the
+long one to end (iteration-level scheduling, as in Orca and vLLM). Requests may differ in every
+sampling setting: temperature, top-k, top-p, stop strings, budget and seed are per request.
+The batch cache is left-padded: each row occupies the rightmost columns it needs, `mask` marks
+them, positions come from each row's own length, and columns no row uses any more are
+trimmed when the longest row leaves. A request whose caller was cancelled leaves at the next
+step. Models whose cache is not plain per-layer keys and values (sliding-window or hybrid
+layers) fall back to the static scheduler, with a warning.
+
+`scheduler="static"`: the worker waits `batch_wait_s` for more requests, groups them by
+identical sampling settings (temperature, top-p, top-k, stop strings; `max_new_tokens` may
+differ) and runs one left-padded `model.generate` call per group. Each row is handed back when
+it finishes, but requests that arrive during a call wait for its longest row before theirs
+starts. It is kept for comparison (`bench/hf_batching.py`).
+
+Torch runs in the worker thread only, so the event loop stays free and torch's intra-op thread
+pool (`torch_threads`) is not oversubscribed.
 
 Log-probs. `Generation.logprobs` are fp32 log-probs of the distribution actually sampled from:
-the model's logits after temperature, top-k and top-p (`transformers` logits processors), i.e.
-the behaviour policy pi_old of the PPO ratio (docs/algorithm.md section 3). Tokens removed by top-k/top-p
-cannot be sampled, so every returned log-prob is finite. With `temperature = 0` decoding is
-greedy and the log-probs are those of the unmodified model (temperature 1).
+the model's logits divided by the temperature, then top-k, then top-p (transformers' warpers),
+i.e. the behaviour policy pi_old of the PPO ratio (docs/algorithm.md section 3). Training
+samples with top-k and top-p off, where this is `log_softmax(logits / temperature)`, the
+learner's `token_logprobs`. Tokens removed by top-k/top-p cannot be sampled, so every returned
+log-prob is finite. With `temperature = 0` decoding is greedy and the log-probs are those of
+the unmodified model (temperature 1).
 
-Stops. A row stops at an end-of-turn token (kept in `token_ids`, left out of `text`,
-`finish_reason = "eos"`), at the token that
-completes a stop string (kept, `"stop"`, see `spo_agents.policy.stopping`) or after
-`max_new_tokens` (`"length"`).
+Stops. A request stops at an end-of-turn token (kept in `token_ids`, left out of `text`,
+`finish_reason = "eos"`), at the token that completes a stop string (kept, `"stop"`, see
+`spo_agents.policy.stopping`) or after `max_new_tokens` (`"length"`).
 
-Seeds. Requests are batched, so one random stream serves a whole batch: a batch whose requests
-carry seeds is sampled under a seed derived from all of them (in a forked RNG, leaving the
-global torch RNG untouched). Results are reproducible when the same requests are batched the
-same way (for example one request at a time).
+Seeds. Continuous: every request draws from its own random stream, seeded from
+`SamplingParams.seed` when it is set, else from the backend's own stream (seeded once from
+torch's global generator when the backend is built; the global generator is never touched
+afterwards). A request alone in the batch is reproducible bit for bit. In a batch, the same
+seed gives the same draws whatever else runs, but the logits it is applied to can differ in the
+last bits with the batch's shape (other rows, padding width: the matrix products sum in another
+order), about 1e-6 in log-prob; a sampled token changes only when its draw falls that close to
+a boundary between two tokens, so a seeded request gives the same tokens in almost every case,
+not in every case. Static: one random stream serves a whole `generate` call, seeded from all
+of its requests' seeds (in a forked RNG); results repeat only when the same requests are
+batched the same way.
 
 Sharing weights with the learner. `HFPolicy(model=module, tokenizer=tok)` wraps an existing
-`torch.nn.Module`; the learner updates it in place between `await policy.pause()` (returns once
-no `generate` is running; later calls wait) and `policy.resume()`, then sets `policy.version`.
-Generation runs under `torch.no_grad()` in eval mode (no dropout): the module is put in eval mode
-before each batch (the learner, which trains it in train mode, leaves it in eval mode too).
+`torch.nn.Module`; the learner updates it in place between `await policy.pause()` and
+`policy.resume()`, then sets `policy.version`. `pause()` returns once no prefill or decode step
+is running and holds the next one; requests in flight stay in the batch and continue after
+`resume()`. Such a request then samples its later tokens from the new weights, attending to
+keys and values its earlier tokens left in the cache under the old weights: its log-probs
+remain those of the distribution it was actually sampled from. `Generation.policy_version` is
+the version that sampled its first token, `info["policy_version_last"]` the one that sampled
+its last (equal unless an update happened in between). Generation runs under
+`torch.no_grad()` in eval mode (no dropout): the module is put in eval mode before each step
+(the learner, which trains it in train mode, leaves it in eval mode too).
 """
 
 from __future__ import annotations
@@ -41,8 +70,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
@@ -50,6 +80,8 @@ from spo_agents.policy.base import Generation, PolicyBackend, Resumed, SamplingP
 from spo_agents.policy.stopping import StopMatch, StopScanner, eos_token_ids
 
 log = logging.getLogger(__name__)
+
+SCHEDULERS = ("continuous", "static")
 
 
 @dataclass
@@ -61,9 +93,165 @@ class _Request:
 
 
 def _params_key(p: SamplingParams) -> tuple:
-    """Requests that can share a `generate` call: `max_new_tokens` may differ (each row stops
-    at its own budget), the sampling distribution and stop strings may not."""
+    """Requests that can share a static `generate` call: `max_new_tokens` may differ (each row
+    stops at its own budget), the sampling distribution and stop strings may not."""
     return (p.temperature, p.top_p, p.top_k, tuple(p.stop))
+
+
+def _resolve(fut: concurrent.futures.Future, gen: Generation) -> None:
+    """Hand `gen` to a waiting caller; a caller that was cancelled meanwhile is skipped."""
+    try:
+        if not fut.done():
+            fut.set_result(gen)
+    except concurrent.futures.InvalidStateError:  # cancelled between the check and the set
+        pass
+
+
+def _reject(fut: concurrent.futures.Future, err: Exception) -> None:
+    try:
+        if not fut.done():
+            fut.set_exception(err)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+@dataclass
+class _Row:
+    """One request being decoded: what it has sampled so far and how much of it the cache holds."""
+
+    request: _Request
+    scanner: StopScanner
+    generator: Any  # torch.Generator: this request's random stream
+    version: int  # policy version of the first token
+    length: int  # tokens of this row in the batch cache (prompt + sampled tokens fed back so far)
+    logprobs: list[float] = field(default_factory=list)
+    next_token: int = -1  # the last sampled token, fed to the model at the next step
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request.future.done()
+
+
+class _Batch:
+    """The rows being decoded and their KV cache.
+
+    The cache is a `DynamicCache` whose layers hold `[rows, kv_heads, width, head_dim]` keys and
+    values, left-padded: row i's real columns are where `mask[i]` is 1, always the rightmost
+    ones. Rows join between steps (cache and mask padded on the left to the common width, then
+    concatenated on the batch axis) and leave (their rows dropped, then the leading columns no
+    remaining row uses are trimmed). Keys are stored after the rotary embedding, so moving a
+    row's columns does not change what they encode."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: Any = None  # LongTensor [rows, width]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, rows: list[_Row], cache: Any, mask: Any) -> None:
+        import torch
+
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            self._trim()
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)], dim=0)
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)], dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)], dim=0)
+        self.rows += rows
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows at `index` (in this order)."""
+        import torch
+
+        if len(index) == len(self.rows):
+            return
+        if not index:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        sel = torch.tensor(index, dtype=torch.long, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, sel)
+            layer.values = layer.values.index_select(0, sel)
+        self.mask = self.mask.index_select(0, sel)
+        self.rows = [self.rows[i] for i in index]
+        self._trim()
+
+    def _trim(self) -> None:
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def _pad_left(t: Any, width: int, dim: int) -> Any:
+    """`t` with zeros prepended along `dim` up to `width`."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _plain_kv_cache(model: Any) -> str | None:
+    """`None` when `model`'s KV cache is plain per-layer keys and values (what `_Batch` can
+    re-pad and re-slice), else the name of the layer type that is not."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception as e:  # noqa: BLE001 - any model we cannot inspect goes the static way
+        return f"unknown ({type(e).__name__}: {e})"
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            return type(layer).__name__
+    return None
+
+
+def _sample(logits: Any, params: list[SamplingParams], generators: list[Any]) -> tuple[list[int], list[float]]:
+    """One token per row of `logits` `[rows, vocab]` (fp32) and its log-prob under the
+    distribution it was drawn from: logits / temperature, then top-k, then top-p (transformers'
+    warpers, in `generate`'s order); greedy rows (`temperature = 0`) take the argmax and report
+    the unmodified model's log-prob. Each row draws from its own generator."""
+    import torch
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    tokens = [0] * len(params)
+    logprobs = [0.0] * len(params)
+    for (temperature, top_k, top_p), index in groups.items():
+        z = logits[index] if len(index) < len(params) else logits
+        sample = temperature > 0
+        if sample:
+            if temperature != 1.0:
+                z = z / temperature
+            if top_k > 0:
+                z = TopKLogitsWarper(top_k=top_k)(None, z)
+            if top_p < 1.0:
+                z = TopPLogitsWarper(top_p=top_p)(None, z)
+        logp = torch.log_softmax(z, dim=-1)
+        if sample:
+            probs = logp.exp()
+            chosen = [int(torch.multinomial(probs[j], 1, generator=generators[i])) for j, i in enumerate(index)]
+        else:
+            chosen = z.argmax(dim=-1).tolist()
+        picked = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
+        for j, i in enumerate(index):
+            tokens[i], logprobs[i] = chosen[j], picked[j]
+    return tokens, logprobs
 
 
 class HFPolicy(PolicyBackend):
@@ -76,9 +264,12 @@ class HFPolicy(PolicyBackend):
         model_name: a directory or name for `from_pretrained` when `model` is `None`
             (`make_policy` resolves `smollm2-135m` / `tiny-random` first).
         dtype: `float32` (default), `bfloat16` or `float16` when loading.
-        batch_wait_s: how long the worker waits for more requests before a batch starts.
-        max_batch_size: the most rows in one `generate` call.
+        batch_wait_s: how long the worker waits for more requests when it is idle (continuous) or
+            before each batch (static).
+        max_batch_size: the most requests decoded together; more wait for a row to leave.
         torch_threads: sets `torch.set_num_threads` when given.
+        scheduler: `continuous` (requests join and leave the running batch between decode steps)
+            or `static` (one `model.generate` call per batch); see the module docstring.
     """
 
     def __init__(
@@ -92,10 +283,16 @@ class HFPolicy(PolicyBackend):
         batch_wait_s: float = 0.005,
         max_batch_size: int = 64,
         torch_threads: int | None = None,
+        scheduler: str = "continuous",
     ) -> None:
         super().__init__()
         import torch
 
+        if scheduler not in SCHEDULERS:
+            expected = ", ".join(f"`{s}`" for s in SCHEDULERS)
+            raise ConfigError(f"unknown `hf` scheduler `{scheduler}`; expected one of {expected}")
+        if max_batch_size < 1:
+            raise ConfigError(f"`max_batch_size` must be at least 1, got {max_batch_size}")
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         if model is None or tokenizer is None:
@@ -120,6 +317,16 @@ class HFPolicy(PolicyBackend):
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self.batch_wait_s = batch_wait_s
         self.max_batch_size = max_batch_size
+        if scheduler == "continuous":
+            unsupported = _plain_kv_cache(model)
+            if unsupported is not None:
+                log.warning("`hf`: this model's KV cache has %s layers; using the static scheduler", unsupported)
+                scheduler = "static"
+        #: `continuous` or `static` (the one in use: `continuous` falls back for unsupported caches)
+        self.scheduler = scheduler
+        # the source of the random streams of requests without a seed (continuous)
+        self._seeds = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self._logits_to_keep = True
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._allowed = threading.Event()
         self._allowed.set()
@@ -127,8 +334,10 @@ class HFPolicy(PolicyBackend):
         self._closed = False
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
-        #: counters for benchmarks and logs: generate calls, rows, generated tokens
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0}
+        #: counters for benchmarks and logs: `batches` (static: `generate` calls; continuous:
+        #: prefill passes), `rows` (requests started), `tokens` (generated tokens handed back),
+        #: `steps` (continuous decode steps)
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0}
 
     # --- protocol -----------------------------------------------------------------------------
     @property
@@ -140,6 +349,8 @@ class HFPolicy(PolicyBackend):
             raise PolicyError("this `HFPolicy` is closed; create a new one")
         if not prompt_ids:
             raise PolicyError("`prompt_ids` is empty; a generation needs at least one prompt token")
+        if params.max_new_tokens < 1:
+            raise PolicyError(f"`max_new_tokens` must be at least 1, got {params.max_new_tokens}")
         self._ensure_worker()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Request(list(prompt_ids), params, fut))
@@ -162,7 +373,8 @@ class HFPolicy(PolicyBackend):
 
     # --- weight updates -----------------------------------------------------------------------
     async def pause(self) -> None:
-        """Stop starting new batches; return once no `generate` batch is running."""
+        """Hold the next prefill or decode step (static: the next batch); return once none is
+        running. Requests in flight keep their place and continue after `resume`."""
         self._allowed.clear()
         await asyncio.to_thread(self._wait_idle)
 
@@ -171,7 +383,7 @@ class HFPolicy(PolicyBackend):
             pass
 
     def resume(self) -> Resumed:
-        """Let queued and new requests run again (works with or without `await`)."""
+        """Let queued, in-flight and new requests run again (works with or without `await`)."""
         self._allowed.set()
         return Resumed()
 
@@ -183,10 +395,188 @@ class HFPolicy(PolicyBackend):
     def _ensure_worker(self) -> None:
         with self._worker_lock:
             if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._loop, name="hf-policy", daemon=True)
+                target = self._loop_continuous if self.scheduler == "continuous" else self._loop_static
+                self._worker = threading.Thread(target=target, name="hf-policy", daemon=True)
                 self._worker.start()
 
-    def _loop(self) -> None:
+    @staticmethod
+    def _fail(reqs: list[_Request], err: Exception, cause: Exception | None = None) -> None:
+        if cause is not None:
+            err.__cause__ = cause
+        for r in reqs:
+            _reject(r.future, err)
+
+    def _collect(self, pending: deque[_Request], block: bool) -> bool:
+        """Move queued requests to `pending`. With `block`, wait for one, then `batch_wait_s` for
+        more. Returns False once `close` was called."""
+        if block:
+            item = self._queue.get()
+            if item is None:
+                return False
+            pending.append(item)
+            deadline = time.monotonic() + self.batch_wait_s
+            while (timeout := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    break
+                if item is None:
+                    return False
+                pending.append(item)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            pending.append(item)
+
+    # --- continuous scheduler -----------------------------------------------------------------
+    def _loop_continuous(self) -> None:
+        pending: deque[_Request] = deque()
+        batch = _Batch()
+        while True:
+            if not self._collect(pending, block=not pending and not batch):
+                closed = PolicyError("the policy was closed while this request was pending or running")
+                self._fail([*pending, *(r.request for r in batch.rows)], closed)
+                return
+            self._allowed.wait()
+            with self._busy:
+                if not self._allowed.is_set():
+                    continue  # paused between the wait and taking the lock
+                if self.model.training:
+                    self.model.eval()
+                while pending and pending[0].future.done():  # cancelled while queued
+                    pending.popleft()
+                room = self.max_batch_size - len(batch)
+                if pending and room > 0:
+                    admitted = [pending.popleft() for _ in range(min(room, len(pending)))]
+                    self._admit(batch, admitted)
+                if batch:
+                    self._step(batch)
+
+    def _admit(self, batch: _Batch, reqs: list[_Request]) -> None:
+        """Prefill `reqs` in one left-padded pass, sample their first tokens, hand back those
+        already finished and add the others to `batch`."""
+        import torch
+        from transformers import DynamicCache
+
+        try:
+            n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
+            ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for i, r in enumerate(reqs):
+                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+                mask[i, width - len(r.prompt_ids) :] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            device = self.device
+            ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
+            cache = DynamicCache(config=self.model.config)
+            logits = self._forward(ids, mask, position_ids, cache)
+            self.stats["batches"] += 1
+            self.stats["rows"] += n
+            rows = [self._new_row(r) for r in reqs]
+            keep = self._advance(rows, logits)
+        except Exception as e:  # noqa: BLE001 - surfaced to the callers of these requests
+            self._fail(reqs, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
+            return
+        if keep:
+            sub = _Batch()
+            sub.rows, sub.cache, sub.mask = rows, cache, mask
+            sub.keep(keep)
+            try:
+                batch.join(sub.rows, sub.cache, sub.mask)
+            except Exception as e:  # noqa: BLE001 - the batch cache is in an unknown state: fail all
+                self._fail_batch(batch, e, extra=sub.rows)
+
+    def _new_row(self, req: _Request) -> _Row:
+        scanner = StopScanner(self._tokenizer, req.params.stop, self.eos_ids)
+        return _Row(req, scanner, self._generator(req.params.seed), self.version, len(req.prompt_ids))
+
+    def _step(self, batch: _Batch) -> None:
+        """One decode step of every row: feed its last token, sample the next."""
+        import torch
+
+        try:
+            live = [i for i, r in enumerate(batch.rows) if not r.cancelled]
+            batch.keep(live)
+            if not batch:
+                return
+            device = self.device
+            ids = torch.tensor([[r.next_token] for r in batch.rows], dtype=torch.long, device=device)
+            position_ids = torch.tensor([[r.length] for r in batch.rows], dtype=torch.long, device=device)
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+            logits = self._forward(ids, mask, position_ids, batch.cache)
+            batch.mask = mask
+            for r in batch.rows:
+                r.length += 1
+            self.stats["steps"] += 1
+            keep = self._advance(batch.rows, logits)
+            batch.keep(keep)
+        except Exception as e:  # noqa: BLE001 - surfaced to every caller in the batch
+            self._fail_batch(batch, e)
+
+    def _fail_batch(self, batch: _Batch, e: Exception, extra: list[_Row] | None = None) -> None:
+        reqs = [r.request for r in [*batch.rows, *(extra or [])]]
+        batch.keep([])
+        self._fail(reqs, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
+
+    def _forward(self, ids: Any, mask: Any, position_ids: Any, cache: Any) -> Any:
+        """Logits `[rows, vocab]` (fp32) of the last position; `cache` grows by `ids`' width."""
+        import torch
+
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        kwargs.update(cache=cache, use_cache=True)
+        with torch.no_grad():
+            if self._logits_to_keep:
+                try:
+                    return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :].float()
+                except TypeError:  # a model without `logits_to_keep`
+                    self._logits_to_keep = False
+            return self.model(**kwargs).logits[:, -1, :].float()
+
+    def _generator(self, seed: int | None) -> Any:
+        import torch
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds).item())
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def _advance(self, rows: list[_Row], logits: Any) -> list[int]:
+        """Sample each row's next token from `logits`, record it, hand back the rows that are
+        done; returns the indices of the rows that go on."""
+        tokens, logprobs = _sample(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        keep = []
+        for i, (r, tok, lp) in enumerate(zip(rows, tokens, logprobs)):
+            r.logprobs.append(lp)
+            r.next_token = tok
+            end = r.scanner.push(tok)
+            if end is None and len(r.logprobs) >= r.request.params.max_new_tokens:
+                end = StopMatch(len(r.logprobs), "length")
+            if end is None:
+                keep.append(i)
+            else:
+                self._finish(r, end)
+        return keep
+
+    def _finish(self, row: _Row, end: StopMatch) -> None:
+        toks = row.scanner.tokens[: end.length]
+        self.stats["tokens"] += len(toks)
+        text = self._tokenizer.decode(toks[:-1] if end.reason == "eos" else toks, skip_special_tokens=False)
+        gen = Generation(
+            token_ids=toks,
+            logprobs=row.logprobs[: end.length],
+            text=text,
+            finish_reason=end.reason,
+            stop_string=end.stop_string,
+            policy_version=row.version,
+            info={"policy_version_last": self.version},
+        )
+        _resolve(row.request.future, gen)
+
+    # --- static scheduler ---------------------------------------------------------------------
+    def _loop_static(self) -> None:
         pending: list[_Request] = []
         while True:
             if not pending:
@@ -217,11 +607,11 @@ class HFPolicy(PolicyBackend):
 
                 def deliver(i: int, gen: Generation, batch: list[_Request] = batch, version: int = version) -> None:
                     gen.policy_version = version
-                    if not batch[i].future.done():
-                        batch[i].future.set_result(gen)
+                    gen.info["policy_version_last"] = version
+                    _resolve(batch[i].future, gen)
 
                 try:
-                    self._generate_batch(
+                    self._generate_static(
                         [r.prompt_ids for r in batch],
                         batch[0].params,
                         [r.params.seed for r in batch],
@@ -229,18 +619,12 @@ class HFPolicy(PolicyBackend):
                         deliver,
                     )
                 except Exception as e:  # noqa: BLE001 - surfaced to every waiting caller
-                    self._fail([r for r in batch if not r.future.done()], PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
+                    err = PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}")
+                    self._fail([r for r in batch if not r.future.done()], err, cause=e)
                     continue
 
-    @staticmethod
-    def _fail(reqs: list[_Request], err: Exception, cause: Exception | None = None) -> None:
-        if cause is not None:
-            err.__cause__ = cause
-        for r in reqs:
-            if not r.future.cancelled():
-                r.future.set_exception(err)
 
-    def _generate_batch(
+    def _generate_static(
         self,
         prompts: list[list[int]],
         params: SamplingParams,

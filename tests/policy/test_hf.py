@@ -1,4 +1,6 @@
-"""The `hf` backend: sampled-distribution log-probs, stops, batching, pause/resume, versions."""
+"""The `hf` backend under both schedulers: sampled-distribution log-probs, stops, seeds,
+pause/resume, versions; and the static scheduler's batching (the continuous scheduler's is in
+`test_hf_continuous.py`)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,23 @@ import asyncio
 import pytest
 import torch
 
+from spo_agents.errors import ConfigError, PolicyError
 from spo_agents.policy import make_policy
 from spo_agents.policy.base import SamplingParams
 from spo_agents.policy.hf import HFPolicy
 
 
+@pytest.fixture(scope="module", params=["continuous", "static"])
+def policy(request):
+    p = make_policy("hf", "tiny-random", torch_threads=1, scheduler=request.param)
+    assert p.scheduler == request.param
+    yield p
+    asyncio.run(p.close())
+
+
 @pytest.fixture(scope="module")
-def policy():
-    p = make_policy("hf", "tiny-random", torch_threads=1)
+def static():
+    p = make_policy("hf", "tiny-random", torch_threads=1, scheduler="static")
     yield p
     asyncio.run(p.close())
 
@@ -84,7 +95,8 @@ def test_eos_ends_the_continuation_and_is_kept(policy):
     assert m is not None and m.reason == "eos" and m.length == len(ids) - 1
 
 
-async def test_concurrent_requests_share_generate_calls(policy):
+async def test_static_concurrent_requests_share_generate_calls(static):
+    policy = static
     before = dict(policy.stats)
     params = SamplingParams(max_new_tokens=4)
     await asyncio.gather(*(policy.generate(_prompt(policy, f"x{i}"), params) for i in range(6)))
@@ -92,7 +104,8 @@ async def test_concurrent_requests_share_generate_calls(policy):
     assert policy.stats["batches"] - before["batches"] <= 2
 
 
-async def test_rows_with_different_budgets_share_a_call(policy):
+async def test_static_rows_with_different_budgets_share_a_call(static):
+    policy = static
     before = policy.stats["batches"]
     a, b = await asyncio.gather(
         policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=3)),
@@ -104,7 +117,8 @@ async def test_rows_with_different_budgets_share_a_call(policy):
     assert b.finish_reason != "length" or len(b.token_ids) == 7
 
 
-async def test_a_short_row_is_delivered_before_the_long_row_finishes(policy):
+async def test_static_a_short_row_is_delivered_before_the_long_row_finishes(static):
+    policy = static
     short = asyncio.create_task(policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=2)))
     long = asyncio.create_task(policy.generate(_prompt(policy, "y"), SamplingParams(max_new_tokens=120)))
     g = await short
@@ -113,7 +127,8 @@ async def test_a_short_row_is_delivered_before_the_long_row_finishes(policy):
     assert len((await long).token_ids) <= 120
 
 
-async def test_different_distributions_are_not_mixed(policy):
+async def test_static_different_distributions_are_not_mixed(static):
+    policy = static
     before = policy.stats["batches"]
     await asyncio.gather(
         policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=3, temperature=1.0)),
@@ -138,7 +153,7 @@ async def test_pause_waits_for_running_generation_and_holds_new_ones(policy):
             break
         await asyncio.sleep(0.005)
     await policy.pause()
-    assert running.done() or policy._busy.locked() is False
+    assert not policy._busy.locked()  # no batch (static) or decode step (continuous) is running
     held = asyncio.create_task(policy.generate(_prompt(policy, "held"), SamplingParams(max_new_tokens=3)))
     await asyncio.sleep(0.2)
     assert not held.done()
@@ -146,7 +161,10 @@ async def test_pause_waits_for_running_generation_and_holds_new_ones(policy):
     policy.resume()
     g = await asyncio.wait_for(held, 30)
     assert g.policy_version == 7
-    await running
+    r = await running
+    # static: its batch ran to the end before `pause` returned; continuous: it may have been held
+    # mid-way and finished after `resume` (version of its first token, and of its last)
+    assert r.policy_version == 0 and r.info["policy_version_last"] in (0, 7)
     policy.version = 0
 
 
@@ -158,3 +176,12 @@ async def test_wraps_an_existing_module_shared_with_a_learner(policy):
     assert g.token_ids == h.token_ids  # greedy
     await shared.close()
     await shared.close()  # safe twice
+
+
+async def test_bad_arguments_are_clear_errors(policy):
+    with pytest.raises(PolicyError, match="max_new_tokens"):
+        await policy.generate(_prompt(policy, "x"), SamplingParams(max_new_tokens=0))
+    with pytest.raises(PolicyError, match="empty"):
+        await policy.generate([], SamplingParams())
+    with pytest.raises(ConfigError, match="scheduler"):
+        HFPolicy(model=policy.model, tokenizer=policy.tokenizer, scheduler="dynamic")

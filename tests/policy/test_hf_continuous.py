@@ -1,0 +1,350 @@
+"""The `hf` backend's continuous scheduler: requests join and leave the running batch between
+decode steps, each stops at its own stop string / end-of-turn / budget, pause holds the steps,
+and the behaviour log-probs equal the learner's scoring.
+
+Orders are checked on the backend's step counter (`stats["steps"]`), never on wall time. A
+wrapper around the tiny model (`Steered`) fixes where end-of-turn is sampled, so stop positions
+and lengths are known in advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from spo_agents.errors import PolicyError
+from spo_agents.learner import pack, token_logprobs
+from spo_agents.policy import make_policy
+from spo_agents.policy.base import SamplingParams
+from spo_agents.policy.hf import HFPolicy
+from spo_agents.types import Trajectory
+
+
+class Steered(torch.nn.Module):
+    """The tiny model with its end-of-turn logits overridden: never sampled when `eos_at` is
+    `None`; else never before and always after the model has read position `eos_at` (a
+    prompt of length L then yields exactly `eos_at - L + 2` tokens, the last one end-of-turn)."""
+
+    def __init__(self, inner: torch.nn.Module, eos_ids: list[int], eos_at: int | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.eos_ids = list(eos_ids)
+        self.eos_at = eos_at
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def generation_config(self):
+        return self.inner.generation_config
+
+    def forward(self, input_ids=None, position_ids=None, **kwargs):
+        out = self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        logits = out.logits  # [rows, kept positions, vocab]
+        logits[..., self.eos_ids] = float("-inf")
+        if self.eos_at is not None:
+            read = position_ids[:, -logits.shape[1] :]  # position each kept logit was computed at
+            logits[..., self.eos_ids[0]] = torch.where(read >= self.eos_at, 1e4, float("-inf"))
+        return out
+
+
+@pytest.fixture(scope="module")
+def base():
+    p = make_policy("hf", "tiny-random", torch_threads=1)
+    yield p
+    asyncio.run(p.close())
+
+
+def _steered(base, eos_at: int | None = None, **kw) -> HFPolicy:
+    return HFPolicy(model=Steered(base.model, base.eos_ids, eos_at), tokenizer=base.tokenizer, **kw)
+
+
+def _prompt(policy, text: str) -> list[int]:
+    return policy.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def _until(predicate, timeout: float = 60.0) -> None:
+    for _ in range(int(timeout / 0.002)):
+        if predicate():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("condition not reached")
+
+
+def _reference(model, prompt: list[int], tokens: list[int], p: SamplingParams) -> list[float]:
+    """Log-probs of `tokens` from one full forward pass: softmax of logits / T, restricted to the
+    k largest, then to the smallest set of most likely tokens whose mass reaches top-p
+    (temperature 0: the unmodified model)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    out = []
+    for t, tok in enumerate(tokens):
+        z = logits[t] / (p.temperature or 1.0)
+        if p.temperature > 0 and p.top_k > 0:
+            z = torch.where(z < torch.topk(z, p.top_k).values[-1], float("-inf"), z)
+        if p.temperature > 0 and p.top_p < 1.0:
+            probs = torch.softmax(z, -1)
+            order = torch.argsort(probs, descending=True)
+            keep = order[: int((torch.cumsum(probs[order], 0) < p.top_p).sum()) + 1]
+            masked = torch.full_like(z, float("-inf"))
+            masked[keep] = z[keep]
+            z = masked
+        out.append(float(torch.log_softmax(z, -1)[tok]))
+    return out
+
+
+# --------------------------------------------------------------------------- scheduling order
+async def test_a_short_request_returns_while_a_long_one_runs(base):
+    policy = _steered(base)  # no end-of-turn: the long request runs its whole budget
+    try:
+        long = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=300, seed=1)))
+        await _until(lambda: policy.stats["steps"] >= 3)
+        submitted = policy.stats["steps"]
+        short = await policy.generate(_prompt(base, "a somewhat longer prompt for the short one"), SamplingParams(max_new_tokens=4))
+        returned = policy.stats["steps"]
+        assert len(short.token_ids) == 4 and short.finish_reason == "length"
+        assert not long.done()
+        # one token from its prefill, three decode steps, plus the step running at submission
+        assert returned - submitted <= 5
+        g = await long
+        assert len(g.token_ids) == 300 and g.finish_reason == "length"
+        assert policy.stats["steps"] >= returned + 250  # the long one went on long after
+    finally:
+        await policy.close()
+
+
+async def test_the_static_scheduler_makes_the_short_request_wait(base):
+    """The same situation under `scheduler="static"`: the short request waits for the long
+    `generate` call to end (what the continuous scheduler removes)."""
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="static")
+    try:
+        long = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=200, seed=1)))
+        await _until(lambda: policy._busy.locked())
+        short = await policy.generate(_prompt(base, "short"), SamplingParams(max_new_tokens=4))
+        assert len(short.token_ids) <= 4
+        assert long.done()
+    finally:
+        await policy.close()
+
+
+async def test_requests_beyond_max_batch_size_wait_for_a_free_row(base):
+    policy = _steered(base, max_batch_size=2)
+    try:
+        order: list[str] = []
+
+        async def run(name: str, n: int):
+            g = await policy.generate(_prompt(base, name), SamplingParams(max_new_tokens=n))
+            order.append(name)
+            return g
+
+        gens = await asyncio.gather(run("a", 40), run("b", 6), run("c", 2), run("d", 2))
+        assert [len(g.token_ids) for g in gens] == [40, 6, 2, 2]
+        # c and d join only when a row frees up (b's): they finish before a, after b
+        assert order == ["b", "c", "d", "a"]
+    finally:
+        await policy.close()
+
+
+async def test_a_cancelled_request_leaves_the_batch(base):
+    policy = _steered(base)
+    try:
+        long = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=2000)))
+        await _until(lambda: policy.stats["steps"] >= 3)
+        long.cancel()
+        cancelled_at = policy.stats["steps"]
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        g = await policy.generate(_prompt(base, "next"), SamplingParams(max_new_tokens=3))
+        assert len(g.token_ids) == 3
+        await asyncio.sleep(0.1)
+        idle = policy.stats["steps"]
+        await asyncio.sleep(0.2)
+        assert policy.stats["steps"] == idle  # nothing left running
+        assert idle - cancelled_at < 20
+    finally:
+        await policy.close()
+
+
+# ----------------------------------------------------------------------------- per-request stops
+async def test_each_request_stops_at_its_own_end_of_turn(base):
+    eos_at = 24
+    policy = _steered(base, eos_at=eos_at)
+    try:
+        prompts = [_prompt(base, t) for t in ("Hi", "A longer prompt with a few more words", "Medium prompt here")]
+        first = [asyncio.create_task(policy.generate(p, SamplingParams(max_new_tokens=100))) for p in prompts[:2]]
+        await _until(lambda: policy.stats["steps"] >= 2)
+        late = await policy.generate(prompts[2], SamplingParams(max_new_tokens=100))  # joins a running batch
+        gens = [*(await asyncio.gather(*first)), late]
+        for p, g in zip(prompts, gens):
+            assert len(g.token_ids) == eos_at - len(p) + 2
+            assert g.finish_reason == "eos" and g.token_ids[-1] == base.eos_ids[0]
+            assert base.eos_ids[0] not in g.token_ids[:-1]
+            assert g.text == base.tokenizer.decode(g.token_ids[:-1], skip_special_tokens=False)
+            assert len(g.logprobs) == len(g.token_ids) and g.logprobs[-1] == pytest.approx(0.0, abs=1e-4)
+    finally:
+        await policy.close()
+
+
+async def test_each_request_stops_at_its_own_budget(base):
+    policy = _steered(base)
+    try:
+        budgets = [1, 2, 5, 17, 33]
+        early = [asyncio.create_task(policy.generate(_prompt(base, f"p{n}"), SamplingParams(max_new_tokens=n))) for n in budgets[3:]]
+        await _until(lambda: policy.stats["steps"] >= 1)
+        later = [policy.generate(_prompt(base, f"q{n}"), SamplingParams(max_new_tokens=n, temperature=0.5)) for n in budgets[:3]]
+        gens = await asyncio.gather(*early, *later)
+        for n, g in zip(budgets[3:] + budgets[:3], gens):
+            assert len(g.token_ids) == len(g.logprobs) == n and g.finish_reason == "length"
+    finally:
+        await policy.close()
+
+
+async def test_each_request_stops_at_its_own_stop_strings(base):
+    policy = _steered(base)
+    try:
+        prompt = _prompt(base, "Tell")
+        seeded = SamplingParams(max_new_tokens=40, seed=3)  # the same draws in every run below
+        free = await policy.generate(prompt, seeded)
+        tok = base.tokenizer
+        # a stop string: the text a token past the first few adds, not seen before it
+        for k in range(5, 40):
+            before = tok.decode(free.token_ids[:k])
+            added = tok.decode(free.token_ids[: k + 1])[len(before) :].strip()
+            if len(added) >= 2 and added not in before:
+                break
+        else:
+            pytest.skip("no usable stop string in this continuation")
+        stopped, unstopped, never = await asyncio.gather(
+            policy.generate(prompt, dataclasses.replace(seeded, stop=["\x00never", added])),
+            policy.generate(prompt, seeded),
+            policy.generate(prompt, dataclasses.replace(seeded, stop=["\x00never"])),
+        )
+        assert stopped.finish_reason == "stop" and stopped.stop_string == added
+        assert stopped.token_ids == free.token_ids[: k + 1]
+        assert unstopped.token_ids == never.token_ids == free.token_ids
+        assert unstopped.finish_reason == never.finish_reason == "length"
+    finally:
+        await policy.close()
+
+
+# ------------------------------------------------------------------------------------ log-probs
+async def test_mixed_sampling_settings_share_a_batch_and_keep_their_own_distribution(base):
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        settings = [
+            SamplingParams(temperature=1.0, max_new_tokens=10),
+            SamplingParams(temperature=0.5, max_new_tokens=10),
+            SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=10),
+            SamplingParams(temperature=0.0, max_new_tokens=10),
+        ]
+        prompts = [_prompt(base, t) for t in ("one", "two words", "three words here", "four words are here")]
+        before = policy.stats["batches"]
+        gens = await asyncio.gather(*(policy.generate(p, s) for p, s in zip(prompts, settings)))
+        assert policy.stats["batches"] - before == 1  # one prefill for all four
+        for p, s, g in zip(prompts, settings, gens):
+            ref = _reference(base.model, p, g.token_ids, s)
+            assert max(abs(a - b) for a, b in zip(g.logprobs, ref)) < 1e-4
+        alone = await policy.generate(prompts[3], settings[3])
+        assert gens[3].token_ids == alone.token_ids  # greedy
+    finally:
+        await policy.close()
+
+
+async def test_logprobs_equal_the_learners_scoring(base):
+    """Rows joining a running batch (different widths) and leaving it early (trimmed columns):
+    the behaviour log-probs equal `token_logprobs` of the learner within 1e-4."""
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        temperature = 0.7
+        long_prompt = _prompt(base, " ".join(f"word{i}" for i in range(40)))
+        jobs = [(long_prompt, 3), (_prompt(base, "short"), 30), (_prompt(base, "a medium sized prompt"), 25)]
+        first = [asyncio.create_task(policy.generate(p, SamplingParams(temperature=temperature, max_new_tokens=n))) for p, n in jobs]
+        await _until(lambda: policy.stats["steps"] >= 5)
+        late_prompt = _prompt(base, "joins later with its own prompt")
+        late = policy.generate(late_prompt, SamplingParams(temperature=temperature, max_new_tokens=12))
+        gens = await asyncio.gather(*first, late)
+        prompts = [p for p, _ in jobs] + [late_prompt]
+        trajs = [Trajectory("p", "e", p, g.token_ids, [1] * len(g.token_ids), g.logprobs, 0.0) for p, g in zip(prompts, gens)]
+        b = pack(trajs, base.pad_id)
+        with torch.no_grad():
+            learner, _ = token_logprobs(base.model, b, temperature)
+        m = b.mask > 0
+        assert int(m.sum()) == sum(len(g.token_ids) for g in gens)
+        assert torch.allclose(learner[m], b.old_logprobs[m], atol=1e-4)
+    finally:
+        await policy.close()
+
+
+async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
+    from say_env import SayEnv
+
+    from spo_agents.rollout import run_episode
+
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        sampling = SamplingParams(temperature=0.8, max_new_tokens=12)
+        trajs = await asyncio.gather(*(run_episode(SayEnv(), policy, f"test-{i}", sampling=sampling, max_episode_tokens=80, seed=i) for i in range(4)))
+        assert all(t.error is None for t in trajs) and any(len(t.turn_starts) == 2 for t in trajs)
+        b = pack(trajs, base.pad_id)
+        with torch.no_grad():
+            learner, _ = token_logprobs(base.model, b, 0.8)
+        m = b.mask > 0
+        assert torch.allclose(learner[m], b.old_logprobs[m], atol=1e-4)
+    finally:
+        await policy.close()
+
+
+# --------------------------------------------------------------------------------------- seeds
+async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(base):
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        prompt = _prompt(base, "seeded prompt")
+        params = SamplingParams(max_new_tokens=16, seed=5)
+        alone = await policy.generate(prompt, params)
+        others = [asyncio.create_task(policy.generate(_prompt(base, f"other prompt number {i}"), SamplingParams(max_new_tokens=24))) for i in range(3)]
+        await _until(lambda: policy.stats["steps"] >= 2)
+        batched = await policy.generate(prompt, params)
+        await asyncio.gather(*others)
+        assert batched.token_ids == alone.token_ids
+        assert max(abs(a - b) for a, b in zip(batched.logprobs, alone.logprobs)) < 1e-4
+        again = await policy.generate(prompt, params)
+        assert again.token_ids == alone.token_ids and again.logprobs == alone.logprobs  # alone: bit for bit
+    finally:
+        await policy.close()
+
+
+# ------------------------------------------------------------------------- pause and versions
+async def test_pause_holds_decode_steps_and_in_flight_requests_continue_after_resume(base):
+    policy = _steered(base)
+    try:
+        running = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=200)))
+        await _until(lambda: policy.stats["steps"] >= 2)
+        await policy.pause()
+        held_at = policy.stats["steps"]
+        queued = asyncio.create_task(policy.generate(_prompt(base, "queued"), SamplingParams(max_new_tokens=3)))
+        await asyncio.sleep(0.3)
+        assert policy.stats["steps"] == held_at  # no decode step while paused
+        assert not running.done() and not queued.done()
+        with torch.no_grad():  # what a learner does while paused: change the shared weights
+            base.model.lm_head.weight.mul_(1.0)
+        policy.version = 3
+        policy.resume()
+        g, q = await asyncio.gather(running, queued)
+        assert len(g.token_ids) == 200
+        assert g.policy_version == 0 and g.info["policy_version_last"] == 3  # first token: version 0
+        assert q.policy_version == 3 and q.info["policy_version_last"] == 3
+    finally:
+        await policy.close()
+
+
+async def test_close_fails_the_requests_in_flight(base):
+    policy = _steered(base)
+    running = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=5000)))
+    await _until(lambda: policy.stats["steps"] >= 2)
+    await policy.close()
+    with pytest.raises(PolicyError, match="closed"):
+        await running
