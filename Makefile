@@ -12,7 +12,7 @@ STAMP := $(VENV)/.spo-setup-stamp
 VLLM_VENV ?= .venv-vllm
 ARGS ?=
 
-.PHONY: setup train test test-slow test-docker test-vllm test-gpu test-browser test-all bench vllm-cpu docker-engine clean
+.PHONY: setup train test test-slow test-docker test-vllm test-gpu test-browser bench vllm-cpu docker-engine clean
 
 # Set-up is re-run only when the project's dependency list changes.
 $(STAMP): pyproject.toml Makefile

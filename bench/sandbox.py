@@ -1,4 +1,4 @@
-"""Sandbox benchmark (issue "Sandboxes", item 9): call latency and throughput per backend.
+"""Sandbox benchmark: call latency and throughput per backend.
 
 For every available backend (and, side by side in the same run, a plain `python -c` subprocess
 per call and, when a Docker engine answers, `docker exec` into a running container) it measures:
@@ -8,7 +8,7 @@ per call and, when a Docker engine answers, `docker exec` into a running contain
   calls back to back): latency p50 / p99 per call and calls per second over the whole level;
 - for `local`, the same with stateless sessions (a fresh fork for every call).
 
-Targets (issue "Sandboxes", done-when, for `local` with isolation on): call p50 <= 5 ms,
+Targets (for `local` with isolation on): call p50 <= 5 ms,
 p99 <= 25 ms, >= 200 calls/s at concurrency 8 on 2 cores, session start <= 50 ms.
 
     .venv/bin/python bench/sandbox.py                      # every available backend + baselines

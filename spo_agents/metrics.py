@@ -3,7 +3,7 @@ TensorBoard (`logging.tensorboard: true`) and Weights & Biases (`logging.wandb: 
 `WANDB_MODE=offline` to log without an account).
 
 `METRICS` documents every key the training loop writes; a test fails when a key is written
-without documentation. `markdown_table()` renders the documentation for the README.
+without documentation. `markdown_table()` renders the documentation in docs/metrics.md.
 Only the training loop writes metrics; it builds them from typed stats objects.
 """
 
@@ -89,7 +89,7 @@ def undocumented(keys: Any) -> list[str]:
 
 
 def markdown_table() -> str:
-    """The metric documentation as a markdown table (for the README)."""
+    """The metric documentation as a markdown table (docs/metrics.md)."""
     rows = ["| key | meaning |", "|---|---|"]
     rows += [f"| `{k}` | {v} |" for k, v in METRICS.items()]
     return "\n".join(rows)

@@ -397,7 +397,7 @@ def test_two_process_sharded_loop_pushes_checkpoints_and_resumes(tmp_path):
     adam = state["learner"]["optimizer"]["state"]
     assert adam and {int(v["step"]) for v in adam.values()} == {4}  # 2 steps x 2 mini-batches
 
-    # the resume goes through `accelerate launch`, as the README's multi-GPU command does
+    # the resume goes through `accelerate launch`, as the multi-GPU command in docs/training.md does
     proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop", "SPO_SHARDING": "fsdp", "SPO_STEPS": "3", "SPO_RESUME": "1"}, launcher="accelerate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
