@@ -4,29 +4,38 @@ A discrete-event simulation (pure Python + numpy, deterministic by seed) of thre
 the trajectories of an RL step, driven by per-component costs:
 
 - `single` (SPO, paper Sec. 3 and 5.4): N episodes in flight, a finished one is replaced at once,
-  a step takes the first B that finish; the rest stay in flight into the next step.
+  a step takes the first B that finish; the rest stay in flight into the next step (they finish
+  under newer weights: `staleness` counts the versions).
 - `grouped` (GRPO): G samples per prompt, a step needs B / G whole groups; no episode of the next
   step starts before the step is complete (the barrier of a synchronous group trainer).
 - `async`: generation never waits for the learner; the learner takes B finished trajectories
   whenever it is free, trajectories more than `max_staleness` policy versions old are dropped, and
   no episode starts more than `max_staleness + 1` batches ahead of the learner (a throttle).
 
-The costs of a simulated episode:
+Costs (`Engine`, `Workload`, `Cluster`):
 - **decode**: each inference replica (one server) advances every sequence it is decoding by one
   token per decode step; a step takes `base(c) + kv_s_per_token * S` seconds for `c` sequences
   holding `S` tokens of context. `base(c)` is a batching curve: interpolated from measured points
-  (CPU) or a bandwidth/compute roofline (GPU). A replica decodes at most `max_seqs` sequences and
-  holds at most `kv_tokens` tokens of context; more requests wait in its queue. Episodes stay on
-  the replica they started on (prefix cache). Prefill is not modelled (a few hundred prompt or
-  tool-output tokens against thousands decoded).
+  (CPU) or a bandwidth/compute roofline (GPU), so a server's throughput saturates.
+- **KV cache**: a replica admits a request while the context fits below a 5% watermark and, when
+  the growing context fills the cache, preempts the sequence admitted last (it recomputes its
+  context when readmitted), as vLLM does. Episodes stay on the replica they started on.
+- **prefill**: engine time per new token of a request (the prompt, then each tool output; the
+  rest of the context is a prefix-cache hit); decoding on that replica waits for it.
 - **tools**: a tool call waits a drawn latency without holding a decode slot.
-- **request latency**: a fixed delay before each generation request (client and server handling).
+- **requests**: a fixed latency before each generation request, and optionally one serial
+  handler every request passes through in turn (the CPU benchmark's client and API server).
 - **learner**: synchronous policies (`single`, `grouped`) share the GPUs with the learner: decoding
   pauses for the learner step and the weight push. `async` gives the learner its own GPUs and
   pauses decoding only for the push. The learner step's time follows the batch's token count.
 
+Departure from the paper's Sec. 5.4 simulation: there a sample's time does not depend on how
+many others run; here the engine couples them (stragglers decode faster once the others are
+done, and a saturated server gains little from more sequences in flight). `paper_check`
+reproduces the paper's own setting for comparison.
+
 `bench/gpu_figures.json` holds the GPU inputs, each with its source or marked as an assumption;
-the CPU inputs come from `bench/RESULTS.md`, section "Rollout throughput
+the CPU inputs are transcribed below from `bench/RESULTS.md`, section "Rollout throughput
 (bench/rollout_throughput.py)", rerun on an idle machine (2026-11-27).
 
 Usage:
@@ -45,6 +54,7 @@ import dataclasses
 import heapq
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -88,11 +98,13 @@ class Engine:
 
     def __post_init__(self) -> None:
         if not self.points or any(s <= 0 or c < 0 for c, s in self.points):
-            raise ConfigError(f"`Engine.points` must be (concurrency, positive step seconds) pairs, got {self.points!r}")
+            raise ConfigError(f"`Engine.points` must be (concurrency, positive step seconds) pairs, "
+                              f"got {self.points!r}")
         if list(self.points) != sorted(self.points):
             raise ConfigError(f"`Engine.points` must be sorted by concurrency, got {self.points!r}")
         if self.kv_s_per_token < 0 or self.max_seqs < 1:
-            raise ConfigError(f"`kv_s_per_token` must be >= 0 and `max_seqs` >= 1, got {self.kv_s_per_token}, {self.max_seqs}")
+            raise ConfigError(f"`kv_s_per_token` must be >= 0 and `max_seqs` >= 1, "
+                              f"got {self.kv_s_per_token}, {self.max_seqs}")
         object.__setattr__(self, "_cache", {})
 
     def base(self, c: int) -> float:
@@ -198,11 +210,15 @@ class Episode:
 class Cluster:
     """Where episodes run and what a step costs besides generation.
 
-    `learner_s_per_token` and `learner_s_per_token2` give the learner step's time from the
-    batch: `learner_fixed_s + sum over trajectories of (a * L + b * L^2)` for a trajectory of L
-    tokens (the quadratic term is attention). `push_s` pauses decoding after each learner step.
-    `startup_s_per_slot`: a serial delay before the first episode starts, per in-flight slot (the
-    CPU benchmark builds one environment per slot at the start of a run).
+    - `replicas`: inference servers (episodes go to the least loaded one).
+    - `request_latency_s`: delay before each generation request reaches its server.
+    - `frontend_s`: time each request holds one serial handler shared by all requests (0: none).
+    - `learner_fixed_s`, `learner_s_per_token`, `learner_s_per_token2`: the learner step takes
+      `fixed + sum over the batch's trajectories of (a L + b L^2)` for L tokens each (the
+      quadratic term is attention).
+    - `push_s`: decoding pauses this long after each learner step (weight push).
+    - `startup_s_per_slot`: a serial delay per in-flight slot before the first episode starts
+      (the CPU benchmark builds one environment per slot when a run starts).
     """
 
     replicas: int
@@ -216,10 +232,11 @@ class Cluster:
     startup_s_per_slot: float = 0.0
 
     def learner_s(self, lengths: Iterable[float]) -> float:
-        ls = list(lengths)
+        """The learner step's seconds for trajectories of these token counts."""
         if not (self.learner_fixed_s or self.learner_s_per_token or self.learner_s_per_token2):
             return 0.0
-        return self.learner_fixed_s + sum(self.learner_s_per_token * n + self.learner_s_per_token2 * n * n for n in ls)
+        a, b = self.learner_s_per_token, self.learner_s_per_token2
+        return self.learner_fixed_s + sum(a * n + b * n * n for n in lengths)
 
 
 @dataclass(frozen=True)
@@ -270,8 +287,8 @@ class Result:
 
 # --- the simulation -----------------------------------------------------------------------------
 class _Ep:
-    __slots__ = ("id", "ep", "turn", "ctx", "replica", "start", "version", "group", "left", "join_v", "target",
-                 "offset", "tokens", "new_tokens", "serial")
+    __slots__ = ("ctx", "ep", "group", "id", "join_v", "left", "new_tokens", "offset", "replica", "serial", "start",
+                 "target", "tokens", "turn", "version")
 
     def __init__(self, eid: int, ep: Episode, group: int) -> None:
         self.id, self.ep, self.group = eid, ep, group
@@ -293,8 +310,8 @@ class _Replica:
     When that context outgrows `kv_tokens`, the sequence admitted last is preempted: it goes back
     to the front of the queue and recomputes (prefills) its whole context when readmitted."""
 
-    __slots__ = ("engine", "V", "t", "const", "members", "heap", "queue", "paused", "stamp", "busy_s", "serial",
-                 "preempted")
+    __slots__ = ("V", "busy_s", "const", "engine", "heap", "members", "paused", "preempted", "queue", "serial", "stamp",
+                 "t")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -432,11 +449,12 @@ class Simulation:
         self.staleness: list[int] = []
         self.dropped = 0
         self.accepted = 0
-        self.learning = False
-        self.paused = False
+        self.learning = False  # a learner step (and, when synchronous, its pause) is under way
+        self.pushing = False  # asynchronous: decoding paused for a weight push
         self.load = [0] * cluster.replicas  # episodes assigned per replica
         self.load_heap = [(0, i) for i in range(cluster.replicas)]
         self.frontend_free = 0.0
+        self.exhausted = False
         # grouped
         self.group_done: dict[int, int] = {}
         self.groups_ready = 0
@@ -454,27 +472,30 @@ class Simulation:
         if t < math.inf:
             self._push(t, "replica", r, rep.stamp)
 
-    def _draw(self) -> Episode:
+    def _draw(self) -> Episode | None:
         if self._fixed is not None:
-            try:
-                return next(self._fixed)
-            except StopIteration:
-                raise ConfigError("the fixed episode list ran out before the requested steps were collected; "
-                                  "pass more episodes or fewer steps") from None
+            return next(self._fixed, None)
         assert self.workload is not None
         return self.workload.draw(self.rng)
 
     # --- episodes -------------------------------------------------------------------------------
-    def _start(self, group: int = -1) -> None:
-        e = _Ep(self.next_id, self._draw(), group)
+    def _start(self, group: int = -1) -> bool:
+        """Start the next episode; False when a fixed episode list has run out."""
+        drawn = self._draw()
+        if drawn is None:
+            self.exhausted = True
+            return False
+        e = _Ep(self.next_id, drawn, group)
         self.next_id += 1
-        # a synchronous step's pause ends with the new weights: episodes started in it use them
+        # a pause ends with the new weights: episodes started in it decode with them
         e.start = self.now
-        e.version = self.version + (1 if self.learning and self.policy.name != "async" else 0)
+        paused = self.pushing if self.policy.name == "async" else self.learning
+        e.version = self.version + (1 if paused else 0)
         self.eps[e.id] = e
         self.in_flight += 1
         self.started += 1
         self._request(e)
+        return True
 
     def _request(self, e: _Ep) -> None:
         c = self.cluster
@@ -546,15 +567,15 @@ class Simulation:
     def _fill(self) -> None:
         p = self.policy
         if p.name == "single":
-            while self.in_flight < p.in_flight:
-                self._start()
+            while self.in_flight < p.in_flight and self._start():
+                pass
         elif p.name == "async":
             # throttle: nothing starts more than max_staleness + 1 batches ahead of the learner
             cap = (self.version + p.max_staleness + 1) * p.batch + self.dropped
-            while self.in_flight < p.in_flight and self.started < cap:
-                self._start()
+            while self.in_flight < p.in_flight and self.started < cap and self._start():
+                pass
         else:  # grouped: whole groups, only between steps
-            while self.in_flight + p.group <= p.in_flight:
+            while self.in_flight + p.group <= p.in_flight and not self.exhausted:
                 g = self.next_group
                 self.next_group += 1
                 self.group_done[g] = 0
@@ -619,7 +640,6 @@ class Simulation:
             rep.advance(self.now)
             rep.paused = paused
             self._schedule(r)
-        self.paused = paused
 
     def _async_learn(self) -> None:
         """The learner takes the first B finished trajectories that are fresh enough; stale ones
@@ -668,8 +688,10 @@ class Simulation:
                 self._step_end()
             elif kind == "learned":
                 self._push(self.now + self.cluster.push_s, "pushed")
+                self.pushing = True
                 self._pause_all(True)
             elif kind == "pushed":
+                self.pushing = False
                 self._pause_all(False)
                 self.version += 1
                 self.step_ends.append(self.now)
@@ -677,13 +699,15 @@ class Simulation:
                 self._fill()
                 self._async_learn()
         if len(self.step_ends) < want:
-            raise ConfigError(f"`{p.name}` stopped after {len(self.step_ends)} of {want} steps: nothing left to run")
+            why = "the fixed episode list ran out" if self.exhausted else "nothing was left to run"
+            raise ConfigError(f"`{p.name}` stopped after {len(self.step_ends)} of {want} steps: {why}; "
+                              f"pass more episodes or ask for fewer steps")
         t0 = self.step_ends[warmup - 1] if warmup else 0.0
         span = self.step_ends[-1] - t0
         times = [b - a for a, b in zip([0.0, *self.step_ends], self.step_ends)][warmup:]
         busy = sum(r.busy_s for r in self.replicas) / (len(self.replicas) * self.now) if self.now else 0.0
-        return Result(p.name, steps * p.batch / span, span / steps, float(np.mean(self.staleness)) if self.staleness else 0.0,
-                      self.dropped, self.accepted, busy, times)
+        stale = float(np.mean(self.staleness)) if self.staleness else 0.0
+        return Result(p.name, steps * p.batch / span, span / steps, stale, self.dropped, self.accepted, busy, times)
 
 
 def simulate(policy: Policy, cluster: Cluster, workload: Workload | None, *, steps: int, warmup: int = 0, seed: int = 0,
@@ -760,7 +784,8 @@ def load_figures(path: Path = FIGURES) -> dict[str, Any]:
         for key, f in entries.items():
             if key == "name":
                 continue
-            if not isinstance(f, dict) or "value" not in f or f.get("kind") not in ("published", "derived", "assumption"):
+            kinds = ("published", "derived", "assumption")
+            if not isinstance(f, dict) or "value" not in f or f.get("kind") not in kinds:
                 raise ConfigError(f"`{section}.{key}` in `{path}` must be an object with `value` and a `kind` of "
                                   f"published / derived / assumption, got {f!r}")
             if f["kind"] != "assumption" and not f.get("source"):
@@ -812,7 +837,8 @@ def roofline_check(v: dict[str, Any]) -> tuple[float, float]:
     throughput gain from 1 to 8 requests, predicted and published."""
     weights = v["serving.check_model_params"] * v["model.bytes_per_value"]
     bw = v["serving.check_gpu_bytes_per_s"] * v["serving.decode_bandwidth_efficiency"]
-    per_seq = 2 * v["serving.check_model_params"] / (v["serving.check_gpu_bf16_flops"] * v["serving.decode_compute_efficiency"])
+    flops = v["serving.check_gpu_bf16_flops"] * v["serving.decode_compute_efficiency"]
+    per_seq = 2 * v["serving.check_model_params"] / flops
     kv = v["serving.check_model_kv_bytes_per_token"] / bw * (1024 + 64)
 
     def step(c: int) -> float:
@@ -858,7 +884,7 @@ def gpu_policies(v: dict[str, Any]) -> dict[str, Policy]:
 
 
 # --- tables -------------------------------------------------------------------------------------
-def validation(seeds: Sequence[int], frontend_s: float = None) -> list[dict[str, Any]]:  # type: ignore[assignment]
+def validation(seeds: Sequence[int], frontend_s: float | None = None) -> list[dict[str, Any]]:
     """Predicted vs measured CPU rates and ratios, with the mechanisms switched on one by one:
     `curve` (the batching curve alone), `+build` (environments built at the start of a run),
     `full` (+ the serial per-request handler)."""
@@ -866,13 +892,15 @@ def validation(seeds: Sequence[int], frontend_s: float = None) -> list[dict[str,
     models = {"curve": cpu_cluster(startup=False), "+build": cpu_cluster(), "full": cpu_cluster(frontend_s=x)}
     rows = []
     for (tail, sigma), meas in CPU_MEASURED.items():
-        rates = {name: {m: np.array(cpu_rate(m, tail, sigma, cl, seeds)) for m in CPU_MODES} for name, cl in models.items()}
+        rates = {name: {m: np.array(cpu_rate(m, tail, sigma, cl, seeds)) for m in CPU_MODES}
+                 for name, cl in models.items()}
         for mode in ("single", "single-os"):
             full = rates["full"][mode] / rates["full"]["grouped"]
             measured = meas[mode] / meas["grouped"]
             pred = float(np.mean(full))
             rows.append({"tail": tail, "sigma": sigma, "ratio": f"{mode} / grouped", "measured": measured,
-                         "predicted": pred, "p10": float(np.percentile(full, 10)), "p90": float(np.percentile(full, 90)),
+                         "predicted": pred, "p10": float(np.percentile(full, 10)),
+                         "p90": float(np.percentile(full, 90)),
                          "error": pred / measured - 1,
                          "curve": float(np.mean(rates["curve"][mode] / rates["curve"]["grouped"])),
                          "+build": float(np.mean(rates["+build"][mode] / rates["+build"]["grouped"])),
@@ -895,8 +923,8 @@ def async_best(v: dict[str, Any], gpus: int, steps: int, warmup: int, seed: int)
     best: tuple[Result, int] | None = None
     tried = sorted({min(max(1, round(gpus * f)), gpus - 1) for f in v["cluster.async_train_fractions"]})
     for n_train in tried:
-        r = simulate(gpu_policies(v)["async"], gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps, warmup=warmup,
-                     seed=seed)
+        r = simulate(gpu_policies(v)["async"], gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps,
+                     warmup=warmup, seed=seed)
         if best is None or r.traj_per_s > best[0].traj_per_s:
             best = (r, n_train)
     assert best is not None
@@ -914,8 +942,8 @@ def gpu_table(v: dict[str, Any], sizes: Sequence[int], steps: int, warmup: int, 
             if name == "async":
                 if train_gpus and gpus in train_gpus:
                     n_train = train_gpus[gpus]
-                    res[name] = simulate(pol, gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps, warmup=warmup,
-                                         seed=seed)
+                    res[name] = simulate(pol, gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps,
+                                         warmup=warmup, seed=seed)
                 else:
                     res[name], n_train = async_best(v, gpus, steps, warmup, seed)
             else:
@@ -989,7 +1017,8 @@ def paper_setting_on_engines(v: dict[str, Any], seeds: Sequence[int]) -> dict[st
         cl = cpu_cluster(frontend_s=CPU_FRONTEND_S, startup=False)
         g = np.mean([simulate(Policy("grouped", 24, 24, group=8), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s
                      for s in seeds])
-        f = np.mean([simulate(Policy("single", 24, 48), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s for s in seeds])
+        f = np.mean([simulate(Policy("single", 24, 48), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s
+                     for s in seeds])
         out[f"cpu-{tail}"] = float(g / f)
     return out
 
@@ -1014,15 +1043,17 @@ def validation_report(rows: list[dict[str, Any]], tolerance: float = 0.2) -> str
         for m, (pred, meas) in r["rates"].items():
             if (r["tail"], r["sigma"], m) not in seen:
                 seen.add((r["tail"], r["sigma"], m))
-                rate_rows.append((r["tail"], r["sigma"], m, f"{meas:.2f}", f"{pred:.2f}", f"{100 * (pred / meas - 1):+.0f}%"))
+                rate_rows.append((r["tail"], r["sigma"], m, f"{meas:.2f}", f"{pred:.2f}",
+                                  f"{100 * (pred / meas - 1):+.0f}%"))
     out.append(_md(["tail", "sigma", "mode", "measured traj/s", "predicted traj/s", "error"], rate_rows))
     return "\n".join(out)
 
 
 def gpu_report(rows: list[dict[str, Any]]) -> str:
-    return _md(["GPUs", "policy", "traj/s", "x grouped", "step s", "staleness", "dropped", "decode busy", "learner GPUs"],
-               [(r["gpus"], r["policy"], f"{r['traj_per_s']:.2f}", f"{r['ratio']:.2f}x", f"{r['step_s']:.0f}",
-                 f"{r['staleness']:.2f}", r["dropped"], f"{100 * r['decode_busy']:.0f}%", r["train_gpus"]) for r in rows])
+    head = ["GPUs", "policy", "traj/s", "x grouped", "step s", "staleness", "dropped", "decode busy", "learner GPUs"]
+    return _md(head, [(r["gpus"], r["policy"], f"{r['traj_per_s']:.2f}", f"{r['ratio']:.2f}x", f"{r['step_s']:.0f}",
+                       f"{r['staleness']:.2f}", r["dropped"], f"{100 * r['decode_busy']:.0f}%", r["train_gpus"])
+                      for r in rows])
 
 
 def sensitivity_report(rows: list[dict[str, Any]], base: dict[str, float]) -> str:
@@ -1050,7 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="seconds: fewer seeds and steps, 64 GPUs only, no sensitivity")
     p.add_argument("--figures", type=Path, default=FIGURES, help="the GPU figures (JSON)")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 512, 4096], help="cluster sizes in GPUs")
-    p.add_argument("--sensitivity-gpus", type=int, nargs="+", default=[64], help="cluster sizes of the sensitivity table")
+    p.add_argument("--sensitivity-gpus", type=int, nargs="+", default=[64],
+                   help="cluster sizes of the sensitivity table")
     p.add_argument("--steps", type=int, default=6, help="measured steps per GPU run (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -1062,8 +1094,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     figs = load_figures(args.figures)
     v = figure_values(figs)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     out: dict[str, Any] = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}"}
+                           "machine": machine}
     print(f"# bench/cluster_sim.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
           f"commit {out['commit']}, {out['date']}, {out['machine']}\n")
 
@@ -1075,7 +1108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(validation_report(out["validation"]), "\n")
     if args.fit_frontend:
         out["frontend_fit"] = fit_frontend(range(20), [i * 0.005 for i in range(15)])
-        print(_md(["handler s", "RMS log error of the 12 rates"], [(f"{x:.3f}", f"{e:.3f}") for x, e in out["frontend_fit"]]), "\n")
+        fit = [(f"{x:.3f}", f"{e:.3f}") for x, e in out["frontend_fit"]]
+        print(_md(["handler s", "RMS log error of the 12 rates"], fit), "\n")
 
     gain, published = roofline_check(v)
     eng = gpu_engine(v)
@@ -1085,9 +1119,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"## 2. GPU scale ({figs['model']['name']} on {figs['gpu']['name']}, B = {int(v['workload.batch'])}, "
           f"G = {int(v['workload.group'])}, responses up to {int(v['workload.max_response_tokens'])} tokens, "
           f"up to {int(v['workload.max_tool_calls'])} tool calls)\n\n"
-          f"Decode step = {1000 * eng.points[0][1]:.2f} ms + {1e6 * (eng.points[1][1] - eng.points[0][1]):.1f} us per sequence "
-          f"+ {1e9 * eng.kv_s_per_token:.1f} ns per token of context; KV cache {eng.kv_tokens / 1e3:.0f}k tokens per GPU. "
-          f"Roofline check on the published A100 sweep: 1 -> 8 requests gains {gain:.1f}x (published {published:.1f}x).\n"
+          f"Decode step = {1000 * eng.points[0][1]:.2f} ms + {1e6 * out['engine']['per_seq_s']:.1f} us per sequence "
+          f"+ {1e9 * eng.kv_s_per_token:.1f} ns per token of context; KV cache {eng.kv_tokens / 1e3:.0f}k tokens "
+          f"per GPU. Roofline check on the published A100 sweep: 1 -> 8 requests gains {gain:.1f}x "
+          f"(published {published:.1f}x).\n"
           f"{args.warmup} warm-up steps, then {args.steps} measured; seed {args.seed}.\n")
     out["gpu"] = gpu_table(v, args.sizes, args.steps, args.warmup, args.seed)
     print(gpu_report(out["gpu"]), "\n")
@@ -1108,10 +1143,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out["paper"] = {**pc, "engines": eng_ratios}
     print("## 4. The paper's Sec. 5.4 setting (24-sample batch; group-free starts 48, keeps the first 24)\n\n"
           f"With times independent of concurrency (the paper's simulation) and lognormal times, a mean ratio of 4.35x "
-          f"needs sigma = {pc['sigma']:.2f} (one draw of that setting gives {pc['one_draw_p10']:.1f}x-{pc['one_draw_p90']:.1f}x, "
+          f"needs sigma = {pc['sigma']:.2f} (one draw of that setting gives "
+          f"{pc['one_draw_p10']:.1f}x-{pc['one_draw_p90']:.1f}x, "
           f"p10-p90; median sample time {pc['median_s_for_112']:.0f} s puts group-free at 112 s). The same batch with "
           f"engine coupling: one GPU replica with the GPU workload {eng_ratios['gpu']:.2f}x; the measured CPU server "
-          f"{eng_ratios['cpu-length']:.2f}x (length tail, sigma 1) and {eng_ratios['cpu-tool']:.2f}x (tool tail, sigma 1).\n")
+          f"{eng_ratios['cpu-length']:.2f}x (length tail, sigma 1) and {eng_ratios['cpu-tool']:.2f}x "
+          f"(tool tail, sigma 1).\n")
     out["seconds"] = time.perf_counter() - started
     print(f"({out['seconds']:.0f} s)")
     if args.json:
