@@ -41,7 +41,7 @@ the CPU inputs are transcribed below from `bench/RESULTS.md`, section "Rollout t
 Usage:
 
     .venv/bin/python bench/cluster_sim.py --quick      # seconds: validation and one cluster size
-    .venv/bin/python bench/cluster_sim.py              # every table (a few minutes on 2 cores)
+    .venv/bin/python bench/cluster_sim.py              # every table (10-20 minutes on 2 cores)
     .venv/bin/python bench/cluster_sim.py --json out.json
 """
 
@@ -955,24 +955,45 @@ def gpu_table(v: dict[str, Any], sizes: Sequence[int], steps: int, warmup: int, 
     return rows
 
 
+# published figures that are used outside the setting they were measured in (an A100 figure
+# applied to the H100): varied like the assumptions
+SENSITIVE_PUBLISHED = ("serving.decode_bandwidth_efficiency",)
+SHARES = ("efficiency", "mfu", "utilization")  # figures that cannot exceed 1
+
+
+def varied(figs: dict[str, Any], key: str, factor: float) -> dict[str, Any]:
+    """The figures with `key` scaled by `factor` (shares capped at 1, counts rounded down)."""
+    base = figure_values(figs)[key]
+    if key.endswith(SHARES):
+        factor = min(factor, 1.0 / base)
+    v = figure_values(figs, {key: factor})
+    if isinstance(base, int):
+        v[key] = int(v[key])
+    return v
+
+
 def sensitivity(figs: dict[str, Any], gpus: int, steps: int, warmup: int, seed: int,
-                keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Ratios to `grouped` at `gpus` with each assumption halved and doubled (the asynchronous
-    learner keeps the GPU count that was best with the base inputs)."""
+                keys: Sequence[str] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Ratios to `grouped` at `gpus` with the base inputs, then with each input that cannot be
+    measured here halved and doubled (the asynchronous learner keeps the GPU count that was best
+    with the base inputs)."""
     base_v = figure_values(figs)
     _, n_train = async_best(base_v, gpus, steps, warmup, seed)
+    base = {r["policy"]: r["ratio"] for r in gpu_table(base_v, [gpus], steps, warmup, seed, {gpus: n_train})}
     rows = []
-    for key in keys if keys is not None else assumptions(figs):
-        row: dict[str, Any] = {"input": key, "base": base_v[key]}
+    for key in keys if keys is not None else [*SENSITIVE_PUBLISHED, *assumptions(figs)]:
+        row: dict[str, Any] = {"input": key, "base": base_v[key], "kind": "published" if key in SENSITIVE_PUBLISHED
+                               else "assumption"}
         for label, factor in (("half", 0.5), ("double", 2.0)):
-            v = figure_values(figs, {key: factor})
+            v = varied(figs, key, factor)
+            row[f"{label}_value"] = v[key]
             if key == "workload.group" and (v[key] < 1 or v["workload.batch"] % int(v[key])):
                 row[label] = None
                 continue
             t = gpu_table(v, [gpus], steps, warmup, seed, {gpus: n_train})
             row[label] = {r["policy"]: r["ratio"] for r in t}
         rows.append(row)
-    return rows
+    return base, rows
 
 
 def paper_check(seeds: Sequence[int], target: float = 4.35) -> dict[str, Any]:
@@ -1062,9 +1083,10 @@ def sensitivity_report(rows: list[dict[str, Any]], base: dict[str, float]) -> st
     def cell(d: dict[str, float] | None) -> str:
         return "n/a" if d is None else " / ".join(f"{d[p]:.2f}" for p in pols)
 
-    head = ["input (assumption)", "base value", "x0.5: single / single-os / async (x grouped)", "x2: same"]
-    body = [("(base inputs)", "", cell(base), cell(base))]
-    body += [(r["input"], f"{r['base']:g}", cell(r["half"]), cell(r["double"])) for r in rows]
+    head = ["input", "base", "halved to", "single / single-os / async (x grouped)", "doubled to", "the same"]
+    body = [("(base inputs)", "", "", cell(base), "", cell(base))]
+    body += [(f"`{r['input']}`" + (" (published, A100)" if r["kind"] == "published" else ""), f"{r['base']:g}",
+              f"{r['half_value']:g}", cell(r["half"]), f"{r['double_value']:g}", cell(r["double"])) for r in rows]
     return _md(head, body)
 
 
@@ -1081,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="seconds: fewer seeds and steps, 64 GPUs only, no sensitivity")
     p.add_argument("--figures", type=Path, default=FIGURES, help="the GPU figures (JSON)")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 512, 4096], help="cluster sizes in GPUs")
-    p.add_argument("--sensitivity-gpus", type=int, nargs="+", default=[64],
+    p.add_argument("--sensitivity-gpus", type=int, nargs="+", default=[64, 4096],
                    help="cluster sizes of the sensitivity table")
     p.add_argument("--steps", type=int, default=6, help="measured steps per GPU run (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
@@ -1130,12 +1152,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.quick:
         out["sensitivity"] = {}
         for gpus in args.sensitivity_gpus:
-            base = {r["policy"]: r["ratio"] for r in out["gpu"] if r["gpus"] == gpus}
-            if not base:
-                base = {r["policy"]: r["ratio"] for r in gpu_table(v, [gpus], args.steps, args.warmup, args.seed)}
-            rows = sensitivity(figs, gpus, args.steps, args.warmup, args.seed)
-            out["sensitivity"][gpus] = rows
-            print(f"## 3. Sensitivity at {gpus} GPUs: ratios to grouped with one assumption halved or doubled\n")
+            base, rows = sensitivity(figs, gpus, args.steps, args.warmup, args.seed)
+            out["sensitivity"][gpus] = {"base": base, "rows": rows}
+            print(f"## 3. Sensitivity at {gpus} GPUs: ratios to grouped with one input halved or doubled "
+                  f"(shares capped at 1; the asynchronous learner keeps its GPUs)\n")
             print(sensitivity_report(rows, base), "\n")
 
     pc = paper_check(range(100 if args.quick else 400))
