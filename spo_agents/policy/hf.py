@@ -89,7 +89,6 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     future: concurrent.futures.Future
-    version: int = 0
 
 
 def _params_key(p: SamplingParams) -> tuple:
@@ -219,11 +218,32 @@ def _plain_kv_cache(model: Any) -> str | None:
     return None
 
 
+def _inverse_cdf(probs: Any, u: Any, block: int = 256) -> Any:
+    """For each row of `probs` `[rows, vocab]`, the first index whose cumulative probability
+    exceeds `u * total` (`u` `[rows]` in [0, 1)): a draw from `probs`. Sums are in float64, in two
+    levels (block sums, then within the chosen block), which keeps a 50k vocabulary at about a
+    millisecond per batch on a CPU (`torch.multinomial` takes milliseconds per row). An entry of
+    probability 0 (removed by top-k/top-p) adds nothing to the sums and is never chosen."""
+    import torch
+
+    rows, vocab = probs.shape
+    p = torch.nn.functional.pad(probs, (0, (-vocab) % block)).double().view(rows, -1, block)
+    sums = p.sum(dim=-1).cumsum(dim=-1)  # [rows, blocks]
+    target = u.double()[:, None] * sums[:, -1:]
+    k = torch.searchsorted(sums, target, right=True).clamp(max=sums.shape[1] - 1)  # [rows, 1]
+    before = torch.where(k > 0, sums.gather(1, (k - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = p[torch.arange(rows, device=p.device), k[:, 0]].cumsum(dim=-1)  # [rows, block]
+    rest = torch.minimum(target - before, inner[:, -1:] * (1 - 2**-40))  # within the block's mass
+    j = torch.searchsorted(inner, rest, right=True).clamp(max=block - 1)
+    return (k * block + j)[:, 0]
+
+
 def _sample(logits: Any, params: list[SamplingParams], generators: list[Any]) -> tuple[list[int], list[float]]:
     """One token per row of `logits` `[rows, vocab]` (fp32) and its log-prob under the
     distribution it was drawn from: logits / temperature, then top-k, then top-p (transformers'
     warpers, in `generate`'s order); greedy rows (`temperature = 0`) take the argmax and report
-    the unmodified model's log-prob. Each row draws from its own generator."""
+    the unmodified model's log-prob. Each row draws one uniform number per token from its own
+    generator (`_inverse_cdf`)."""
     import torch
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
@@ -244,8 +264,9 @@ def _sample(logits: Any, params: list[SamplingParams], generators: list[Any]) ->
                 z = TopPLogitsWarper(top_p=top_p)(None, z)
         logp = torch.log_softmax(z, dim=-1)
         if sample:
-            probs = logp.exp()
-            chosen = [int(torch.multinomial(probs[j], 1, generator=generators[i])) for j, i in enumerate(index)]
+            gens = [generators[i] for i in index]
+            draws = [torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in gens]
+            chosen = _inverse_cdf(logp.exp(), torch.cat(draws).to(logp.device)).tolist()
         else:
             chosen = z.argmax(dim=-1).tolist()
         picked = logp.gather(1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
@@ -335,9 +356,11 @@ class HFPolicy(PolicyBackend):
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
         #: counters for benchmarks and logs: `batches` (static: `generate` calls; continuous:
-        #: prefill passes), `rows` (requests started), `tokens` (generated tokens handed back),
-        #: `steps` (continuous decode steps)
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0}
+        #: prefill passes), `rows` (requests started), `tokens` (generated tokens handed back);
+        #: continuous only: `steps` (decode steps), `prefill_tokens` (prompt tokens prefilled),
+        #: `prefill_s` / `decode_s` (seconds in prefill passes / decode steps)
+        self.stats: dict[str, float] = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0}
+        self.stats.update(prefill_tokens=0, prefill_s=0.0, decode_s=0.0)
 
     # --- protocol -----------------------------------------------------------------------------
     @property
@@ -462,6 +485,7 @@ class HFPolicy(PolicyBackend):
         import torch
         from transformers import DynamicCache
 
+        start = time.perf_counter()
         try:
             n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
             ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -476,11 +500,14 @@ class HFPolicy(PolicyBackend):
             logits = self._forward(ids, mask, position_ids, cache)
             self.stats["batches"] += 1
             self.stats["rows"] += n
+            self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in reqs)
             rows = [self._new_row(r) for r in reqs]
             keep = self._advance(rows, logits)
         except Exception as e:  # noqa: BLE001 - surfaced to the callers of these requests
             self._fail(reqs, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
             return
+        finally:
+            self.stats["prefill_s"] += time.perf_counter() - start
         if keep:
             sub = _Batch()
             sub.rows, sub.cache, sub.mask = rows, cache, mask
@@ -498,6 +525,7 @@ class HFPolicy(PolicyBackend):
         """One decode step of every row: feed its last token, sample the next."""
         import torch
 
+        start = time.perf_counter()
         try:
             live = [i for i, r in enumerate(batch.rows) if not r.cancelled]
             batch.keep(live)
@@ -516,6 +544,8 @@ class HFPolicy(PolicyBackend):
             batch.keep(keep)
         except Exception as e:  # noqa: BLE001 - surfaced to every caller in the batch
             self._fail_batch(batch, e)
+        finally:
+            self.stats["decode_s"] += time.perf_counter() - start
 
     def _fail_batch(self, batch: _Batch, e: Exception, extra: list[_Row] | None = None) -> None:
         reqs = [r.request for r in [*batch.rows, *(extra or [])]]

@@ -348,3 +348,24 @@ async def test_close_fails_the_requests_in_flight(base):
     await policy.close()
     with pytest.raises(PolicyError, match="closed"):
         await running
+
+
+# ------------------------------------------------------------------------------------- sampler
+def test_the_inverse_cdf_draw_picks_the_first_token_whose_cumulative_mass_exceeds_u():
+    from spo_agents.policy.hf import _inverse_cdf
+
+    probs = torch.zeros(2, 1000)
+    probs[0, [3, 300, 301, 999]] = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    probs[1, 700] = 1.0
+    cases = [(0.0, 3), (0.4999, 3), (0.5, 300), (0.7499, 300), (0.75, 301), (0.875, 999), (1 - 1e-15, 999)]
+    for u, want in cases:
+        got = _inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64), block=64).tolist()
+        assert got == [want, 700], u
+    # unnormalised rows are scaled by their total; zero-probability entries are never drawn
+    rng = torch.Generator().manual_seed(0)
+    weights = torch.rand(3, 5000, generator=rng) * (torch.rand(3, 5000, generator=rng) < 0.01)
+    u = torch.rand(3, dtype=torch.float64, generator=rng)
+    got = _inverse_cdf(weights, u)
+    cdf = weights.double().cumsum(-1)
+    want = [int((cdf[i] > u[i] * cdf[i, -1]).nonzero()[0]) for i in range(3)]
+    assert got.tolist() == want and all(weights[i, t] > 0 for i, t in enumerate(want))
