@@ -48,8 +48,10 @@ async def main(calls: int) -> None:
     ok, why = DockerBackend.available()
     if not ok:
         sys.exit(f"docker backend not available: {why}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-          f"load avg {os.getloadavg()[0]:.2f}; engine {engine_url()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+        f"load avg {os.getloadavg()[0]:.2f}; engine {engine_url()}"
+    )
     lim = SandboxLimits(timeout_s=10.0)
 
     # Calls through the attach-stream driver.

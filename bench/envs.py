@@ -89,12 +89,16 @@ def main() -> None:
         print(json.dumps({"load_average_1m": load, "rows": rows}, indent=2))
         return
     print(f"1-minute load average: {load[0]:.1f} at start, {load[1]:.1f} at end; values are wall / CPU")
-    print("| env | problems | construct ms | reset ms | reset + final answer ms | tool call ms | check-env s (2 episodes) |")
+    print(
+        "| env | problems | construct ms | reset ms | reset + final answer ms | tool call ms | check-env s (2 episodes) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda k: f"{r[k][0]:.1f} / {r[k][1]:.1f}" if k in r else "-"  # noqa: E731
         ok = "" if r["check_env_passed"] else " FAILED"
-        print(f"| {r['env']} | {r['problems']} | {f('construct_ms')} | {f('reset_ms')} | {f('reset_and_answer_ms')} | {f('tool_call_ms')} | {f('check_env_s')}{ok} |")
+        print(
+            f"| {r['env']} | {r['problems']} | {f('construct_ms')} | {f('reset_ms')} | {f('reset_and_answer_ms')} | {f('tool_call_ms')} | {f('check_env_s')}{ok} |"
+        )
 
 
 if __name__ == "__main__":

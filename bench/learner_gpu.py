@@ -27,18 +27,33 @@ from spo_agents.sharding import full_model_state, shard_model
 from spo_agents.types import Trajectory
 
 QWEN3_06B = {
-    "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960, "tie_word_embeddings": True, "rope_theta": 1e6,
-}  # fmt: skip
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": True,
+    "rope_theta": 1e6,
+}
 
 
 def batch(n: int, prompt: int, response: int, vocab: int, seed: int) -> tuple[list[Trajectory], list[float]]:
     rng = random.Random(seed)
     trajs = [
-        Trajectory(f"p{i}", "bench", [rng.randrange(1000, vocab) for _ in range(prompt)], [rng.randrange(1000, vocab) for _ in range(response)],
-                   [1] * response, [-11.0] * response, float(i % 2))
+        Trajectory(
+            f"p{i}",
+            "bench",
+            [rng.randrange(1000, vocab) for _ in range(prompt)],
+            [rng.randrange(1000, vocab) for _ in range(response)],
+            [1] * response,
+            [-11.0] * response,
+            float(i % 2),
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
     return trajs, [1.0 if i % 2 else -1.0 for i in range(n)]
 
 
@@ -79,10 +94,16 @@ def run(setting: str, args: argparse.Namespace) -> dict:
     after = flat_weights(model, sharded)
     moved = float(((after - before).abs() > 0.1 * args.lr).float().mean())
     out = {
-        "setting": setting, "seconds": round(seconds, 3), "tokens": stats.tokens, "tokens_per_s": round(stats.tokens / seconds),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, "moved_share": round(moved, 4),
-        "loss": stats.loss, "grad_norm": stats.grad_norm, "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
-    }  # fmt: skip
+        "setting": setting,
+        "seconds": round(seconds, 3),
+        "tokens": stats.tokens,
+        "tokens_per_s": round(stats.tokens / seconds),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "moved_share": round(moved, 4),
+        "loss": stats.loss,
+        "grad_norm": stats.grad_norm,
+        "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+    }
     del learner, model
     if cuda:
         torch.cuda.empty_cache()
@@ -111,7 +132,11 @@ def main() -> None:
         rows.append(run(setting, args))
         print(json.dumps(rows[-1]), flush=True)
     dist.destroy_process_group()
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "args": vars(args)}
+    meta = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "args": vars(args),
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

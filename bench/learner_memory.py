@@ -20,8 +20,10 @@ from spo_agents.config import Config, from_dict
 from spo_agents.learner import Learner, LearnerSettings
 from spo_agents.models import embedded_model_dir
 from spo_agents.types import Trajectory
+
 mbt = int(sys.argv[1])
-torch.manual_seed(0); random.seed(0)
+torch.manual_seed(0)
+random.seed(0)
 d = embedded_model_dir()
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
 cfg = from_dict(Config, {"train": {"micro_batch_tokens": mbt}})
@@ -29,8 +31,20 @@ learner = Learner(model, LearnerSettings.from_config(cfg), pad_id=2)
 trajs = []
 for i in range(16):
     n = 160
-    trajs.append(Trajectory(f"p{i}", "x", [random.randrange(1000, 40000) for _ in range(150)], [random.randrange(1000, 40000) for _ in range(n)], [1]*n, [-2.0]*n, float(i % 2)))
+    trajs.append(
+        Trajectory(
+            f"p{i}",
+            "x",
+            [random.randrange(1000, 40000) for _ in range(150)],
+            [random.randrange(1000, 40000) for _ in range(n)],
+            [1] * n,
+            [-2.0] * n,
+            float(i % 2),
+        )
+    )
 adv = [1.0 if i % 2 else -1.0 for i in range(16)]
 t = time.time()
 learner.update(trajs, adv)
-print(f"micro_batch_tokens={mbt}: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1e6:.2f} GB, update {time.time()-t:.1f} s")
+print(
+    f"micro_batch_tokens={mbt}: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB, update {time.time() - t:.1f} s"
+)

@@ -45,7 +45,10 @@ def bench_checker(n: int) -> list[tuple[str, str]]:
         c.check("x+1", "1+x")
         start_s = time.perf_counter() - t
         rows = [("symbolic worker start + first check", f"{start_s * 1000:.0f} ms")]
-        for label, pred, ref in [("exact number (no sympy)", "0.5", "1/2"), ("math-verify", "\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2")]:
+        for label, pred, ref in [
+            ("exact number (no sympy)", "0.5", "1/2"),
+            ("math-verify", "\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
+        ]:
             times = []
             for _ in range(n):
                 t = time.perf_counter()
@@ -57,7 +60,9 @@ def bench_checker(n: int) -> list[tuple[str, str]]:
         c.close()
 
 
-def bench_model(n: int, temperature: float, max_new_tokens: int, seed: int, transcripts: str | None = None) -> list[tuple[str, str]]:
+def bench_model(
+    n: int, temperature: float, max_new_tokens: int, seed: int, transcripts: str | None = None
+) -> list[tuple[str, str]]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +86,9 @@ def bench_model(n: int, temperature: float, max_new_tokens: int, seed: int, tran
     turn = 0
     while not all(done):
         active = [i for i in range(n) if not done[i]]
-        batch = tok([prompts[i] + partial[i] for i in active], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tok(
+            [prompts[i] + partial[i] for i in active], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
@@ -106,7 +113,12 @@ def bench_model(n: int, temperature: float, max_new_tokens: int, seed: int, tran
             partial[i] += text + obs
             if terminated or truncated:
                 done[i] = True
-                results[i] = {"reward": reward, "turns": info["turn"], "tool_calls": info["tool_calls"], "truncated": truncated}
+                results[i] = {
+                    "reward": reward,
+                    "turns": info["turn"],
+                    "tool_calls": info["tool_calls"],
+                    "truncated": truncated,
+                }
         turn += 1
     for env in envs:
         env.close()
@@ -121,7 +133,10 @@ def bench_model(n: int, temperature: float, max_new_tokens: int, seed: int, tran
         (f"episodes (embedded SmolLM2-135M, test split, T={temperature})", str(n)),
         ("first turn is a complete `<code>` block", f"{sum(first_turn_code) / n:.0%}"),
         ("avg reward (correct final \\boxed{})", f"{statistics.mean(rewards):.2f}"),
-        ("mean turns / tool calls", f"{statistics.mean(r['turns'] for r in results):.1f} / {statistics.mean(r['tool_calls'] for r in results):.1f}"),
+        (
+            "mean turns / tool calls",
+            f"{statistics.mean(r['turns'] for r in results):.1f} / {statistics.mean(r['tool_calls'] for r in results):.1f}",
+        ),
         ("truncated by a budget", f"{sum(r['truncated'] for r in results) / n:.0%}"),
         ("generation time", f"{gen_s:.1f} s over {turn} batched turns"),
     ]

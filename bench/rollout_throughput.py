@@ -77,7 +77,9 @@ class OneTurnEnv(MultiTurnEnv):
     stop_sequences: list[str] = []
 
     def __init__(self, num_problems: int = 10_000, tool_latency: Lognormal | None = None) -> None:
-        super().__init__([Problem(id=f"p{i}", prompt=f"Write a short story about the number {i}.") for i in range(num_problems)])
+        super().__init__(
+            [Problem(id=f"p{i}", prompt=f"Write a short story about the number {i}.") for i in range(num_problems)]
+        )
         self.tool_latency = tool_latency
 
     def _reset_episode(self, problem: Problem) -> list[dict[str, str]]:
@@ -127,12 +129,20 @@ class Result:
         return self.trajectories / self.seconds
 
 
-async def collect(mode: str, policy: LongTailPolicy, *, batch: int, steps: int, group: int, tool_latency: Lognormal | None = None) -> Result:
+async def collect(
+    mode: str, policy: LongTailPolicy, *, batch: int, steps: int, group: int, tool_latency: Lognormal | None = None
+) -> Result:
     """Collect `steps` batches of `batch` accepted trajectories; returns the wall time."""
     grouped = mode == "grouped"
     in_flight = 2 * batch if mode == "single-os" else batch
-    collector = Collector(lambda: OneTurnEnv(tool_latency=tool_latency), policy, max_in_flight=in_flight, sampling=SamplingParams(temperature=1.0),
-                          max_episode_tokens=100_000, group_size=group if grouped else 1)
+    collector = Collector(
+        lambda: OneTurnEnv(tool_latency=tool_latency),
+        policy,
+        max_in_flight=in_flight,
+        sampling=SamplingParams(temperature=1.0),
+        max_episode_tokens=100_000,
+        group_size=group if grouped else 1,
+    )
     ids = (f"p{i}" for i in range(10**9))
     tokens0 = policy.tokens
     got = 0
@@ -152,14 +162,16 @@ async def collect(mode: str, policy: LongTailPolicy, *, batch: int, steps: int, 
 
 def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
     """The policy backend for `--engine`, the server object to stop (or None), and a label."""
-    from spo_agents.models import resolve_model
-    from spo_agents.policy import make_policy
-
     # vLLM's CPU attention has no kernel for head size 16 (the default tiny model): use the
     # 128-wide variant (head size 32) there
-    from spo_agents.models import TINY, tiny_model_dir
+    from spo_agents.models import TINY, resolve_model, tiny_model_dir
+    from spo_agents.policy import make_policy
 
-    model_dir = str(tiny_model_dir(hidden_size=128)) if args.model == TINY and args.engine == "vllm" else resolve_model(args.model)
+    model_dir = (
+        str(tiny_model_dir(hidden_size=128))
+        if args.model == TINY and args.engine == "vllm"
+        else resolve_model(args.model)
+    )
     if args.engine == "hf":
         return make_policy("hf", args.model), None, f"in-process transformers ({args.model})"
     if args.engine == "vllm":
@@ -168,11 +180,18 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
         if url is None:
             from spo_agents.vllm_server import VLLMServer
 
-            server = VLLMServer(model_dir, kv_cache_bytes=args.kv_cache_gib << 30, log_dir="runs/vllm", extra_args=["--enforce-eager"],
-                                startup_timeout_s=900).start()
+            server = VLLMServer(
+                model_dir,
+                kv_cache_bytes=args.kv_cache_gib << 30,
+                log_dir="runs/vllm",
+                extra_args=["--enforce-eager"],
+                startup_timeout_s=900,
+            ).start()
             url = server.openai_base_url
             print(f"vLLM server ready in {server.startup_s:.0f} s at {url}", file=sys.stderr)
-        policy = make_policy("openai", model_dir, base_url=url, tokenizer=model_dir, ignore_eos=True, mode="tokens", max_concurrency=256)
+        policy = make_policy(
+            "openai", model_dir, base_url=url, tokenizer=model_dir, ignore_eos=True, mode="tokens", max_concurrency=256
+        )
         return policy, server, f"vLLM CPU server ({args.model}, fp32)"
     raise SystemExit(f"unknown engine `{args.engine}`")
 
@@ -215,12 +234,20 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     if args.tail == "length":
                         policy, latency = LongTailPolicy(inner, args.median, sigma, seed=seed), None
                     else:  # fixed response length, long-tailed tool latency
-                        policy, latency = LongTailPolicy(inner, args.median, 0.0, seed=seed), Lognormal(args.tool_median_s, sigma, seed, lo=0.0)
+                        policy, latency = (
+                            LongTailPolicy(inner, args.median, 0.0, seed=seed),
+                            Lognormal(args.tool_median_s, sigma, seed, lo=0.0),
+                        )
                         policy.sigma = sigma
-                    r = await collect(mode, policy, batch=args.batch, steps=args.steps, group=args.group, tool_latency=latency)
+                    r = await collect(
+                        mode, policy, batch=args.batch, steps=args.steps, group=args.group, tool_latency=latency
+                    )
                     results.append(r)
-                    print(f"sigma={sigma} {mode:9s} {r.trajectories} traj in {r.seconds:6.1f} s = {r.traj_per_s:6.2f} traj/s "
-                          f"({r.tokens / r.seconds:6.0f} tok/s, {r.started} episodes started)", file=sys.stderr)
+                    print(
+                        f"sigma={sigma} {mode:9s} {r.trajectories} traj in {r.seconds:6.1f} s = {r.traj_per_s:6.2f} traj/s "
+                        f"({r.tokens / r.seconds:6.0f} tok/s, {r.started} episodes started)",
+                        file=sys.stderr,
+                    )
     finally:
         await inner.close()
         if server is not None:
@@ -233,8 +260,11 @@ def report(results: list[Result], args: argparse.Namespace, label: str) -> str:
     lines = [
         f"engine: {label}; machine: {platform.machine()}, {__import__('os').cpu_count()} cores; "
         f"B = {args.batch} per step, {args.steps} steps, G = {args.group}, "
-        + (f"lognormal response length, median {args.median} tokens" if args.tail == "length"
-           else f"response length {args.median} tokens, lognormal tool latency, median {args.tool_median_s} s"),
+        + (
+            f"lognormal response length, median {args.median} tokens"
+            if args.tail == "length"
+            else f"response length {args.median} tokens, lognormal tool latency, median {args.tool_median_s} s"
+        ),
         "",
         "| sigma | grouped traj/s | single traj/s | single-os traj/s | single-os / grouped | single / grouped |",
         "|---|---|---|---|---|---|",
@@ -244,8 +274,10 @@ def report(results: list[Result], args: argparse.Namespace, label: str) -> str:
         for mode in ("grouped", "single", "single-os"):
             rs = [r for r in results if r.sigma == sigma and r.mode == mode]
             rate[mode] = sum(r.trajectories for r in rs) / sum(r.seconds for r in rs)
-        lines.append(f"| {sigma} | {rate['grouped']:.2f} | {rate['single']:.2f} | {rate['single-os']:.2f} | "
-                     f"{rate['single-os'] / rate['grouped']:.2f}x | {rate['single'] / rate['grouped']:.2f}x |")
+        lines.append(
+            f"| {sigma} | {rate['grouped']:.2f} | {rate['single']:.2f} | {rate['single-os']:.2f} | "
+            f"{rate['single-os'] / rate['grouped']:.2f}x | {rate['single'] / rate['grouped']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -255,9 +287,15 @@ def main() -> None:
     p.add_argument("--base-url", default=None, help="use a running vLLM server instead of starting one")
     p.add_argument("--model", default="tiny-random")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0])
-    p.add_argument("--tail", choices=["length", "tool"], default="length",
-                   help="what is long-tailed: the response length (default) or a tool call's latency")
-    p.add_argument("--median", type=int, default=32, help="median response length in tokens (fixed length with --tail tool)")
+    p.add_argument(
+        "--tail",
+        choices=["length", "tool"],
+        default="length",
+        help="what is long-tailed: the response length (default) or a tool call's latency",
+    )
+    p.add_argument(
+        "--median", type=int, default=32, help="median response length in tokens (fixed length with --tail tool)"
+    )
     p.add_argument("--tool-median-s", type=float, default=0.5, help="median tool latency in seconds (--tail tool)")
     p.add_argument("--batch", type=int, default=24, help="accepted trajectories per step (B)")
     p.add_argument("--group", type=int, default=8, help="group size G of the grouped mode")
@@ -269,7 +307,9 @@ def main() -> None:
     args = p.parse_args()
     results = asyncio.run(main_async(args))
     if args.json:
-        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) | {"traj_per_s": r.traj_per_s} for r in results], indent=2))
+        Path(args.json).write_text(
+            json.dumps([dataclasses.asdict(r) | {"traj_per_s": r.traj_per_s} for r in results], indent=2)
+        )
 
 
 if __name__ == "__main__":

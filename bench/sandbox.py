@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -64,12 +63,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def level_from(concurrency: int, lat: list[float], wall: float, errors: int) -> Level:
-    return Level(concurrency, len(lat), pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, len(lat) / wall if wall > 0 else 0.0, errors)
+    return Level(
+        concurrency, len(lat), pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, len(lat) / wall if wall > 0 else 0.0, errors
+    )
 
 
 # --- sandbox backends ---------------------------------------------------------------------------
-async def bench_backend(name: str, levels: list[int], calls: int, starts: int, options: dict,
-                        stateless: bool = False) -> Row:
+async def bench_backend(
+    name: str, levels: list[int], calls: int, starts: int, options: dict, stateless: bool = False
+) -> Row:
     from spo_agents.sandboxes import make_backend
 
     backend = make_backend(name, **options)
@@ -160,8 +162,9 @@ async def bench_docker_exec(levels: list[int], calls: int, client, image: str) -
     row = Row(target="docker exec (SDK, per call)", isolation="container", note=image)
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
-    container = client.containers.run(image, ["sleep", "infinity"], detach=True, network_mode="none",
-                                      labels={"spo-agents.bench": "1"})
+    container = client.containers.run(
+        image, ["sleep", "infinity"], detach=True, network_mode="none", labels={"spo-agents.bench": "1"}
+    )
     row.session_start_p50_ms = (time.perf_counter() - t0) * 1e3
     row.note += " (session start = one `docker run -d`)"
     try:
@@ -195,7 +198,11 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip() if shutil_which("bwrap") else "absent"
+    bwrap = (
+        subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.strip()
+        if shutil_which("bwrap")
+        else "absent"
+    )
     return {
         "cpus": os.cpu_count(),
         "cpu": cpu,
@@ -214,19 +221,32 @@ def shutil_which(name: str) -> str | None:
 
 
 def table(rows: list[Row], levels: list[int]) -> str:
-    head = "| target | isolation | session start p50 / p99 (ms) | " + " | ".join(
-        f"c={c}: p50 / p99 (ms), calls/s" for c in levels) + " |"
+    head = (
+        "| target | isolation | session start p50 / p99 (ms) | "
+        + " | ".join(f"c={c}: p50 / p99 (ms), calls/s" for c in levels)
+        + " |"
+    )
     sep = "|" + "---|" * (3 + len(levels))
     lines = [head, sep]
     for r in rows:
-        start = "-" if r.session_start_p50_ms is None else (
-            f"{r.session_start_p50_ms:.1f}" + (f" / {r.session_start_p99_ms:.1f}" if r.session_start_p99_ms is not None else ""))
+        start = (
+            "-"
+            if r.session_start_p50_ms is None
+            else (
+                f"{r.session_start_p50_ms:.1f}"
+                + (f" / {r.session_start_p99_ms:.1f}" if r.session_start_p99_ms is not None else "")
+            )
+        )
         cells = []
         by_c = {lv.concurrency: lv for lv in r.levels}
         for c in levels:
             lv = by_c.get(c)
-            cells.append("-" if lv is None else f"{lv.p50_ms:.2f} / {lv.p99_ms:.2f}, {lv.calls_per_s:.0f}"
-                         + (f" ({lv.errors} wrong)" if lv.errors else ""))
+            cells.append(
+                "-"
+                if lv is None
+                else f"{lv.p50_ms:.2f} / {lv.p99_ms:.2f}, {lv.calls_per_s:.0f}"
+                + (f" ({lv.errors} wrong)" if lv.errors else "")
+            )
         lines.append(f"| {r.target} | {r.isolation.split(' (')[0]} | {start} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -267,7 +287,9 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--calls", type=int, default=400, help="calls per concurrency level and target")
     p.add_argument("--starts", type=int, default=50, help="sessions opened for the session-start figure")
-    p.add_argument("--options", default="", help='JSON options for the local backend, e.g. \'{"isolation": "unshare"}\'')
+    p.add_argument(
+        "--options", default="", help='JSON options for the local backend, e.g. \'{"isolation": "unshare"}\''
+    )
     p.add_argument("--no-baselines", action="store_true", help="skip python -c and docker exec")
     p.add_argument("--no-stateless", action="store_true", help="skip the stateless `local` row (a fresh fork per call)")
     p.add_argument("--json", default="", help="also write the raw figures to this file")

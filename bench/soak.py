@@ -95,32 +95,56 @@ CASES = [
     Case("sigterm_self", "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)"),
     # hostile code
     Case("infinite_loop", "while True:\n    pass", timeout=0.5, weight=2),
-    Case("fork_bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-         timeout=1.0, weight=2),
+    Case(
+        "fork_bomb",
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        timeout=1.0,
+        weight=2,
+    ),
     Case("counting_bomb", COUNTING_BOMB, timeout=15.0, weight=2),
     Case("memory_at_once", "blob = bytearray(8 * 1024**3)\nprint('allocated')"),
     Case("memory_growing", "b = []\nwhile True:\n    b.append(bytearray(32 * 2**20))", timeout=10.0),
-    Case("huge_output", "import sys\nblock = 'y' * 2**20\nfor _ in range(20):\n    sys.stdout.write(block)\n"
-         "print('END')", timeout=10.0),
-    Case("background", (
-        "import os, subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
-        "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(600)\n    os._exit(0)\n"
-        "print('spawned')"), weight=2),
-    Case("kill_parent", (
-        "import os, signal\nfor pid in {os.getppid(), 1, -1}:\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
-        "    except OSError:\n        pass\n"
-        "for p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n        try:\n"
-        "            os.kill(int(p), signal.SIGKILL)\n        except OSError:\n            pass\nprint('still here')"),
-         weight=2),
-    Case("write_outside", (
-        f"import os\nfor p in {HOST_TARGETS!r}:\n    try:\n        open(p, 'w').write('x')\n"
-        "    except OSError:\n        pass\nopen('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())"),
-         weight=2),
-    Case("disk_fill", (
-        "chunk = b'x' * 2**20\ni = 0\ntry:\n    while i < 4096:\n        with open(f'fill{i}', 'wb') as f:\n"
-        "            f.write(chunk * 8)\n        i += 1\nexcept OSError as e:\n    print('stopped', type(e).__name__)"),
-         timeout=10.0),
+    Case(
+        "huge_output",
+        "import sys\nblock = 'y' * 2**20\nfor _ in range(20):\n    sys.stdout.write(block)\nprint('END')",
+        timeout=10.0,
+    ),
+    Case(
+        "background",
+        (
+            "import os, subprocess, sys, time\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+            "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(600)\n    os._exit(0)\n"
+            "print('spawned')"
+        ),
+        weight=2,
+    ),
+    Case(
+        "kill_parent",
+        (
+            "import os, signal\nfor pid in {os.getppid(), 1, -1}:\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
+            "    except OSError:\n        pass\n"
+            "for p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n        try:\n"
+            "            os.kill(int(p), signal.SIGKILL)\n        except OSError:\n            pass\nprint('still here')"
+        ),
+        weight=2,
+    ),
+    Case(
+        "write_outside",
+        (
+            f"import os\nfor p in {HOST_TARGETS!r}:\n    try:\n        open(p, 'w').write('x')\n"
+            "    except OSError:\n        pass\nopen('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())"
+        ),
+        weight=2,
+    ),
+    Case(
+        "disk_fill",
+        (
+            "chunk = b'x' * 2**20\ni = 0\ntry:\n    while i < 4096:\n        with open(f'fill{i}', 'wb') as f:\n"
+            "            f.write(chunk * 8)\n        i += 1\nexcept OSError as e:\n    print('stopped', type(e).__name__)"
+        ),
+        timeout=10.0,
+    ),
 ]
 SLEEP = "import time\ntime.sleep(10)\nprint('woke')"  # the call an outside kill interrupts
 
@@ -209,8 +233,10 @@ def _describe(pids: list[int]) -> str:
             with open(f"/proc/{pid}/status") as f:
                 st = {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:60].decode(errors="replace")
-            out.append(f"{pid} {st.get('State')} ppid={st.get('PPid')} nspid={st.get('NSpid')} "
-                       f"group={_pids_group(pid)} {cmd!r}")
+            out.append(
+                f"{pid} {st.get('State')} ppid={st.get('PPid')} nspid={st.get('NSpid')} "
+                f"group={_pids_group(pid)} {cmd!r}"
+            )
         except OSError:
             out.append(f"{pid} gone")
     return "; ".join(out)
@@ -300,9 +326,19 @@ async def _call(soak: Soak, s, case: Case) -> tuple[str, object]:
         return "error", None
     if _worker_identity(soak.backend) != worker:
         soak.violate("worker_restarted_by_code", f"{case.name} restarted the worker")
-    kind = ("timed_out" if r.timed_out else "memory_exceeded" if r.memory_exceeded
-            else "restarted" if r.session_restarted else "exception" if r.exception
-            else "exit_status" if r.exit_status else "ok")
+    kind = (
+        "timed_out"
+        if r.timed_out
+        else "memory_exceeded"
+        if r.memory_exceeded
+        else "restarted"
+        if r.session_restarted
+        else "exception"
+        if r.exception
+        else "exit_status"
+        if r.exit_status
+        else "ok"
+    )
     soak.outcomes[kind] += 1
     if r.output_truncated:
         soak.outcomes["output_truncated"] += 1
@@ -404,8 +440,12 @@ async def _round(soak: Soak, size: int, lengths: list[int], kill: str | None, li
                     soak.outcomes["sandbox_error(killed worker)"] += 1
             kill = None
         victim = soak.rng.randrange(size) if kill == "session" else -1
-        await asyncio.gather(*[_episode(soak, s, n, "session" if i == victim else None)
-                               for i, (s, n) in enumerate(zip(sessions, lengths))])
+        await asyncio.gather(
+            *[
+                _episode(soak, s, n, "session" if i == victim else None)
+                for i, (s, n) in enumerate(zip(sessions, lengths))
+            ]
+        )
     finally:
         for s in sessions:
             await s.close()
@@ -423,16 +463,21 @@ async def _round(soak: Soak, size: int, lengths: list[int], kill: str | None, li
             soak.violate("empty_cgroup_left", f"empty groups left 30 s after a round's sessions ended: {empty}")
         busy = {g: members for g, members in left.items() if members}
         if busy:
-            soak.violate("busy_cgroup_left", f"groups still holding processes 30 s after their sessions ended: "
-                         f"{sorted(busy)}: {_describe(sorted(set().union(*busy.values()))[:3])}")
+            soak.violate(
+                "busy_cgroup_left",
+                f"groups still holding processes 30 s after their sessions ended: "
+                f"{sorted(busy)}: {_describe(sorted(set().union(*busy.values()))[:3])}",
+            )
     alive = _alive_in(soak.namespaces)
     t0 = time.perf_counter()
     while alive and time.perf_counter() - t0 < 30:  # a killed tree takes a moment to go
         await asyncio.sleep(0.05)
         alive = _alive_in(soak.namespaces)
     if alive:
-        soak.violate("process_outlived_session", f"{len(alive)} processes of ended sessions still run 30 s later: "
-                     f"{_describe(alive[:3])}")
+        soak.violate(
+            "process_outlived_session",
+            f"{len(alive)} processes of ended sessions still run 30 s later: {_describe(alive[:3])}",
+        )
         for p in alive:
             try:
                 os.kill(p, signal.SIGKILL)
@@ -458,8 +503,9 @@ async def soak(calls: int, concurrency: int, seed: int, verbose: bool) -> dict:
     kids0 = _descendants()
     temp0 = set(_temp_leftovers())
     backend = LocalBackend()  # numpy and sympy preloaded, as in training
-    limits = SandboxLimits(timeout_s=5.0, memory_mb=256, max_processes=CAP, disk_mb=32, max_file_size_mb=16,
-                           max_output_bytes=16 * 1024)
+    limits = SandboxLimits(
+        timeout_s=5.0, memory_mb=256, max_processes=CAP, disk_mb=32, max_file_size_mb=16, max_output_bytes=16 * 1024
+    )
     s = Soak(backend, rng, capped=backend._pids_cap.available)
     t0 = time.perf_counter()
     starts = Counter()
@@ -486,8 +532,11 @@ async def soak(calls: int, concurrency: int, seed: int, verbose: bool) -> dict:
         if rss_warm is None:
             rss_warm = _rss_mb()
         if verbose and rounds % 10 == 0:
-            print(f"  round {rounds}: {s.calls} calls, {time.perf_counter() - t0:.0f} s, "
-                  f"violations {sum(s.violations.values())}", flush=True)
+            print(
+                f"  round {rounds}: {s.calls} calls, {time.perf_counter() - t0:.0f} s, "
+                f"violations {sum(s.violations.values())}",
+                flush=True,
+            )
     wall = time.perf_counter() - t0
     rss_end_open = _rss_mb()
     await backend.aclose()
@@ -522,17 +571,32 @@ async def soak(calls: int, concurrency: int, seed: int, verbose: bool) -> dict:
         "violations": dict(s.violations),
         "violation_total": sum(s.violations.values()),
         "details": s.details,
-        "rss_mb": {"start": round(rss0, 1), "after_first_round": round(rss_warm or 0, 1),
-                   "end_backend_open": round(rss_end_open, 1), "end": round(_rss_mb(), 1)},
+        "rss_mb": {
+            "start": round(rss0, 1),
+            "after_first_round": round(rss_warm or 0, 1),
+            "end_backend_open": round(rss_end_open, 1),
+            "end": round(_rss_mb(), 1),
+        },
         "leaks": leaks,
     }
 
 
 def machine() -> dict:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                         cwd=Path(__file__).resolve().parent).stdout.strip()
-    return {"uname": " ".join(platform.uname()), "python": sys.version.split()[0], "cores": os.cpu_count(),
-            "euid": os.geteuid(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git}
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent,
+    ).stdout.strip()
+    return {
+        "uname": " ".join(platform.uname()),
+        "python": sys.version.split()[0],
+        "cores": os.cpu_count(),
+        "euid": os.geteuid(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": git,
+    }
 
 
 def main() -> None:

@@ -60,9 +60,14 @@ def run(problems: int, batch: int, group: int, repeats: int, seed: int) -> dict:
     # batches drawn up front so that only the tracker is timed
     distinct = iter([(rng.choice(problems, batch, replace=False), rng.random(batch) < 0.5) for _ in range(repeats)])
     grouped = iter(
-        [(np.repeat(rng.choice(problems, batch // group, replace=False), group), rng.random(batch // group * group) < 0.5)
-         for _ in range(repeats)]
-    )  # fmt: skip
+        [
+            (
+                np.repeat(rng.choice(problems, batch // group, replace=False), group),
+                rng.random(batch // group * group) < 0.5,
+            )
+            for _ in range(repeats)
+        ]
+    )
 
     def update_distinct() -> None:
         tracker.add_drift(0.01)

@@ -41,13 +41,18 @@ def summarize(run: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    out = ["| run | steps | held-out avg@k step 0 | held-out avg@k end (step) | train reward first 3 / last 3 steps | wall min | CPU min |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "| run | steps | held-out avg@k step 0 | held-out avg@k end (step) | train reward first 3 / last 3 steps | wall min | CPU min |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         e0 = f"{r['eval_first'][1]:.3f}" if r["eval_first"] else "-"
         e1 = f"{r['eval_last'][1]:.3f} ({r['eval_last'][0]})" if r["eval_last"] else "-"
         cpu = f"{r['cpu_min']:.1f}" if "cpu_min" in r else "-"
         wall = f"{r['wall_min']:.1f}" if "wall_min" in r else f"{r['elapsed_min']:.1f}"
-        out.append(f"| {Path(r['run']).name} | {r['steps']} | {e0} | {e1} | {r['reward_first3']:.3f} / {r['reward_last3']:.3f} | {wall} | {cpu} |")
+        out.append(
+            f"| {Path(r['run']).name} | {r['steps']} | {e0} | {e1} | {r['reward_first3']:.3f} / {r['reward_last3']:.3f} | {wall} | {cpu} |"
+        )
     return "\n".join(out)
 
 
@@ -65,7 +70,19 @@ def main() -> int:
     out = Path(args.out)
     procs = []
     for s in args.seeds:
-        cmd = [sys.executable, "-m", "spo_agents", "train", "--env", "math-python", f"train.seed={s}", f"train.output_dir={out}", f"train.run_name=seed{s}", "logging.progress=false", *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "spo_agents",
+            "train",
+            "--env",
+            "math-python",
+            f"train.seed={s}",
+            f"train.output_dir={out}",
+            f"train.run_name=seed{s}",
+            "logging.progress=false",
+            *args.overrides,
+        ]
         print("$", " ".join(cmd[2:]), file=sys.stderr)
         t0 = time.time()
         p = subprocess.Popen(cmd)
@@ -84,7 +101,15 @@ def main() -> int:
 
 def _record(run: Path, t0: float, p: subprocess.Popen) -> None:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # cumulative over finished children
-    (run / "bench.json").write_text(json.dumps({"wall_min": (time.time() - t0) / 60, "cpu_min_all_children": (usage.ru_utime + usage.ru_stime) / 60, "returncode": p.returncode}))
+    (run / "bench.json").write_text(
+        json.dumps(
+            {
+                "wall_min": (time.time() - t0) / 60,
+                "cpu_min_all_children": (usage.ru_utime + usage.ru_stime) / 60,
+                "returncode": p.returncode,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,21 @@ def make_batch(tok, rng, batch: int, tokens: int, step: int) -> list[Trajectory]
         ids = parts[0] + parts[1] + parts[2]
         mask = [1] * len(parts[0]) + [0] * len(parts[1]) + [1] * len(parts[2])
         lp = [float(-abs(x)) if m else 0.0 for x, m in zip(rng.normal(0, 0.5, len(ids)), mask)]
-        out.append(Trajectory(
-            f"p/{rng.integers(10**6)}", "math-python-v0", tok.encode(" ".join(rng.choice(words, 400))), ids, mask, lp,
-            float(rng.random() < 0.5), terminated=True, turn_starts=[0, len(parts[0]) + len(parts[1])],
-            tool_calls=[ToolCall(code=f"print({i} * {step})", output=str(i * step), ok=True)],
-            info={"answer": str(i * step), "correct": True},
-        ))  # fmt: skip
+        out.append(
+            Trajectory(
+                f"p/{rng.integers(10**6)}",
+                "math-python-v0",
+                tok.encode(" ".join(rng.choice(words, 400))),
+                ids,
+                mask,
+                lp,
+                float(rng.random() < 0.5),
+                terminated=True,
+                turn_starts=[0, len(parts[0]) + len(parts[1])],
+                tool_calls=[ToolCall(code=f"print({i} * {step})", output=str(i * step), ok=True)],
+                info={"answer": str(i * step), "correct": True},
+            )
+        )
     return out
 
 
@@ -75,10 +84,13 @@ def run(args: argparse.Namespace, logprobs: bool) -> dict[str, float]:
         step_bytes = sum(f.stat().st_size for f in files)
         visits = (root / VISITS).stat().st_size
     return {
-        "median_ms": 1000 * statistics.median(times), "max_ms": 1000 * max(times), "kept": kept,
-        "bytes_per_traj": step_bytes / max(kept, 1), "bytes_per_visit": visits / (args.steps * args.batch),
+        "median_ms": 1000 * statistics.median(times),
+        "max_ms": 1000 * max(times),
+        "kept": kept,
+        "bytes_per_traj": step_bytes / max(kept, 1),
+        "bytes_per_visit": visits / (args.steps * args.batch),
         "tokens": statistics.mean(len(t.token_ids) for b in batches for t in b),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

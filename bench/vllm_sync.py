@@ -58,8 +58,15 @@ def main() -> int:
     learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     probe = list(range(1000, 1064))
     params = sum(p.numel() for p in learner.parameters())
-    server = VLLMServer(model_dir, dtype="float32", enable_lora=True, max_lora_rank=args.lora_rank,
-                        kv_cache_bytes=1 << 30, max_model_len=2048, log_dir="runs/bench-vllm")
+    server = VLLMServer(
+        model_dir,
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=args.lora_rank,
+        kv_cache_bytes=1 << 30,
+        max_model_len=2048,
+        log_dir="runs/bench-vllm",
+    )
     results: dict[str, list[dict]] = {"reload": [], "lora": []}
     with server:
         reload = ReloadSync(server)
@@ -69,12 +76,16 @@ def main() -> int:
                 for p in learner.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * 1e-3)
             stats = reload.sync(learner, version)
-            results["reload"].append({**asdict(stats), "max_abs_logprob_diff": check_sync(learner, server, probe, atol=1e-3)})
+            results["reload"].append(
+                {**asdict(stats), "max_abs_logprob_diff": check_sync(learner, server, probe, atol=1e-3)}
+            )
         reload.close()
 
         from peft import LoraConfig, get_peft_model
 
-        policy = get_peft_model(learner, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear"))
+        policy = get_peft_model(
+            learner, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules="all-linear")
+        )
         lora = LoraSync(server)
         for version in range(args.repeats + 1, 2 * args.repeats + 1):
             with torch.no_grad():
@@ -82,7 +93,14 @@ def main() -> int:
                     if "lora_B" in name:
                         p.add_(torch.randn(p.shape, generator=g) * 1e-2)
             stats = lora.sync(policy, version)
-            results["lora"].append({**asdict(stats), "max_abs_logprob_diff": check_sync(policy, server, probe, served_model=lora.served_model, atol=1e-3)})
+            results["lora"].append(
+                {
+                    **asdict(stats),
+                    "max_abs_logprob_diff": check_sync(
+                        policy, server, probe, served_model=lora.served_model, atol=1e-3
+                    ),
+                }
+            )
         lora.close()
         startup_s = server.startup_s
 
@@ -91,8 +109,12 @@ def main() -> int:
 
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        "model": args.model, "params": params, "dtype": "float32", "repeats": args.repeats,
-        "server_startup_s": startup_s, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "model": args.model,
+        "params": params,
+        "dtype": "float32",
+        "repeats": args.repeats,
+        "server_startup_s": startup_s,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "strategies": {
             name: {key: med(rows, key) for key in ("total_s", "save_s", "pause_s", "load_s", "reset_s", "bytes")}
             | {"max_abs_logprob_diff": max(r["max_abs_logprob_diff"] for r in rows)}
@@ -104,13 +126,19 @@ def main() -> int:
         json.dump(summary, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{summary['machine']}; {args.model} ({params / 1e6:.0f}M params, fp32); server ready in {startup_s:.0f} s; "
-          f"median of {args.repeats} syncs")
-    print("| strategy | total | save | server pause | load | prefix-cache reset | written | max abs log-prob diff after |")
+    print(
+        f"{summary['machine']}; {args.model} ({params / 1e6:.0f}M params, fp32); server ready in {startup_s:.0f} s; "
+        f"median of {args.repeats} syncs"
+    )
+    print(
+        "| strategy | total | save | server pause | load | prefix-cache reset | written | max abs log-prob diff after |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, s in summary["strategies"].items():
-        print(f"| `{name}` | {s['total_s']:.3f} s | {s['save_s']:.3f} s | {s['pause_s']:.3f} s | {s['load_s']:.3f} s | "
-              f"{s['reset_s']:.3f} s | {s['bytes'] / 1e6:.1f} MB | {s['max_abs_logprob_diff']:.1e} |")
+        print(
+            f"| `{name}` | {s['total_s']:.3f} s | {s['save_s']:.3f} s | {s['pause_s']:.3f} s | {s['load_s']:.3f} s | "
+            f"{s['reset_s']:.3f} s | {s['bytes'] / 1e6:.1f} MB | {s['max_abs_logprob_diff']:.1e} |"
+        )
     return 0
 
 
@@ -123,8 +151,15 @@ def compare_training(args: argparse.Namespace) -> int:
     from spo_agents.vllm_server import VLLMServer
     from spo_agents.weight_sync import WeightSync
 
-    overrides = [f"model.name={args.model}", f"train.steps={args.train_steps}", f"train.batch_size={args.batch_size}",
-                 "train.checkpoint_every=1000", "eval.every=0", "logging.progress=false", "train.output_dir=runs/bench-vllm"]
+    overrides = [
+        f"model.name={args.model}",
+        f"train.steps={args.train_steps}",
+        f"train.batch_size={args.batch_size}",
+        "train.checkpoint_every=1000",
+        "eval.every=0",
+        "logging.progress=false",
+        "train.output_dir=runs/bench-vllm",
+    ]
     out: dict[str, dict] = {}
     for backend in args.backends.split(","):
         cfg = load_config(overrides=[*overrides, f"rollout.backend={backend}", "rollout.weight_sync=reload"])
@@ -132,7 +167,9 @@ def compare_training(args: argparse.Namespace) -> int:
         sync_times: list[float] = []
         server = None
         if backend == "vllm-server":
-            server = VLLMServer.from_config(cfg, kv_cache_bytes=1 << 30, max_model_len=2048, log_dir="runs/bench-vllm").start()
+            server = VLLMServer.from_config(
+                cfg, kv_cache_bytes=1 << 30, max_model_len=2048, log_dir="runs/bench-vllm"
+            ).start()
             cfg.rollout.base_url = server.openai_base_url
         try:
             comp = build_components(cfg)
@@ -154,17 +191,24 @@ def compare_training(args: argparse.Namespace) -> int:
         rows = [_json.loads(x) for x in open(f"{run_dir}/metrics.jsonl") if x.strip()]
         steps = [r["time/step_s"] for r in rows]
         out[backend] = {
-            "steps": len(steps), "median_step_s": statistics.median(steps), "steps_per_min": 60 * len(steps) / rows[-1].get("time/elapsed_s", wall),
-            "wall_s": wall, "median_sync_s": statistics.median(sync_times) if sync_times else 0.0,
+            "steps": len(steps),
+            "median_step_s": statistics.median(steps),
+            "steps_per_min": 60 * len(steps) / rows[-1].get("time/elapsed_s", wall),
+            "wall_s": wall,
+            "median_sync_s": statistics.median(sync_times) if sync_times else 0.0,
             "tokens_per_s": statistics.median(r.get("perf/tokens_per_s", 0.0) for r in rows),
             "server_startup_s": server.startup_s if server is not None else 0.0,
         }
-    print(f"{platform.machine()}, {os.cpu_count()} cores; {args.model}; {args.train_steps} steps of batch {args.batch_size}")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} cores; {args.model}; {args.train_steps} steps of batch {args.batch_size}"
+    )
     print("| rollout backend | steps/min | median step | median weight sync | generated tok/s | server start-up |")
     print("|---|---|---|---|---|---|")
     for name, r in out.items():
-        print(f"| `{name}` | {r['steps_per_min']:.2f} | {r['median_step_s']:.1f} s | {r['median_sync_s']:.2f} s | "
-              f"{r['tokens_per_s']:.0f} | {r['server_startup_s']:.0f} s |")
+        print(
+            f"| `{name}` | {r['steps_per_min']:.2f} | {r['median_step_s']:.1f} s | {r['median_sync_s']:.2f} s | "
+            f"{r['tokens_per_s']:.0f} | {r['server_startup_s']:.0f} s |"
+        )
     if args.json:
         print(_json.dumps(out, indent=2))
     return 0

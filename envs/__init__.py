@@ -84,7 +84,9 @@ def register(
 
     `entry_point` is a `"module:Class"` string (imported lazily), a `gymnasium.Env` subclass or
     a factory; `kwargs` are defaults for `make`."""
-    return ENVS.register(id, entry_point, description=description, kwargs=kwargs, override=override, source="register()")
+    return ENVS.register(
+        id, entry_point, description=description, kwargs=kwargs, override=override, source="register()"
+    )
 
 
 def spec(id: str) -> Spec:

@@ -340,7 +340,9 @@ class MultiTurnEnv(gym.Env[Any, str]):
         return a is not None and b is not None and str(a).strip() == str(b).strip()
 
     # --- the Gymnasium API ----------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[list[Message], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[list[Message], dict[str, Any]]:
         super().reset(seed=seed)
         self._end_episode()
         options = dict(options or {})
@@ -380,7 +382,9 @@ class MultiTurnEnv(gym.Env[Any, str]):
         if len(text) > self.action_space.max_length:
             outcome = StepOutcome(
                 truncated=True,
-                info={"malformed": f"action of {len(text)} characters exceeds the limit of {self.action_space.max_length}"},
+                info={
+                    "malformed": f"action of {len(text)} characters exceeds the limit of {self.action_space.max_length}"
+                },
             )
             outcome.info.update(self._final_info(None))
         else:
@@ -458,7 +462,7 @@ class MultiTurnEnv(gym.Env[Any, str]):
             backend = self.sandbox_backend
             if backend is None:
                 raise EnvError(
-                    f"`{type(self).__name__}` needs a sandbox to run code: pass `sandbox=\"local\"` "
+                    f'`{type(self).__name__}` needs a sandbox to run code: pass `sandbox="local"` '
                     f"(or another backend name or a `SandboxBackend` instance)"
                 )
             self._session = open_sync_session(backend, stateless=self.sandbox_stateless, limits=self.sandbox_limits)

@@ -80,7 +80,9 @@ def scripted_actions(stop_sequences: list[str], n: int = 8) -> list[str]:
     actions = []
     for round_ in range(2):
         for i, stop in enumerate(stop_sequences):
-            actions.append(f"<think>Round {round_}, probe {i}.</think>\nLet me check. {_opening_tag(stop)}print({round_} + {i}){stop}")
+            actions.append(
+                f"<think>Round {round_}, probe {i}.</think>\nLet me check. {_opening_tag(stop)}print({round_} + {i}){stop}"
+            )
     actions.append("<think>I am stuck.</think>\nI do not know yet.\n")  # models often end on a newline
     final = "<think>Guessing.</think>\nThe answer is \\boxed{0}. <answer>0</answer>\n```python\ndef solution(*args):\n    return 0\n```"
     while len(actions) < n:
@@ -122,7 +124,11 @@ _VOLATILE = ("time", "duration", "latency", "elapsed")
 def _stable(x: Any) -> Any:
     """`x` without the values that legitimately vary between identical runs (timings)."""
     if isinstance(x, dict):
-        return {k: _stable(v) for k, v in x.items() if not (isinstance(k, str) and (k.endswith("_s") or any(w in k for w in _VOLATILE)))}
+        return {
+            k: _stable(v)
+            for k, v in x.items()
+            if not (isinstance(k, str) and (k.endswith("_s") or any(w in k for w in _VOLATILE)))
+        }
     if isinstance(x, (list, tuple)):
         return [_stable(v) for v in x]
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -183,7 +189,9 @@ def check_gymnasium_api(make_env: Callable[[], Any]) -> CheckResult:
             except Exception as e:  # the checker reports by raising
                 return _failure(name, e)
     # Gymnasium reports soft failures through `gymnasium.logger.warn` ("WARN: ..." messages).
-    messages = sorted({str(w.message).replace("\x1b[33m", "").replace("\x1b[0m", "") for w in caught if "WARN:" in str(w.message)})
+    messages = sorted(
+        {str(w.message).replace("\x1b[33m", "").replace("\x1b[0m", "") for w in caught if "WARN:" in str(w.message)}
+    )
     if messages:
         return CheckResult(name, False, "warnings: " + " | ".join(messages))
     return CheckResult(name, True, "reset/step signatures, spaces, seeding and step determinism")
@@ -197,13 +205,19 @@ def check_problem_selection(make_env: Callable[[], Any], seed: int) -> CheckResu
             if not ids:
                 return CheckResult(name, True, "the env exposes no `problem_ids`; skipped selection by id")
             if len(set(ids)) != len(ids):
-                return CheckResult(name, False, "`problem_ids` contains duplicates; the value tracker needs unique, stable ids")
+                return CheckResult(
+                    name, False, "`problem_ids` contains duplicates; the value tracker needs unique, stable ids"
+                )
             picks = [ids[0], ids[-1], ids[len(ids) // 2]]
             for pid in picks:
                 env.reset(seed=seed, options={"problem_id": pid})
                 chosen = getattr(getattr(env, "problem", None), "id", None)
                 if chosen != pid:
-                    return CheckResult(name, False, f"`reset(options={{'problem_id': {pid!r}}})` posed problem {chosen!r}; it must pose the requested problem")
+                    return CheckResult(
+                        name,
+                        False,
+                        f"`reset(options={{'problem_id': {pid!r}}})` posed problem {chosen!r}; it must pose the requested problem",
+                    )
         except Exception as e:
             return _failure(name, e)
     return CheckResult(name, True, f"{len(ids)} problems, unique ids, selection by id works")
@@ -222,7 +236,11 @@ def check_determinism(make_env: Callable[[], Any], seed: int, episodes: int) -> 
                 b = _play(second, s, actions)  # ... then the same seed on the used instance
                 diff = _first_difference(a, b)
                 if diff:
-                    return CheckResult(name, False, f"seed {s}: {diff}. Draw randomness only from `self.np_random` and reset all episode state in `reset`.")
+                    return CheckResult(
+                        name,
+                        False,
+                        f"seed {s}: {diff}. Draw randomness only from `self.np_random` and reset all episode state in `reset`.",
+                    )
     except Exception as e:
         return _failure(name, e)
     return CheckResult(name, True, f"{episodes} episode(s) replayed identically (fresh and reused instances)")
@@ -267,11 +285,17 @@ def check_garbage_actions(make_env: Callable[[], Any], seed: int) -> CheckResult
                 if result[2] or result[3]:
                     break
             else:
-                problems.append(f"an episode of `unclosed-code` actions did not end within {GARBAGE_STEP_BUDGET} steps: add a turn budget that sets `truncated`")
+                problems.append(
+                    f"an episode of `unclosed-code` actions did not end within {GARBAGE_STEP_BUDGET} steps: add a turn budget that sets `truncated`"
+                )
         except Exception as e:
             problems.append(f"repeated garbage raised {type(e).__name__}: {e}")
     if problems:
-        return CheckResult(name, False, "malformed output must be an observation and a reward, never an exception; " + "; ".join(problems))
+        return CheckResult(
+            name,
+            False,
+            "malformed output must be an observation and a reward, never an exception; " + "; ".join(problems),
+        )
     return CheckResult(name, True, f"{len(garbage)} kinds of garbage handled; garbage-only episodes end")
 
 
@@ -286,7 +310,9 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
         if len(set(stops)) != len(stops):
             return CheckResult(name, False, f"`stop_sequences` has duplicates: {list(stops)!r}")
         if role is not None and not isinstance(role, str):
-            return CheckResult(name, False, f"`reply_role` must be None (continue the assistant turn) or a chat role, found {role!r}")
+            return CheckResult(
+                name, False, f"`reply_role` must be None (continue the assistant turn) or a chat role, found {role!r}"
+            )
         if not stops:
             how = "the end-of-turn token" if role else "the end-of-turn token (single assistant turn)"
             return CheckResult(name, True, f"no stop sequences; generation ends at {how}")
@@ -294,7 +320,11 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
             if tokenizer is not None:
                 ids = tokenizer.encode(stop, add_special_tokens=False)
                 if tokenizer.decode(ids) != stop:
-                    return CheckResult(name, False, f"stop string {stop!r} does not survive the tokenizer round trip (decodes to {tokenizer.decode(ids)!r})")
+                    return CheckResult(
+                        name,
+                        False,
+                        f"stop string {stop!r} does not survive the tokenizer round trip (decodes to {tokenizer.decode(ids)!r})",
+                    )
                 merged = tokenizer.encode(stop + "\n", add_special_tokens=False)
                 if merged[: len(ids)] != ids:
                     notes.append(f"{stop!r} merges with a following newline into other tokens")
@@ -307,14 +337,23 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
                     return CheckResult(name, False, f"after an action ending at {stop!r}: {bad}")
                 obs, _, terminated, truncated, _ = result
                 if truncated:
-                    return CheckResult(name, False, f"one action ending at {stop!r} truncated the episode; a stop string must hand control to the env, not exhaust a budget")
+                    return CheckResult(
+                        name,
+                        False,
+                        f"one action ending at {stop!r} truncated the episode; a stop string must hand control to the env, not exhaust a budget",
+                    )
                 if not terminated and not (isinstance(obs, str) and obs):
-                    return CheckResult(name, False, f"the env stopped at {stop!r} and continued, but replied with an empty observation; generation would resume with nothing new")
+                    return CheckResult(
+                        name,
+                        False,
+                        f"the env stopped at {stop!r} and continued, but replied with an empty observation; generation would resume with nothing new",
+                    )
                 env.reset(seed=seed)
                 _, _, t2, u2, _ = env.step(action + "\n ")
                 if (t2, u2) != (terminated, truncated):
                     return CheckResult(
-                        name, False,
+                        name,
+                        False,
                         f"trailing whitespace after {stop!r} changes the outcome (terminated/truncated {terminated}/{truncated} vs {t2}/{u2}); "
                         "backends that stop on token boundaries can return a few characters past the stop string",
                     )
@@ -322,7 +361,11 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
                 return _failure(name, e)
     detail = f"{len(stops)} stop sequence(s) {list(stops)!r} hand control to the env"
     if notes:
-        detail += "; caveat: " + "; ".join(notes) + " (backends must cut the text at the stop string or the env must tolerate the overshoot)"
+        detail += (
+            "; caveat: "
+            + "; ".join(notes)
+            + " (backends must cut the text at the stop string or the env must tolerate the overshoot)"
+        )
     return CheckResult(name, True, detail)
 
 
@@ -336,7 +379,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 def _mismatch(a: str, b: str) -> str:
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"at character {i}: turn k has {a[max(0, i - 30): i + 40]!r}, turn k+1 has {b[max(0, i - 30): i + 40]!r}"
+    return f"at character {i}: turn k has {a[max(0, i - 30) : i + 40]!r}, turn k+1 has {b[max(0, i - 30) : i + 40]!r}"
 
 
 def _think_note(tokenizer: Any, expected: str, rendered: str) -> str:
@@ -463,7 +506,9 @@ def load_tokenizer(model: str | None = None, chat_template: str | None = None) -
     if not getattr(tokenizer, "chat_template", None):
         from spo_agents.errors import ConfigError
 
-        raise ConfigError(f"the tokenizer of `{path}` has no chat template; pass `--chat-template FILE` with a Jinja template")
+        raise ConfigError(
+            f"the tokenizer of `{path}` has no chat template; pass `--chat-template FILE` with a Jinja template"
+        )
     return tokenizer
 
 
@@ -490,7 +535,9 @@ def check_env(
         check_stop_sequences(make_env, seed, tokenizer),
     ]
     if tokenizer is None:
-        results.append(CheckResult("token-contract", False, "no tokenizer given; pass a model whose chat template you train with"))
+        results.append(
+            CheckResult("token-contract", False, "no tokenizer given; pass a model whose chat template you train with")
+        )
     else:
         results.append(check_token_contract(make_env, seed, episodes, tokenizer))
     return results
@@ -504,5 +551,8 @@ def format_results(env_id: str, results: list[CheckResult]) -> str:
         lines.append(f"  {r.name:<{width}}  {'PASS' if r.passed else 'FAIL'}  {r.detail}")
     failed = [r.name for r in results if not r.passed]
     lines.append("")
-    lines.append(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    lines.append(
+        f"{len(results) - len(failed)}/{len(results)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return "\n".join(lines)

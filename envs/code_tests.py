@@ -87,7 +87,9 @@ def _call_text(entry_point: str, args: list[Any]) -> str:
 
 
 def render_prompt(row: dict[str, Any], max_attempts: int) -> str:
-    examples = "\n".join(f"    {_call_text(row['entry_point'], e['args'])} == {e['expected']!r}" for e in row["examples"])
+    examples = "\n".join(
+        f"    {_call_text(row['entry_point'], e['args'])} == {e['expected']!r}" for e in row["examples"]
+    )
     return (
         f"Write a Python function `{row['signature']}`.\n\n"
         f"{row['description']}\n\n"
@@ -117,7 +119,9 @@ def load_code_problems(split: str, path: str | Path | None = None, max_attempts:
             raise DatasetError(f"{where}:{n}: not valid JSON ({e})") from e
         missing = [k for k in _REQUIRED if k not in row]
         if missing:
-            raise DatasetError(f"{where}:{n}: a code problem needs the fields {', '.join(_REQUIRED)}; `{'`, `'.join(missing)}` missing")
+            raise DatasetError(
+                f"{where}:{n}: a code problem needs the fields {', '.join(_REQUIRED)}; `{'`, `'.join(missing)}` missing"
+            )
         if not row["tests"]:
             raise DatasetError(f"{where}:{n}: problem `{row['id']}` has no hidden tests")
         if row["split"] != split:
@@ -127,14 +131,18 @@ def load_code_problems(split: str, path: str | Path | None = None, max_attempts:
                 id=str(row["id"]),
                 prompt=render_prompt(row, max_attempts),
                 answer={"entry_point": row["entry_point"], "tests": row["tests"]},
-                metadata={"entry_point": row["entry_point"], "examples": row["examples"], "solution": row.get("solution")},
+                metadata={
+                    "entry_point": row["entry_point"],
+                    "examples": row["examples"],
+                    "solution": row.get("solution"),
+                },
             )
         )
     return problems
 
 
 # --- the harness that runs inside the sandbox ------------------------------------------------
-_HARNESS = r'''
+_HARNESS = r"""
 import copy as _c, io as _io, json as _j, sys as _s
 def _spo_run(source, entry, cases, marker):
     real = _s.stdout
@@ -173,14 +181,16 @@ def _spo_run(source, entry, cases, marker):
             emit(rec)
     finally:
         _s.stdout = real
-'''
+"""
 
 
 def build_program(code: str, entry_point: str, cases: list[dict[str, Any]], marker: str) -> str:
     """The program sent to the sandbox: the harness, then one call with the code as data.
     Results are printed one line per case as soon as each finishes, so when a case hangs until
     the sandbox's timeout, the cases before it keep their results."""
-    args = json.dumps({"source": code, "entry": entry_point, "cases": [{"args": c["args"]} for c in cases], "marker": marker})
+    args = json.dumps(
+        {"source": code, "entry": entry_point, "cases": [{"args": c["args"]} for c in cases], "marker": marker}
+    )
     return _HARNESS + f"_spo_run(**_j.loads({args!r}))\n"
 
 
@@ -301,7 +311,11 @@ class CodeTestsEnv(MultiTurnEnv):
         ex = TestRun(run.passed[:k], run.messages[:k], run.setup_error, result.timed_out)
         hid = TestRun(run.passed[k:], run.messages[k:], run.setup_error, result.timed_out)
         if run.setup_error is None and not any(run.passed) and not result.ok:
-            why = "timed out" if result.timed_out else (result.exception or result.stderr or f"exit status {result.exit_status}")
+            why = (
+                "timed out"
+                if result.timed_out
+                else (result.exception or result.stderr or f"exit status {result.exit_status}")
+            )
             ex.setup_error = f"the program failed: {head_tail(str(why).strip(), 400)[0]}"
         return ex, hid
 
@@ -332,8 +346,12 @@ class CodeTestsEnv(MultiTurnEnv):
                 feedback = f"Your code could not be tested: {examples.setup_error}"
             else:
                 failed = [m for m in examples.messages if m is not None]
-                feedback = f"Your function failed {len(failed)} of {len(examples.passed)} examples:\n" + "\n".join(f"- {m}" for m in failed)
-            return StepOutcome(f"{feedback}\nFix the code and answer with the complete function in a ```python block. ({left} attempt(s) left)")
+                feedback = f"Your function failed {len(failed)} of {len(examples.passed)} examples:\n" + "\n".join(
+                    f"- {m}" for m in failed
+                )
+            return StepOutcome(
+                f"{feedback}\nFix the code and answer with the complete function in a ```python block. ({left} attempt(s) left)"
+            )
         reward = self._score(hidden)
         info = {
             "answer": code,
@@ -351,4 +369,10 @@ class CodeTestsEnv(MultiTurnEnv):
     def _final_info(self, answer: Any) -> dict[str, Any]:
         """End-of-episode keys when a budget ended it: the last code submitted (if any), unscored."""
         total = len(self.problem.answer["tests"]) if self.problem is not None else 0
-        return {"answer": answer if answer is not None else self._last_code, "correct": False, "tests_passed": 0, "tests_total": total, "attempts": self._attempts}
+        return {
+            "answer": answer if answer is not None else self._last_code,
+            "correct": False,
+            "tests_passed": 0,
+            "tests_total": total,
+            "attempts": self._attempts,
+        }

@@ -98,8 +98,23 @@ class Evaluation:
         return self.error is None and self.value is not None
 
 
-_LATEX = [(r"\times", "*"), (r"\cdot", "*"), ("×", "*"), ("·", "*"), ("∗", "*"), (r"\div", "/"), ("÷", "/"),
-          ("−", "-"), ("–", "-"), (r"\left", ""), (r"\right", ""), ("$", ""), (r"\!", ""), (r"\,", ""), (r"\ ", " ")]
+_LATEX = [
+    (r"\times", "*"),
+    (r"\cdot", "*"),
+    ("×", "*"),
+    ("·", "*"),
+    ("∗", "*"),
+    (r"\div", "/"),
+    ("÷", "/"),
+    ("−", "-"),
+    ("–", "-"),
+    (r"\left", ""),
+    (r"\right", ""),
+    ("$", ""),
+    (r"\!", ""),
+    (r"\,", ""),
+    (r"\ ", " "),
+]
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
 
@@ -153,7 +168,9 @@ def evaluate_expression(text: str | None, numbers: list[int] | None) -> Evaluati
     except ZeroDivisionError:
         return Evaluation(text, None, used, "division_by_zero", "division by zero")
     except _NotAllowed as e:
-        return Evaluation(text, None, used, "not_allowed", f"only whole numbers, + - * / and parentheses are allowed, found {e}")
+        return Evaluation(
+            text, None, used, "not_allowed", f"only whole numbers, + - * / and parentheses are allowed, found {e}"
+        )
     except RecursionError:
         return Evaluation(text, None, used, "syntax", "nested too deeply")
     if numbers is not None:
@@ -162,7 +179,9 @@ def evaluate_expression(text: str | None, numbers: list[int] | None) -> Evaluati
             if n not in given:
                 return Evaluation(text, value, used, "number_not_given", f"{n} is not one of {sorted(numbers)}")
             if k > given[n]:
-                return Evaluation(text, value, used, "number_reused", f"{n} is used {k} times but given {given[n]} time(s)")
+                return Evaluation(
+                    text, value, used, "number_reused", f"{n} is used {k} times but given {given[n]} time(s)"
+                )
     return Evaluation(text, value, used)
 
 
@@ -204,8 +223,16 @@ def _make_one(rng: Any, count: int, max_number: int, max_target: int) -> tuple[l
     return numbers, target, expr[1:-1] if expr.startswith("(") else expr
 
 
-def generate_problems(split: str, num_problems: int, *, seed: int = 0, count: int = 4, max_number: int = 100,
-                      max_target: int = 1000, test_fraction: float = 0.1) -> list[Problem]:
+def generate_problems(
+    split: str,
+    num_problems: int,
+    *,
+    seed: int = 0,
+    count: int = 4,
+    max_number: int = 100,
+    max_target: int = 1000,
+    test_fraction: float = 0.1,
+) -> list[Problem]:
     """`num_problems` distinct problems of `split`. Ids are the content (`countdown/3-7-25-50/109`),
     so they are stable across runs and machines; splits are disjoint by a hash of the content.
     Cached per arguments: the many env instances of a run share one generated set."""
@@ -213,14 +240,17 @@ def generate_problems(split: str, num_problems: int, *, seed: int = 0, count: in
 
 
 @functools.lru_cache(maxsize=16)
-def _generate(split: str, num_problems: int, seed: int, count: int, max_number: int, max_target: int,
-              test_fraction: float) -> tuple[Problem, ...]:
+def _generate(
+    split: str, num_problems: int, seed: int, count: int, max_number: int, max_target: int, test_fraction: float
+) -> tuple[Problem, ...]:
     import numpy as np
 
     if split not in ("train", "test"):
         raise EnvError(f"`split` must be `train` or `test`, got `{split}`")
     if count < 2 or max_number < 2 or max_target < 1 or num_problems < 1:
-        raise EnvError(f"countdown needs count >= 2, max_number >= 2, max_target >= 1 and num_problems >= 1, got {count}, {max_number}, {max_target}, {num_problems}")
+        raise EnvError(
+            f"countdown needs count >= 2, max_number >= 2, max_target >= 1 and num_problems >= 1, got {count}, {max_number}, {max_target}, {num_problems}"
+        )
     rng = np.random.default_rng([seed, count, max_number, max_target])
     problems: dict[str, Problem] = {}
     for _ in range(num_problems * 200):
@@ -236,7 +266,9 @@ def _generate(split: str, num_problems: int, seed: int, count: int, max_number: 
         if len(problems) == num_problems:
             break
     if not problems:
-        raise EnvError(f"no countdown problems could be generated with count={count}, max_number={max_number}, max_target={max_target}")
+        raise EnvError(
+            f"no countdown problems could be generated with count={count}, max_number={max_number}, max_target={max_target}"
+        )
     return tuple(problems.values())
 
 
@@ -260,11 +292,20 @@ class CountdownEnv(MathPythonEnv):
     ) -> None:
         if problems is None:
             size = num_problems if num_problems is not None else (1000 if split == "train" else 200)
-            problems = generate_problems(split, size, seed=seed, count=count, max_number=max_number,
-                                         max_target=max_target, test_fraction=test_fraction)
+            problems = generate_problems(
+                split,
+                size,
+                seed=seed,
+                count=count,
+                max_number=max_number,
+                max_target=max_target,
+                test_fraction=test_fraction,
+            )
         for p in problems:
             if not isinstance(p.metadata.get("numbers"), list):
-                raise EnvError(f"countdown problem `{p.id}` needs `metadata['numbers']` (a list of ints) and the target as `answer`")
+                raise EnvError(
+                    f"countdown problem `{p.id}` needs `metadata['numbers']` (a list of ints) and the target as `answer`"
+                )
         if system_prompt is None:
             system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
         super().__init__(split, problems=problems, system_prompt=system_prompt, max_tool_calls=max_tool_calls, **kwargs)
@@ -274,7 +315,10 @@ class CountdownEnv(MathPythonEnv):
         if self.one_shot:  # replace math-python's example with a countdown one
             shot = [
                 {"role": "user", "content": render_prompt(ONE_SHOT_NUMBERS, ONE_SHOT_TARGET)},
-                {"role": "assistant", "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(str(ONE_SHOT_TARGET))}The answer is \\boxed{{(5 - 2) * 10}}."},
+                {
+                    "role": "assistant",
+                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(str(ONE_SHOT_TARGET))}The answer is \\boxed{{(5 - 2) * 10}}.",
+                },
             ]
             start = 1 if self.system_prompt else 0
             messages[start : start + 2] = shot
@@ -291,7 +335,12 @@ class CountdownEnv(MathPythonEnv):
         ev = self.score(answer, self.problem)
         correct = ev.legal and ev.value == Fraction(int(self.problem.answer))
         check = "ok" if correct else (ev.error or "wrong_value")
-        info = {"answer": answer, "correct": correct, "check": check, "value": str(ev.value) if ev.value is not None else None}
+        info = {
+            "answer": answer,
+            "correct": correct,
+            "check": check,
+            "value": str(ev.value) if ev.value is not None else None,
+        }
         if ev.message:
             info["check_detail"] = ev.message
         return StepOutcome("", 1.0 if correct else 0.0, True, False, info)

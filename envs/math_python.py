@@ -186,7 +186,9 @@ class MathPythonEnv(MultiTurnEnv):
         self.split = split
         self.render_mode = render_mode
         self.max_tool_calls = max_tool_calls
-        self.system_prompt = DEFAULT_SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls) if system_prompt is None else system_prompt
+        self.system_prompt = (
+            DEFAULT_SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls) if system_prompt is None else system_prompt
+        )
         self.one_shot = one_shot
         self.prompt_template = prompt_template
         self.max_output_chars = max_output_chars

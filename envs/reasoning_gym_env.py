@@ -97,8 +97,15 @@ def _freeze(x: Any) -> Any:
     return x
 
 
-def load_task(task: str, split: str, num_problems: int, *, seed: int = 0, test_fraction: float = 0.1,
-              task_config: dict[str, Any] | None = None) -> tuple[list[Problem], Any]:
+def load_task(
+    task: str,
+    split: str,
+    num_problems: int,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.1,
+    task_config: dict[str, Any] | None = None,
+) -> tuple[list[Problem], Any]:
     """The problems of one split of a reasoning-gym task, and a dataset whose `score_answer`
     scores them. Cached per arguments, so the env instances of a run share one set.
 
@@ -109,9 +116,13 @@ def load_task(task: str, split: str, num_problems: int, *, seed: int = 0, test_f
     if split not in ("train", "test"):
         raise DatasetError(f"`split` must be `train` or `test`, got `{split}`")
     if task not in DATASETS:
-        raise DatasetError(f"reasoning-gym has no task `{task}`.{did_you_mean(task, DATASETS)} It has {len(DATASETS)} tasks, e.g. `basic_arithmetic`, `prime_factorization`, `countdown`.")
+        raise DatasetError(
+            f"reasoning-gym has no task `{task}`.{did_you_mean(task, DATASETS)} It has {len(DATASETS)} tasks, e.g. `basic_arithmetic`, `prime_factorization`, `countdown`."
+        )
     if num_problems < 1 or not 0.0 < test_fraction < 1.0:
-        raise DatasetError(f"`num_problems` must be >= 1 and `test_fraction` in (0, 1), got {num_problems} and {test_fraction}")
+        raise DatasetError(
+            f"`num_problems` must be >= 1 and `test_fraction` in (0, 1), got {num_problems} and {test_fraction}"
+        )
     config = dict(task_config or {})
     key = (task, split, num_problems, seed, test_fraction, _freeze(config))
     with _CACHE_LOCK:
@@ -141,7 +152,9 @@ def load_task(task: str, split: str, num_problems: int, *, seed: int = 0, test_f
         if len(problems) == num_problems:
             break
     if not problems or dataset is None:
-        raise DatasetError(f"reasoning-gym task `{task}` produced no `{split}` problems; widen its settings in `task_config`")
+        raise DatasetError(
+            f"reasoning-gym task `{task}` produced no `{split}` problems; widen its settings in `task_config`"
+        )
     with _CACHE_LOCK:
         _CACHE.setdefault(key, (problems, dataset))
         return _CACHE[key]
@@ -221,9 +234,13 @@ class ReasoningGymEnv(MathPythonEnv):
         **kwargs: Any,
     ) -> None:
         if "problems" in kwargs or "source" in kwargs:
-            raise EnvError("`reasoning-gym` makes its problems from `task` / `task_config`; for your own problem files use `math-python` with `source=`")
+            raise EnvError(
+                "`reasoning-gym` makes its problems from `task` / `task_config`; for your own problem files use `math-python` with `source=`"
+            )
         size = num_problems if num_problems is not None else (500 if split == "train" else 100)
-        problems, self._dataset = load_task(task, split, size, seed=seed, test_fraction=test_fraction, task_config=task_config)
+        problems, self._dataset = load_task(
+            task, split, size, seed=seed, test_fraction=test_fraction, task_config=task_config
+        )
         self.task = task
         self.partial_credit = partial_credit
         self._scorer = _SandboxedScorer(task, task_config, seed, timeout_s=score_timeout_s)
@@ -236,7 +253,10 @@ class ReasoningGymEnv(MathPythonEnv):
         if self.one_shot:  # math-python's example answers with \boxed{}; ours with <answer>
             shot = [
                 {"role": "user", "content": ONE_SHOT_QUESTION},
-                {"role": "assistant", "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(ONE_SHOT_OUTPUT)}<answer>{ONE_SHOT_OUTPUT}</answer>"},
+                {
+                    "role": "assistant",
+                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(ONE_SHOT_OUTPUT)}<answer>{ONE_SHOT_OUTPUT}</answer>",
+                },
             ]
             start = 1 if self.system_prompt else 0
             messages[start : start + 2] = shot
@@ -260,7 +280,12 @@ class ReasoningGymEnv(MathPythonEnv):
         answer = extract_answer("\n".join(self._model_text))
         score, error = self.score(answer, self.problem)
         reward = score if self.partial_credit else float(score >= 1.0)
-        info: dict[str, Any] = {"answer": answer, "correct": score >= 1.0, "check": "scorer" if answer is not None else "no_answer", "score": score}
+        info: dict[str, Any] = {
+            "answer": answer,
+            "correct": score >= 1.0,
+            "check": "scorer" if answer is not None else "no_answer",
+            "score": score,
+        }
         if error:
             info["check_error"] = error
         return StepOutcome("", reward, True, False, info)

@@ -22,8 +22,14 @@ from spo_agents.registry import SANDBOXES
 from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession, SyncSession, run_sync
 
 BUILTIN_BACKENDS = {
-    "local": ("spo_agents.sandboxes.local:LocalBackend", "persistent Python sessions forked from a pre-warmed worker, bubblewrap / namespaces"),
-    "docker": ("spo_agents.sandboxes.docker.backend:DockerBackend", "one container per session (needs a Docker engine)"),
+    "local": (
+        "spo_agents.sandboxes.local:LocalBackend",
+        "persistent Python sessions forked from a pre-warmed worker, bubblewrap / namespaces",
+    ),
+    "docker": (
+        "spo_agents.sandboxes.docker.backend:DockerBackend",
+        "one container per session (needs a Docker engine)",
+    ),
     "e2b": ("spo_agents.sandboxes.e2b:E2BBackend", "E2B cloud sandboxes (needs E2B_API_KEY)"),
 }
 
@@ -72,8 +78,13 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {spec.id: backend_availability(spec.id) for spec in SANDBOXES.list()}
 
 
-def open_session_sync(backend: SandboxBackend | str = "local", *, stateless: bool | None = None,
-                      limits: SandboxLimits | None = None, **options: Any) -> SyncSession:
+def open_session_sync(
+    backend: SandboxBackend | str = "local",
+    *,
+    stateless: bool | None = None,
+    limits: SandboxLimits | None = None,
+    **options: Any,
+) -> SyncSession:
     """Open a session for synchronous callers (environments' `step`); runs on a shared loop.
     `stateless=None` keeps the backend's own default (e.g. `make_backend("local", stateless=True)`)."""
     if isinstance(backend, str):

@@ -64,8 +64,13 @@ def _prctl(option, arg):
 
 def _mount(source, target, fstype, flags, data=None):
     _check(
-        _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                    ctypes.c_ulong(flags), data.encode() if data else None),
+        _libc.mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
         f"mount {target}",
     )
 
@@ -203,8 +208,9 @@ def _restore_streams(saved):
         orig = getattr(sys, f"__{name}__")
         if orig is None or orig.closed or not getattr(orig, "_spo_stream", False):
             # Line-buffered like a terminal, so output printed before a hang or a crash is kept.
-            orig = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
-                                    errors="backslashreplace", line_buffering=True)
+            orig = io.TextIOWrapper(
+                io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
+            )
             orig._spo_stream = True
             setattr(sys, f"__{name}__", orig)
         setattr(sys, name, orig)
@@ -294,8 +300,15 @@ def _session(ctrl, out_fd, err_fd, cfg, limits):
         _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(size)}m,mode=0777")
         # pid 1 ignores signals it has no handler for; give the usual ones their default effect
         # (SIGABRT goes to faulthandler, whose re-raise ends in a forced fault).
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGALRM, signal.SIGXCPU):
+        for sig in (
+            signal.SIGTERM,
+            signal.SIGHUP,
+            signal.SIGQUIT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGALRM,
+            signal.SIGXCPU,
+        ):
             _terminate_on(sig)
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)

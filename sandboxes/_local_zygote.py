@@ -186,11 +186,22 @@ class Zygote:
         python = cfg.python
         for p, a in alias.items():
             if _under(python, p):
-                python = a + python[len(p):]
+                python = a + python[len(p) :]
         py = [python, "-I", "-c", source, json.dumps(worker_cfg)]
         cmd = [
-            bwrap_path() or "bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
-            "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox", "--cap-drop", "ALL",
+            bwrap_path() or "bwrap",
+            "--unshare-all",
+            "--unshare-user",
+            "--die-with-parent",
+            "--new-session",
+            "--uid",
+            str(NOBODY),
+            "--gid",
+            str(NOBODY),
+            "--hostname",
+            "sandbox",
+            "--cap-drop",
+            "ALL",
         ]
         for top in ("/bin", "/lib", "/lib64", "/lib32", "/sbin"):
             if os.path.islink(top):
@@ -234,7 +245,9 @@ class Zygote:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                env=self._env(self.cfg.python) if self.cfg.isolation != "bubblewrap" else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                env=self._env(self.cfg.python)
+                if self.cfg.isolation != "bubblewrap"
+                else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 start_new_session=True,
             )
         except OSError as e:

@@ -92,7 +92,9 @@ class SandboxBackend(abc.ABC):
     name: str = "?"
 
     @abc.abstractmethod
-    async def open_session(self, *, stateless: bool | None = None, limits: SandboxLimits | None = None) -> SandboxSession:
+    async def open_session(
+        self, *, stateless: bool | None = None, limits: SandboxLimits | None = None
+    ) -> SandboxSession:
         """Start a session. `stateless=None` means the backend's own default (False unless the
         backend was built stateless)."""
 

@@ -166,8 +166,16 @@ class E2BBackend(SandboxBackend):
     ) -> None:
         from spo_agents.sandboxes.docker.backend import _with_limit_fields
 
-        options = ("template", "api_key", "limits", "sandbox_timeout_s", "request_timeout_s",
-                   "allow_internet_access", "metadata", "sandbox_class")
+        options = (
+            "template",
+            "api_key",
+            "limits",
+            "sandbox_timeout_s",
+            "request_timeout_s",
+            "allow_internet_access",
+            "metadata",
+            "sandbox_class",
+        )
         limits = _with_limit_fields("e2b", limits, limit_fields, options)
         if sandbox_timeout_s <= 0 or request_timeout_s <= 0:
             raise SandboxError(
@@ -194,7 +202,9 @@ class E2BBackend(SandboxBackend):
 
     @property
     def isolation(self) -> str:
-        return "e2b (cloud Firecracker microVM per session" + (", internet allowed)" if self.allow_internet_access else ", no internet)")
+        return "e2b (cloud Firecracker microVM per session" + (
+            ", internet allowed)" if self.allow_internet_access else ", no internet)"
+        )
 
     def _class(self) -> Any:
         if self._sandbox_class is not None:
@@ -289,7 +299,9 @@ class E2BSession(SandboxSession):
             try:
                 # The outer bound only guards against a transport that ignores both timeouts.
                 execution = await asyncio.wait_for(
-                    self.sandbox.run_code(code, context=context, timeout=t, request_timeout=self.backend.request_timeout_s),
+                    self.sandbox.run_code(
+                        code, context=context, timeout=t, request_timeout=self.backend.request_timeout_s
+                    ),
                     t + self.backend.request_timeout_s + 5.0,
                 )
             finally:

@@ -70,8 +70,8 @@ from typing import Any
 
 from spo_agents.errors import ConfigError, SandboxError, did_you_mean
 
-from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
 from ._local_zygote import Exit, Zygote, ZygoteConfig, bwrap_works, python_default
+from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,9 @@ class _Runner:
     the worker that forked it (`Zygote.generation`); `host_pid` is the session process as this
     process sees it."""
 
-    def __init__(self, pid: int, pgid: int, generation: int, ctrl: socket.socket, out_fd: int, err_fd: int,
-                 limit: int) -> None:
+    def __init__(
+        self, pid: int, pgid: int, generation: int, ctrl: socket.socket, out_fd: int, err_fd: int, limit: int
+    ) -> None:
         self.pid, self.pgid, self.generation = pid, pgid, generation
         self.host_pid: int | None = None
         self.ctrl = ctrl
@@ -332,7 +333,9 @@ class LocalSession(SandboxSession):
             raise TypeError(f"`code` must be a str, got {type(code).__name__}")
         async with self._lock:
             if self._closed:
-                raise SandboxError("this `local` sandbox session is closed; open a new one with `backend.open_session()`")
+                raise SandboxError(
+                    "this `local` sandbox session is closed; open a new one with `backend.open_session()`"
+                )
             timeout = self.limits.timeout_s if timeout is None else float(timeout)
             runner = await self._current()
             restarted, self._lost = self._lost, False
@@ -340,7 +343,9 @@ class LocalSession(SandboxSession):
             reply: dict[str, Any] | None = None
             timed_out = False
             try:
-                await runner.send({"code": code, "cpu_s": self.limits.cpu_s, "echo": self._backend.echo_last_expression})
+                await runner.send(
+                    {"code": code, "cpu_s": self.limits.cpu_s, "echo": self._backend.echo_last_expression}
+                )
             except (ConnectionError, OSError):
                 pass  # the runner is already gone: reported below as a lost session
             except asyncio.CancelledError:
@@ -390,7 +395,7 @@ class LocalSession(SandboxSession):
             else:
                 result.exit_status = int(status) if status is not None else _SIGKILL_STATUS
                 msg = f"the session process exited with status {result.exit_status}; it was restarted (earlier variables are lost)"
-            result.stderr = (result.stderr + ("\n" if result.stderr and not result.stderr.endswith("\n") else "") + msg)
+            result.stderr = result.stderr + ("\n" if result.stderr and not result.stderr.endswith("\n") else "") + msg
             result.session_restarted = True
             try:
                 self._runner = await self._spawn()
@@ -468,7 +473,6 @@ class LocalSession(SandboxSession):
         self._backend._sessions.discard(self)
 
 
-
 # --------------------------------------------------------------------------------------------
 # A process cap that holds for root
 # --------------------------------------------------------------------------------------------
@@ -525,7 +529,7 @@ def _pids_root() -> Path | None:
     with _PIDS_LOCK:
         if _PIDS_ROOT is None:
             for old in _PIDS_V1.glob(_PIDS_PREFIX + "*"):  # left by trainers that were killed
-                pid = old.name[len(_PIDS_PREFIX):]
+                pid = old.name[len(_PIDS_PREFIX) :]
                 if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                     _remove_tree(old)
             root = _PIDS_V1 / f"{_PIDS_PREFIX}{os.getpid()}"
@@ -642,8 +646,16 @@ class LocalBackend(SandboxBackend):
         known = set(SandboxLimits.__dataclass_fields__)
         unknown = sorted(set(limit_fields) - known)
         if unknown:
-            names = known | {"python", "isolation", "stateless", "preload", "network_per_session", "env", "ro_binds",
-                             "echo_last_expression"}
+            names = known | {
+                "python",
+                "isolation",
+                "stateless",
+                "preload",
+                "network_per_session",
+                "env",
+                "ro_binds",
+                "echo_last_expression",
+            }
             raise ConfigError(
                 f"unknown option `{unknown[0]}` for the `local` sandbox.{did_you_mean(unknown[0], names)} "
                 f"Known options: {', '.join(sorted(names))}."
@@ -687,7 +699,9 @@ class LocalBackend(SandboxBackend):
         if isolation == "none":
             warnings.warn(
                 "the `local` sandbox runs with isolation `none`: the code runs as this user with only "
-                "rlimits; use it only for trusted code", RuntimeWarning, stacklevel=3,
+                "rlimits; use it only for trusted code",
+                RuntimeWarning,
+                stacklevel=3,
             )
             return "none"
         if isolation == "auto":

@@ -140,7 +140,9 @@ def compute_advantages(
     if name == "spo-no-baseline":
         return no_baseline_advantages(rewards, token_counts)
     if token_counts is not None:
-        raise ConfigError(f"advantage `{name}` normalises within groups; token-measure normalisation applies to `spo` only")
+        raise ConfigError(
+            f"advantage `{name}` normalises within groups; token-measure normalisation applies to `spo` only"
+        )
     if name in ("grpo", "rloo"):
         if group_ids is None:
             raise ConfigError(f"advantage `{name}` needs `group_ids` (grouped collection, `algorithm.group_size` > 1)")

@@ -81,7 +81,9 @@ def verify_checksums(root: Path) -> None:
         if not p.is_file():
             raise CheckpointError(f"checkpoint `{root}` is missing `{rel}`")
         if _sha256(p) != digest:
-            raise CheckpointError(f"checkpoint `{root}`: `{rel}` does not match its recorded checksum (damaged on disk)")
+            raise CheckpointError(
+                f"checkpoint `{root}`: `{rel}` does not match its recorded checksum (damaged on disk)"
+            )
 
 
 @dataclass
@@ -252,8 +254,9 @@ class CheckpointManager:
                 damaged.append(str(e))
                 log.warning("%s; trying an older checkpoint", e)
         raise CheckpointError(
-            "no intact checkpoint to resume from: " + "; ".join(damaged)
-            + f". Start the run again without `--resume` (or with another `train.run_name`)"
+            "no intact checkpoint to resume from: "
+            + "; ".join(damaged)
+            + ". Start the run again without `--resume` (or with another `train.run_name`)"
         )
 
     def _load(self, p: Path) -> LoadedCheckpoint:
@@ -261,12 +264,16 @@ class CheckpointManager:
 
         state_file = p / "trainer_state.pt"
         if not state_file.is_file() or not (p / "meta.json").is_file():
-            raise CheckpointError(f"checkpoint `{p}` is incomplete (no `trainer_state.pt` or `meta.json`); delete it to fall back to an older one")
+            raise CheckpointError(
+                f"checkpoint `{p}` is incomplete (no `trainer_state.pt` or `meta.json`); delete it to fall back to an older one"
+            )
         verify_checksums(p)
         try:
             state = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as e:  # corrupt file: say which and what to do
-            raise CheckpointError(f"cannot read `{state_file}`: {e}. Delete `{p}` to resume from an older checkpoint") from e
+            raise CheckpointError(
+                f"cannot read `{state_file}`: {e}. Delete `{p}` to resume from an older checkpoint"
+            ) from e
         return LoadedCheckpoint(path=p, step=int(state["step"]), state=state)
 
     @staticmethod
@@ -282,14 +289,18 @@ class CheckpointManager:
 
         files = sorted(d.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"checkpoint `{ckpt.path}` holds no model weights (`model/*.safetensors` or `model/model.pt`)")
+            raise CheckpointError(
+                f"checkpoint `{ckpt.path}` holds no model weights (`model/*.safetensors` or `model/model.pt`)"
+            )
         sd: dict[str, Any] = {}
         for f in files:
             sd.update(load_file(str(f)))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint `{ckpt.path}` does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"checkpoint `{ckpt.path}` does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
 
 def _disk_full(e: BaseException) -> bool:

@@ -64,7 +64,9 @@ def load_model(cfg: Config, weights_from: Path | None = None) -> tuple[Any, Any]
         except ImportError as e:
             raise ConfigError("`model.lora.enabled: true` needs `peft`: `pip install 'spo-agents[lora]'`") from e
         lc = cfg.model.lora
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules))
+        model = get_peft_model(
+            model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
+        )
     return model, tokenizer
 
 
@@ -122,7 +124,9 @@ def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Pat
 
         policy = make_policy("vllm", cfg.model.name, dtype=cfg.model.dtype)
         sync = VLLMInProcessSync(policy)
-        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close])
+        return Components(
+            model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close]
+        )
     if backend in ("openai", "vllm-server"):
         from spo_agents.policy import make_policy
 
@@ -137,10 +141,16 @@ def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Pat
         # Training needs the sampled token ids and their log-probs: refuse text-only servers.
         r = cfg.rollout
         policy = make_policy(
-            "openai", r.server_model or cfg.model.name, base_url=base_url, api_key_env=r.api_key_env,
-            tokenizer=tokenizer, mode="tokens", request_timeout_s=r.request_timeout_s, max_retries=r.max_retries,
+            "openai",
+            r.server_model or cfg.model.name,
+            base_url=base_url,
+            api_key_env=r.api_key_env,
+            tokenizer=tokenizer,
+            mode="tokens",
+            request_timeout_s=r.request_timeout_s,
+            max_retries=r.max_retries,
             server_wait_s=r.server_wait_s,
-        )  # fmt: skip
+        )
         sync = None
         if backend == "vllm-server":
             from spo_agents.vllm_server import connect
@@ -148,7 +158,9 @@ def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Pat
 
             endpoint = connect(base_url, request_timeout_s=cfg.rollout.request_timeout_s)
             sync = make_weight_sync(cfg.rollout.weight_sync, endpoint)
-        return Components(model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close, *closers])
+        return Components(
+            model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close, *closers]
+        )
     raise ConfigError(f"unknown `rollout.backend` {backend!r}")
 
 

@@ -140,15 +140,31 @@ class RolloutConfig:
     max_error_steps: int = 3
 
     def __post_init__(self) -> None:
-        _require("rollout", self, {
-            "max_error_share": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"), "max_error_steps": _AT_LEAST_1,
-            "max_retries": _INT_NON_NEGATIVE, "server_wait_s": _NON_NEGATIVE,
-            "max_in_flight": _AT_LEAST_1, "oversample": (lambda x: _finite(x) and x >= 1, "a finite number >= 1"),
-            "max_staleness": _INT_NON_NEGATIVE, "temperature": _POSITIVE,
-            "top_p": (lambda x: x == 1.0, "1.0: the learner scores the full softmax, so a nucleus biases every ratio; use `eval.top_p` for evaluation"),
-            "top_k": (lambda x: x == 0, "0: the learner scores the full softmax, so top-k biases every ratio; use `eval.top_k` for evaluation"),
-            "max_new_tokens": _AT_LEAST_1, "max_episode_tokens": _AT_LEAST_1, "request_timeout_s": _POSITIVE,
-        })  # fmt: skip
+        _require(
+            "rollout",
+            self,
+            {
+                "max_error_share": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"),
+                "max_error_steps": _AT_LEAST_1,
+                "max_retries": _INT_NON_NEGATIVE,
+                "server_wait_s": _NON_NEGATIVE,
+                "max_in_flight": _AT_LEAST_1,
+                "oversample": (lambda x: _finite(x) and x >= 1, "a finite number >= 1"),
+                "max_staleness": _INT_NON_NEGATIVE,
+                "temperature": _POSITIVE,
+                "top_p": (
+                    lambda x: x == 1.0,
+                    "1.0: the learner scores the full softmax, so a nucleus biases every ratio; use `eval.top_p` for evaluation",
+                ),
+                "top_k": (
+                    lambda x: x == 0,
+                    "0: the learner scores the full softmax, so top-k biases every ratio; use `eval.top_k` for evaluation",
+                ),
+                "max_new_tokens": _AT_LEAST_1,
+                "max_episode_tokens": _AT_LEAST_1,
+                "request_timeout_s": _POSITIVE,
+            },
+        )
 
 
 @dataclass
@@ -236,11 +252,17 @@ class LossConfig:
     entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        _require("loss", self, {
-            "eps_low": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1) (the ratio's lower clip is 1 - eps_low)"),
-            "eps_high": _NON_NEGATIVE, "dual_clip": (_finite, "a finite number (<= 1 disables the dual clip)"),
-            "kl_coef": _NON_NEGATIVE, "entropy_coef": (_finite, "a finite number"),
-        })  # fmt: skip
+        _require(
+            "loss",
+            self,
+            {
+                "eps_low": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1) (the ratio's lower clip is 1 - eps_low)"),
+                "eps_high": _NON_NEGATIVE,
+                "dual_clip": (_finite, "a finite number (<= 1 disables the dual clip)"),
+                "kl_coef": _NON_NEGATIVE,
+                "entropy_coef": (_finite, "a finite number"),
+            },
+        )
 
 
 @dataclass
@@ -254,11 +276,20 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        _require("optim", self, {
-            "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE,
-            "betas": (lambda b: len(b) == 2 and all(_finite(x) and 0 <= x < 1 for x in b), "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-            "grad_clip": (_finite, "a finite number (<= 0 disables clipping)"), "warmup_steps": _INT_NON_NEGATIVE,
-        })  # fmt: skip
+        _require(
+            "optim",
+            self,
+            {
+                "lr": _POSITIVE,
+                "weight_decay": _NON_NEGATIVE,
+                "betas": (
+                    lambda b: len(b) == 2 and all(_finite(x) and 0 <= x < 1 for x in b),
+                    "two numbers in [0, 1), e.g. [0.9, 0.999]",
+                ),
+                "grad_clip": (_finite, "a finite number (<= 0 disables clipping)"),
+                "warmup_steps": _INT_NON_NEGATIVE,
+            },
+        )
 
 
 @dataclass
@@ -275,7 +306,9 @@ class TrainSection:
     run_name: str | None = None
     checkpoint_every: int = 1  # 1: a killed run loses at most the step in progress
     keep_checkpoints: int = 2
-    max_minutes: float | None = 18.0  # stop (after a final eval and checkpoint) once this wall time is spent; null: no limit
+    max_minutes: float | None = (
+        18.0  # stop (after a final eval and checkpoint) once this wall time is spent; null: no limit
+    )
     # `none`: each rank of a multi-process learner holds the whole model (data-parallel);
     # `fsdp`: FSDP2 shards fp32 master weights, gradients and AdamW state across ranks and runs
     # in `model.dtype` (spo_agents.sharding); also on one process, for the fp32 master copy
@@ -291,14 +324,26 @@ class TrainSection:
     trajectories_logprobs: bool = False
 
     def __post_init__(self) -> None:
-        _require("train", self, {
-            "trajectories_keep_steps": _AT_LEAST_1, "trajectories_older_max": _INT_NON_NEGATIVE,
-            "trajectories_older_sample": (lambda x: _finite(x) and 0 <= x <= 1, "in [0, 1]"),
-            "steps": _INT_NON_NEGATIVE, "batch_size": _AT_LEAST_1,
-            "mini_batches": (lambda x: isinstance(x, int) and 1 <= x <= self.batch_size, f"an integer in [1, train.batch_size = {self.batch_size}]"),
-            "epochs": _AT_LEAST_1, "micro_batch_tokens": _AT_LEAST_1, "checkpoint_every": _INT_NON_NEGATIVE,
-            "keep_checkpoints": _AT_LEAST_1, "max_minutes": (lambda x: x is None or (_finite(x) and x > 0), "a number > 0, or null for no limit"),
-        })  # fmt: skip
+        _require(
+            "train",
+            self,
+            {
+                "trajectories_keep_steps": _AT_LEAST_1,
+                "trajectories_older_max": _INT_NON_NEGATIVE,
+                "trajectories_older_sample": (lambda x: _finite(x) and 0 <= x <= 1, "in [0, 1]"),
+                "steps": _INT_NON_NEGATIVE,
+                "batch_size": _AT_LEAST_1,
+                "mini_batches": (
+                    lambda x: isinstance(x, int) and 1 <= x <= self.batch_size,
+                    f"an integer in [1, train.batch_size = {self.batch_size}]",
+                ),
+                "epochs": _AT_LEAST_1,
+                "micro_batch_tokens": _AT_LEAST_1,
+                "checkpoint_every": _INT_NON_NEGATIVE,
+                "keep_checkpoints": _AT_LEAST_1,
+                "max_minutes": (lambda x: x is None or (_finite(x) and x > 0), "a number > 0, or null for no limit"),
+            },
+        )
 
 
 @dataclass
@@ -313,10 +358,18 @@ class EvalSection:
     top_k: int = 20
 
     def __post_init__(self) -> None:
-        _require("eval", self, {
-            "every": _INT_NON_NEGATIVE, "limit": _INT_NON_NEGATIVE, "k": _AT_LEAST_1,
-            "temperature": _NON_NEGATIVE, "top_p": _TOP_P, "top_k": _INT_NON_NEGATIVE,
-        })  # fmt: skip
+        _require(
+            "eval",
+            self,
+            {
+                "every": _INT_NON_NEGATIVE,
+                "limit": _INT_NON_NEGATIVE,
+                "k": _AT_LEAST_1,
+                "temperature": _NON_NEGATIVE,
+                "top_p": _TOP_P,
+                "top_k": _INT_NON_NEGATIVE,
+            },
+        )
 
 
 @dataclass
@@ -420,7 +473,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown config key `{path}`.{did_you_mean(str(key), names)} Valid keys here: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown config key `{path}`.{did_you_mean(str(key), names)} Valid keys here: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)

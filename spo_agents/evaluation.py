@@ -88,7 +88,11 @@ class EvalReport:
         return d
 
     def summary_table(self) -> str:
-        rows = [("problems", str(self.num_problems)), ("samples", str(self.num_samples)), ("infra errors", str(self.errors))]
+        rows = [
+            ("problems", str(self.num_problems)),
+            ("samples", str(self.num_samples)),
+            ("infra errors", str(self.errors)),
+        ]
         rows.append((f"avg@{self.k}", f"{self.avg_at_k:.4f}"))
         rows += [(f"pass@{j}", f"{v:.4f}") for j, v in self.pass_at_k.items()]
         rows.append((f"maj@{self.k}", f"{self.maj_at_k:.4f}"))
@@ -182,7 +186,13 @@ async def evaluate(
     sampling = sampling or SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
     out = Path(out_dir) if out_dir is not None else None
     samples: dict[tuple[str, int], Trajectory] = {}
-    info = {"sampling": asdict(sampling), "max_episode_tokens": max_episode_tokens, "seed": seed, "k": k, **(settings or {})}
+    info = {
+        "sampling": asdict(sampling),
+        "max_episode_tokens": max_episode_tokens,
+        "seed": seed,
+        "k": k,
+        **(settings or {}),
+    }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / TRANSCRIPTS
@@ -200,7 +210,12 @@ async def evaluate(
         await connect()
     wanted = set(problem_ids)
     samples = {key: t for key, t in samples.items() if key[0] in wanted and key[1] < k}
-    todo = [(pid, i) for pid in problem_ids for i in range(k) if (pid, i) not in samples or samples[(pid, i)].error is not None]
+    todo = [
+        (pid, i)
+        for pid in problem_ids
+        for i in range(k)
+        if (pid, i) not in samples or samples[(pid, i)].error is not None
+    ]
     envs: list[Any] = []
     limit = asyncio.Semaphore(max(1, concurrency))
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="eval-env")
@@ -212,7 +227,15 @@ async def evaluate(
         async with limit:
             env = envs.pop() if envs else env_factory()
             try:
-                t = await run_episode(env, policy, pid, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=sample_seed(pid, i, seed), executor=executor)
+                t = await run_episode(
+                    env,
+                    policy,
+                    pid,
+                    sampling=sampling,
+                    max_episode_tokens=max_episode_tokens,
+                    seed=sample_seed(pid, i, seed),
+                    executor=executor,
+                )
             except SPOError:
                 raise  # a config error: the run stops (infrastructure errors are in `t.error`)
             except Exception as e:  # an environment's own exception is a plugin bug, never data
@@ -229,7 +252,9 @@ async def evaluate(
         tally["correct"] += int(t.error is None and t.correct)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(acc=f"{tally['correct'] / tally['done']:.3f}", errors=sum(1 for s in samples.values() if s.error))
+            bar.set_postfix(
+                acc=f"{tally['correct'] / tally['done']:.3f}", errors=sum(1 for s in samples.values() if s.error)
+            )
 
     tasks = [asyncio.ensure_future(one(pid, i)) for pid, i in todo]
     try:
@@ -254,8 +279,10 @@ async def evaluate(
     report = compute_report(samples, problem_ids, k, equivalent, info)
     report.failed_samples = [
         {"problem_id": pid, "sample_index": i, "error": samples[(pid, i)].error}
-        for pid in problem_ids for i in range(k) if (pid, i) in samples and samples[(pid, i)].error is not None
-    ]  # fmt: skip
+        for pid in problem_ids
+        for i in range(k)
+        if (pid, i) in samples and samples[(pid, i)].error is not None
+    ]
     if not policy.supports_token_io:
         report.token_io = False
     if out is not None:
@@ -308,10 +335,15 @@ def _check_same_settings(path: Path, now: dict[str, Any]) -> None:
     for key in MOVABLE:
         if saved.get(key) != now.get(key):
             print(f"notice: resuming with `{key}` {now.get(key)!r} (the run used {saved.get(key)!r})", file=sys.stderr)
-    diffs = [f"`{key}`: {saved.get(key)!r} then, {now.get(key)!r} now" for key in keys if key not in MOVABLE and saved.get(key) != now.get(key)]
+    diffs = [
+        f"`{key}`: {saved.get(key)!r} then, {now.get(key)!r} now"
+        for key in keys
+        if key not in MOVABLE and saved.get(key) != now.get(key)
+    ]
     if diffs:
         raise ConfigError(
-            f"`--resume` in `{path.parent}` with other settings than the run it continues: " + "; ".join(diffs)
+            f"`--resume` in `{path.parent}` with other settings than the run it continues: "
+            + "; ".join(diffs)
             + ". Resume with the same settings, or evaluate into a new `--out` directory"
         )
 

@@ -43,7 +43,15 @@ class StepHealth:
         self.zero_streak = 0
         self.fail_streak = 0
 
-    def observe(self, step: int, trained: int, failed: int, advantages: np.ndarray, rewards: np.ndarray, last_error: str | None = None) -> dict[str, float]:
+    def observe(
+        self,
+        step: int,
+        trained: int,
+        failed: int,
+        advantages: np.ndarray,
+        rewards: np.ndarray,
+        last_error: str | None = None,
+    ) -> dict[str, float]:
         lim = self.limits
         finished = trained + failed
         share = failed / finished if finished else 0.0
@@ -66,7 +74,15 @@ class StepHealth:
         self.zero_streak = self.zero_streak + 1 if zero else 0
         self.fail_streak = self.fail_streak + 1 if no_success else 0
         if self.zero_streak == lim.idle_warn_steps:
-            self.warn(f"step {step}: every advantage has been zero for {self.zero_streak} steps: these updates teach nothing")
+            self.warn(
+                f"step {step}: every advantage has been zero for {self.zero_streak} steps: these updates teach nothing"
+            )
         if self.fail_streak == lim.idle_warn_steps:
-            self.warn(f"step {step}: no episode has succeeded for {self.fail_streak} steps: the task may be out of the model's reach")
-        return {"episode/infra_error_share": share, "train/zero_advantages": float(zero), "train/no_success": float(no_success)}
+            self.warn(
+                f"step {step}: no episode has succeeded for {self.fail_streak} steps: the task may be out of the model's reach"
+            )
+        return {
+            "episode/infra_error_share": share,
+            "train/zero_advantages": float(zero),
+            "train/no_success": float(no_success),
+        }

@@ -143,7 +143,9 @@ def pack(trajectories: Sequence[Trajectory], pad_id: int, device: torch.device |
         r0 = off + len(t.prompt_ids)
         if t.token_ids:
             mask[i, r0:] = torch.tensor(t.loss_mask, dtype=torch.float32)
-            old[i, r0:] = torch.tensor([lp if m else 0.0 for m, lp in zip(t.loss_mask, t.logprobs)], dtype=torch.float32)
+            old[i, r0:] = torch.tensor(
+                [lp if m else 0.0 for m, lp in zip(t.loss_mask, t.logprobs)], dtype=torch.float32
+            )
     position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
     # Target j of the shifted view is token j + 1, predicted from position j.
     return PackedBatch(
@@ -187,7 +189,12 @@ def token_logprobs(
     B, T = batch.mask.shape
     cols = torch.nonzero(batch.mask.any(dim=0)).flatten()
     keep = T - int(cols[0]) if cols.numel() else 1  # trailing target positions that matter
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids, "use_cache": False}
+    kwargs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+    }
     try:
         out = model(**kwargs, logits_to_keep=keep + 1)
     except TypeError:  # a model without `logits_to_keep`: compute every position
@@ -226,7 +233,9 @@ class PromptDriftStore:
         self.items: dict[str, _Stored] = {}
 
     def put(self, traj: Trajectory, logprobs: list[float]) -> None:
-        self.items[traj.problem_id] = _Stored(list(traj.prompt_ids), list(traj.token_ids), list(traj.loss_mask), list(logprobs))
+        self.items[traj.problem_id] = _Stored(
+            list(traj.prompt_ids), list(traj.token_ids), list(traj.loss_mask), list(logprobs)
+        )
 
     def as_trajectories(self, problem_ids: Sequence[str]) -> list[Trajectory | None]:
         out: list[Trajectory | None] = []
@@ -235,7 +244,15 @@ class PromptDriftStore:
             out.append(
                 None
                 if s is None
-                else Trajectory(problem_id=pid, env_id="", prompt_ids=s.prompt_ids, token_ids=s.token_ids, loss_mask=s.loss_mask, logprobs=s.logprobs, reward=0.0)
+                else Trajectory(
+                    problem_id=pid,
+                    env_id="",
+                    prompt_ids=s.prompt_ids,
+                    token_ids=s.token_ids,
+                    loss_mask=s.loss_mask,
+                    logprobs=s.logprobs,
+                    reward=0.0,
+                )
             )
         return out
 
@@ -315,18 +332,31 @@ class LearnerSettings:
 class Learner:
     """Owns the trainable model's optimiser and applies PPO-clip updates (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, settings: LearnerSettings, *, pad_id: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: LearnerSettings,
+        *,
+        pad_id: int,
+        device: torch.device | str | None = None,
+    ) -> None:
         if settings.temperature <= 0:
-            raise ConfigError(f"`rollout.temperature` must be > 0 for training (log-probs are scored at it), got {settings.temperature}")
+            raise ConfigError(
+                f"`rollout.temperature` must be > 0 for training (log-probs are scored at it), got {settings.temperature}"
+            )
         if settings.mini_batches < 1 or settings.epochs < 1:
-            raise ConfigError(f"`train.mini_batches` and `train.epochs` must be >= 1, got {settings.mini_batches} and {settings.epochs}")
+            raise ConfigError(
+                f"`train.mini_batches` and `train.epochs` must be >= 1, got {settings.mini_batches} and {settings.epochs}"
+            )
         self.model = model
         self.settings = settings
         self.pad_id = int(pad_id)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.sharded = sharding.is_sharded(model)
         if self.sharded and settings.kl_coef > 0:
-            raise ConfigError("`loss.kl_coef` > 0 needs a frozen reference model, which `train.sharding: fsdp` does not build; use `loss.kl_coef: 0` (the paper's setting) or `train.sharding: none`")
+            raise ConfigError(
+                "`loss.kl_coef` > 0 needs a frozen reference model, which `train.sharding: fsdp` does not build; use `loss.kl_coef: 0` (the paper's setting) or `train.sharding: none`"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
         if low:
@@ -338,9 +368,13 @@ class Learner:
                 "Train with `model.dtype: float32`, or with LoRA (`model.lora.enabled: true`, adapters in fp32)",
                 stacklevel=2,
             )
-        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+        )
         warm = max(0, settings.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+        )
         self.ref_model = None
         if settings.kl_coef > 0:
             self.ref_model = copy.deepcopy(model).eval()
@@ -401,7 +435,9 @@ class Learner:
         return [scores.get(i, []) for i in range(len(trajectories))]
 
     @staticmethod
-    def mean_abs_diff(trajectories: Sequence[Trajectory], a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> float:
+    def mean_abs_diff(
+        trajectories: Sequence[Trajectory], a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
+    ) -> float:
         """Token-mean of |a - b| over generated tokens of all trajectories."""
         num, den = 0.0, 0
         for t, xa, xb in zip(trajectories, a, b):
@@ -449,7 +485,9 @@ class Learner:
         trajs = list(trajectories)
         adv = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
         if adv.numel() != len(trajs):
-            raise ValueError(f"got {len(trajs)} trajectories but {adv.numel()} advantages; pass one advantage per trajectory")
+            raise ValueError(
+                f"got {len(trajs)} trajectories but {adv.numel()} advantages; pass one advantage per trajectory"
+            )
         rank, world = self._world()
         stats = LearnerStats(sequences=len(trajs), tokens=sum(t.num_generated for t in trajs))
         if not trajs:
@@ -480,7 +518,9 @@ class Learner:
                 for _ in range(self._passes(len(groups)) - len(groups)):
                     # a sharded model's forward and backward are collectives: run as many as the
                     # busiest rank, with zero weight
-                    logp, _ = token_logprobs(self.model, pack([trajs[chunk[0]]], self.pad_id, self.device), s.temperature)
+                    logp, _ = token_logprobs(
+                        self.model, pack([trajs[chunk[0]]], self.pad_id, self.device), s.temperature
+                    )
                     (logp.sum() * 0.0).backward()
                 for group in groups:
                     idx = [mine[g] for g in group]
@@ -518,7 +558,10 @@ class Learner:
                             n = len(trajs[i].token_ids)
                             before_free[i] = lp[row, lp.shape[1] - n :].tolist() if n else []
                 self._all_reduce_grads(world)
-                norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], s.grad_clip if s.grad_clip > 0 else float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    s.grad_clip if s.grad_clip > 0 else float("inf"),
+                )
                 grad_norms.append(sharding.grad_norm_value(norm))
                 self.optimizer.step()
                 stats.optimizer_steps += 1
@@ -526,7 +569,9 @@ class Learner:
         self.scheduler.step()
 
         if world > 1:
-            t = torch.tensor([acc.get("loss", 0.0)] + [acc.get(k, 0.0) for k in _STAT_KEYS] + [acc_w], dtype=torch.float64)
+            t = torch.tensor(
+                [acc.get("loss", 0.0)] + [acc.get(k, 0.0) for k in _STAT_KEYS] + [acc_w], dtype=torch.float64
+            )
             torch.distributed.all_reduce(t)
             acc["loss"] = float(t[0])
             for j, k in enumerate(_STAT_KEYS):
@@ -561,7 +606,9 @@ class Learner:
         """Optimiser, scheduler and drift store. Sharded, the optimiser state is gathered on
         rank 0 keyed by parameter name (a collective; other ranks get an empty one)."""
         return {
-            "optimizer": sharding.full_optimizer_state(self.model, self.optimizer) if self.sharded else self.optimizer.state_dict(),
+            "optimizer": sharding.full_optimizer_state(self.model, self.optimizer)
+            if self.sharded
+            else self.optimizer.state_dict(),
             "optimizer_format": self._optimizer_format,
             "scheduler": self.scheduler.state_dict(),
             "prompt_store": self.prompt_store.state_dict() if self.prompt_store is not None else None,

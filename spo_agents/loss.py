@@ -149,7 +149,12 @@ def _check(
     if logprobs.dim() != 2:
         raise ConfigError(f"`logprobs` must be [B, T], got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
-    for name, t in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+    for name, t in (
+        ("old_logprobs", old_logprobs),
+        ("mask", mask),
+        ("ref_logprobs", ref_logprobs),
+        ("entropy", entropy),
+    ):
         if t is not None and t.shape != shape:
             raise ConfigError(f"`{name}` must have the shape of `logprobs` {tuple(shape)}, got {tuple(t.shape)}")
     if advantages.shape != shape[:1]:

@@ -153,14 +153,20 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ConfigError("`logging.tensorboard: true` needs `tensorboard`: `pip install 'spo-agents[logging]'`") from e
+                raise ConfigError(
+                    "`logging.tensorboard: true` needs `tensorboard`: `pip install 'spo-agents[logging]'`"
+                ) from e
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if wandb:
             try:
                 import wandb as wandb_mod
             except ImportError as e:
-                raise ConfigError("`logging.wandb: true` needs `wandb`: `pip install 'spo-agents[logging]'` (set `WANDB_MODE=offline` to log without an account)") from e
-            self._wandb = wandb_mod.init(project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}, resume="allow")
+                raise ConfigError(
+                    "`logging.wandb: true` needs `wandb`: `pip install 'spo-agents[logging]'` (set `WANDB_MODE=offline` to log without an account)"
+                ) from e
+            self._wandb = wandb_mod.init(
+                project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}, resume="allow"
+            )
 
     def log(self, row: dict[str, Any]) -> None:
         if "step" not in row:
@@ -170,7 +176,9 @@ class MetricsWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         step = int(row["step"])
-        scalars = {k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            k: v for k, v in clean.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)

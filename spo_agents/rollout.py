@@ -362,7 +362,9 @@ class Collector:
     # --- running ------------------------------------------------------------------------------
     def _episode_seed(self, job: _Job) -> int:
         self._counter += 1
-        digest = hashlib.sha256(f"{self.seed}:{job.problem_id}:{job.group_id}:{job.sample_index}:{self._counter}".encode()).digest()
+        digest = hashlib.sha256(
+            f"{self.seed}:{job.problem_id}:{job.group_id}:{job.sample_index}:{self._counter}".encode()
+        ).digest()
         return int.from_bytes(digest[:4], "little")
 
     def _fill(self) -> None:

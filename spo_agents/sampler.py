@@ -113,7 +113,9 @@ class PrioritizedSampler:
     def _check_v(self, v_hat: Any) -> np.ndarray:
         v = np.asarray(v_hat, dtype=np.float64)
         if v.shape != (self.num_problems,):
-            raise SamplingError(f"`v_hat` must have shape ({self.num_problems},) (one value per problem), got {v.shape}")
+            raise SamplingError(
+                f"`v_hat` must have shape ({self.num_problems},) (one value per problem), got {v.shape}"
+            )
         return v
 
     def draw(self, v_hat: Any, n: int, busy: Any = (), n_eff: Any = None) -> np.ndarray:
@@ -148,9 +150,13 @@ class PrioritizedSampler:
     def state_dict(self) -> dict[str, Any]:
         """RNG state and draw counter: a restored sampler draws the same next batch."""
         return {
-            "version": STATE_VERSION, "type": self.kind, "num_problems": self.num_problems, "eps": self.eps,
-            "draws": self.draws, "bit_generator": self.rng.bit_generator.state,
-        }  # fmt: skip
+            "version": STATE_VERSION,
+            "type": self.kind,
+            "num_problems": self.num_problems,
+            "eps": self.eps,
+            "draws": self.draws,
+            "bit_generator": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("version") != STATE_VERSION or sd.get("type") != self.kind:

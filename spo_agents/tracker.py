@@ -114,9 +114,13 @@ class ValueTracker:
         if not d_half > 0:
             raise ConfigError(f"`d_half` must be > 0, got {d_half}")
         self.config = {
-            "rho_type": rho_type, "rho_constant": float(rho_constant), "d_half": float(d_half),
-            "rho_min": float(rho_min), "rho_max": float(rho_max), "drift": drift,
-        }  # fmt: skip
+            "rho_type": rho_type,
+            "rho_constant": float(rho_constant),
+            "d_half": float(d_half),
+            "rho_min": float(rho_min),
+            "rho_max": float(rho_max),
+            "drift": drift,
+        }
         ids = list(problem_ids)
         n = len(ids)
         hashes = hash_ids(ids)  # [N], caller order
@@ -136,9 +140,14 @@ class ValueTracker:
     @classmethod
     def from_config(cls, problem_ids: Sequence[str], cfg: TrackerConfig) -> ValueTracker:
         return cls(
-            problem_ids, rho_type=cfg.rho_type, rho_constant=cfg.rho_constant, d_half=cfg.d_half,
-            rho_min=cfg.rho_min, rho_max=cfg.rho_max, drift=cfg.drift,
-        )  # fmt: skip
+            problem_ids,
+            rho_type=cfg.rho_type,
+            rho_constant=cfg.rho_constant,
+            d_half=cfg.d_half,
+            rho_min=cfg.rho_min,
+            rho_max=cfg.rho_max,
+            drift=cfg.drift,
+        )
 
     def __len__(self) -> int:
         return int(self.alpha.shape[0])
@@ -175,7 +184,9 @@ class ValueTracker:
     def _check_idx(self, idx: Any) -> np.ndarray:
         idx = np.asarray(idx)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise UnknownProblemError(f"expected a 1-D integer array of problem indices, got shape {idx.shape} {idx.dtype}")
+            raise UnknownProblemError(
+                f"expected a 1-D integer array of problem indices, got shape {idx.shape} {idx.dtype}"
+            )
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise UnknownProblemError(f"problem index out of range [0, {len(self)}): got {idx.min()}..{idx.max()}")
         return idx.astype(np.int64, copy=False)
@@ -203,7 +214,9 @@ class ValueTracker:
             return np.full(i.shape, cfg["rho_constant"])
         if drift is None:
             if cfg["drift"] == "per-prompt":
-                raise ConfigError("`drift: per-prompt` needs the drift of each sample: pass `drift=` (one value per index)")
+                raise ConfigError(
+                    "`drift: per-prompt` needs the drift of each sample: pass `drift=` (one value per index)"
+                )
             d = self.C - self.c_last[i]  # [B]
         else:
             d = np.broadcast_to(np.asarray(drift, dtype=np.float64), i.shape).copy()
@@ -220,9 +233,14 @@ class ValueTracker:
         q = np.quantile(v, [0.1, 0.5, 0.9]) if v.size else np.zeros(3)
         count = (self.alpha[sel].astype(np.float64) + self.beta[sel]).mean() if v.size else 0.0
         return TrackerSummary(
-            float(v.mean()) if v.size else 0.0, float(q[0]), float(q[1]), float(q[2]),
-            float(count), float(visited.mean()) if visited.size else 0.0, float(self.C),
-        )  # fmt: skip
+            float(v.mean()) if v.size else 0.0,
+            float(q[0]),
+            float(q[1]),
+            float(q[2]),
+            float(count),
+            float(visited.mean()) if visited.size else 0.0,
+            float(self.C),
+        )
 
     # ---------------------------------------------------------------- writing
     def add_drift(self, d: float) -> None:
@@ -275,11 +293,15 @@ class ValueTracker:
         s = np.asarray(successes, dtype=np.float64).reshape(-1)
         n = np.asarray(samples, dtype=np.float64).reshape(-1)
         if not (s.shape == n.shape == i.shape):
-            raise ConfigError(f"`init_offline` needs one (successes, samples) pair per index: {i.size}, {s.size}, {n.size}")
+            raise ConfigError(
+                f"`init_offline` needs one (successes, samples) pair per index: {i.size}, {s.size}, {n.size}"
+            )
         if np.unique(i).size != i.size:
             raise ConfigError("`init_offline` got the same problem index twice; aggregate its samples first")
         if np.any(n < 0) or np.any(s < 0) or np.any(s > n) or np.any(n != np.round(n)) or not np.all(np.isfinite(s)):
-            raise ConfigError("`init_offline` needs integer sample counts and reward sums with 0 <= successes <= samples")
+            raise ConfigError(
+                "`init_offline` needs integer sample counts and reward sums with 0 <= successes <= samples"
+            )
         n0 = 1.0 / (1.0 - self.config["rho_min"])
         has = n > 0
         self.alpha[i] = np.where(has, n0 * (s + 0.5) / (n + 1.0), 0.5)
@@ -312,9 +334,10 @@ class ValueTracker:
         diffs = [f"`{k}`: saved {saved[k]!r}, now {v!r}" for k, v in self.config.items() if saved[k] != v]
         if diffs and strict_config:
             raise CheckpointError(
-                "tracker config differs from the checkpoint: " + "; ".join(diffs)
+                "tracker config differs from the checkpoint: "
+                + "; ".join(diffs)
                 + ". Resume with the saved tracker settings, or load with strict_config=False to keep the new ones"
-            )  # fmt: skip
+            )
         h = np.asarray(sd["id_hash"], dtype=np.uint64)
         pos, ok = self._lookup(h)
         if h.size != len(self) or not ok.all():

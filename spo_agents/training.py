@@ -70,15 +70,22 @@ def new_run_dir(cfg: Config) -> Path:
     name = cfg.train.run_name or f"{cfg.env.id}-{cfg.algorithm.name}-{stamp}"
     run = Path(cfg.train.output_dir) / name
     if CheckpointManager(run).steps():
-        raise ConfigError(f"run directory `{run}` already holds checkpoints; continue it with `--resume {run}` or pick another `train.run_name`")
+        raise ConfigError(
+            f"run directory `{run}` already holds checkpoints; continue it with `--resume {run}` or pick another `train.run_name`"
+        )
     if (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").rename(run / f"metrics.jsonl.stopped-{stamp}")
-        print(f"`{run}` was left by a start that stopped before its first checkpoint; starting it over "
-              f"(its metrics kept as `metrics.jsonl.stopped-{stamp}`)", file=sys.stderr)
+        print(
+            f"`{run}` was left by a start that stopped before its first checkpoint; starting it over "
+            f"(its metrics kept as `metrics.jsonl.stopped-{stamp}`)",
+            file=sys.stderr,
+        )
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create the run directory `{run}` ({e.strerror}); set `train.output_dir` to a writable directory") from e
+        raise ConfigError(
+            f"cannot create the run directory `{run}` ({e.strerror}); set `train.output_dir` to a writable directory"
+        ) from e
     return run
 
 
@@ -87,7 +94,9 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Confi
     (e.g. `train.steps=200` to extend a finished run)."""
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
-        raise CheckpointError(f"`{run_dir}` is not a run directory (no `config.yaml`); pass the directory `spo-agent train` printed when it started")
+        raise CheckpointError(
+            f"`{run_dir}` is not a run directory (no `config.yaml`); pass the directory `spo-agent train` printed when it started"
+        )
     return load_config(p, list(overrides))
 
 
@@ -122,7 +131,9 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """Runs the loop of the module docstring on one asyncio event loop."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, components: Components | None = None, *, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: str | Path, components: Components | None = None, *, resume: bool = False
+    ) -> None:
         from spo_agents.checkpoint import CheckpointManager
 
         self.cfg = cfg
@@ -131,7 +142,9 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.train.keep_checkpoints)
         self.resume_from = self.ckpt.latest() if resume else None
         if resume and self.resume_from is None:
-            raise CheckpointError(f"`{self.run_dir}` has no checkpoint to resume from; start it again without `--resume`")
+            raise CheckpointError(
+                f"`{self.run_dir}` has no checkpoint to resume from; start it again without `--resume`"
+            )
         self._components = components
         self._validate()
         from spo_agents.learner import Learner
@@ -148,7 +161,9 @@ class Trainer:
                 f"({c.algorithm.group_size}) in GRPO mode (whole groups per batch)"
             )
         if c.algorithm.advantage_norm == "token" and advantage_name(c) in ("grpo", "rloo"):
-            raise ConfigError(f"`algorithm.advantage_norm: token` applies to the single-stream estimators; advantage `{advantage_name(c)}` normalises within groups")
+            raise ConfigError(
+                f"`algorithm.advantage_norm: token` applies to the single-stream estimators; advantage `{advantage_name(c)}` normalises within groups"
+            )
         if advantage_name(c) in ("grpo", "rloo") and c.algorithm.name != "grpo":
             raise ConfigError(f"advantage `{advantage_name(c)}` needs grouped collection: set `algorithm.name: grpo`")
         if c.rollout.backend == "openai":
@@ -173,7 +188,9 @@ class Trainer:
         _seed_everything(cfg.train.seed)
         loaded = self.ckpt.load() if self.resume_from is not None else None
         if self._components is None:
-            self._components = build_components(cfg, weights_from=loaded.model_dir if loaded else None, log_dir=self.run_dir)
+            self._components = build_components(
+                cfg, weights_from=loaded.model_dir if loaded else None, log_dir=self.run_dir
+            )
         elif loaded is not None:
             self.ckpt.load_model_weights(self._components.model, loaded)
         comp = self._components
@@ -214,27 +231,48 @@ class Trainer:
 
         group = cfg.algorithm.group_size if cfg.algorithm.name == "grpo" else 1
         self.group_size = group
-        self.train_sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.train_sampling = SamplingParams(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
         self.collector = Collector(
-            lambda: comp.env_factory(cfg.env.split), self.policy,
-            max_in_flight=cfg.rollout.max_in_flight, sampling=self.train_sampling,
-            max_episode_tokens=cfg.rollout.max_episode_tokens, group_size=group,
-            max_staleness=cfg.rollout.max_staleness, seed=cfg.train.seed + self.step,
-        )  # fmt: skip
+            lambda: comp.env_factory(cfg.env.split),
+            self.policy,
+            max_in_flight=cfg.rollout.max_in_flight,
+            sampling=self.train_sampling,
+            max_episode_tokens=cfg.rollout.max_episode_tokens,
+            group_size=group,
+            max_staleness=cfg.rollout.max_staleness,
+            seed=cfg.train.seed + self.step,
+        )
         self.metrics = MetricsWriter(
-            self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project, run_name=self.run_dir.name, config=to_dict(cfg),
-        )  # fmt: skip
+            self.run_dir,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            run_name=self.run_dir.name,
+            config=to_dict(cfg),
+        )
         self.eval_ids: list[str] = []
         t = cfg.train
         self.trajectory_log = TrajectoryLog(
-            self.run_dir, keep_last_steps=t.trajectories_keep_steps, older_sample=t.trajectories_older_sample,
-            older_max=t.trajectories_older_max, seed=t.seed, save_logprobs=t.trajectories_logprobs,
-            start_step=self.step, problem_ids=self.problem_ids, save_trajectories=t.save_trajectories,
-        )  # fmt: skip
+            self.run_dir,
+            keep_last_steps=t.trajectories_keep_steps,
+            older_sample=t.trajectories_older_sample,
+            older_max=t.trajectories_older_max,
+            seed=t.seed,
+            save_logprobs=t.trajectories_logprobs,
+            start_step=self.step,
+            problem_ids=self.problem_ids,
+            save_trajectories=t.save_trajectories,
+        )
         from spo_agents.health import HealthLimits, StepHealth
 
-        self.health = StepHealth(HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps), warn=self._console)
+        self.health = StepHealth(
+            HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps), warn=self._console
+        )
         self.eval_history: list[tuple[int, float]] = []
 
     # -- pieces of a step --------------------------------------------------------------------
@@ -270,13 +308,24 @@ class Trainer:
             env = self._components.env_factory(cfg.env.eval_split)
             self.eval_ids = list(env.problem_ids)[: cfg.eval.limit]
             env.close()
-        sampling = SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, top_k=cfg.eval.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        sampling = SamplingParams(
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            top_k=cfg.eval.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
         report = await evaluate(
-            lambda: self._components.env_factory(cfg.env.eval_split), self.policy, self.eval_ids,
-            k=cfg.eval.k, sampling=sampling, concurrency=cfg.rollout.max_in_flight,
-            out_dir=self.run_dir / "eval" / f"step-{self.step:06d}", progress=False,
-            max_episode_tokens=cfg.rollout.max_episode_tokens, seed=cfg.train.seed,
-        )  # fmt: skip
+            lambda: self._components.env_factory(cfg.env.eval_split),
+            self.policy,
+            self.eval_ids,
+            k=cfg.eval.k,
+            sampling=sampling,
+            concurrency=cfg.rollout.max_in_flight,
+            out_dir=self.run_dir / "eval" / f"step-{self.step:06d}",
+            progress=False,
+            max_episode_tokens=cfg.rollout.max_episode_tokens,
+            seed=cfg.train.seed,
+        )
         self.eval_history.append((self.step, report.avg_at_k))
         k = cfg.eval.k
         return {
@@ -359,7 +408,9 @@ class Trainer:
         failed = [t for t in batch if t.error is not None] + self.collector.take_failed()
         if not good:
             last = failed[-1].error if failed else "none recorded"
-            raise RolloutError(f"every trajectory of the batch failed for infrastructure reasons (last: {last}); see the log")
+            raise RolloutError(
+                f"every trajectory of the batch failed for infrastructure reasons (last: {last}); see the log"
+            )
         pids = [t.problem_id for t in good]
         idx = self.tracker.indices(pids)
         rewards = np.array([t.reward for t in good], dtype=np.float64)
@@ -402,7 +453,9 @@ class Trainer:
         row.update(compared)
         row["episode/rollout_errors"] = len(failed)
         row["episode/sandbox_errors"] = sum(1 for t in good + failed for tc in t.tool_calls if tc.infra_error)
-        row.update(self.health.observe(self.step, len(good), len(failed), adv, rewards, failed[-1].error if failed else None))
+        row.update(
+            self.health.observe(self.step, len(good), len(failed), adv, rewards, failed[-1].error if failed else None)
+        )
         if self.group_size > 1:
             row["train/degenerate_share"] = degenerate_share(rewards, group_ids)
         return row
@@ -436,7 +489,9 @@ class Trainer:
             "tracker/drift_revisited_cumulative": float(cum.mean()),
         }
 
-    def _metrics_row(self, good, batch, rewards, adv, raw, v_before, rho, lstats, drift_pp, t_rollout, t_learn) -> dict[str, Any]:
+    def _metrics_row(
+        self, good, batch, rewards, adv, raw, v_before, rho, lstats, drift_pp, t_rollout, t_learn
+    ) -> dict[str, Any]:
         v_all = self.tracker.v_hat()
         w = self.sampler.weights(v_all, self._n_eff())
         p = w / w.sum()
@@ -559,7 +614,9 @@ class Trainer:
         if cfg.logging.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="spo-agent train", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.train.steps, initial=self.step, desc="spo-agent train", unit="step", dynamic_ncols=True
+            )
         self._bar = bar
         stopped_early = False
         last: dict[str, Any] = {}
@@ -575,7 +632,10 @@ class Trainer:
             t_ckpt = 0.0
             while self.step < cfg.train.steps:
                 row = await self.train_step()
-                out_of_time = cfg.train.max_minutes is not None and (time.perf_counter() - self._t_start) / 60 >= cfg.train.max_minutes
+                out_of_time = (
+                    cfg.train.max_minutes is not None
+                    and (time.perf_counter() - self._t_start) / 60 >= cfg.train.max_minutes
+                )
                 final = self.step >= cfg.train.steps or out_of_time
                 t_eval = 0.0
                 if cfg.eval.every > 0 and cfg.eval.limit > 0 and (self.step % cfg.eval.every == 0 or final):
@@ -599,7 +659,11 @@ class Trainer:
                     bar.update(1)
                 if out_of_time and self.step < cfg.train.steps:
                     stopped_early = True
-                    log.warning("`train.max_minutes` (%s) reached at step %d: stopped after checkpointing", cfg.train.max_minutes, self.step)
+                    log.warning(
+                        "`train.max_minutes` (%s) reached at step %d: stopped after checkpointing",
+                        cfg.train.max_minutes,
+                        self.step,
+                    )
                     break
         finally:
             if bar is not None:
@@ -650,7 +714,9 @@ def _broadcast(obj: Any, *, receive: bool = False) -> Any:
     return box[0]
 
 
-def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, components: Components | None = None) -> TrainResult:
+def train(
+    cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, components: Components | None = None
+) -> TrainResult:
     """Run training to the end (or `train.max_minutes`); returns where it stopped.
 
     Under `torchrun` / `accelerate launch` (`WORLD_SIZE` > 1) the process group is initialised
@@ -669,7 +735,9 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, rank: int, run_dir: str | Path | None, resume: bool, components: Components | None) -> TrainResult:
+def _train(
+    cfg: Config, rank: int, run_dir: str | Path | None, resume: bool, components: Components | None
+) -> TrainResult:
     if run_dir is None:
         run_dir = new_run_dir(cfg) if rank <= 0 else None
         if rank >= 0:
@@ -678,8 +746,15 @@ def _train(cfg: Config, rank: int, run_dir: str | Path | None, resume: bool, com
     if rank <= 0:
         print(f"run directory: {run_dir}", file=sys.stderr)
         t = cfg.tracker
-        rho = f"constant rho {t.rho_constant}" if t.rho_type == "constant" else f"KL-adaptive rho in [{t.rho_min}, {t.rho_max}], D_half {t.d_half}, drift `{t.drift}`"
-        print(f"{cfg.algorithm.name}: advantage `{advantage_name(cfg)}`, tracker {rho}, sampler `{cfg.sampler.type}`", file=sys.stderr)
+        rho = (
+            f"constant rho {t.rho_constant}"
+            if t.rho_type == "constant"
+            else f"KL-adaptive rho in [{t.rho_min}, {t.rho_max}], D_half {t.d_half}, drift `{t.drift}`"
+        )
+        print(
+            f"{cfg.algorithm.name}: advantage `{advantage_name(cfg)}`, tracker {rho}, sampler `{cfg.sampler.type}`",
+            file=sys.stderr,
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         # on resume too: the saved config plus this resume's overrides, so the next resume keeps them
         save_config(cfg, run_dir / "config.yaml")

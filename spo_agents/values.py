@@ -43,7 +43,12 @@ def write_values(path: str | Path, counts: dict[str, tuple[float, int]], meta: d
     """Write `problem id -> (reward sum, samples)` with its metadata (atomically)."""
     from spo_agents.checkpoint import write_text_atomic
 
-    doc = {"format": FORMAT, "version": VERSION, **meta, "problems": {pid: {"successes": _number(s), "samples": int(n)} for pid, (s, n) in counts.items()}}
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        **meta,
+        "problems": {pid: {"successes": _number(s), "samples": int(n)} for pid, (s, n) in counts.items()},
+    }
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(p, json.dumps(doc, indent=1) + "\n")
@@ -53,13 +58,19 @@ def read_values(path: str | Path) -> dict[str, tuple[float, int]]:
     """`problem id -> (successes, samples)` from a values file (validated)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"values file `{p}` (`tracker.init_values`) does not exist; write one with `spo-agent estimate-values --env ID -n 8 --out {p}`")
+        raise ConfigError(
+            f"values file `{p}` (`tracker.init_values`) does not exist; write one with `spo-agent estimate-values --env ID -n 8 --out {p}`"
+        )
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"values file `{p}` is not valid JSON ({e}); write it again with `spo-agent estimate-values`") from e
+        raise ConfigError(
+            f"values file `{p}` is not valid JSON ({e}); write it again with `spo-agent estimate-values`"
+        ) from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("problems"), dict):
-        raise ConfigError(f"`{p}` is not a values file (expected `format: {FORMAT}` and a `problems` mapping); write one with `spo-agent estimate-values`")
+        raise ConfigError(
+            f"`{p}` is not a values file (expected `format: {FORMAT}` and a `problems` mapping); write one with `spo-agent estimate-values`"
+        )
     out = {}
     for pid, rec in doc["problems"].items():
         try:
@@ -67,9 +78,13 @@ def read_values(path: str | Path) -> dict[str, tuple[float, int]]:
             if not isinstance(n, int) or isinstance(n, bool):
                 raise TypeError("samples must be an integer")
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"values file `{p}`: problem `{pid}` needs a number `successes` (reward sum) and an integer `samples`, got {rec!r}") from e
+            raise ConfigError(
+                f"values file `{p}`: problem `{pid}` needs a number `successes` (reward sum) and an integer `samples`, got {rec!r}"
+            ) from e
         if not 0 <= s <= n:
-            raise ConfigError(f"values file `{p}`: problem `{pid}` has {s} successes out of {n} samples; need 0 <= successes <= samples")
+            raise ConfigError(
+                f"values file `{p}`: problem `{pid}` has {s} successes out of {n} samples; need 0 <= successes <= samples"
+            )
         out[str(pid)] = (s, n)
     return out
 
@@ -81,9 +96,16 @@ def init_tracker(tracker: Any, path: str | Path) -> int:
     known = set(tracker_ids(tracker, counts))
     unknown = len(counts) - len(known)
     if unknown:
-        log.warning("values file `%s`: %d of %d problem ids are not in this run's problem set; ignored", path, unknown, len(counts))
+        log.warning(
+            "values file `%s`: %d of %d problem ids are not in this run's problem set; ignored",
+            path,
+            unknown,
+            len(counts),
+        )
     if not known:
-        raise ConfigError(f"values file `{path}` shares no problem id with this run's training problems; was it written for another env or split?")
+        raise ConfigError(
+            f"values file `{path}` shares no problem id with this run's training problems; was it written for another env or split?"
+        )
     ids = sorted(known)
     idx = tracker.indices(ids)
     tracker.init_offline(idx, [counts[i][0] for i in ids], [counts[i][1] for i in ids])
@@ -96,18 +118,38 @@ def tracker_ids(tracker: Any, counts: dict[str, tuple[float, int]]) -> list[str]
     return [pid for pid, known in zip(ids, tracker.contains(ids)) if known] if ids else []
 
 
-async def estimate(env_factory: Any, policy: Any, problem_ids: list[str], *, n: int, sampling: Any, concurrency: int, max_episode_tokens: int, seed: int = 0, progress: bool = True) -> dict[str, tuple[float, int]]:
+async def estimate(
+    env_factory: Any,
+    policy: Any,
+    problem_ids: list[str],
+    *,
+    n: int,
+    sampling: Any,
+    concurrency: int,
+    max_episode_tokens: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, tuple[float, int]]:
     """Run `n` episodes per problem; `problem id -> (reward sum, valid samples)`."""
     from spo_agents.evaluation import evaluate
 
     report = await evaluate(
-        env_factory, policy, problem_ids, k=n, sampling=sampling, concurrency=concurrency,
-        progress=progress, max_episode_tokens=max_episode_tokens, seed=seed,
-    )  # fmt: skip
+        env_factory,
+        policy,
+        problem_ids,
+        k=n,
+        sampling=sampling,
+        concurrency=concurrency,
+        progress=progress,
+        max_episode_tokens=max_episode_tokens,
+        seed=seed,
+    )
     return {r.problem_id: (r.reward_sum, int(r.n)) for r in report.problems}
 
 
-def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = None, progress: bool = True) -> dict[str, tuple[float, int]]:
+def estimate_values(
+    cfg: Any, *, n: int, out: str | Path, limit: int | None = None, progress: bool = True
+) -> dict[str, tuple[float, int]]:
     """`spo-agent estimate-values`: counts for the training split of `cfg.env` under the training
     sampling settings of `cfg.rollout`, written to `out`."""
     import asyncio
@@ -127,9 +169,16 @@ def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = No
     async def main() -> dict[str, tuple[float, int]]:
         try:
             return await estimate(
-                lambda: comp.env_factory(cfg.env.split), comp.policy, ids, n=n, sampling=sampling,
-                concurrency=r.max_in_flight, max_episode_tokens=r.max_episode_tokens, seed=cfg.train.seed, progress=progress,
-            )  # fmt: skip
+                lambda: comp.env_factory(cfg.env.split),
+                comp.policy,
+                ids,
+                n=n,
+                sampling=sampling,
+                concurrency=r.max_in_flight,
+                max_episode_tokens=r.max_episode_tokens,
+                seed=cfg.train.seed,
+                progress=progress,
+            )
         finally:
             for closer in comp.closers:
                 res = closer()
@@ -137,6 +186,14 @@ def estimate_values(cfg: Any, *, n: int, out: str | Path, limit: int | None = No
                     await res
 
     counts = asyncio.run(main())
-    meta = {"env": cfg.env.id, "split": cfg.env.split, "model": cfg.model.name, "n": n, "sampling": asdict(sampling), "max_episode_tokens": r.max_episode_tokens, "env_kwargs": cfg.env.kwargs}
+    meta = {
+        "env": cfg.env.id,
+        "split": cfg.env.split,
+        "model": cfg.model.name,
+        "n": n,
+        "sampling": asdict(sampling),
+        "max_episode_tokens": r.max_episode_tokens,
+        "env_kwargs": cfg.env.kwargs,
+    }
     write_values(out, counts, meta)
     return counts

@@ -94,8 +94,9 @@ class VLLMEndpoint:
             self._client = httpx.Client(base_url=self.base_url, timeout=self.timeout_s)
         return self._client
 
-    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
-                ok_404: bool = False) -> Any:
+    def request(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None, ok_404: bool = False
+    ) -> Any:
         """Send one request; return the decoded JSON body (or None for an empty body).
 
         A 404 returns None when `ok_404` (feature probes); any other non-2xx status raises
@@ -170,8 +171,15 @@ class VLLMEndpoint:
 
 
 #: Routes that exist only with `VLLM_SERVER_DEV_MODE=1`.
-DEV_ENDPOINTS = ("/collective_rpc", "/reset_prefix_cache", "/pause", "/resume", "/is_paused",
-                 "/update_weight_version", "/weight_info")
+DEV_ENDPOINTS = (
+    "/collective_rpc",
+    "/reset_prefix_cache",
+    "/pause",
+    "/resume",
+    "/is_paused",
+    "/update_weight_version",
+    "/weight_info",
+)
 
 
 def connect(base_url: str, *, timeout_s: float = 30.0, request_timeout_s: float = 600.0) -> VLLMEndpoint:
@@ -285,8 +293,9 @@ class VLLMServer:
         self.port = self.port or free_port(self.host)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(self.log_dir or Path("runs") / "vllm") / f"vllm-server-{self.port}.log"
-        self.endpoint = VLLMEndpoint(f"http://{self.host}:{self.port}", timeout_s=self.request_timeout_s,
-                                     model=self.model_name)
+        self.endpoint = VLLMEndpoint(
+            f"http://{self.host}:{self.port}", timeout_s=self.request_timeout_s, model=self.model_name
+        )
         self.startup_s: float | None = None
 
     @classmethod
@@ -298,12 +307,17 @@ class VLLMServer:
         from spo_agents.models import resolve_model
 
         kw: dict[str, Any] = dict(
-            model_dir=resolve_model(cfg.model.name), python=cfg.rollout.server_python, dtype=cfg.model.dtype,
+            model_dir=resolve_model(cfg.model.name),
+            python=cfg.rollout.server_python,
+            dtype=cfg.model.dtype,
             # the name the `openai` backend sends as `model` (training.build_components)
             served_model_name=cfg.rollout.server_model or cfg.model.name,
-            enable_lora=bool(cfg.model.lora.enabled), max_lora_rank=int(cfg.model.lora.r),
-            extra_args=list(cfg.rollout.server_args), log_dir=log_dir,
-            request_timeout_s=cfg.rollout.request_timeout_s, seed=cfg.train.seed,
+            enable_lora=bool(cfg.model.lora.enabled),
+            max_lora_rank=int(cfg.model.lora.r),
+            extra_args=list(cfg.rollout.server_args),
+            log_dir=log_dir,
+            request_timeout_s=cfg.rollout.request_timeout_s,
+            seed=cfg.train.seed,
         )
         kw.update(overrides)
         return cls(**kw)
@@ -323,8 +337,21 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         """The exact command line the server runs with."""
-        cmd = [str(self.python), "-m", SERVER_MODULE, "--model", str(self.model_dir), "--dtype", self.dtype,
-               "--host", self.host, "--port", str(self.port), "--logprobs-mode", self.logprobs_mode]
+        cmd = [
+            str(self.python),
+            "-m",
+            SERVER_MODULE,
+            "--model",
+            str(self.model_dir),
+            "--dtype",
+            self.dtype,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--logprobs-mode",
+            self.logprobs_mode,
+        ]
         if self.served_model_name:
             cmd += ["--served-model-name", self.served_model_name]
         if self.kv_cache_bytes is not None:
@@ -383,8 +410,12 @@ class VLLMServer:
             log.write(f"$ {' '.join(self.command())}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.environment(), start_new_session=True,
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
                 # The parent-death signal fires when the *thread* that started the server
                 # exits, so it is armed only from the main thread.
                 preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") and on_main_thread else None,

@@ -249,8 +249,9 @@ class LoraSync(WeightSync):
 
     name = "lora"
 
-    def __init__(self, server: Any, *, lora_name: str = "spo-policy", save_dir: str | Path | None = None,
-                 **kw: Any) -> None:
+    def __init__(
+        self, server: Any, *, lora_name: str = "spo-policy", save_dir: str | Path | None = None, **kw: Any
+    ) -> None:
         super().__init__(server, **kw)
         self.lora_name = lora_name
         self._own_dir = save_dir is None
@@ -306,8 +307,15 @@ class NcclSync(WeightSync):
 
     name = "nccl"
 
-    def __init__(self, server: Any, *, client: Any = None, device: str | int = "cuda",
-                 connection_timeout_s: float = 60.0, **kw: Any) -> None:
+    def __init__(
+        self,
+        server: Any,
+        *,
+        client: Any = None,
+        device: str | int = "cuda",
+        connection_timeout_s: float = 60.0,
+        **kw: Any,
+    ) -> None:
         super().__init__(server, **kw)
         self.device = device
         self.connection_timeout_s = connection_timeout_s
@@ -463,10 +471,16 @@ def server_logprobs(server: Any, token_ids: Sequence[int], *, model: str | None 
     token_ids[: i + 1]) (vLLM's `prompt_logprobs`; temperature 1, no truncation)."""
     endpoint = _endpoint(server)
     ids = [int(t) for t in token_ids]
-    answer = endpoint.post("/v1/completions", {
-        "model": model or endpoint.model, "prompt": ids, "max_tokens": 1, "temperature": 1.0,
-        "prompt_logprobs": 0,
-    })
+    answer = endpoint.post(
+        "/v1/completions",
+        {
+            "model": model or endpoint.model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": 0,
+        },
+    )
     try:
         entries = answer["choices"][0]["prompt_logprobs"]
         return [float(entries[i][str(ids[i])]["logprob"]) for i in range(1, len(ids))]
@@ -485,8 +499,9 @@ def learner_logprobs(model: Any, token_ids: Sequence[int]) -> list[float]:
     return logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1).tolist()
 
 
-def check_sync(model: Any, server: Any, token_ids: Sequence[int], *, served_model: str | None = None,
-               atol: float = 1e-3) -> float:
+def check_sync(
+    model: Any, server: Any, token_ids: Sequence[int], *, served_model: str | None = None, atol: float = 1e-3
+) -> float:
     """Max |server - learner| log-prob over `token_ids`; raises `PolicyError` above `atol`.
     In fp32 on both sides the difference is ~1e-6; bf16 serving needs `atol` ~0.3."""
     a = server_logprobs(server, token_ids, model=served_model)

@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outage-after", type=int, default=None)
     parser.add_argument("--outage-s", type=float, default=3.0)
     args = parser.parse_args(argv)
-    proxy = FaultProxy(args.upstream_port, rate=args.rate, seed=args.seed, outage_after=args.outage_after,
-                       outage_s=args.outage_s)  # fmt: skip
+    proxy = FaultProxy(
+        args.upstream_port, rate=args.rate, seed=args.seed, outage_after=args.outage_after, outage_s=args.outage_s
+    )
     proxy.port = args.port
     proxy.start()
     print(f"listening on {proxy.base_url}", flush=True)
@@ -235,8 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     proxy.stop()
-    print(json.dumps({"posts": proxy.posts, "forwarded": proxy.forwarded, "faults": dict(proxy.faults),
-                      "outages": proxy.outages}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {"posts": proxy.posts, "forwarded": proxy.forwarded, "faults": dict(proxy.faults), "outages": proxy.outages}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,19 @@ class SayEnv(MultiTurnEnv):
     stop_sequences = ["!"]
     reply_role: str | None = None
 
-    def __init__(self, num_problems: int = 6, *, split: str = "test", reply_role: str | None = None,
-                 turns: int = 2, stop: list[str] | None = None, reply: str = "\nAgain:") -> None:
-        problems = [Problem(id=f"{split}-{i}", prompt=f"Say something ({i}).", answer=str(i % 3)) for i in range(num_problems)]
+    def __init__(
+        self,
+        num_problems: int = 6,
+        *,
+        split: str = "test",
+        reply_role: str | None = None,
+        turns: int = 2,
+        stop: list[str] | None = None,
+        reply: str = "\nAgain:",
+    ) -> None:
+        problems = [
+            Problem(id=f"{split}-{i}", prompt=f"Say something ({i}).", answer=str(i % 3)) for i in range(num_problems)
+        ]
         super().__init__(problems)
         self.reply_role = reply_role
         self.turns = turns

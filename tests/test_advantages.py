@@ -210,4 +210,3 @@ def test_token_measure_by_hand():
     assert out.tolist() == pytest.approx([0.25 / s, -0.75 / s], rel=1e-6)
     with pytest.raises(ConfigError, match="token-measure"):
         compute_advantages("grpo", [1.0, 0.0], group_ids=[0, 0], token_counts=[3, 1])
-

@@ -85,7 +85,9 @@ def test_corrupt_state_file_says_which_and_what_to_do(tmp_path):
     mgr = CheckpointManager(tmp_path)
     path = mgr.save(1, model=small_model(), state={})
     (path / "trainer_state.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="no intact checkpoint.*step-000001.*trainer_state.pt.*checksum.*without `--resume`"):
+    with pytest.raises(
+        CheckpointError, match="no intact checkpoint.*step-000001.*trainer_state.pt.*checksum.*without `--resume`"
+    ):
         mgr.load()
 
 
@@ -192,7 +194,10 @@ def test_metrics_rows_are_appended_and_non_finite_values_become_null(tmp_path):
     w.log({"step": 1, "train/reward_mean": 0.5})
     w.log({"step": 2, "train/reward_mean": float("nan")})
     w.close()
-    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "train/reward_mean": 0.5}, {"step": 2, "train/reward_mean": None}]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "train/reward_mean": 0.5},
+        {"step": 2, "train/reward_mean": None},
+    ]
     with pytest.raises(ValueError, match="step"):
         MetricsWriter(tmp_path).log({"x": 1})
 

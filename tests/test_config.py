@@ -91,7 +91,11 @@ def test_the_paper_config_is_synchronous_and_the_async_variant_differs_only_in_c
     async_ = _flat(to_dict(load_config(here / "qwen3-8b-math-python-async.yaml")))
     assert paper["rollout.oversample"] == 1.0 and paper["rollout.max_staleness"] == 0
     assert async_["rollout.oversample"] > 1.0
-    assert {k for k in paper if paper[k] != async_[k]} <= {"rollout.oversample", "rollout.max_staleness", "rollout.max_in_flight"}
+    assert {k for k in paper if paper[k] != async_[k]} <= {
+        "rollout.oversample",
+        "rollout.max_staleness",
+        "rollout.max_in_flight",
+    }
 
 
 def test_grpo_config_selects_grouped_collection():
@@ -140,23 +144,46 @@ def test_every_field_has_a_default_so_an_empty_file_is_the_default_config(tmp_pa
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == Config()
-    assert all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING for f in dataclasses.fields(Config))
+    assert all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(Config)
+    )
 
 
-@pytest.mark.parametrize("override, key", [
-    ("loss.eps_low=1.5", "loss.eps_low"), ("optim.lr=-1", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
-    ("optim.betas=[0.9]", "optim.betas"), ("train.batch_size=0", "train.batch_size"),
-    ("train.mini_batches=0", "train.mini_batches"), ("train.mini_batches=17", "train.mini_batches"),
-    ("train.keep_checkpoints=0", "train.keep_checkpoints"), ("train.max_minutes=0", "train.max_minutes"),
-    ("sampler.eps=-1", "sampler.eps"), ("eval.k=0", "eval.k"), ("algorithm.group_size=0", "algorithm.group_size"),
-    ("rollout.oversample=0.5", "rollout.oversample"), ("rollout.temperature=0", "rollout.temperature"),
-    ("rollout.top_p=1.5", "rollout.top_p"), ("sandbox.timeout_s=0", "sandbox.timeout_s"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loss.eps_low=1.5", "loss.eps_low"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.mini_batches=0", "train.mini_batches"),
+        ("train.mini_batches=17", "train.mini_batches"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+        ("train.max_minutes=0", "train.max_minutes"),
+        ("sampler.eps=-1", "sampler.eps"),
+        ("eval.k=0", "eval.k"),
+        ("algorithm.group_size=0", "algorithm.group_size"),
+        ("rollout.oversample=0.5", "rollout.oversample"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("sandbox.timeout_s=0", "sandbox.timeout_s"),
+    ],
+)
 def test_out_of_range_values_are_errors_that_name_the_key_and_the_rule(override, key):
     with pytest.raises(ConfigError, match=rf"`{key}` must be .*, got"):
         load_config(overrides=[override])
 
 
 def test_boundary_values_are_accepted():
-    cfg = load_config(overrides=["train.mini_batches=16", "optim.grad_clip=0", "eval.temperature=0", "train.max_minutes=null", "rollout.max_staleness=0"])
+    cfg = load_config(
+        overrides=[
+            "train.mini_batches=16",
+            "optim.grad_clip=0",
+            "eval.temperature=0",
+            "train.max_minutes=null",
+            "rollout.max_staleness=0",
+        ]
+    )
     assert cfg.train.mini_batches == cfg.train.batch_size and cfg.train.max_minutes is None

@@ -29,13 +29,42 @@ def torchrun(script_args: list[str], env: dict[str, str], *, launcher: str = "to
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "127.0.0.1:0",
+        ]
     return subprocess.run(
-        [*cmd, __file__, *script_args], env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        [*cmd, __file__, *script_args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def make_batch():
@@ -52,7 +81,17 @@ def make_batch():
         mask = [1] * len(r)
         mask[1] = 0
         lp[1] = 0.0
-        out.append(Trajectory(problem_id=f"p{i}", env_id="fake", prompt_ids=p, token_ids=r, loss_mask=mask, logprobs=lp, reward=float(i % 2)))
+        out.append(
+            Trajectory(
+                problem_id=f"p{i}",
+                env_id="fake",
+                prompt_ids=p,
+                token_ids=r,
+                loss_mask=mask,
+                logprobs=lp,
+                reward=float(i % 2),
+            )
+        )
     adv = [1.0, -1.0, 0.5, -0.5, 1.5, -1.5]
     return out, adv
 
@@ -66,7 +105,9 @@ def flat(model, state=None):
     return torch.cat([state[n].reshape(-1).float() for n, _ in model.named_parameters()])
 
 
-def run_update(out_dir: Path, mini_batches: int, sharding: str = "none", dtype: str = "float32", lr: float = LR) -> None:
+def run_update(
+    out_dir: Path, mini_batches: int, sharding: str = "none", dtype: str = "float32", lr: float = LR
+) -> None:
     """Build the tiny model, update it once on the batch, save params and summed gradients.
     `dtype`: the compute dtype when sharded, the weights' dtype otherwise."""
     import torch
@@ -77,7 +118,9 @@ def run_update(out_dir: Path, mini_batches: int, sharding: str = "none", dtype: 
     from spo_agents.sharding import full_model_state, shard_model
 
     sharded = sharding == "fsdp"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32 if sharded else getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir(), dtype=torch.float32 if sharded else getattr(torch, dtype)
+    )
     init = flat(model)
     if sharded:
         shard_model(model, compute_dtype=dtype, device_type="cpu")
@@ -101,7 +144,15 @@ def run_update(out_dir: Path, mini_batches: int, sharding: str = "none", dtype: 
         params = flat(model, state)
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"init": init, "params": params, "grads": grads, "loss": stats.loss, "drift": stats.drift, "tokens": stats.tokens, "dtypes": dtypes},
+            {
+                "init": init,
+                "params": params,
+                "grads": grads,
+                "loss": stats.loss,
+                "drift": stats.drift,
+                "tokens": stats.tokens,
+                "dtypes": dtypes,
+            },
             out_dir / "update.pt",
         )
 
@@ -146,7 +197,14 @@ def test_sharded_bf16_keeps_the_small_updates_that_bf16_weights_round_away(tmp_p
     with pytest.warns(UserWarning, match="without an fp32 master copy"):
         run_update(tmp_path / "bf16", 1, dtype="bfloat16", lr=lr)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPO_DIST_MODE": "single-bf16", "SPO_LR": str(lr)}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "sharded")], env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path / "sharded")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, plain, sharded = (torch.load(tmp_path / d / "update.pt") for d in ("fp32", "bf16", "sharded"))
     assert sharded["dtypes"] == {"torch.float32"} and plain["dtypes"] == {"torch.bfloat16"}
@@ -154,7 +212,9 @@ def test_sharded_bf16_keeps_the_small_updates_that_bf16_weights_round_away(tmp_p
     assert float(moved(ref).float().mean()) > 0.5
     assert float(moved(plain).float().mean()) < 0.05  # only weights near 0 (measured: 1.8%)
     both = moved(ref)
-    print(f"weights moved: fp32 {float(moved(ref).float().mean()):.3f}, bf16 {float(moved(plain).float().mean()):.3f}, sharded bf16 compute {float(moved(sharded).float().mean()):.3f}")
+    print(
+        f"weights moved: fp32 {float(moved(ref).float().mean()):.3f}, bf16 {float(moved(plain).float().mean()):.3f}, sharded bf16 compute {float(moved(sharded).float().mean()):.3f}"
+    )
     assert float((moved(sharded) & both).float().sum() / both.float().sum()) > 0.9
     du, dv = ref["params"] - ref["init"], sharded["params"] - sharded["init"]
     assert float(torch.nn.functional.cosine_similarity(du, dv, dim=0)) > 0.9  # bf16 compute, same direction
@@ -175,7 +235,9 @@ def test_one_process_sharded_training_generates_in_place_and_resumes(tmp_path):
     from spo_agents.sharding import is_sharded
     from spo_agents.training import train
 
-    cfg = T.tiny_config(tmp_path, model={"dtype": "bfloat16"}, train={"steps": 2, "mini_batches": 2, "sharding": "fsdp"})
+    cfg = T.tiny_config(
+        tmp_path, model={"dtype": "bfloat16"}, train={"steps": 2, "mini_batches": 2, "sharding": "fsdp"}
+    )
     comp = T.tiny_components()
     before = T.weights(comp.model)
     res = train(cfg, run_dir=tmp_path / "run", components=comp)
@@ -187,7 +249,9 @@ def test_one_process_sharded_training_generates_in_place_and_resumes(tmp_path):
     ck = tmp_path / "run" / "checkpoints" / "step-000002"
     saved = load_file(str(ck / "model" / "model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}
-    assert torch.equal(saved["model.norm.weight"], dict(comp.model.named_parameters())["model.norm.weight"].full_tensor().cpu())
+    assert torch.equal(
+        saved["model.norm.weight"], dict(comp.model.named_parameters())["model.norm.weight"].full_tensor().cpu()
+    )
 
     more = from_dict(Config, {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "steps": 3}})
     res = train(more, run_dir=tmp_path / "run", resume=True, components=T.tiny_components())
@@ -196,8 +260,12 @@ def test_one_process_sharded_training_generates_in_place_and_resumes(tmp_path):
     assert {int(v["step"]) for v in state["learner"]["optimizer"]["state"].values()} == {6}
 
     with pytest.raises(Exception, match="train.sharding=fsdp"):  # the optimiser state's format is checked
-        train(from_dict(Config, {**to_dict(more), "train": {**to_dict(more)["train"], "steps": 4, "sharding": "none"}}),
-              run_dir=tmp_path / "run", resume=True, components=T.tiny_components())  # fmt: skip
+        train(
+            from_dict(Config, {**to_dict(more), "train": {**to_dict(more)["train"], "steps": 4, "sharding": "none"}}),
+            run_dir=tmp_path / "run",
+            resume=True,
+            components=T.tiny_components(),
+        )
 
 
 def test_load_model_for_sharding_keeps_fp32_weights_on_the_cpu():
@@ -236,7 +304,9 @@ def test_sharding_refuses_what_it_cannot_do():
 
         from spo_agents.models import tiny_model_dir
 
-        model = shard_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir()), compute_dtype="float32", device_type="cpu")
+        model = shard_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir()), compute_dtype="float32", device_type="cpu"
+        )
         with pytest.raises(ConfigError, match="kl_coef"):
             Learner(model, LearnerSettings(kl_coef=0.1), pad_id=2)
     finally:
@@ -274,12 +344,14 @@ def test_sharding_with_lora_or_gradient_checkpointing(tmp_path, variant):
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         runs = []
-        for checkpointing in ([False] if variant == "lora" else [False, True]):
+        for checkpointing in [False] if variant == "lora" else [False, True]:
             model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
             if variant == "lora":
                 from peft import LoraConfig, get_peft_model
 
-                model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+                model = get_peft_model(
+                    model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+                )
             if checkpointing:
                 (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
             shard_model(model, compute_dtype="float32", device_type="cpu")
@@ -334,9 +406,10 @@ def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool
     from spo_agents.training import train
 
     cfg = T.tiny_config(
-        out_dir, train={"steps": steps, "batch_size": 8, "checkpoint_every": 1, "mini_batches": 2, "sharding": sharding},
+        out_dir,
+        train={"steps": steps, "batch_size": 8, "checkpoint_every": 1, "mini_batches": 2, "sharding": sharding},
         tracker={"drift": os.environ.get("SPO_DRIFT", "cumulative")},
-    )  # fmt: skip
+    )
     comp = T.tiny_components()
     sync = None
     if sharding == "fsdp":
@@ -398,7 +471,11 @@ def test_two_process_sharded_loop_pushes_checkpoints_and_resumes(tmp_path):
     assert adam and {int(v["step"]) for v in adam.values()} == {4}  # 2 steps x 2 mini-batches
 
     # the resume goes through `accelerate launch`, as the multi-GPU command in docs/training.md does
-    proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop", "SPO_SHARDING": "fsdp", "SPO_STEPS": "3", "SPO_RESUME": "1"}, launcher="accelerate")
+    proc = torchrun(
+        [str(tmp_path)],
+        {"SPO_DIST_MODE": "loop", "SPO_SHARDING": "fsdp", "SPO_STEPS": "3", "SPO_RESUME": "1"},
+        launcher="accelerate",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     assert r0["step"] == 3 and r0["versions"] == [2, 3]  # the resumed run pushes the checkpoint first
@@ -413,11 +490,20 @@ if __name__ == "__main__":
 
     mode = os.environ.get("SPO_DIST_MODE")
     if mode == "loop":  # `train` initialises the process group itself
-        run_loop(Path(sys.argv[1]), os.environ.get("SPO_SHARDING", "none"), int(os.environ.get("SPO_STEPS", "2")), bool(os.environ.get("SPO_RESUME")))
+        run_loop(
+            Path(sys.argv[1]),
+            os.environ.get("SPO_SHARDING", "none"),
+            int(os.environ.get("SPO_STEPS", "2")),
+            bool(os.environ.get("SPO_RESUME")),
+        )
     elif mode == "single-bf16":  # one process, its own group: the sharded learner in bf16 compute
         torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
         run_update(Path(sys.argv[1]), 1, sharding="fsdp", dtype="bfloat16", lr=float(os.environ["SPO_LR"]))
     else:
         torch.distributed.init_process_group("gloo")
-        run_update(Path(sys.argv[1]), int(os.environ.get("SPO_MINI_BATCHES", "1")), sharding=os.environ.get("SPO_SHARDING", "none"))
+        run_update(
+            Path(sys.argv[1]),
+            int(os.environ.get("SPO_MINI_BATCHES", "1")),
+            sharding=os.environ.get("SPO_SHARDING", "none"),
+        )
     torch.distributed.destroy_process_group()

@@ -30,8 +30,23 @@ served_model = test_eval_server.served_model
 PROBLEMS, K = 4, 2
 # greedy, short turns without stop strings (`transformers serve` spends about a second per request
 # preparing them), quick retries (the defaults are 0.5 s / 10 s): the module runs in well under a minute
-FAST = ["--env-arg", "stop=[]", "--temperature", "0", "--max-new-tokens", "6", "--max-episode-tokens", "40",
-        "--concurrency", "4", "--backoff", "0.05", "--max-backoff", "0.5", "--no-progress"]
+FAST = [
+    "--env-arg",
+    "stop=[]",
+    "--temperature",
+    "0",
+    "--max-new-tokens",
+    "6",
+    "--max-episode-tokens",
+    "40",
+    "--concurrency",
+    "4",
+    "--backoff",
+    "0.05",
+    "--max-backoff",
+    "0.5",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +55,25 @@ def _say_env_importable(monkeypatch):
 
 
 def _eval(url: str, model: str, out: Path, *extra: str, problems: int = PROBLEMS, k: int = K) -> int:
-    return main(["eval", "--env", "say_env:SayEnv", "--base-url", url, "--model", model, "-k", str(k),
-                 "--limit", str(problems), "--out", str(out), *FAST, *extra])
+    return main(
+        [
+            "eval",
+            "--env",
+            "say_env:SayEnv",
+            "--base-url",
+            url,
+            "--model",
+            model,
+            "-k",
+            str(k),
+            "--limit",
+            str(problems),
+            "--out",
+            str(out),
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def _rows(out: Path) -> list[dict]:
@@ -212,10 +244,16 @@ def test_a_second_eval_into_the_same_out_is_refused(served_model, proxy_for, tmp
 
     url, model = served_model
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-         "f.write('pid 424242'); f.flush(); print('locked', flush=True); time.sleep(60)", str(tmp_path / LOCK)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write('pid 424242'); f.flush(); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / LOCK),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code = _eval(url, model, tmp_path)
@@ -230,9 +268,17 @@ def test_a_second_eval_into_the_same_out_is_refused(served_model, proxy_for, tmp
 
     def try_the_lock(n: int) -> None:  # runs while the eval below is in progress
         if n == 1:
-            probe = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
-                                    "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(tmp_path / LOCK)],
-                                   capture_output=True, text=True, timeout=30)  # fmt: skip
+            probe = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+                    str(tmp_path / LOCK),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             seen.append(probe.returncode)
 
     proxy = proxy_for(rate=0.0, on_post=try_the_lock)

@@ -48,7 +48,12 @@ def served_model(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([exe, "serve", model, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [exe, "serve", model, "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     deadline = time.monotonic() + 120
     try:
         while True:
@@ -59,7 +64,9 @@ def served_model(tmp_path_factory):
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"`transformers serve` did not become ready (exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"`transformers serve` did not become ready (exit code {proc.poll()}):\n{log.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1", model
     finally:
@@ -95,9 +102,31 @@ def _maj(answers: list, correct: list[bool]) -> float:
 def test_eval_against_transformers_serve_matches_the_transcripts(served_model, tmp_path):
     base_url, model = served_model
     k, problems = 4, 3
-    cmd = [sys.executable, "-m", "spo_agents", "eval", "--env", "say_env:SayEnv", "--base-url", base_url, "--model", model,
-           "-k", str(k), "--limit", str(problems), "--max-new-tokens", "8", "--max-episode-tokens", "40",
-           "--concurrency", "4", "--out", str(tmp_path), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spo_agents",
+        "eval",
+        "--env",
+        "say_env:SayEnv",
+        "--base-url",
+        base_url,
+        "--model",
+        model,
+        "-k",
+        str(k),
+        "--limit",
+        str(problems),
+        "--max-new-tokens",
+        "8",
+        "--max-episode-tokens",
+        "40",
+        "--concurrency",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -108,7 +137,9 @@ def test_eval_against_transformers_serve_matches_the_transcripts(served_model, t
     by_pid: dict[str, list[dict]] = {}
     for r in rows:
         by_pid.setdefault(r["problem_id"], []).append(r)
-    correct = {p: [bool(r["info"]["correct"]) for r in sorted(v, key=lambda r: r["sample_index"])] for p, v in by_pid.items()}
+    correct = {
+        p: [bool(r["info"]["correct"]) for r in sorted(v, key=lambda r: r["sample_index"])] for p, v in by_pid.items()
+    }
     answers = {p: [r["info"]["answer"] for r in sorted(v, key=lambda r: r["sample_index"])] for p, v in by_pid.items()}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["avg_at_k"] == pytest.approx(sum(sum(c) / k for c in correct.values()) / problems)
@@ -125,8 +156,22 @@ def test_unreachable_server_gives_a_clear_error_quickly(tmp_path, capsys, monkey
     monkeypatch.syspath_prepend(str(TESTS))
     port = _free_port()  # nothing listens there
     start = time.monotonic()
-    code = main(["eval", "--env", "say_env:SayEnv", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "tiny-random",
-                 "--limit", "1", "--out", str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--env",
+            "say_env:SayEnv",
+            "--base-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--model",
+            "tiny-random",
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err
     assert code == 1

@@ -10,8 +10,8 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from say_env import SayEnv
 
+from say_env import SayEnv
 from spo_agents.evaluation import TRANSCRIPTS, evaluate
 from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.policy import make_policy
@@ -52,7 +52,9 @@ def test_majority_counts_equivalent_answers_together():
 
     # "2", "2.0" and "2.00" are one answer (3 votes) against "3" (2 votes)
     assert majority_correct(["2", "3", "2.0", "3", "2.00"], [True, False, True, False, True], eq) == 1.0
-    assert majority_correct(["2", "3", "2.0", "3", "2.00"], [True, False, True, False, True], lambda a, b: a == b) == 0.0
+    assert (
+        majority_correct(["2", "3", "2.0", "3", "2.00"], [True, False, True, False, True], lambda a, b: a == b) == 0.0
+    )
     assert majority_correct(["1", "2"], [True, False], eq) == 0.5  # a tie scores its expected value
     assert majority_correct([None, None], [False, False], eq) == 0.0
 
@@ -89,7 +91,9 @@ def test_majority_is_invariant_under_any_permutation_of_the_samples(samples, rng
     assert reference == pytest.approx(_maj_from_votes(answers, correct))
     order = list(range(len(samples)))
     rng.shuffle(order)
-    assert majority_correct([answers[i] for i in order], [correct[i] for i in order], str.__eq__) == pytest.approx(reference)
+    assert majority_correct([answers[i] for i in order], [correct[i] for i in order], str.__eq__) == pytest.approx(
+        reference
+    )
 
 
 def test_a_truncated_episode_does_not_vote():
@@ -97,8 +101,18 @@ def test_a_truncated_episode_does_not_vote():
     from spo_agents.types import Trajectory
 
     def sample(answer: str, correct: bool, truncated: bool = False) -> Trajectory:
-        return Trajectory("p", "e", [1], [2], [1], [0.0], float(correct), terminated=not truncated, truncated=truncated,
-                          info={"answer": answer, "correct": correct})
+        return Trajectory(
+            "p",
+            "e",
+            [1],
+            [2],
+            [1],
+            [0.0],
+            float(correct),
+            terminated=not truncated,
+            truncated=truncated,
+            info={"answer": answer, "correct": correct},
+        )
 
     # two cut-off "9" answers would outvote the finished "5" if they voted
     samples = {("p", 0): sample("9", False, True), ("p", 1): sample("9", False, True), ("p", 2): sample("5", True)}
@@ -115,28 +129,54 @@ def policy():
 
 async def test_evaluate_reports_match_the_transcripts(policy, tmp_path):
     ids = [f"test-{i}" for i in range(3)]
-    report = await evaluate(lambda: SayEnv(), policy, ids, k=4, sampling=SamplingParams(max_new_tokens=8), concurrency=6, out_dir=tmp_path, progress=False, max_episode_tokens=40)
+    report = await evaluate(
+        lambda: SayEnv(),
+        policy,
+        ids,
+        k=4,
+        sampling=SamplingParams(max_new_tokens=8),
+        concurrency=6,
+        out_dir=tmp_path,
+        progress=False,
+        max_episode_tokens=40,
+    )
     rows = list(read_jsonl(tmp_path / TRANSCRIPTS))
     assert len(rows) == 12 and {(t.problem_id, t.sample_index) for t in rows} == {(p, i) for p in ids for i in range(4)}
     by_pid = {p: [t for t in rows if t.problem_id == p] for p in ids}
     assert report.avg_at_k == pytest.approx(sum(sum(t.correct for t in v) / 4 for v in by_pid.values()) / 3)
     for j in (1, 2, 4):
-        assert report.pass_at_k[j] == pytest.approx(sum(_brute_pass_at_k([t.correct for t in v], j) for v in by_pid.values()) / 3)
+        assert report.pass_at_k[j] == pytest.approx(
+            sum(_brute_pass_at_k([t.correct for t in v], j) for v in by_pid.values()) / 3
+        )
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["avg_at_k"] == pytest.approx(report.avg_at_k) and saved["pass_at_k"]["4"] == pytest.approx(report.pass_at_k[4])
+    assert saved["avg_at_k"] == pytest.approx(report.avg_at_k) and saved["pass_at_k"]["4"] == pytest.approx(
+        report.pass_at_k[4]
+    )
     assert len(saved["problems"]) == 3 and saved["token_io"] is True
 
 
 async def test_resume_runs_only_the_missing_samples(policy, tmp_path):
     ids = [f"test-{i}" for i in range(2)]
     params = SamplingParams(max_new_tokens=6)
-    await evaluate(lambda: SayEnv(), policy, ids, k=3, sampling=params, out_dir=tmp_path, progress=False, max_episode_tokens=30)
+    await evaluate(
+        lambda: SayEnv(), policy, ids, k=3, sampling=params, out_dir=tmp_path, progress=False, max_episode_tokens=30
+    )
     path = tmp_path / TRANSCRIPTS
     lines = path.read_text().splitlines(keepends=True)
     kept = lines[:4]
     path.write_text("".join(kept) + lines[4][: len(lines[4]) // 2])  # interrupted mid-write
     before = policy.stats["rows"]
-    report = await evaluate(lambda: SayEnv(), policy, ids, k=3, sampling=params, out_dir=tmp_path, resume=True, progress=False, max_episode_tokens=30)
+    report = await evaluate(
+        lambda: SayEnv(),
+        policy,
+        ids,
+        k=3,
+        sampling=params,
+        out_dir=tmp_path,
+        resume=True,
+        progress=False,
+        max_episode_tokens=30,
+    )
     rows = path.read_text().splitlines(keepends=True)
     assert rows[:4] == kept  # finished samples are not redone or rewritten
     assert len(rows) == 6 and report.num_samples == 6
@@ -146,7 +186,15 @@ async def test_resume_runs_only_the_missing_samples(policy, tmp_path):
 async def test_infrastructure_errors_are_counted_not_scored(policy, tmp_path):
     from say_env import FailingSandboxEnv
 
-    report = await evaluate(lambda: FailingSandboxEnv(), policy, ["test-0"], k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path, progress=False)
+    report = await evaluate(
+        lambda: FailingSandboxEnv(),
+        policy,
+        ["test-0"],
+        k=2,
+        sampling=SamplingParams(max_new_tokens=4),
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert report.errors == 2 and report.num_samples == 0 and report.incomplete[1] == 1
 
 
@@ -156,8 +204,28 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     from spo_agents.cli import main
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    code = main(["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "2", "--limit", "2",
-                 "--max-new-tokens", "6", "--max-episode-tokens", "30", "--out", str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--env",
+            "say_env:SayEnv",
+            "--backend",
+            "hf",
+            "--model",
+            "tiny-random",
+            "-k",
+            "2",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--max-episode-tokens",
+            "30",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -166,8 +234,26 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     assert saved["num_problems"] == 2 and saved["settings"]["sampling"]["temperature"] == 0.6
     assert saved["settings"]["sampling"]["top_k"] == 20 and saved["settings"]["sampling"]["top_p"] == 0.95
     before = (tmp_path / "transcripts.jsonl").read_text()
-    args = ["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "2", "--limit", "2",
-            "--max-new-tokens", "6", "--max-episode-tokens", "30", "--out", str(tmp_path), "--no-progress"]
+    args = [
+        "eval",
+        "--env",
+        "say_env:SayEnv",
+        "--backend",
+        "hf",
+        "--model",
+        "tiny-random",
+        "-k",
+        "2",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-episode-tokens",
+        "30",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(args) == 1  # the same --out without --resume: refused, nothing lost
     assert "--resume" in capsys.readouterr().err and (tmp_path / "transcripts.jsonl").read_text() == before
     assert main([*args, "--resume", "--temperature", "1.0"]) == 1  # resuming with other sampling settings
@@ -184,9 +270,20 @@ async def test_an_env_that_raises_stops_the_evaluation_as_a_plugin_bug_and_keeps
             return super()._step_episode(action)
 
     ids = ["test-0", "test-1"]
-    with pytest.raises(PluginError, match=r"`BuggyEnv` raised ValueError: a bug in a plugin env at .*test_evaluation.py:\d+"):
-        await evaluate(lambda: BuggyEnv(), policy, ids, k=2, sampling=SamplingParams(max_new_tokens=4), out_dir=tmp_path,
-                       progress=False, max_episode_tokens=30, concurrency=1)
+    with pytest.raises(
+        PluginError, match=r"`BuggyEnv` raised ValueError: a bug in a plugin env at .*test_evaluation.py:\d+"
+    ):
+        await evaluate(
+            lambda: BuggyEnv(),
+            policy,
+            ids,
+            k=2,
+            sampling=SamplingParams(max_new_tokens=4),
+            out_dir=tmp_path,
+            progress=False,
+            max_episode_tokens=30,
+            concurrency=1,
+        )
     rows = list(read_jsonl(tmp_path / TRANSCRIPTS))
     assert all(t.error is None and t.problem_id == "test-0" for t in rows)  # nothing recorded as data
 
@@ -197,8 +294,26 @@ def test_resume_refuses_another_problem_set_and_allows_a_moved_server(tmp_path, 
     from spo_agents.cli import main
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    base = ["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "1", "--limit", "2",
-            "--max-new-tokens", "4", "--max-episode-tokens", "20", "--out", str(tmp_path), "--no-progress"]
+    base = [
+        "eval",
+        "--env",
+        "say_env:SayEnv",
+        "--backend",
+        "hf",
+        "--model",
+        "tiny-random",
+        "-k",
+        "1",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-episode-tokens",
+        "20",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(base) == 0
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["k"] == 1 and settings["env_kwargs"] == {} and len(settings["problems"]) == 64

@@ -25,7 +25,18 @@ def plugin_path(tmp_path_factory):
     source = root / "src"
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = root / "site"
-    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-input", "--target", str(target), str(source)]
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-input",
+        "--target",
+        str(target),
+        str(source),
+    ]
     # Build with the setuptools of this environment (offline); fall back to pip's isolated build
     # environment (fetches setuptools from PyPI) when this one cannot build the wheel.
     proc = subprocess.run(install + ["--no-build-isolation"], capture_output=True, text=True, timeout=300)
@@ -37,12 +48,24 @@ def plugin_path(tmp_path_factory):
 
 
 def spo_agent(plugin_path, *args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    return subprocess.run([sys.executable, "-m", "spo_agents", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=plugin_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "spo_agents", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=plugin_path,
+    )
 
 
 def test_plugin_is_not_there_without_the_install():
-    proc = subprocess.run([sys.executable, "-m", "spo_agents", "envs", "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spo_agents", "envs", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "guess-number-v0" not in {row["id"] for row in json.loads(proc.stdout)}
 
@@ -89,8 +112,25 @@ def test_installed_plugin_passes_check_env_from_the_command_line(plugin_path):
 def test_installed_plugin_runs_a_short_evaluation(plugin_path, tmp_path):
     out = tmp_path / "eval"
     proc = spo_agent(
-        plugin_path, "eval", "--env", "guess-number", "--backend", "hf", "--model", "tiny-random", "-k", "2", "--limit", "2",
-        "--max-new-tokens", "16", "--max-episode-tokens", "64", "--out", str(out), "--no-progress",
+        plugin_path,
+        "eval",
+        "--env",
+        "guess-number",
+        "--backend",
+        "hf",
+        "--model",
+        "tiny-random",
+        "-k",
+        "2",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--max-episode-tokens",
+        "64",
+        "--out",
+        str(out),
+        "--no-progress",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((out / "results.json").read_text())

@@ -47,7 +47,11 @@ def test_whole_model_training_on_cuda(tmp_path):
 def test_sharded_training_on_one_gpu_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = T.tiny_config(tmp_path, model={"device": "cuda", "dtype": "bfloat16"}, train={"steps": 2, "mini_batches": 2, "sharding": "fsdp"})
+    cfg = T.tiny_config(
+        tmp_path,
+        model={"device": "cuda", "dtype": "bfloat16"},
+        train={"steps": 2, "mini_batches": 2, "sharding": "fsdp"},
+    )
     comp = T.tiny_components()  # on the CPU: sharding moves it
     seen: set = set()
     proj = comp.model.model.layers[0].self_attn.q_proj

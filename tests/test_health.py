@@ -33,4 +33,8 @@ def test_steps_with_nothing_to_learn_are_counted_and_reported_once_a_streak_form
     rows = [h.observe(s, 2, 0, zeros, fails) for s in range(1, 5)]
     assert all(r["train/zero_advantages"] == 1.0 and r["train/no_success"] == 1.0 for r in rows)
     assert len(said) == 2 and "step 3" in said[0] and "step 3" in said[1]  # once each, at the third step
-    assert h.observe(5, 2, 0, ADV, R) == {"episode/infra_error_share": 0.0, "train/zero_advantages": 0.0, "train/no_success": 0.0}
+    assert h.observe(5, 2, 0, ADV, R) == {
+        "episode/infra_error_share": 0.0,
+        "train/zero_advantages": 0.0,
+        "train/no_success": 0.0,
+    }

@@ -23,9 +23,25 @@ def base_model():
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
 
 
-def make_traj(pid: str, prompt: list[int], tokens: list[int], mask: list[int] | None = None, reward: float = 0.0, model=None, temperature: float = 1.0) -> Trajectory:
+def make_traj(
+    pid: str,
+    prompt: list[int],
+    tokens: list[int],
+    mask: list[int] | None = None,
+    reward: float = 0.0,
+    model=None,
+    temperature: float = 1.0,
+) -> Trajectory:
     mask = mask if mask is not None else [1] * len(tokens)
-    t = Trajectory(problem_id=pid, env_id="fake", prompt_ids=prompt, token_ids=tokens, loss_mask=mask, logprobs=[0.0] * len(tokens), reward=reward)
+    t = Trajectory(
+        problem_id=pid,
+        env_id="fake",
+        prompt_ids=prompt,
+        token_ids=tokens,
+        loss_mask=mask,
+        logprobs=[0.0] * len(tokens),
+        reward=reward,
+    )
     if model is not None:  # behaviour log-probs of the current model (as the hf backend reports them)
         lp = Learner(model, LearnerSettings(temperature=temperature, lr=0.0), pad_id=PAD).score([t])[0]
         t.logprobs = [v if m else 0.0 for v, m in zip(lp, mask)]
@@ -45,8 +61,18 @@ def batch(model, n=4, temperature=1.0):
 
 
 def test_pack_aligns_targets_with_their_behaviour_logprobs():
-    t = Trajectory(problem_id="a", env_id="e", prompt_ids=[5, 6], token_ids=[7, 8, 9], loss_mask=[1, 0, 1], logprobs=[-0.1, 0.0, -0.3], reward=1.0)
-    u = Trajectory(problem_id="b", env_id="e", prompt_ids=[5], token_ids=[7], loss_mask=[1], logprobs=[-0.5], reward=0.0)
+    t = Trajectory(
+        problem_id="a",
+        env_id="e",
+        prompt_ids=[5, 6],
+        token_ids=[7, 8, 9],
+        loss_mask=[1, 0, 1],
+        logprobs=[-0.1, 0.0, -0.3],
+        reward=1.0,
+    )
+    u = Trajectory(
+        problem_id="b", env_id="e", prompt_ids=[5], token_ids=[7], loss_mask=[1], logprobs=[-0.5], reward=0.0
+    )
     b = pack([t, u], pad_id=PAD)
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 9], [PAD, PAD, PAD, 5, 7]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
@@ -100,7 +126,9 @@ def _gradient(model, ts, adv, **kw):
     m = copy.deepcopy(model)
     learner = Learner(m, LearnerSettings(lr=1e-3, **kw), pad_id=PAD)
     grads = []
-    learner.optimizer.register_step_pre_hook(lambda opt, a, k: grads.append(torch.cat([p.grad.reshape(-1).clone() for p in m.parameters()])))
+    learner.optimizer.register_step_pre_hook(
+        lambda opt, a, k: grads.append(torch.cat([p.grad.reshape(-1).clone() for p in m.parameters()]))
+    )
     stats = learner.update(ts, adv)
     assert len(grads) == 1
     return grads[0], stats
@@ -128,8 +156,10 @@ def test_update_raises_log_prob_of_positive_advantage_tokens_and_lowers_negative
     ts = batch(base_model, n=2)
     m, learner, stats = _update(base_model, ts, [1.0, -1.0])
     after = learner.score(ts)
+
     def mean_lp(t, lp):
         return sum(v for v, k in zip(lp, t.loss_mask) if k) / t.num_generated
+
     before = [mean_lp(t, t.logprobs) for t in ts]
     now = [mean_lp(t, lp) for t, lp in zip(ts, after)]
     assert now[0] > before[0]
@@ -204,11 +234,15 @@ def test_half_precision_weights_without_a_master_copy_are_warned_about(base_mode
 def test_a_non_finite_behaviour_log_prob_is_a_policy_error_not_a_zero(bad):
     from spo_agents.errors import PolicyError
 
-    t = Trajectory(problem_id="a", env_id="e", prompt_ids=[5], token_ids=[7, 8], loss_mask=[1, 1], logprobs=[-0.1, bad], reward=1.0)
+    t = Trajectory(
+        problem_id="a", env_id="e", prompt_ids=[5], token_ids=[7, 8], loss_mask=[1, 1], logprobs=[-0.1, bad], reward=1.0
+    )
     with pytest.raises(PolicyError, match="`a`.*log-prob"):
         pack([t], pad_id=PAD)
     # an inserted token's log-prob is not used: whatever it holds, packing works and it counts 0
-    u = Trajectory(problem_id="b", env_id="e", prompt_ids=[5], token_ids=[7, 8], loss_mask=[1, 0], logprobs=[-0.1, bad], reward=1.0)
+    u = Trajectory(
+        problem_id="b", env_id="e", prompt_ids=[5], token_ids=[7, 8], loss_mask=[1, 0], logprobs=[-0.1, bad], reward=1.0
+    )
     assert pack([u], pad_id=PAD).old_logprobs.isfinite().all()
 
 
@@ -228,4 +262,3 @@ def test_the_update_leaves_the_model_in_eval_mode_and_scores_without_dropout():
     # scores are deterministic: the drift measured on an unchanged model is exactly 0
     a, b = learner.score(trajs), learner.score(trajs)
     assert a == b
-

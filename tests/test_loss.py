@@ -37,9 +37,13 @@ def ref_loss(logp, old, adv, mask, aggregation="token-mean", **kw):
         for t in range(len(logp[b])):
             if mask[b][t]:
                 x = ref_token(
-                    logp[b][t], old[b][t], adv[b], ref=None if ref is None else ref[b][t],
-                    ent=0.0 if ent is None else ent[b][t], **kw,
-                )  # fmt: skip
+                    logp[b][t],
+                    old[b][t],
+                    adv[b],
+                    ref=None if ref is None else ref[b][t],
+                    ent=0.0 if ent is None else ent[b][t],
+                    **kw,
+                )
                 s, k = s + x, k + 1
         total, n = total + s, n + k
         if k:
@@ -155,9 +159,16 @@ def test_kl_and_entropy_terms_match_reference_loop(aggregation):
         logp, old, adv, mask, aggregation=aggregation, ref_logprobs=ref, kl_coef=0.05, entropy=ent, entropy_coef=0.01
     )
     expected = ref_loss(
-        logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), aggregation,
-        ref=ref.tolist(), kl_coef=0.05, ent=ent.tolist(), ent_coef=0.01,
-    )  # fmt: skip
+        logp.tolist(),
+        old.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        aggregation,
+        ref=ref.tolist(),
+        kl_coef=0.05,
+        ent=ent.tolist(),
+        ent_coef=0.01,
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     assert stats.kl_loss > 0 and stats.entropy > 0
 

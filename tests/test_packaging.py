@@ -29,8 +29,12 @@ def test_wheel_maps_envs_and_sandboxes_under_the_namespace(wheel):
     assert "spo_agents/envs/base.py" in names
     assert "spo_agents/sandboxes/base.py" in names
     # data the code reads at run time
-    for data in ("spo_agents/envs/data/code_problems.jsonl", "spo_agents/sandboxes/docker/setup-engine.sh",
-                 "spo_agents/sandboxes/docker/Dockerfile", "spo_agents/sandboxes/_local_worker.py"):
+    for data in (
+        "spo_agents/envs/data/code_problems.jsonl",
+        "spo_agents/sandboxes/docker/setup-engine.sh",
+        "spo_agents/sandboxes/docker/Dockerfile",
+        "spo_agents/sandboxes/_local_worker.py",
+    ):
         assert data in names, data
     top_level = {n.split("/")[0] for n in names if not n.endswith(".dist-info/") and "/" in n}
     assert "envs" not in top_level and "sandboxes" not in top_level
@@ -42,10 +46,16 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     # Install the wheel itself into the clean venv; its dependencies (torch, transformers, ...)
     # come from the test's own environment through a path entry placed AFTER the venv's site.
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True
+    )
     (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     code = (
         "import spo_agents, spo_agents.envs.base, spo_agents.sandboxes.base, spo_agents.cli, importlib.util;"

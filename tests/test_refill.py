@@ -54,9 +54,12 @@ def _trainer(tmp_path, tiny, *, pool: int, batch: int, oversample: float, fail_r
     comp = Components(model, tok, policy, lambda split: FirstTokenEnv(n=pool, split=split), inplace=False)
     algo = {"name": "grpo", "group_size": group} if group > 1 else {}
     cfg = tiny_config(
-        tmp_path, rollout={"max_in_flight": 6, "oversample": oversample, "max_staleness": 0},
-        train={"batch_size": batch, "seed": seed}, algorithm=algo, sampler={"type": "uniform"} if group > 1 else {},
-    )  # fmt: skip
+        tmp_path,
+        rollout={"max_in_flight": 6, "oversample": oversample, "max_staleness": 0},
+        train={"batch_size": batch, "seed": seed},
+        algorithm=algo,
+        sampler={"type": "uniform"} if group > 1 else {},
+    )
     t = Trainer(cfg, tmp_path / f"run-{seed}", comp)
     t._setup()
     return t, policy

@@ -14,7 +14,13 @@ class Thing:
 
 
 def make_registry(validate=None):
-    return Registry(kind="thing", group="spo_agents.tests-nothing", not_found=EnvNotFound, list_command="spo-agent things", validate=validate)
+    return Registry(
+        kind="thing",
+        group="spo_agents.tests-nothing",
+        not_found=EnvNotFound,
+        list_command="spo-agent things",
+        validate=validate,
+    )
 
 
 def test_unversioned_id_resolves_to_latest_version():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
-from spo_agents.envs.answers import AnswerChecker, CheckResult
 
 from spo_agents import envs
 from spo_agents.cli import main
+from spo_agents.envs.answers import AnswerChecker, CheckResult
 from spo_agents.errors import ConfigError
 from spo_agents.evaluation import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
 from spo_agents.rescore import completion_segments, rescore_eval_dir, rescore_path

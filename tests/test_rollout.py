@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from say_env import FailingSandboxEnv, SayEnv
 
+from say_env import FailingSandboxEnv, SayEnv
 from spo_agents.errors import PolicyError
 from spo_agents.policy import make_policy
 from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
@@ -57,13 +57,18 @@ async def test_episode_layout_with_inline_replies(policy):
     second = t.turn_starts[1]
     assert t.token_ids[second - len(reply) : second] == reply  # the reply tokens, exactly
     assert t.loss_mask[second - len(reply) : second] == [0] * len(reply)
-    assert all(m == 1 for m in t.loss_mask[:second - len(reply)]) and all(m == 1 for m in t.loss_mask[second:])
+    assert all(m == 1 for m in t.loss_mask[: second - len(reply)]) and all(m == 1 for m in t.loss_mask[second:])
     assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 0)
     assert all(lp < 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if m == 1)
     assert t.info["answer"] in {"0", "1", "2"} and t.info["correct"] == (t.reward == 1.0)
     assert len(t.tool_calls) == 1 and t.policy_versions == [0, 0]
     assert set(t.timings) >= {"generate", "env", "total"} and t.timings["total"] >= t.timings["generate"]
-    assert t.prompt_ids == tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say something (1)."}], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    assert t.prompt_ids == tok.encode(
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Say something (1)."}], add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    )
 
 
 async def test_chat_role_reply_is_the_template_delta(policy):
@@ -75,7 +80,11 @@ async def test_chat_role_reply_is_the_template_delta(policy):
     inserted = tok.decode([x for x, m in zip(t.token_ids[:second], t.loss_mask[:second]) if m == 0])
     assert "Once more." in inserted and "<|im_start|>user" in inserted and inserted.endswith("<|im_start|>assistant\n")
     full = tok.decode(t.prompt_ids + t.token_ids[:second])
-    chat = [{"role": "user", "content": "Say something (2)."}, {"role": "assistant", "content": env.actions[0]}, {"role": "user", "content": "Once more."}]
+    chat = [
+        {"role": "user", "content": "Say something (2)."},
+        {"role": "assistant", "content": env.actions[0]},
+        {"role": "user", "content": "Once more."},
+    ]
     assert full == tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
 
@@ -178,7 +187,9 @@ async def test_an_env_that_raises_stops_the_collector_with_its_file_and_line(pol
 
     c = Collector(lambda: BuggySayEnv(), policy, max_in_flight=2, sampling=FAST, max_episode_tokens=40)
     c.submit(["test-0", "test-1"])
-    with pytest.raises(PluginError, match=r"`BuggySayEnv` raised ValueError: a bug in a plugin env at .*test_rollout.py:\d+"):
+    with pytest.raises(
+        PluginError, match=r"`BuggySayEnv` raised ValueError: a bug in a plugin env at .*test_rollout.py:\d+"
+    ):
         await c.next_batch(2)
     await c.close()
 
@@ -195,4 +206,3 @@ async def test_a_config_error_inside_an_episode_is_not_recorded_as_a_bad_rollout
     with pytest.raises(ConfigError, match="`foo` must be set"):
         await c.next_batch(1)
     await c.close()
-

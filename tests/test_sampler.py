@@ -171,4 +171,3 @@ def test_gamma_divides_the_weight_by_the_evidence():
     with pytest.raises(SamplingError, match="alpha \\+ beta"):
         s.weights(np.array([0.5, 0.5]))
     assert PrioritizedSampler(2).weights(np.array([0.5, 0.5])).tolist() == pytest.approx([0.55, 0.55])
-

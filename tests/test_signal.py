@@ -43,7 +43,9 @@ def test_spo_moves_the_rewarded_behaviour_in_the_direction_of_the_reward(tmp_pat
     if flipped:
         comp.env_factory = lambda split: FlippedEnv(split=split)
     before = p_rewarded(comp)
-    cfg = tiny_config(tmp_path, train={"steps": 6, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 3e-2})
+    cfg = tiny_config(
+        tmp_path, train={"steps": 6, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 3e-2}
+    )
     train(cfg, run_dir=tmp_path / "run", components=comp)
     after = p_rewarded(comp)
     if flipped:

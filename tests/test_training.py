@@ -60,7 +60,9 @@ def tiny_components(seed: int = 0) -> Components:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     policy = HFPolicy(model=model, tokenizer=tok)
-    return Components(model, tok, policy, lambda split: FirstTokenEnv(split=split), inplace=True, closers=[policy.close])
+    return Components(
+        model, tok, policy, lambda split: FirstTokenEnv(split=split), inplace=True, closers=[policy.close]
+    )
 
 
 def tiny_config(tmp_path: Path, **sections) -> Config:
@@ -69,7 +71,14 @@ def tiny_config(tmp_path: Path, **sections) -> Config:
         "env": {"id": "first-token"},
         "rollout": {"max_in_flight": 16, "max_new_tokens": 1, "max_episode_tokens": 1},
         "optim": {"lr": 3e-3},
-        "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 1, "keep_checkpoints": 2, "output_dir": str(tmp_path), "run_name": "run"},
+        "train": {
+            "steps": 2,
+            "batch_size": 8,
+            "checkpoint_every": 1,
+            "keep_checkpoints": 2,
+            "output_dir": str(tmp_path),
+            "run_name": "run",
+        },
         "eval": {"every": 0},
         "logging": {"progress": False},
     }
@@ -196,7 +205,11 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint_with_the_tracker
     run = tmp_path / "run"
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(tests=str(HERE), run=str(run))], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT.format(tests=str(HERE), run=str(run))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     mgr = CheckpointManager(run)
     deadline = time.time() + 120
     try:
@@ -228,7 +241,9 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint_with_the_tracker
 
 @pytest.mark.slow
 def test_spo_raises_reward_on_a_learnable_env(tmp_path):
-    cfg = tiny_config(tmp_path, train={"steps": 12, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 1e-2})
+    cfg = tiny_config(
+        tmp_path, train={"steps": 12, "batch_size": 16, "checkpoint_every": 0, "seed": 0}, optim={"lr": 1e-2}
+    )
     train(cfg, run_dir=tmp_path / "run", components=tiny_components())
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first = np.mean([r["train/reward_mean"] for r in rows[:3]])
@@ -244,16 +259,23 @@ def _rows(tmp_path, **sections):
 
 
 def test_grpo_run_logs_only_documented_metrics(tmp_path):
-    rows = _rows(tmp_path, algorithm={"name": "grpo", "group_size": 4}, sampler={"type": "uniform"}, train={"steps": 1, "checkpoint_every": 0})
+    rows = _rows(
+        tmp_path,
+        algorithm={"name": "grpo", "group_size": 4},
+        sampler={"type": "uniform"},
+        train={"steps": 1, "checkpoint_every": 0},
+    )
     assert rows[-1]["train/batch_size"] == 8 and "train/degenerate_share" in rows[-1]
     assert undocumented(rows[-1]) == []
 
 
 def test_constant_rho_uniform_sampling_and_no_baseline_ablations(tmp_path):
     rows = _rows(
-        tmp_path, tracker={"rho_type": "constant", "rho_constant": 0.9, "baseline": False}, sampler={"type": "uniform"},
+        tmp_path,
+        tracker={"rho_type": "constant", "rho_constant": 0.9, "baseline": False},
+        sampler={"type": "uniform"},
         train={"steps": 2, "checkpoint_every": 0},
-    )  # fmt: skip
+    )
     for r in rows:
         assert r["tracker/rho_mean"] == pytest.approx(0.9)
         assert r["sampler/entropy_ratio"] == pytest.approx(1.0)
@@ -330,7 +352,18 @@ def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monk
     monkeypatch.setattr(Learner, "update", update)
     train(cfg, run_dir=tmp_path / "run", components=comp)
     seq = [e for e in events if e != ("version", 0)]
-    assert seq == [("update",), ("pause",), ("sync", 1), ("version", 1), ("resume",), ("update",), ("pause",), ("sync", 2), ("version", 2), ("resume",)]
+    assert seq == [
+        ("update",),
+        ("pause",),
+        ("sync", 1),
+        ("version", 1),
+        ("resume",),
+        ("update",),
+        ("pause",),
+        ("sync", 2),
+        ("version", 2),
+        ("resume",),
+    ]
 
 
 async def test_in_process_vllm_push_order():
@@ -371,9 +404,23 @@ def first_token_registered():
 def test_cli_train_takes_env_args_like_eval(tmp_path, first_token_registered, capsys):
     from spo_agents.cli import main
 
-    args = ["train", "--env", "first-token", "--env-arg", "n=12", "--steps", "1", "model.name=tiny-random",
-            "rollout.max_new_tokens=1", "rollout.max_episode_tokens=1", "logging.progress=false", "train.batch_size=8",
-            f"train.output_dir={tmp_path}", "train.run_name=envarg", "eval.every=0"]
+    args = [
+        "train",
+        "--env",
+        "first-token",
+        "--env-arg",
+        "n=12",
+        "--steps",
+        "1",
+        "model.name=tiny-random",
+        "rollout.max_new_tokens=1",
+        "rollout.max_episode_tokens=1",
+        "logging.progress=false",
+        "train.batch_size=8",
+        f"train.output_dir={tmp_path}",
+        "train.run_name=envarg",
+        "eval.every=0",
+    ]
     assert main(args) == 0
     assert load_config(tmp_path / "envarg" / "config.yaml").env.kwargs == {"n": 12}
     assert main(["train", "--env-arg", "n", "--steps", "1"]) == 1
@@ -385,16 +432,38 @@ def test_cli_estimate_values_then_train_from_them_then_plot(tmp_path, first_toke
 
     from spo_agents.cli import main
 
-    common = ["model.name=tiny-random", "rollout.max_new_tokens=1", "rollout.max_episode_tokens=1", "rollout.max_in_flight=16", "logging.progress=false"]
+    common = [
+        "model.name=tiny-random",
+        "rollout.max_new_tokens=1",
+        "rollout.max_episode_tokens=1",
+        "rollout.max_in_flight=16",
+        "logging.progress=false",
+    ]
     values = tmp_path / "values.json"
-    assert main(["estimate-values", "--env", "first-token", "-n", "3", "--limit", "5", "--out", str(values), *common]) == 0
+    assert (
+        main(["estimate-values", "--env", "first-token", "-n", "3", "--limit", "5", "--out", str(values), *common]) == 0
+    )
     doc = json.loads(values.read_text())
     assert len(doc["problems"]) == 5 and all(v["samples"] == 3 for v in doc["problems"].values())
     assert doc["sampling"]["temperature"] == 1.0  # the training sampling settings
-    assert main([
-        "train", "--env", "first-token", "--steps", "1", *common, "train.batch_size=8", f"train.output_dir={tmp_path}",
-        "train.run_name=cli", "eval.every=0", f"tracker.init_values={values}",
-    ]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--env",
+                "first-token",
+                "--steps",
+                "1",
+                *common,
+                "train.batch_size=8",
+                f"train.output_dir={tmp_path}",
+                "train.run_name=cli",
+                "eval.every=0",
+                f"tracker.init_values={values}",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "cli"
     assert (run / "checkpoints" / "latest").is_file()
     assert main(["plot", str(run)]) == 0
@@ -413,7 +482,9 @@ def test_offline_values_initialise_the_tracker_with_actual_counts(tmp_path):
     tr = ValueTracker.from_config(["a", "b", "c"], TrackerConfig())
     assert init_tracker(tr, path) == 2
     n0 = 1 / (1 - 0.875)
-    np.testing.assert_allclose(tr.v_hat(tr.indices(["a", "b", "c"])), [(3.5 / 5) / ((3.5 + 1.5) / 5), 0.5 / 3, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(
+        tr.v_hat(tr.indices(["a", "b", "c"])), [(3.5 / 5) / ((3.5 + 1.5) / 5), 0.5 / 3, 0.5], rtol=1e-6
+    )
     assert tr.alpha[tr.indices(["a"])[0]] == pytest.approx(n0 * 3.5 / 5, rel=1e-6)
 
 
@@ -433,8 +504,18 @@ def test_offline_values_sum_the_reward_training_folds_in(tmp_path):
     from spo_agents.values import estimate, init_tracker, write_values
 
     comp = tiny_components()
-    counts = asyncio.run(estimate(lambda: HalfCreditEnv(), comp.policy, ["train-0", "train-1"], n=4,
-                                  sampling=SamplingParams(max_new_tokens=1), concurrency=4, max_episode_tokens=1, progress=False))
+    counts = asyncio.run(
+        estimate(
+            lambda: HalfCreditEnv(),
+            comp.policy,
+            ["train-0", "train-1"],
+            n=4,
+            sampling=SamplingParams(max_new_tokens=1),
+            concurrency=4,
+            max_episode_tokens=1,
+            progress=False,
+        )
+    )
     assert counts == {"train-0": (2.0, 4), "train-1": (2.0, 4)}  # 4 x 0.5, not 0 fully correct
     write_values(tmp_path / "v.json", counts, {"env": "x"})
     tr = ValueTracker.from_config(["train-0", "train-1"], TrackerConfig())
@@ -507,7 +588,12 @@ def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the
     monkeypatch.setattr(ws, "make_weight_sync", lambda name, endpoint: calls.append(("sync", name)) or object())
     cfg = tiny_config(tmp_path, rollout={"backend": "vllm-server"}, env={"id": "countdown-python"})
     comp = build_components(cfg, log_dir=tmp_path)
-    assert calls == [("from_config", "tiny-random", tmp_path), ("start",), ("connect", FakeServer.openai_base_url), ("sync", "reload")]
+    assert calls == [
+        ("from_config", "tiny-random", tmp_path),
+        ("start",),
+        ("connect", FakeServer.openai_base_url),
+        ("sync", "reload"),
+    ]
     assert comp.policy.mode == "tokens"  # a text-only server cannot train
     for closer in comp.closers:
         r = closer()
@@ -575,7 +661,11 @@ def test_grpo_delivers_whole_groups_with_group_advantages_and_the_degenerate_sha
     from spo_agents.advantages import degenerate_share, grpo_advantages
 
     t, seen, *_, row = _one_step_capturing_the_update(
-        tmp_path, algorithm={"name": "grpo", "group_size": 4}, sampler={"type": "uniform"}, train={"steps": 1, "checkpoint_every": 0})
+        tmp_path,
+        algorithm={"name": "grpo", "group_size": 4},
+        sampler={"type": "uniform"},
+        train={"steps": 1, "checkpoint_every": 0},
+    )
     batch = seen["batch"]
     groups: dict = {}
     for x in batch:
@@ -618,7 +708,12 @@ def test_per_prompt_drift_runs_through_the_loop(tmp_path):
     # D(x) is then exactly the previous update's drift on its last response
     comp = tiny_components()
     comp.env_factory = lambda split: FirstTokenEnv(n=8, split=split)
-    cfg = tiny_config(tmp_path, tracker={"drift": "per-prompt"}, rollout={"max_in_flight": 8}, train={"steps": 3, "checkpoint_every": 0, "mini_batches": 2})
+    cfg = tiny_config(
+        tmp_path,
+        tracker={"drift": "per-prompt"},
+        rollout={"max_in_flight": 8},
+        train={"steps": 3, "checkpoint_every": 0, "mini_batches": 2},
+    )
     train(cfg, run_dir=tmp_path / "run", components=comp)
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] >= 1]
     assert len(steps) == 3 and all(r["tracker/drift"] > 0 for r in steps)
@@ -635,7 +730,9 @@ def test_compare_drift_logs_both_estimates_on_revisited_problems(tmp_path):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[0]["tracker/drift_revisited"] == 0  # nothing seen before the first step
     later = [r for r in rows[1:] if r["tracker/drift_revisited"] > 0]
-    assert later and all(r["tracker/drift_revisited_per_prompt"] > 0 and r["tracker/drift_revisited_cumulative"] > 0 for r in later)
+    assert later and all(
+        r["tracker/drift_revisited_per_prompt"] > 0 and r["tracker/drift_revisited_cumulative"] > 0 for r in later
+    )
     assert undocumented(set().union(*rows)) == []
 
 
@@ -672,4 +769,3 @@ def test_steps_that_lose_many_episodes_to_the_infrastructure_are_reported_then_s
     assert "failed for infrastructure reasons" in capsys.readouterr().err
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows and rows[0]["episode/infra_error_share"] > 0.25 and rows[0]["episode/rollout_errors"] > 0
-

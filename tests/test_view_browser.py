@@ -71,10 +71,20 @@ def _errors(driver) -> list[str]:
 
 
 PAGES = [
-    "", "r/0", "r/0/problems", "r/0/problems?sort=v_hat&desc=0&visited=1", "r/0/trajectories",
-    "r/0/traj?step=12&index=0", "r/0/traj?step=12&index=0&lp=1", "r/0/evals", "r/0/eval/step-000012", "e/2",
-    "compare", "r/1", "r/1/problems",
-]  # fmt: skip
+    "",
+    "r/0",
+    "r/0/problems",
+    "r/0/problems?sort=v_hat&desc=0&visited=1",
+    "r/0/trajectories",
+    "r/0/traj?step=12&index=0",
+    "r/0/traj?step=12&index=0&lp=1",
+    "r/0/evals",
+    "r/0/eval/step-000012",
+    "e/2",
+    "compare",
+    "r/1",
+    "r/1/problems",
+]
 
 
 def test_pages_load_without_console_errors(site):
@@ -162,10 +172,14 @@ def test_screenshots(tmp_path):
     server = ViewServer([a, b, e], port=0).start()
     driver = _driver(1400, 900)
     shots = {
-        "overview": ("r/0", 1180), "problems": ("r/0/problems?sort=visits&desc=1", 900), "problem": (None, 900),
-        "trajectory": ("r/0/traj?step=39&index=2", 840), "logprobs": ("r/0/traj?step=39&index=3&lp=1", 840),
-        "eval": ("e/2", 900), "compare": ("compare", 1180),
-    }  # fmt: skip
+        "overview": ("r/0", 1180),
+        "problems": ("r/0/problems?sort=visits&desc=1", 900),
+        "problem": (None, 900),
+        "trajectory": ("r/0/traj?step=39&index=2", 840),
+        "logprobs": ("r/0/traj?step=39&index=3&lp=1", 840),
+        "eval": ("e/2", 900),
+        "compare": ("compare", 1180),
+    }
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
         for name, (page, height) in shots.items():

@@ -102,14 +102,28 @@ def _wait_gone(pgid: int, timeout: float = 15.0) -> list[int]:
 
 
 def test_command_has_the_flags_weight_sync_needs():
-    s = VLLMServer("/m", python="/py", port=1234, kv_cache_bytes=2**30, enable_lora=True, max_lora_rank=8,
-                   extra_args=["--max-num-seqs", "16"])
+    s = VLLMServer(
+        "/m",
+        python="/py",
+        port=1234,
+        kv_cache_bytes=2**30,
+        enable_lora=True,
+        max_lora_rank=8,
+        extra_args=["--max-num-seqs", "16"],
+    )
     cmd = s.command()
     assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(cmd)
-    for flag in ("--model /m", "--dtype float32", "--host 127.0.0.1", "--port 1234",
-                 "--logprobs-mode processed_logprobs", "--kv-cache-memory-bytes 1073741824",
-                 "--enable-lora --max-lora-rank 8", "--max-num-seqs 16"):
+    for flag in (
+        "--model /m",
+        "--dtype float32",
+        "--host 127.0.0.1",
+        "--port 1234",
+        "--logprobs-mode processed_logprobs",
+        "--kv-cache-memory-bytes 1073741824",
+        "--enable-lora --max-lora-rank 8",
+        "--max-num-seqs 16",
+    ):
         assert flag in joined, flag
     assert "--gpu-memory-utilization" not in joined  # the explicit KV size wins
     env = s.environment()
@@ -128,15 +142,24 @@ def test_command_defaults_without_lora_or_dev_mode():
 def test_from_config_follows_model_and_rollout_sections(tmp_path):
     from spo_agents.config import load_config
 
-    cfg = load_config(overrides=["model.name=/models/x", "model.dtype=bfloat16", "model.lora.enabled=true",
-                                 "model.lora.r=32", "rollout.server_python=/venv/bin/python",
-                                 "rollout.server_args=[--max-num-seqs, '8']"])
+    cfg = load_config(
+        overrides=[
+            "model.name=/models/x",
+            "model.dtype=bfloat16",
+            "model.lora.enabled=true",
+            "model.lora.r=32",
+            "rollout.server_python=/venv/bin/python",
+            "rollout.server_args=[--max-num-seqs, '8']",
+        ]
+    )
     s = VLLMServer.from_config(cfg, log_dir=tmp_path, port=4321)
     cmd = " ".join(s.command())
     assert cmd.startswith("/venv/bin/python -m vllm.entrypoints.openai.api_server --model /models/x --dtype bfloat16")
     assert "--enable-lora --max-lora-rank 32" in cmd and cmd.endswith("--max-num-seqs 8")
     assert "--served-model-name /models/x" in cmd and s.model_name == "/models/x"
-    named = VLLMServer.from_config(load_config(overrides=["model.name=smollm2-135m", "rollout.server_python=/py"]), port=1)
+    named = VLLMServer.from_config(
+        load_config(overrides=["model.name=smollm2-135m", "rollout.server_python=/py"]), port=1
+    )
     assert "--served-model-name smollm2-135m" in " ".join(named.command())  # what the openai backend sends
     assert s.log_path.parent == tmp_path
 
@@ -230,7 +253,9 @@ def test_no_orphan_when_the_trainer_is_interrupted_or_dies(tmp_path, fake_env, h
     `stop()`: the server's whole process group is gone afterwards."""
     proc = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(tmp_path / "logs"), fake_env["PYTHONPATH"], how],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "FAKE_CHILD_PID_FILE": fake_env["FAKE_CHILD_PID_FILE"]},
     )
     try:

@@ -31,8 +31,14 @@ class FakeEndpoint:
     base_url = "http://fake:1"
     model = "base-model"
 
-    def __init__(self, *, pause_404: bool = False, reset_success: bool = True, fail: str | None = None,
-                 prompt_logprobs: list | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        pause_404: bool = False,
+        reset_success: bool = True,
+        fail: str | None = None,
+        prompt_logprobs: list | None = None,
+    ) -> None:
         self.calls: list[tuple[str, str, object, object]] = []
         self.pause_404 = pause_404
         self.reset_success = reset_success
@@ -64,8 +70,15 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -161,7 +174,13 @@ def test_lora_loads_adapter_in_place_and_serves_it(tmp_path):
     stats = sync.sync(model, 2)
     assert stats.served_model == "policy" and stats.bytes > 0
     assert not (tmp_path / "v1").exists() and (tmp_path / "v2" / "adapter_model.safetensors").is_file()
-    assert ep.paths()[-5:] == ["/pause", "/v1/load_lora_adapter", "/reset_prefix_cache", "/update_weight_version", "/resume"]
+    assert ep.paths()[-5:] == [
+        "/pause",
+        "/v1/load_lora_adapter",
+        "/reset_prefix_cache",
+        "/update_weight_version",
+        "/resume",
+    ]
 
 
 def test_lora_refuses_a_full_model(tmp_path):

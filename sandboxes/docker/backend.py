@@ -100,10 +100,23 @@ def _api(base_url: str | None, timeout: float = 60.0, pool: int = 10) -> Any:
     return docker.APIClient(base_url=base_url, timeout=int(timeout), max_pool_size=pool)
 
 
-_OPTIONS = ("image", "pool_size", "limits", "cpus", "user", "base_url", "runtime", "preload", "start_timeout_s", "max_workers")
+_OPTIONS = (
+    "image",
+    "pool_size",
+    "limits",
+    "cpus",
+    "user",
+    "base_url",
+    "runtime",
+    "preload",
+    "start_timeout_s",
+    "max_workers",
+)
 
 
-def _with_limit_fields(backend: str, limits: SandboxLimits | None, fields: dict[str, Any], options: tuple[str, ...]) -> SandboxLimits:
+def _with_limit_fields(
+    backend: str, limits: SandboxLimits | None, fields: dict[str, Any], options: tuple[str, ...]
+) -> SandboxLimits:
     """`limits` with `SandboxLimits` fields given as options applied; unknown options are errors."""
     known = set(SandboxLimits.__dataclass_fields__)
     unknown = sorted(set(fields) - known)
@@ -302,11 +315,17 @@ class DockerBackend(SandboxBackend):
             api = _api(url, timeout=5)
             api.ping()
         except Exception as e:  # noqa: BLE001 - any failure means "not available", with the reason
-            return False, f"no Docker engine answers at {where} ({type(e).__name__}: {e}); start one with `make docker-engine`"
+            return (
+                False,
+                f"no Docker engine answers at {where} ({type(e).__name__}: {e}); start one with `make docker-engine`",
+            )
         try:
             api.inspect_image(image)
         except Exception as e:  # noqa: BLE001
-            return False, f"image `{image}` not found at {where} ({type(e).__name__}); build it with `make docker-engine`"
+            return (
+                False,
+                f"image `{image}` not found at {where} ({type(e).__name__}); build it with `make docker-engine`",
+            )
         finally:
             api.close()
         return True, f"Docker engine at {where}, image `{image}`"
@@ -321,7 +340,9 @@ class DockerBackend(SandboxBackend):
         )
 
     # --- the async protocol --------------------------------------------------------------------
-    async def open_session(self, *, stateless: bool | None = None, limits: SandboxLimits | None = None) -> DockerSession:
+    async def open_session(
+        self, *, stateless: bool | None = None, limits: SandboxLimits | None = None
+    ) -> DockerSession:
         limits = limits or self.limits
         key = _Key.of(bool(stateless), limits)
         box = await self._in_thread(self._acquire, key)
@@ -598,7 +619,9 @@ class DockerBackend(SandboxBackend):
             return
         ids = set(self._live)
         try:
-            ids |= {c["Id"] for c in self._api.containers(all=True, filters={"label": f"{BACKEND_LABEL}={self.backend_id}"})}
+            ids |= {
+                c["Id"] for c in self._api.containers(all=True, filters={"label": f"{BACKEND_LABEL}={self.backend_id}"})
+            }
         except Exception:  # noqa: BLE001 - engine gone: nothing more can be removed
             pass
         for cid in ids:

@@ -67,7 +67,7 @@ def _frame(obj):
 
 def _write_all(fd, data):
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 # --- output kept per stream ---------------------------------------------------------------------
@@ -174,8 +174,11 @@ def _std_streams():
 
     for fd, name in ((1, "stdout"), (2, "stderr")):
         raw = io.FileIO(fd, "w", closefd=False)
-        setattr(sys, name, io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace",
-                                            line_buffering=True, write_through=True))
+        setattr(
+            sys,
+            name,
+            io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=True),
+        )
 
 
 def _worker(ctrl, stateless):
@@ -201,8 +204,16 @@ def _worker(ctrl, stateless):
                 stream.flush()
             except BaseException:  # noqa: BLE001 - a broken stream is the user's doing
                 pass
-        ctrl.sendall(_frame({"exit_status": status, "exception": exception, "memory_error": memory_error,
-                             "cpu_exceeded": cpu_exceeded}))
+        ctrl.sendall(
+            _frame(
+                {
+                    "exit_status": status,
+                    "exception": exception,
+                    "memory_error": memory_error,
+                    "cpu_exceeded": cpu_exceeded,
+                }
+            )
+        )
         if stateless:
             os._exit(0)
 
@@ -398,8 +409,15 @@ def _supervise(worker, msg, cfg):
             else:
                 watch.remove(fd)
     duration = time.monotonic() - start
-    fields = {"timed_out": timed_out, "worker_lost": reply is None, "duration_s": duration,
-              "exit_status": 0, "exception": None, "memory_error": False, "cpu_exceeded": False}
+    fields = {
+        "timed_out": timed_out,
+        "worker_lost": reply is None,
+        "duration_s": duration,
+        "exit_status": 0,
+        "exception": None,
+        "memory_error": False,
+        "cpu_exceeded": False,
+    }
     if reply is not None:
         # The worker flushed before answering: its output is in the pipes already.
         _drain([fd for fd in watch if fd != worker.ctrl], keeps, 0.0)
@@ -421,8 +439,9 @@ def _supervise(worker, msg, cfg):
             fields["exit_status"] = status if status is not None else 137
             fields["cpu_exceeded"] = status == 128 + signal.SIGXCPU
     (stdout, cut_out), (stderr, cut_err) = keeps[worker.out_fd].text(), keeps[worker.err_fd].text()
-    fields.update(stdout=stdout, stderr=stderr, output_truncated=cut_out or cut_err,
-                  oom_kills=_oom_kills() - oom_before)
+    fields.update(
+        stdout=stdout, stderr=stderr, output_truncated=cut_out or cut_err, oom_kills=_oom_kills() - oom_before
+    )
     return fields
 
 
@@ -438,7 +457,8 @@ def main():
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if cfg.get("workdir"):
         os.chdir(cfg["workdir"])
-    import io, linecache, traceback  # noqa: F401,E401 - every worker needs them; forks inherit them
+    import io  # noqa: F401,E401 - every worker needs them; forks inherit them
+
     for name in cfg.get("preload", ()):  # imported once here, inherited by every forked worker
         try:
             __import__(name)

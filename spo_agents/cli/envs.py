@@ -51,7 +51,9 @@ def _run_check_env(args: argparse.Namespace) -> int:
         kwargs[key] = yaml.safe_load(value)
     env_id = envs.spec(args.env_id).id  # fails early, with "Did you mean", on unknown ids
     tokenizer = load_tokenizer(args.model, args.chat_template)
-    results = check_env(lambda: envs.make(env_id, **kwargs), tokenizer=tokenizer, episodes=args.episodes, seed=args.seed)
+    results = check_env(
+        lambda: envs.make(env_id, **kwargs), tokenizer=tokenizer, episodes=args.episodes, seed=args.seed
+    )
     print(format_results(env_id, results))
     return 0 if all(r.passed for r in results) else 1
 
@@ -66,13 +68,31 @@ def _add_check_env_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("env_id", metavar="ID", help="a registered environment id (see `spo-agent envs`)")
-    p.add_argument("--model", default=None, help="model directory or name whose tokenizer and chat template to use (default: the tiny test model, SmolLM2 tokenizer with ChatML)")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template file to use instead of the model's")
-    p.add_argument("--episodes", type=int, default=2, metavar="N", help="episodes per determinism and token check (default 2)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model directory or name whose tokenizer and chat template to use (default: the tiny test model, SmolLM2 tokenizer with ChatML)",
+    )
+    p.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a Jinja chat template file to use instead of the model's"
+    )
+    p.add_argument(
+        "--episodes", type=int, default=2, metavar="N", help="episodes per determinism and token check (default 2)"
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="first seed (default 0)")
-    p.add_argument("--split", default=None, help="problem split to build the env with (default: the env's, normally train)")
-    p.add_argument("--sandbox", default=None, help="sandbox backend for tool environments (default: the env's, normally local)")
-    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help="extra env keyword argument (repeatable), e.g. `--env-arg task=prime_factorization`")
+    p.add_argument(
+        "--split", default=None, help="problem split to build the env with (default: the env's, normally train)"
+    )
+    p.add_argument(
+        "--sandbox", default=None, help="sandbox backend for tool environments (default: the env's, normally local)"
+    )
+    p.add_argument(
+        "--env-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra env keyword argument (repeatable), e.g. `--env-arg task=prime_factorization`",
+    )
     p.set_defaults(func=_run_check_env)
 
 

@@ -30,46 +30,87 @@ LOCK = ".eval.lock"
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on an environment (avg@k, pass@k, maj@k)")
     p.add_argument("--env", required=True, help="environment id (`spo-agent envs`), or `package.module:EnvClass`")
-    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the environment (YAML value); repeatable")
-    p.add_argument("--split", default="test",
-                   help="problem split passed to environments that take `split` (default: test)")
+    p.add_argument(
+        "--env-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the environment (YAML value); repeatable",
+    )
+    p.add_argument(
+        "--split", default="test", help="problem split passed to environments that take `split` (default: test)"
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("-k", type=int, default=1, help="samples per problem (default: 1)")
-    p.add_argument("--backend", choices=["openai", "hf", "vllm"], default=None,
-                   help="default: `openai` with --base-url, else `hf`")
+    p.add_argument(
+        "--backend", choices=["openai", "hf", "vllm"], default=None, help="default: `openai` with --base-url, else `hf`"
+    )
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", default=None,
-                   help="served model name (with --base-url) or a model for --backend hf: a directory, "
-                        "`smollm2-135m` (default) or `tiny-random`")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="served model name (with --base-url) or a model for --backend hf: a directory, "
+        "`smollm2-135m` (default) or `tiny-random`",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer directory matching the served model (default: --model)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (default: OPENAI_API_KEY; `EMPTY` when unset)")
-    p.add_argument("--mode", choices=["auto", "tokens", "text"], default="auto",
-                   help="openai backend: probe the server (auto), require token ids, or text only")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request waits for the next byte of its answer before a retry (default: 600)")
+    p.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default: OPENAI_API_KEY; `EMPTY` when unset)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["auto", "tokens", "text"],
+        default="auto",
+        help="openai backend: probe the server (auto), require token ids, or text only",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request waits for the next byte of its answer before a retry (default: 600)",
+    )
     p.add_argument("--connect-timeout", type=float, default=3.0, help="seconds to open a connection (default: 3)")
-    p.add_argument("--probe-timeout", type=float, default=10.0,
-                   help="seconds the first (1-token) request waits for an answer before the run stops (default: 10)")
-    p.add_argument("--max-retries", type=int, default=5,
-                   help="retries of one request on 429, 5xx, timeouts and dropped connections (default: 5)")
-    p.add_argument("--backoff", type=float, default=0.5,
-                   help="seconds before the first retry, doubling for each next one (default: 0.5)")
+    p.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=10.0,
+        help="seconds the first (1-token) request waits for an answer before the run stops (default: 10)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=int,
+        default=5,
+        help="retries of one request on 429, 5xx, timeouts and dropped connections (default: 5)",
+    )
+    p.add_argument(
+        "--backoff",
+        type=float,
+        default=0.5,
+        help="seconds before the first retry, doubling for each next one (default: 0.5)",
+    )
     p.add_argument("--max-backoff", type=float, default=10.0, help="longest wait between two retries (default: 10)")
-    p.add_argument("--server-wait", type=float, default=300.0,
-                   help="seconds requests wait for a server that went down (refuses connections) to come back "
-                        "(default: 300)")
+    p.add_argument(
+        "--server-wait",
+        type=float,
+        default=300.0,
+        help="seconds requests wait for a server that went down (refuses connections) to come back (default: 300)",
+    )
     p.add_argument("--concurrency", type=int, default=8, help="episodes in flight (default: 8)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=20, help="0 disables")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per generation call (default: 1024)")
-    p.add_argument("--max-episode-tokens", type=int, default=4096,
-                   help="tokens per episode after the prompt (default: 4096)")
+    p.add_argument(
+        "--max-episode-tokens", type=int, default=4096, help="tokens per episode after the prompt (default: 4096)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="where transcripts.jsonl and results.json go (default: runs/eval/ENV-TIME)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where transcripts.jsonl and results.json go (default: runs/eval/ENV-TIME)",
+    )
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
@@ -191,17 +232,25 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
             server_wait_s=args.server_wait,
             max_concurrency=max(args.concurrency, 1),
         )
-        print(f"connecting to {args.base_url} (model `{model}`): a 1-token request, waiting up to "
-              f"{args.probe_timeout:g} s for its answer", file=sys.stderr)
+        print(
+            f"connecting to {args.base_url} (model `{model}`): a 1-token request, waiting up to "
+            f"{args.probe_timeout:g} s for its answer",
+            file=sys.stderr,
+        )
     else:
         policy = make_policy(backend, model)
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
     )
     settings = {
-        "env": env_id, "split": args.split, "backend": backend, "model": model, "base_url": args.base_url,
-        "env_kwargs": args.env_kwargs, "problems": args.problems_fingerprint,
-    }  # fmt: skip
+        "env": env_id,
+        "split": args.split,
+        "backend": backend,
+        "model": model,
+        "base_url": args.base_url,
+        "env_kwargs": args.env_kwargs,
+        "problems": args.problems_fingerprint,
+    }
 
     async def run():
         try:
@@ -230,10 +279,12 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
     print(f"results: {out / 'results.json'}\ntranscripts: {transcripts}")
     failed = report.failed_samples
     if failed:
-        print(f"{len(failed)} of {report.num_problems * report.k} samples failed for infrastructure reasons after "
-              f"retries and are left out of the metrics, which cover the {report.num_samples} that finished "
-              f"(`failed_samples` in results.json; first: {failed[0]['error']}); `--resume --out {out}` redoes them",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{len(failed)} of {report.num_problems * report.k} samples failed for infrastructure reasons after "
+            f"retries and are left out of the metrics, which cover the {report.num_samples} that finished "
+            f"(`failed_samples` in results.json; first: {failed[0]['error']}); `--resume --out {out}` redoes them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -18,15 +18,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sandbox", help="run code in a sandbox backend, list backends")
     ssub = p.add_subparsers(dest="sandbox_command", metavar="SUBCOMMAND")
 
-    run = ssub.add_parser("run", help="run a Python file (or - for stdin) in a sandbox session and print the result as JSON")
+    run = ssub.add_parser(
+        "run", help="run a Python file (or - for stdin) in a sandbox session and print the result as JSON"
+    )
     run.add_argument("file", help="Python source file, or - to read stdin")
-    run.add_argument("--backend", default="local", help="sandbox backend (default: local; see `spo-agent sandbox list`)")
-    run.add_argument("--timeout", type=float, default=None, help="wall-clock seconds per call (default: the backend's, 10)")
+    run.add_argument(
+        "--backend", default="local", help="sandbox backend (default: local; see `spo-agent sandbox list`)"
+    )
+    run.add_argument(
+        "--timeout", type=float, default=None, help="wall-clock seconds per call (default: the backend's, 10)"
+    )
     run.add_argument("--stateless", action="store_true", help="a fresh interpreter for every call")
     run.add_argument("--repeat", type=int, default=1, help="run the code this many times in the same session")
     run.add_argument("--pretty", action="store_true", help="print a readable summary instead of JSON")
-    run.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                     help="backend option, e.g. isolation=none, memory_mb=512 (repeatable)")
+    run.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option, e.g. isolation=none, memory_mb=512 (repeatable)",
+    )
     run.set_defaults(func=_run)
 
     lst = ssub.add_parser("list", help="show the registered backends, whether they are available and their isolation")
@@ -62,7 +74,9 @@ def _read_code(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read the code file `{path}`: {e.strerror}; pass a readable .py file or `-` for stdin") from e
+        raise ConfigError(
+            f"cannot read the code file `{path}`: {e.strerror}; pass a readable .py file or `-` for stdin"
+        ) from e
 
 
 def _pretty(result, index: int, total: int) -> str:
@@ -120,7 +134,9 @@ def _list(args: argparse.Namespace) -> int:
     rows = []
     for spec in SANDBOXES.list():
         ok, reason = backend_availability(spec.id)
-        rows.append({"name": spec.id, "available": ok, "detail": reason, "source": spec.source, "description": describe(spec)})
+        rows.append(
+            {"name": spec.id, "available": ok, "detail": reason, "source": spec.source, "description": describe(spec)}
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

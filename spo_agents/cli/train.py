@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-
 _ENV_ARG_HELP = "environment option, repeatable (sets `env.kwargs.KEY`), e.g. --env-arg source=procedural:arith-mul"
 
 
@@ -17,7 +16,9 @@ def _env_arg_overrides(items: list[str]) -> list[str]:
     for item in items:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip() or "." in key:
-            raise ConfigError(f"`--env-arg {item}` must look like KEY=VALUE with a plain key, e.g. `--env-arg source=procedural:arith`")
+            raise ConfigError(
+                f"`--env-arg {item}` must look like KEY=VALUE with a plain key, e.g. `--env-arg source=procedural:arith`"
+            )
         out.append(f"env.kwargs.{item.strip()}")
     return out
 
@@ -35,9 +36,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML config file (see configs/)")
     p.add_argument("--model", default=None, help="model name or directory (sets `model.name`)")
     p.add_argument("--steps", type=int, default=None, help="learner steps (sets `train.steps`)")
-    p.add_argument("--rollout", default=None, choices=["hf", "vllm", "openai", "vllm-server"], help="rollout backend (sets `rollout.backend`); `vllm-server` starts a vLLM server unless --base-url is given")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint of a running server (sets `rollout.base_url`)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run (its saved config, plus overrides)")
+    p.add_argument(
+        "--rollout",
+        default=None,
+        choices=["hf", "vllm", "openai", "vllm-server"],
+        help="rollout backend (sets `rollout.backend`); `vllm-server` starts a vLLM server unless --base-url is given",
+    )
+    p.add_argument(
+        "--base-url", default=None, help="OpenAI-compatible endpoint of a running server (sets `rollout.base_url`)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run (its saved config, plus overrides)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tracker.rho_min=0.9 train.batch_size=16")
     p.set_defaults(func=_train)
 
@@ -57,7 +70,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=1.0")
     e.set_defaults(func=_estimate_values)
 
-    pl = sub.add_parser("plot", help="write PNG curves of a run's metrics", description="Write one PNG per metric group to RUN_DIR/plots/.")
+    pl = sub.add_parser(
+        "plot",
+        help="write PNG curves of a run's metrics",
+        description="Write one PNG per metric group to RUN_DIR/plots/.",
+    )
     pl.add_argument("run_dir", metavar="RUN_DIR")
     pl.add_argument("--out", default=None, help="output directory (default: RUN_DIR/plots)")
     pl.set_defaults(func=_plot)
@@ -89,7 +106,9 @@ def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.resume:
         if args.config:
-            raise ConfigError("`--resume` uses the run's saved `config.yaml`; drop `--config` (dotted overrides still apply)")
+            raise ConfigError(
+                "`--resume` uses the run's saved `config.yaml`; drop `--config` (dotted overrides still apply)"
+            )
         overrides = list(args.overrides)
         if args.steps is not None:
             overrides.append(f"train.steps={args.steps}")
@@ -98,7 +117,9 @@ def _train(args: argparse.Namespace) -> int:
         if args.base_url:
             overrides.append(f"rollout.base_url={args.base_url}")
         if args.env or args.model or args.env_arg:
-            raise ConfigError("`--env`, `--env-arg` and `--model` cannot change on `--resume`; the checkpoint belongs to the saved ones")
+            raise ConfigError(
+                "`--env`, `--env-arg` and `--model` cannot change on `--resume`; the checkpoint belongs to the saved ones"
+            )
         cfg = load_run_config(args.resume, overrides)
         run_dir = args.resume
     else:
@@ -108,7 +129,9 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of a multi-process learner: rank 0 reports
         return 0
     evals = ", ".join(f"step {s}: {v:.3f}" for s, v in res.eval_history)
-    print(f"finished at step {res.step}{' (stopped at train.max_minutes)' if res.stopped_early else ''}; run directory: {res.run_dir}")
+    print(
+        f"finished at step {res.step}{' (stopped at train.max_minutes)' if res.stopped_early else ''}; run directory: {res.run_dir}"
+    )
     if evals:
         print(f"held-out avg@{cfg.eval.k}: {evals}")
     return 0
@@ -121,7 +144,9 @@ def _estimate_values(args: argparse.Namespace) -> int:
     counts = estimate_values(cfg, n=args.n, out=args.out, limit=args.limit)
     total_s = sum(s for s, _ in counts.values())
     total_n = sum(n for _, n in counts.values())
-    print(f"wrote {args.out}: {len(counts)} problems, {total_s}/{total_n} successful samples; use it with `tracker.init_values={args.out}`")
+    print(
+        f"wrote {args.out}: {len(counts)} problems, {total_s}/{total_n} successful samples; use it with `tracker.init_values={args.out}`"
+    )
     return 0
 
 

@@ -47,4 +47,6 @@ def make_policy(backend: str, model: str, **kw: Any) -> PolicyBackend:
         from spo_agents.policy.vllm import VLLMPolicy
 
         return VLLMPolicy(resolve_model(model), **kw)
-    raise ConfigError(f"unknown policy backend `{backend}`; expected one of {', '.join(f'`{b}`' for b in BACKENDS)}.{did_you_mean(backend, BACKENDS)}")
+    raise ConfigError(
+        f"unknown policy backend `{backend}`; expected one of {', '.join(f'`{b}`' for b in BACKENDS)}.{did_you_mean(backend, BACKENDS)}"
+    )

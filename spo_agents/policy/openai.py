@@ -138,10 +138,17 @@ class OpenAIPolicy(PolicyBackend):
 
         if mode not in ("auto", "tokens", "text"):
             raise PolicyError(f"`mode` must be `auto`, `tokens` or `text`, got `{mode}`")
-        positive = {"request_timeout_s": request_timeout_s, "connect_timeout_s": connect_timeout_s,
-                    "probe_timeout_s": probe_timeout_s}  # fmt: skip
-        not_negative = {"max_retries": max_retries, "backoff_s": backoff_s, "max_backoff_s": max_backoff_s,
-                        "server_wait_s": server_wait_s}  # fmt: skip
+        positive = {
+            "request_timeout_s": request_timeout_s,
+            "connect_timeout_s": connect_timeout_s,
+            "probe_timeout_s": probe_timeout_s,
+        }
+        not_negative = {
+            "max_retries": max_retries,
+            "backoff_s": backoff_s,
+            "max_backoff_s": max_backoff_s,
+            "server_wait_s": server_wait_s,
+        }
         bad = [f"`{k}` = {v}" for k, v in positive.items() if not v > 0]
         bad += [f"`{k}` = {v}" for k, v in not_negative.items() if not v >= 0]
         if bad:
@@ -293,8 +300,10 @@ class OpenAIPolicy(PolicyBackend):
             log.warning(
                 "the server at %s refuses connections (%s): requests wait up to %g s (`--server-wait`) for it "
                 "to come back",
-                self.base_url, cause, self.server_wait_s,
-            )  # fmt: skip
+                self.base_url,
+                cause,
+                self.server_wait_s,
+            )
         down = now - self._down_since
         if down >= self.server_wait_s:
             raise PolicyError(

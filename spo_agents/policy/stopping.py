@@ -54,7 +54,9 @@ class StopScanner:
         return None
 
 
-def find_stop(tokenizer: Any, token_ids: Sequence[int], stop: Iterable[str], eos_ids: Iterable[int]) -> StopMatch | None:
+def find_stop(
+    tokenizer: Any, token_ids: Sequence[int], stop: Iterable[str], eos_ids: Iterable[int]
+) -> StopMatch | None:
     """The first stop in `token_ids` (see `StopScanner`), or `None` when there is none."""
     scanner = StopScanner(tokenizer, stop, eos_ids)
     for t in token_ids:

@@ -38,7 +38,9 @@ class VLLMPolicy(PolicyBackend):
         engine_kwargs: further `AsyncEngineArgs` fields.
     """
 
-    def __init__(self, model: str, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5, **engine_kwargs: Any) -> None:
+    def __init__(
+        self, model: str, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5, **engine_kwargs: Any
+    ) -> None:
         super().__init__()
         try:
             import vllm  # noqa: F401
@@ -98,7 +100,9 @@ class VLLMPolicy(PolicyBackend):
         self._running += 1
         try:
             final = None
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, f"spo-{next(self._ids)}"):
+            async for out in self.engine.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, f"spo-{next(self._ids)}"
+            ):
                 final = out
         except Exception as e:  # noqa: BLE001 - the engine raises many types
             raise PolicyError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
@@ -110,7 +114,9 @@ class VLLMPolicy(PolicyBackend):
             raise PolicyError("vLLM returned no output for a request")
         c = final.outputs[0]
         if c.finish_reason not in ("stop", "length"):
-            raise PolicyError(f"vLLM ended a generation with finish_reason `{c.finish_reason}` (aborted or failed); its partial turn is not trained on")
+            raise PolicyError(
+                f"vLLM ended a generation with finish_reason `{c.finish_reason}` (aborted or failed); its partial turn is not trained on"
+            )
         ids = list(c.token_ids)
         lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs or [])]
         if c.finish_reason == "length":

@@ -37,7 +37,9 @@ class FakeSession(SandboxSession):
                 exec(compile(code, "<code>", "exec"), self.namespace)
             except BaseException:  # noqa: BLE001 - user code may raise anything
                 exc = traceback.format_exc(limit=-1)
-        return SandboxResult(stdout=out.getvalue(), exception=exc, exit_status=1 if exc else 0, duration_s=time.perf_counter() - start)
+        return SandboxResult(
+            stdout=out.getvalue(), exception=exc, exit_status=1 if exc else 0, duration_s=time.perf_counter() - start
+        )
 
     async def close(self) -> None:
         self.closed += 1

@@ -89,7 +89,9 @@ def labelled_env(checker):
     env.close()
 
 
-@pytest.mark.parametrize("i", range(len(LABELLED)), ids=[f"{i}:{t[:30]!r}->{r!r}" for i, (t, r, _) in enumerate(LABELLED)])
+@pytest.mark.parametrize(
+    "i", range(len(LABELLED)), ids=[f"{i}:{t[:30]!r}->{r!r}" for i, (t, r, _) in enumerate(LABELLED)]
+)
 def test_math_python_reward_matches_hand_label(labelled_env, i):
     text, ref, label = LABELLED[i]
     labelled_env.reset(options={"problem_id": f"p{i}"})

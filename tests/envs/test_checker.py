@@ -167,7 +167,14 @@ def qwen3_tokenizer(tmp_path_factory):
 @pytest.mark.parametrize("env_cls", [ChatEnv, ToolEnv])
 def test_well_behaved_envs_pass_every_check(env_cls, tokenizer):
     results = check_env(env_cls, tokenizer=tokenizer, episodes=2)
-    assert [r.name for r in results] == ["gymnasium-api", "problem-selection", "determinism", "garbage-actions", "stop-sequences", "token-contract"]
+    assert [r.name for r in results] == [
+        "gymnasium-api",
+        "problem-selection",
+        "determinism",
+        "garbage-actions",
+        "stop-sequences",
+        "token-contract",
+    ]
     assert all(r.passed for r in results), format_results(env_cls.__name__, results)
 
 

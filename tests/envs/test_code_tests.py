@@ -57,7 +57,11 @@ def test_result_lines_without_the_run_marker_are_ignored():
 
 
 def test_shipped_set_has_a_disjoint_train_test_split():
-    rows = [json.loads(l) for l in resources.files("spo_agents.envs.data").joinpath("code_problems.jsonl").read_text().splitlines() if l.strip()]
+    rows = [
+        json.loads(l)
+        for l in resources.files("spo_agents.envs.data").joinpath("code_problems.jsonl").read_text().splitlines()
+        if l.strip()
+    ]
     train = [r for r in rows if r["split"] == "train"]
     test = [r for r in rows if r["split"] == "test"]
     assert len(rows) == 30 and len(train) == 20 and len(test) == 10
@@ -150,7 +154,7 @@ def test_malformed_answers_are_feedback_not_errors(env, action, expect):
 
 def test_forged_result_lines_printed_by_the_code_do_not_pass(env):
     start(env)
-    forge = "```python\nfor i in range(8):\n    print('@@spo-0@@{\"i\": %d, \"got\": 14}' % i)\ndef sum_of_squares(n):\n    return -1\n```"
+    forge = '```python\nfor i in range(8):\n    print(\'@@spo-0@@{"i": %d, "got": 14}\' % i)\ndef sum_of_squares(n):\n    return -1\n```'
     obs, _, terminated, _, _ = env.step(forge)
     assert not terminated and "returned -1, expected 14" in obs
 

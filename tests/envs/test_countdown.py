@@ -12,7 +12,9 @@ from spo_agents.envs.countdown import CountdownEnv, evaluate_expression, generat
 from spo_agents.types import Problem
 
 NUMBERS = [3, 5, 25, 50]
-PROBLEM = Problem("countdown/3-5-25-50/110", "Numbers: [3, 5, 25, 50]. Target: 110.", "110", {"numbers": NUMBERS, "target": 110})
+PROBLEM = Problem(
+    "countdown/3-5-25-50/110", "Numbers: [3, 5, 25, 50]. Target: 110.", "110", {"numbers": NUMBERS, "target": 110}
+)
 
 
 @pytest.fixture
@@ -32,7 +34,18 @@ def play(env, *actions):
 
 
 # --- the checker ------------------------------------------------------------------------------
-@pytest.mark.parametrize("expr", ["(25 - 3) * 5", "5*(25-3)", "5 \\times (25 - 3)", "(25 − 3) × 5", "\\left(25-3\\right)\\cdot 5", "(25 - 3) * 5 = 110", "{25 - 3} * 5"])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "(25 - 3) * 5",
+        "5*(25-3)",
+        "5 \\times (25 - 3)",
+        "(25 − 3) × 5",
+        "\\left(25-3\\right)\\cdot 5",
+        "(25 - 3) * 5 = 110",
+        "{25 - 3} * 5",
+    ],
+)
 def test_equivalent_spellings_of_a_right_answer_reach_the_target(expr):
     ev = evaluate_expression(expr, NUMBERS)
     assert ev.legal, ev

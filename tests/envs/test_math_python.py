@@ -10,7 +10,10 @@ from spo_agents.envs.base import Timings
 from spo_agents.envs.math_python import MathPythonEnv, find_code, one_shot_messages
 from spo_agents.types import Problem, ToolCall
 
-PROBLEMS = [Problem(id="mul", prompt="What is 37 * 48?", answer="1776"), Problem(id="half", prompt="What is 1/2?", answer="1/2")]
+PROBLEMS = [
+    Problem(id="mul", prompt="What is 37 * 48?", answer="1776"),
+    Problem(id="half", prompt="What is 1/2?", answer="1/2"),
+]
 
 
 @pytest.fixture
@@ -28,7 +31,11 @@ def test_interface_attributes(env):
 def test_prompt_has_system_one_shot_and_problem(env):
     messages, info = env.reset(options={"problem_id": "mul"})
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert "<code>" in messages[0]["content"] and "\\boxed" in messages[0]["content"] and "8 times" in messages[0]["content"]
+    assert (
+        "<code>" in messages[0]["content"]
+        and "\\boxed" in messages[0]["content"]
+        and "8 times" in messages[0]["content"]
+    )
     shot = messages[2]["content"]
     assert "<code>" in shot and "</code>\n<interpreter>\n" in shot and "\\boxed{" in shot
     assert messages[3]["content"] == "What is 37 * 48?"
@@ -36,7 +43,9 @@ def test_prompt_has_system_one_shot_and_problem(env):
 
 
 def test_prompt_options(fake_backend):
-    e = MathPythonEnv(problems=PROBLEMS, sandbox=fake_backend, one_shot=False, system_prompt="", prompt_template="Q: {prompt}")
+    e = MathPythonEnv(
+        problems=PROBLEMS, sandbox=fake_backend, one_shot=False, system_prompt="", prompt_template="Q: {prompt}"
+    )
     messages, _ = e.reset(options={"problem_id": "mul"})
     assert messages == [{"role": "user", "content": "Q: What is 37 * 48?"}]
     with pytest.raises(ValueError, match="must contain `{prompt}`"):
@@ -251,7 +260,13 @@ def local_backend():
 def test_local_sandbox_episode(local_backend, checker):
     from spo_agents.sandboxes.base import SandboxLimits
 
-    e = envs.make("math-python", problems=PROBLEMS, sandbox=local_backend, checker=checker, sandbox_limits=SandboxLimits(timeout_s=1))
+    e = envs.make(
+        "math-python",
+        problems=PROBLEMS,
+        sandbox=local_backend,
+        checker=checker,
+        sandbox_limits=SandboxLimits(timeout_s=1),
+    )
     e.reset(options={"problem_id": "mul"})
     obs, *_ = e.step("<code>x = 37 * 48\nprint(x)</code>")
     assert obs == "\n<interpreter>\n1776\n</interpreter>\n"

@@ -104,7 +104,9 @@ async def test_a_short_request_returns_while_a_long_one_runs(base):
         long = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=300, seed=1)))
         await _until(lambda: policy.stats["steps"] >= 3)
         submitted = policy.stats["steps"]
-        short = await policy.generate(_prompt(base, "a somewhat longer prompt for the short one"), SamplingParams(max_new_tokens=4))
+        short = await policy.generate(
+            _prompt(base, "a somewhat longer prompt for the short one"), SamplingParams(max_new_tokens=4)
+        )
         returned = policy.stats["steps"]
         assert len(short.token_ids) == 4 and short.finish_reason == "length"
         assert not long.done()
@@ -193,9 +195,15 @@ async def test_each_request_stops_at_its_own_budget(base):
     policy = _steered(base)
     try:
         budgets = [1, 2, 5, 17, 33]
-        early = [asyncio.create_task(policy.generate(_prompt(base, f"p{n}"), SamplingParams(max_new_tokens=n))) for n in budgets[3:]]
+        early = [
+            asyncio.create_task(policy.generate(_prompt(base, f"p{n}"), SamplingParams(max_new_tokens=n)))
+            for n in budgets[3:]
+        ]
         await _until(lambda: policy.stats["steps"] >= 1)
-        later = [policy.generate(_prompt(base, f"q{n}"), SamplingParams(max_new_tokens=n, temperature=0.5)) for n in budgets[:3]]
+        later = [
+            policy.generate(_prompt(base, f"q{n}"), SamplingParams(max_new_tokens=n, temperature=0.5))
+            for n in budgets[:3]
+        ]
         gens = await asyncio.gather(*early, *later)
         for n, g in zip(budgets[3:] + budgets[:3], gens):
             assert len(g.token_ids) == len(g.logprobs) == n and g.finish_reason == "length"
@@ -262,13 +270,18 @@ async def test_logprobs_equal_the_learners_scoring(base):
         temperature = 0.7
         long_prompt = _prompt(base, " ".join(f"word{i}" for i in range(40)))
         jobs = [(long_prompt, 3), (_prompt(base, "short"), 30), (_prompt(base, "a medium sized prompt"), 25)]
-        first = [asyncio.create_task(policy.generate(p, SamplingParams(temperature=temperature, max_new_tokens=n))) for p, n in jobs]
+        first = [
+            asyncio.create_task(policy.generate(p, SamplingParams(temperature=temperature, max_new_tokens=n)))
+            for p, n in jobs
+        ]
         await _until(lambda: policy.stats["steps"] >= 5)
         late_prompt = _prompt(base, "joins later with its own prompt")
         late = policy.generate(late_prompt, SamplingParams(temperature=temperature, max_new_tokens=12))
         gens = await asyncio.gather(*first, late)
         prompts = [p for p, _ in jobs] + [late_prompt]
-        trajs = [Trajectory("p", "e", p, g.token_ids, [1] * len(g.token_ids), g.logprobs, 0.0) for p, g in zip(prompts, gens)]
+        trajs = [
+            Trajectory("p", "e", p, g.token_ids, [1] * len(g.token_ids), g.logprobs, 0.0) for p, g in zip(prompts, gens)
+        ]
         b = pack(trajs, base.pad_id)
         with torch.no_grad():
             learner, _ = token_logprobs(base.model, b, temperature)
@@ -281,13 +294,17 @@ async def test_logprobs_equal_the_learners_scoring(base):
 
 async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
     from say_env import SayEnv
-
     from spo_agents.rollout import run_episode
 
     policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
     try:
         sampling = SamplingParams(temperature=0.8, max_new_tokens=12)
-        trajs = await asyncio.gather(*(run_episode(SayEnv(), policy, f"test-{i}", sampling=sampling, max_episode_tokens=80, seed=i) for i in range(4)))
+        trajs = await asyncio.gather(
+            *(
+                run_episode(SayEnv(), policy, f"test-{i}", sampling=sampling, max_episode_tokens=80, seed=i)
+                for i in range(4)
+            )
+        )
         assert all(t.error is None for t in trajs) and any(len(t.turn_starts) == 2 for t in trajs)
         b = pack(trajs, base.pad_id)
         with torch.no_grad():
@@ -305,7 +322,12 @@ async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(base):
         prompt = _prompt(base, "seeded prompt")
         params = SamplingParams(max_new_tokens=16, seed=5)
         alone = await policy.generate(prompt, params)
-        others = [asyncio.create_task(policy.generate(_prompt(base, f"other prompt number {i}"), SamplingParams(max_new_tokens=24))) for i in range(3)]
+        others = [
+            asyncio.create_task(
+                policy.generate(_prompt(base, f"other prompt number {i}"), SamplingParams(max_new_tokens=24))
+            )
+            for i in range(3)
+        ]
         await _until(lambda: policy.stats["steps"] >= 2)
         batched = await policy.generate(prompt, params)
         await asyncio.gather(*others)

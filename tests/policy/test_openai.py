@@ -205,8 +205,9 @@ async def test_a_reply_without_token_ids_or_logprobs_is_an_error(server_with):
 
 async def test_retries_on_429_and_5xx_then_succeeds(server_with):
     ok = _completion([7, 8], [-0.2, -0.3], finish="length")
-    url, script = server_with([(429, {"error": "slow down"}), (503, {"error": "busy"}), (500, {"error": "oops"}),
-                               (200, ok)])  # fmt: skip
+    url, script = server_with(
+        [(429, {"error": "slow down"}), (503, {"error": "busy"}), (500, {"error": "oops"}), (200, ok)]
+    )
     policy = _policy(url, mode="tokens")
     g = await policy.generate([1], SamplingParams(max_new_tokens=2))
     assert g.token_ids == [7, 8] and g.finish_reason == "length"
@@ -329,8 +330,11 @@ async def test_a_base_url_without_v1_is_diagnosed_as_such(server_with):
     await policy.close()
 
 
-@pytest.mark.parametrize("reply", [("raw", 200, "text/html", b"<html><body>Welcome</body></html>"),
-                                   ("raw", 200, "application/json", b"{not json")], ids=["html", "bad-json"])
+@pytest.mark.parametrize(
+    "reply",
+    [("raw", 200, "text/html", b"<html><body>Welcome</body></html>"), ("raw", 200, "application/json", b"{not json")],
+    ids=["html", "bad-json"],
+)
 async def test_a_reply_that_is_not_json_is_a_clear_error(server_with, reply):
     url, _ = server_with([reply])
     policy = _policy(url)
@@ -346,8 +350,12 @@ async def test_a_reply_that_is_not_json_is_a_clear_error(server_with, reply):
 async def test_the_probe_retries_5xx_and_429_for_real(server_with):
     """A transient 500 or 429 on the very first request must not end the run: the probe is sent again."""
     ok = _completion([5], [-0.1])
-    replies = [(500, {"error": "warming up"}), (429, {"error": "slow down"}), (200, ok),
-               (200, _completion([7], [-0.2]))]  # fmt: skip
+    replies = [
+        (500, {"error": "warming up"}),
+        (429, {"error": "slow down"}),
+        (200, ok),
+        (200, _completion([7], [-0.2])),
+    ]
     url, script = server_with(replies)
     policy = _policy(url)
     await policy.connect()
@@ -368,8 +376,9 @@ async def test_retry_after_is_honoured(server_with, header):
     await policy.close()
 
 
-@pytest.mark.parametrize("drop", [("drop",), ("cut", 200, _completion([3, 4], [-0.1, -0.2]))],
-                         ids=["before-reply", "mid-body"])  # fmt: skip
+@pytest.mark.parametrize(
+    "drop", [("drop",), ("cut", 200, _completion([3, 4], [-0.1, -0.2]))], ids=["before-reply", "mid-body"]
+)
 async def test_dropped_connections_are_retried(server_with, drop):
     url, script = server_with([drop, drop, (200, _completion([9], [-0.1]))])
     policy = _policy(url, mode="tokens")

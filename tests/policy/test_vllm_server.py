@@ -43,7 +43,9 @@ def server():
     if url:
         from types import SimpleNamespace
 
-        yield SimpleNamespace(openai_base_url=url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1")
+        yield SimpleNamespace(
+            openai_base_url=url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+        )
         return
     python = _server_python()
     if python is None:
@@ -52,7 +54,14 @@ def server():
 
     # --enforce-eager skips torch.compile warm-up: ready in about 160 s instead of over 300 s on
     # a loaded 2-core machine
-    srv = VLLMServer(_tiny_dir(), python=python, dtype="float32", kv_cache_bytes=1 << 30, startup_timeout_s=600, extra_args=["--enforce-eager"])
+    srv = VLLMServer(
+        _tiny_dir(),
+        python=python,
+        dtype="float32",
+        kv_cache_bytes=1 << 30,
+        startup_timeout_s=600,
+        extra_args=["--enforce-eager"],
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -91,7 +100,9 @@ async def test_tokens_and_logprobs_match_the_hf_backend(server):
                 masked[keep] = z[keep]
                 ref.append(float(torch.log_softmax(masked, -1)[token]))
             diff = max(abs(a - b) for a, b in zip(g.logprobs, ref))
-            print(f"\nstop={stop}: {len(g.token_ids)} tokens ({g.finish_reason}), max |vLLM - hf| log-prob = {diff:.1e}")
+            print(
+                f"\nstop={stop}: {len(g.token_ids)} tokens ({g.finish_reason}), max |vLLM - hf| log-prob = {diff:.1e}"
+            )
             assert diff < 1e-3
             compared += len(g.token_ids)
     assert compared >= 24  # the stop-free generations run to 16 tokens unless they sample end-of-text

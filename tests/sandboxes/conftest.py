@@ -6,9 +6,8 @@ runs the same suites against Docker.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import warnings
+from collections.abc import Iterator
 
 import pytest
 

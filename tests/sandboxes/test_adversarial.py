@@ -76,8 +76,10 @@ EXPONENTIAL_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    exc
 def _why_no_process_cap(backend) -> str | None:
     """Why `max_processes` is not enforced by this backend here (None when it is)."""
     if backend.name == "local" and os.geteuid() == 0 and not backend._pids_cap.available:
-        return ("running as root without a writable cgroup v1 `pids` controller, `max_processes` is not enforced: "
-                "the kernel exempts host root from RLIMIT_NPROC (sandboxes/README.md); run as a user, or use `docker`")
+        return (
+            "running as root without a writable cgroup v1 `pids` controller, `max_processes` is not enforced: "
+            "the kernel exempts host root from RLIMIT_NPROC (sandboxes/README.md); run as a user, or use `docker`"
+        )
     return None
 
 
@@ -167,7 +169,10 @@ async def test_disk_fill(backend, tmp_path):
 
 async def test_hundred_megabytes_of_stdout(backend):
     async with await _open(backend, max_output_bytes=10_000) as s:
-        r = await s.run("import sys\nblock = 'y' * 2**20\nfor _ in range(100):\n    sys.stdout.write(block)\nprint('END')", timeout=30.0)
+        r = await s.run(
+            "import sys\nblock = 'y' * 2**20\nfor _ in range(100):\n    sys.stdout.write(block)\nprint('END')",
+            timeout=30.0,
+        )
         assert r.output_truncated
         assert len(r.stdout) < 10_000 + 200
         assert r.stdout.rstrip().endswith("END")

@@ -39,13 +39,17 @@ async def test_stderr_is_captured_separately(backend):
 
 async def test_output_of_child_processes_is_captured(backend):
     async with await _open(backend) as s:
-        r = await s.run("import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'print(\"from child\")'], check=True)")
+        r = await s.run(
+            "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'print(\"from child\")'], check=True)"
+        )
     assert "from child" in r.stdout, r
 
 
 async def test_numpy_and_sympy_are_importable(backend):
     async with await _open(backend) as s:
-        r = await s.run("import numpy as np, sympy as sp\nx = sp.Symbol('x')\nprint(int(np.arange(5).sum()), sp.solve(x**2 - 4, x))")
+        r = await s.run(
+            "import numpy as np, sympy as sp\nx = sp.Symbol('x')\nprint(int(np.arange(5).sum()), sp.solve(x**2 - 4, x))"
+        )
     assert r.ok, r
     assert r.stdout.strip() == "10 [-2, 2]"
 
@@ -237,7 +241,17 @@ def test_sync_session_wrapper(backend):
 def test_result_serialises(backend):
     with open_session_sync(backend, limits=limits()) as s:
         d = s.run("print('x')").to_dict()
-    for key in ("stdout", "stderr", "exit_status", "exception", "timed_out", "memory_exceeded",
-                "output_truncated", "session_restarted", "duration_s", "ok"):
+    for key in (
+        "stdout",
+        "stderr",
+        "exit_status",
+        "exception",
+        "timed_out",
+        "memory_exceeded",
+        "output_truncated",
+        "session_restarted",
+        "duration_s",
+        "ok",
+    ):
         assert key in d
     assert d["ok"] is True and d["duration_s"] > 0

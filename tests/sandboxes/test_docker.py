@@ -132,8 +132,9 @@ class _DriverProcess:
 
     def __init__(self, tmp_path, **cfg):
         cfg = {"uid": None, "workdir": str(tmp_path), "max_output_bytes": 1000, **cfg}
-        self.p = subprocess.Popen([PY, "-c", dockermod.driver_source(), json.dumps(cfg)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.p = subprocess.Popen(
+            [PY, "-c", dockermod.driver_source(), json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         assert self.recv()["op"] == "ready"
 
     def recv(self) -> dict:
@@ -253,7 +254,8 @@ async def test_container_settings(be):
 @needs_engine
 async def test_code_runs_unprivileged_without_network_on_a_read_only_root(be):
     async with await be.open_session(limits=_limits()) as s:
-        r = await s.run(textwrap.dedent("""
+        r = await s.run(
+            textwrap.dedent("""
             import os, socket
             print(os.getuid(), os.getgid())
             print([name for _, name in socket.if_nameindex()])
@@ -263,7 +265,8 @@ async def test_code_runs_unprivileged_without_network_on_a_read_only_root(be):
                     open(p, 'w').write('x'); print('wrote', p)
                 except OSError as e:
                     print('denied', p, e.errno)
-            """))
+            """)
+        )
     assert r.ok, r
     lines = r.stdout.splitlines()
     assert lines[0] == "1000 1000"
@@ -276,7 +279,8 @@ async def test_code_runs_unprivileged_without_network_on_a_read_only_root(be):
 @needs_engine
 async def test_process_limit_stops_forking(be):
     async with await be.open_session(limits=_limits(max_processes=16)) as s:
-        r = await s.run(textwrap.dedent("""
+        r = await s.run(
+            textwrap.dedent("""
             import os, time
             kids = []
             try:
@@ -287,7 +291,9 @@ async def test_process_limit_stops_forking(be):
                     kids.append(pid)
             except OSError as e:
                 print('stopped at', len(kids), e.errno)
-            """), timeout=20)
+            """),
+            timeout=20,
+        )
         after = await s.run("print('ok')")
     assert "stopped at" in r.stdout, r
     assert int(r.stdout.split()[2]) <= 16 + 4
@@ -313,7 +319,10 @@ async def test_out_of_memory_kills_the_worker_not_the_container(be):
 async def test_timeout_restarts_the_worker_in_the_same_container(be):
     async with await be.open_session(limits=_limits()) as s:
         cid = s.container_id
-        r = await s.run("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\nwhile True: pass", timeout=1)
+        r = await s.run(
+            "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\nwhile True: pass",
+            timeout=1,
+        )
         ps = await s.run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
         assert s.container_id == cid
     assert r.timed_out and r.session_restarted
@@ -326,11 +335,13 @@ async def test_timeout_restarts_the_worker_in_the_same_container(be):
 async def test_a_crash_leaves_no_process_of_the_code_behind(be):
     async with await be.open_session(limits=_limits()) as s:
         cid = s.container_id
-        r = await s.run(textwrap.dedent("""
+        r = await s.run(
+            textwrap.dedent("""
             import os, subprocess, sys
             subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)
             os._exit(9)
-            """))
+            """)
+        )
         ps = await s.run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
         assert s.container_id == cid
     assert r.session_restarted and r.exit_status == 9
@@ -342,7 +353,9 @@ async def test_a_crash_leaves_no_process_of_the_code_behind(be):
 async def test_killing_the_supervisor_replaces_the_container_and_removes_the_old_one(be):
     async with await be.open_session(limits=_limits()) as s:
         old = s.container_id
-        r = await s.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(2)", timeout=5)
+        r = await s.run(
+            "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nimport time\ntime.sleep(2)", timeout=5
+        )
         # The worker is another uid: the kill is refused and the supervisor stays.
         assert s.container_id == old and not r.session_restarted, r
         be._api.kill(old)  # now from outside: an infrastructure failure, then a fresh container

@@ -18,7 +18,9 @@ from spo_agents.errors import SandboxError
 from spo_agents.sandboxes.base import SandboxLimits
 from spo_agents.sandboxes.e2b import E2BBackend, execution_to_result, keep_head_and_tail, strip_ansi
 
-e2b_ci = pytest.importorskip("e2b_code_interpreter", reason="the E2B SDK is not installed (`pip install 'spo-agents[e2b]'`)")
+e2b_ci = pytest.importorskip(
+    "e2b_code_interpreter", reason="the E2B SDK is not installed (`pip install 'spo-agents[e2b]'`)"
+)
 from e2b.exceptions import SandboxNotFoundException, TimeoutException  # noqa: E402
 from e2b_code_interpreter.models import Context, Execution, ExecutionError, Logs, Result  # noqa: E402
 
@@ -83,8 +85,12 @@ class FakeSandbox:
             except BaseException as e:  # noqa: BLE001
                 tb = "".join(traceback.format_exception(e))
                 error = ExecutionError(type(e).__name__, str(e), f"\x1b[0;31m{tb}\x1b[0m")
-        return Execution(logs=Logs(stdout=[out.getvalue()] if out.getvalue() else [],
-                                   stderr=[err.getvalue()] if err.getvalue() else []), error=error)
+        return Execution(
+            logs=Logs(
+                stdout=[out.getvalue()] if out.getvalue() else [], stderr=[err.getvalue()] if err.getvalue() else []
+            ),
+            error=error,
+        )
 
 
 @pytest.fixture
@@ -273,7 +279,9 @@ async def test_backend_aclose_kills_every_open_sandbox(backend):
 
 # --- live ------------------------------------------------------------------------------------------
 @pytest.mark.e2b
-@pytest.mark.skipif(not os.environ.get("E2B_API_KEY"), reason="E2B_API_KEY is not set: the live E2B test needs an account")
+@pytest.mark.skipif(
+    not os.environ.get("E2B_API_KEY"), reason="E2B_API_KEY is not set: the live E2B test needs an account"
+)
 async def test_live_e2b_session():
     b = E2BBackend(sandbox_timeout_s=120)
     try:

@@ -72,8 +72,12 @@ def test_a_plugin_backend_is_listed_with_its_availability():
 
 
 def test_backend_from_config_maps_limits_and_options():
-    cfg = SandboxConfig(backend="local", timeout_s=3.0, memory_mb=300,
-                        options={"isolation": "auto", "max_output_bytes": 123, "preload": []})
+    cfg = SandboxConfig(
+        backend="local",
+        timeout_s=3.0,
+        memory_mb=300,
+        options={"isolation": "auto", "max_output_bytes": 123, "preload": []},
+    )
     b = backend_from_config(cfg)
     try:
         assert isinstance(b, LocalBackend)
@@ -154,14 +158,18 @@ async def test_cpu_limit_stops_a_busy_loop(shared):
 
 async def test_open_files_limit(shared):
     async with await shared.open_session(limits=SandboxLimits(max_open_files=32)) as s:
-        r = await s.run("fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\nexcept OSError as e:\n    print(len(fs), type(e).__name__)")
+        r = await s.run(
+            "fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\nexcept OSError as e:\n    print(len(fs), type(e).__name__)"
+        )
     n, err = r.stdout.split()
     assert int(n) < 32 and err == "OSError"
 
 
 async def test_file_size_limit(shared):
     async with await shared.open_session(limits=SandboxLimits(max_file_size_mb=1)) as s:
-        r = await s.run("try:\n    open('big', 'wb').write(b'x' * 3 * 2**20)\n    print('wrote')\nexcept OSError as e:\n    print('refused', e.errno)")
+        r = await s.run(
+            "try:\n    open('big', 'wb').write(b'x' * 3 * 2**20)\n    print('wrote')\nexcept OSError as e:\n    print('refused', e.errno)"
+        )
     assert "refused 27" in r.stdout, r  # EFBIG
 
 
@@ -276,7 +284,12 @@ async def test_deaths_the_code_or_the_sandbox_cause_stay_results(local):
 
 async def test_backend_close_leaves_no_process(local):
     sessions = [await local.open_session() for _ in range(3)]
-    await asyncio.gather(*[s.run("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])") for s in sessions])
+    await asyncio.gather(
+        *[
+            s.run("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])")
+            for s in sessions
+        ]
+    )
     worker = psutil.Process(local.worker_pid)
     tree = [worker, *worker.children(recursive=True)]
     assert len(session_processes(local)) >= 6
@@ -401,7 +414,9 @@ async def test_an_interpreter_under_tmp_is_not_hidden_by_the_session_work_dir(tm
         pytest.skip(f"the test needs a temp dir under /tmp, got {tmp_path}")
     env_dir = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    site = subprocess.check_output([env_dir / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    site = subprocess.check_output(
+        [env_dir / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip()
     (Path(site) / "spo_probe_mod.py").write_text("VALUE = 41\n")
     backend = LocalBackend(python=str(env_dir / "bin" / "python"), preload=())
     if backend.isolation != "bubblewrap":

@@ -141,8 +141,9 @@ async def test_groups_are_removed_as_sessions_end():
         async with await backend.open_session(limits=lim) as s:
             r = await s.run(NS_AND_CHILDREN)
             assert r.ok, r
-            r = await s.run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-                            timeout=1.0)
+            r = await s.run(
+                "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", timeout=1.0
+            )
             assert r.timed_out
             await s.run(NS_AND_CHILDREN)
         async with await backend.open_session(limits=lim, stateless=True) as s:

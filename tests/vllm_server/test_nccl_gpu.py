@@ -32,9 +32,15 @@ def test_nccl_sync_reaches_the_server(tmp_path):
     model_dir = embedded_model_dir()
     learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to("cuda").eval()
     probe = list(range(1000, 1064))
-    server = VLLMServer(model_dir, python=default_python(), dtype="float32", gpu_memory_utilization=0.3,
-                        extra_args=["--weight-transfer-config", json.dumps({"backend": "nccl"})],
-                        log_dir=tmp_path, startup_timeout_s=600)
+    server = VLLMServer(
+        model_dir,
+        python=default_python(),
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        extra_args=["--weight-transfer-config", json.dumps({"backend": "nccl"})],
+        log_dir=tmp_path,
+        startup_timeout_s=600,
+    )
     with server:
         sync = NcclSync(server, device="cuda:0")
         try:

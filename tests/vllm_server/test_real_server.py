@@ -51,9 +51,17 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory, vllm_python):
-    server = VLLMServer(model_dir, python=vllm_python, dtype="float32", enable_lora=True, max_lora_rank=8,
-                        kv_cache_bytes=1 << 30, max_model_len=1024,
-                        log_dir=tmp_path_factory.mktemp("vllm-log"), startup_timeout_s=600)
+    server = VLLMServer(
+        model_dir,
+        python=vllm_python,
+        dtype="float32",
+        enable_lora=True,
+        max_lora_rank=8,
+        kv_cache_bytes=1 << 30,
+        max_model_len=1024,
+        log_dir=tmp_path_factory.mktemp("vllm-log"),
+        startup_timeout_s=600,
+    )
     with server:
         print(f"\nvLLM server ready in {server.startup_s:.0f} s (log: {server.log_path})")
         yield server
@@ -83,9 +91,18 @@ def perturb(model, scale: float = 0.05, seed: int = 0) -> None:
 
 
 def sample(server, prompt, *, model=None, n=16, temperature=1.0, seed=0, **extra):
-    body = {"model": model or server.endpoint.model, "prompt": list(prompt), "max_tokens": n,
-            "temperature": temperature, "seed": seed, "logprobs": 0, "return_token_ids": True,
-            "return_tokens_as_token_ids": True, "ignore_eos": True, **extra}
+    body = {
+        "model": model or server.endpoint.model,
+        "prompt": list(prompt),
+        "max_tokens": n,
+        "temperature": temperature,
+        "seed": seed,
+        "logprobs": 0,
+        "return_token_ids": True,
+        "return_tokens_as_token_ids": True,
+        "ignore_eos": True,
+        **extra,
+    }
     choice = server.endpoint.post("/v1/completions", body)["choices"][0]
     return choice, [int(t) for t in choice["token_ids"]], [float(x) for x in choice["logprobs"]["token_logprobs"]]
 
@@ -151,8 +168,7 @@ def test_without_a_prefix_cache_reset_the_server_mixes_versions(server, learner,
     check_sync(learner, server, PROMPT, atol=ATOL)
     _, tokens, lps = sample(server, PROMPT, n=8, seed=2)
     fresh = maxdiff(lps, teacher_forced(learner, PROMPT, tokens))
-    print(f"\nsampled log-probs after a reload without prefix-cache reset: off by {stale:.2f}; "
-          f"with reset: {fresh:.1e}")
+    print(f"\nsampled log-probs after a reload without prefix-cache reset: off by {stale:.2f}; with reset: {fresh:.1e}")
     assert stale > 10 * ATOL and fresh < ATOL
 
 
@@ -170,7 +186,9 @@ def test_reload_sync_reaches_the_server(server, learner, reload_sync):
     # Sampling reuses cached prompt blocks unless the prefix cache was reset.
     _, tokens, lps = sample(server, PROMPT, n=16, seed=3)
     gen_diff = maxdiff(lps, teacher_forced(learner, PROMPT, tokens))
-    print(f"after reload: prompt log-prob diff {diff:.2e}, sampled-token diff {gen_diff:.2e} (update moved them by {moved:.2f})")
+    print(
+        f"after reload: prompt log-prob diff {diff:.2e}, sampled-token diff {gen_diff:.2e} (update moved them by {moved:.2f})"
+    )
     assert gen_diff < ATOL
     assert server.endpoint.get("/weight_info") == {"weight_version": "1"}
 
@@ -178,7 +196,9 @@ def test_reload_sync_reaches_the_server(server, learner, reload_sync):
 def test_lora_sync_reaches_the_server(server, learner, reload_sync):
     peft = pytest.importorskip("peft")
     reload_sync.sync(learner, 2)  # known base weights on the server
-    policy = peft.get_peft_model(copy.deepcopy(learner), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    policy = peft.get_peft_model(
+        copy.deepcopy(learner), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in policy.named_parameters():
@@ -195,7 +215,9 @@ def test_lora_sync_reaches_the_server(server, learner, reload_sync):
         check_sync(learner, server, PROMPT, atol=ATOL)  # the base model is still served as is
         _, tokens, lps = sample(server, PROMPT, model="spo-policy", n=16, seed=4)
         gen_diff = maxdiff(lps, teacher_forced(policy, PROMPT, tokens))
-        print(f"after lora load: prompt diff {diff:.2e}, sampled diff {gen_diff:.2e}, adapter effect {base_vs_adapter:.2f}")
+        print(
+            f"after lora load: prompt diff {diff:.2e}, sampled diff {gen_diff:.2e}, adapter effect {base_vs_adapter:.2f}"
+        )
         assert gen_diff < ATOL
         # A second update replaces the adapter in place.
         with torch.no_grad():
@@ -228,9 +250,19 @@ async def test_no_generation_is_attributed_to_the_wrong_version(server, learner,
             await asyncio.sleep(rng.random() * 9.0)
             prompt = [rng.randrange(300, 20000) for _ in range(rng.randrange(8, 40))]
             async with gate.request() as version:
-                r = await client.post("/v1/completions", json={
-                    "model": server.endpoint.model, "prompt": prompt, "max_tokens": 12, "temperature": 1.0,
-                    "seed": i, "logprobs": 0, "return_token_ids": True, "ignore_eos": True})
+                r = await client.post(
+                    "/v1/completions",
+                    json={
+                        "model": server.endpoint.model,
+                        "prompt": prompt,
+                        "max_tokens": 12,
+                        "temperature": 1.0,
+                        "seed": i,
+                        "logprobs": 0,
+                        "return_token_ids": True,
+                        "ignore_eos": True,
+                    },
+                )
             choice = r.json()["choices"][0]
             results.append((version, prompt, choice["token_ids"], choice["logprobs"]["token_logprobs"]))
 
@@ -274,8 +306,9 @@ DRIVER = textwrap.dedent(
 def test_real_server_does_not_outlive_a_killed_trainer(model_dir, tmp_path, vllm_python):
     """SIGKILL leaves no Python code to run: the kernel's parent-death signal must bring the
     server and its engine-core process down."""
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(model_dir), vllm_python, str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(model_dir), vllm_python, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         pgid = int(proc.stdout.readline())
         assert len(group_pids(pgid)) >= 2  # api server + engine core

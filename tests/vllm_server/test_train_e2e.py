@@ -32,15 +32,31 @@ def test_training_steps_reach_the_server(tmp_path, weight_sync, vllm_python):
 
     model_dir = embedded_model_dir()
     lora = weight_sync == "lora"
-    cfg = load_config(overrides=[
-        f"model.name={model_dir}", "model.dtype=float32", "model.device=cpu", f"model.lora.enabled={str(lora).lower()}",
-        "model.lora.r=8", "rollout.backend=vllm-server", f"rollout.weight_sync={weight_sync}",
-        "rollout.max_in_flight=4", "rollout.max_new_tokens=16", "rollout.max_episode_tokens=48",
-        "train.steps=2", "train.batch_size=4", "train.checkpoint_every=100", "eval.every=0",
-        f"optim.lr={1e-3 if lora else 1e-4}", "loss.entropy_coef=0.1", "logging.progress=false", f"train.output_dir={tmp_path}",
-    ])
-    server = VLLMServer.from_config(cfg, log_dir=tmp_path, python=vllm_python, kv_cache_bytes=1 << 29,
-                                    max_model_len=1024, startup_timeout_s=600)
+    cfg = load_config(
+        overrides=[
+            f"model.name={model_dir}",
+            "model.dtype=float32",
+            "model.device=cpu",
+            f"model.lora.enabled={str(lora).lower()}",
+            "model.lora.r=8",
+            "rollout.backend=vllm-server",
+            f"rollout.weight_sync={weight_sync}",
+            "rollout.max_in_flight=4",
+            "rollout.max_new_tokens=16",
+            "rollout.max_episode_tokens=48",
+            "train.steps=2",
+            "train.batch_size=4",
+            "train.checkpoint_every=100",
+            "eval.every=0",
+            f"optim.lr={1e-3 if lora else 1e-4}",
+            "loss.entropy_coef=0.1",
+            "logging.progress=false",
+            f"train.output_dir={tmp_path}",
+        ]
+    )
+    server = VLLMServer.from_config(
+        cfg, log_dir=tmp_path, python=vllm_python, kv_cache_bytes=1 << 29, max_model_len=1024, startup_timeout_s=600
+    )
     with server:
         pgid = server.pid
         cfg.rollout.base_url = server.openai_base_url
@@ -54,6 +70,8 @@ def test_training_steps_reach_the_server(tmp_path, weight_sync, vllm_python):
         assert moved > 1e-3, "training did not change the weights: the check below would prove nothing"
         diff = check_sync(comp.model, server, probe, served_model=comp.weight_sync.served_model, atol=2e-4)
         print(f"\n{weight_sync}: after 2 steps the learner moved by {moved:.3f}; server vs learner {diff:.1e}")
-        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
         assert [r.get("step") for r in rows][-2:] == [1, 2]
     assert group_pids(pgid) == []

@@ -45,8 +45,16 @@ class GuessNumberEnv(MultiTurnEnv):
 
     reply_role = "user"  # hints are new user messages; no stop sequences (turns end at end-of-turn)
 
-    def __init__(self, split: str = "train", *, high: int = 100, max_guesses: int = 7,
-                 sandbox: Any = None, sandbox_limits: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        high: int = 100,
+        max_guesses: int = 7,
+        sandbox: Any = None,
+        sandbox_limits: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"`split` must be `train` or `test`, got `{split}`")
         secrets = [n for n in range(1, high + 1) if (n % 10 == 0) == (split == "test")]
@@ -57,8 +65,10 @@ class GuessNumberEnv(MultiTurnEnv):
 
     @staticmethod
     def _rules(high: int, max_guesses: int) -> str:
-        return (f"I am thinking of a whole number from 1 to {high}. You have {max_guesses} guesses. "
-                f"Write each guess as \\boxed{{n}}; I will say whether my number is higher or lower.")
+        return (
+            f"I am thinking of a whole number from 1 to {high}. You have {max_guesses} guesses. "
+            f"Write each guess as \\boxed{{n}}; I will say whether my number is higher or lower."
+        )
 
     def _reset_episode(self, problem: Problem) -> list[dict[str, str]]:
         self._guesses = 0
