@@ -468,16 +468,23 @@ class HFPolicy(PolicyBackend):
             with self._busy:
                 if not self._allowed.is_set():
                     continue  # paused between the wait and taking the lock
-                if self.model.training:
-                    self.model.eval()
-                while pending and pending[0].future.done():  # cancelled while queued
-                    pending.popleft()
-                room = self.max_batch_size - len(batch)
-                if pending and room > 0:
-                    admitted = [pending.popleft() for _ in range(min(room, len(pending)))]
-                    self._admit(batch, admitted)
-                if batch:
-                    self._step(batch)
+                try:
+                    self._iterate(pending, batch)
+                except Exception as e:  # noqa: BLE001 - never leave a caller waiting on a dead worker
+                    self._fail_batch(batch, e, extra=list(pending))
+                    pending.clear()
+
+    def _iterate(self, pending: deque[_Request], batch: _Batch) -> None:
+        """Admit what is pending (as far as `max_batch_size` allows), then one decode step."""
+        if self.model.training:
+            self.model.eval()
+        for r in [r for r in pending if r.future.done()]:  # cancelled while queued
+            pending.remove(r)
+        room = self.max_batch_size - len(batch)
+        if pending and room > 0:
+            self._admit(batch, [pending.popleft() for _ in range(min(room, len(pending)))])
+        if batch:
+            self._step(batch)
 
     def _admit(self, batch: _Batch, reqs: list[_Request]) -> None:
         """Prefill `reqs` in one left-padded pass, sample their first tokens, hand back those
@@ -515,7 +522,7 @@ class HFPolicy(PolicyBackend):
             try:
                 batch.join(sub.rows, sub.cache, sub.mask)
             except Exception as e:  # noqa: BLE001 - the batch cache is in an unknown state: fail all
-                self._fail_batch(batch, e, extra=sub.rows)
+                self._fail_batch(batch, e, extra=[r.request for r in sub.rows])
 
     def _new_row(self, req: _Request) -> _Row:
         scanner = StopScanner(self._tokenizer, req.params.stop, self.eos_ids)
@@ -547,8 +554,9 @@ class HFPolicy(PolicyBackend):
         finally:
             self.stats["decode_s"] += time.perf_counter() - start
 
-    def _fail_batch(self, batch: _Batch, e: Exception, extra: list[_Row] | None = None) -> None:
-        reqs = [r.request for r in [*batch.rows, *(extra or [])]]
+    def _fail_batch(self, batch: _Batch, e: Exception, extra: list[_Request] | None = None) -> None:
+        """Fail every request of `batch` (and `extra`) with `e` and empty the batch."""
+        reqs = [*(r.request for r in batch.rows), *(extra or [])]
         batch.keep([])
         self._fail(reqs, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
 
