@@ -34,7 +34,9 @@ def _prompt(policy, text: str) -> list[int]:
     return policy.tokenizer.encode(text, add_special_tokens=False)
 
 
-def _reference_logprobs(model, prompt: list[int], tokens: list[int], temperature: float, top_k: int, top_p: float) -> list[float]:
+def _reference_logprobs(
+    model, prompt: list[int], tokens: list[int], temperature: float, top_k: int, top_p: float
+) -> list[float]:
     """Log-probs of `tokens` under the warped distribution, computed here from scratch:
     logits / T, keep the top-k, then the smallest set with cumulative probability >= top-p."""
     ids = torch.tensor([prompt + tokens])
@@ -67,7 +69,8 @@ async def test_logprobs_are_those_of_the_sampled_distribution(policy):
 
 
 async def test_stop_string_ends_at_the_completing_token(policy):
-    gens = await asyncio.gather(*(policy.generate(_prompt(policy, f"Story {i}:"), SamplingParams(max_new_tokens=40, stop=["e"])) for i in range(4)))
+    params = SamplingParams(max_new_tokens=40, stop=["e"])
+    gens = await asyncio.gather(*(policy.generate(_prompt(policy, f"Story {i}:"), params) for i in range(4)))
     stopped = [g for g in gens if g.finish_reason == "stop"]
     assert stopped, "with `e` as stop string some generations must stop on it"
     for g in stopped:
@@ -147,13 +150,15 @@ async def test_same_seed_same_sample_when_run_alone(policy):
 
 
 async def test_pause_waits_for_running_generation_and_holds_new_ones(policy):
+    started = policy.stats["rows"]
     running = asyncio.create_task(policy.generate(_prompt(policy, "long"), SamplingParams(max_new_tokens=30)))
-    for _ in range(200):  # until the worker has taken the request
-        if policy._busy.locked():
+    for _ in range(6000):  # until the worker has taken the request (counted when its batch / prefill starts)
+        if policy.stats["rows"] > started:
             break
         await asyncio.sleep(0.005)
     await policy.pause()
     assert not policy._busy.locked()  # no batch (static) or decode step (continuous) is running
+    assert running.done() or policy.scheduler == "continuous"  # static: `pause` waited for the batch
     held = asyncio.create_task(policy.generate(_prompt(policy, "held"), SamplingParams(max_new_tokens=3)))
     await asyncio.sleep(0.2)
     assert not held.done()
