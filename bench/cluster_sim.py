@@ -98,13 +98,15 @@ class Engine:
 
     def __post_init__(self) -> None:
         if not self.points or any(s <= 0 or c < 0 for c, s in self.points):
-            raise ConfigError(f"`Engine.points` must be (concurrency, positive step seconds) pairs, "
-                              f"got {self.points!r}")
+            raise ConfigError(
+                f"`Engine.points` must be (concurrency, positive step seconds) pairs, got {self.points!r}"
+            )
         if list(self.points) != sorted(self.points):
             raise ConfigError(f"`Engine.points` must be sorted by concurrency, got {self.points!r}")
         if self.kv_s_per_token < 0 or self.max_seqs < 1:
-            raise ConfigError(f"`kv_s_per_token` must be >= 0 and `max_seqs` >= 1, "
-                              f"got {self.kv_s_per_token}, {self.max_seqs}")
+            raise ConfigError(
+                f"`kv_s_per_token` must be >= 0 and `max_seqs` >= 1, got {self.kv_s_per_token}, {self.max_seqs}"
+            )
         object.__setattr__(self, "_cache", {})
 
     def base(self, c: int) -> float:
@@ -152,8 +154,10 @@ class Workload:
         if not 0 <= self.calls_mean <= self.calls_max:
             raise ConfigError(f"`calls_mean` must lie in [0, calls_max = {self.calls_max}], got {self.calls_mean}")
         if self.gen_median <= 0 or self.gen_sigma < 0 or self.tool_sigma < 0 or self.tool_median_s < 0:
-            raise ConfigError("`gen_median` must be > 0 and `gen_sigma`, `tool_sigma`, `tool_median_s` >= 0, "
-                              f"got {self.gen_median}, {self.gen_sigma}, {self.tool_sigma}, {self.tool_median_s}")
+            raise ConfigError(
+                "`gen_median` must be > 0 and `gen_sigma`, `tool_sigma`, `tool_median_s` >= 0, "
+                f"got {self.gen_median}, {self.gen_sigma}, {self.tool_sigma}, {self.tool_median_s}"
+            )
         if self.trailing_tool and self.calls_max == 0:
             raise ConfigError("`trailing_tool` needs at least one tool call (`calls_max` >= 1)")
 
@@ -168,8 +172,9 @@ class Workload:
             p = self.calls_mean / self.calls_max
             calls = sum(rng.uniform() < p for _ in range(self.calls_max))
         turns = calls if self.trailing_tool else calls + 1
-        tools = [min(self.tool_median_s * math.exp(self.tool_sigma * rng.normal()), self.tool_max_s)
-                 for _ in range(calls)]
+        tools = [
+            min(self.tool_median_s * math.exp(self.tool_sigma * rng.normal()), self.tool_max_s) for _ in range(calls)
+        ]
         per = max(total / turns, 1.0)
         return Episode(tokens=[per] * turns, tools=tools, prompt=self.prompt_tokens, tool_out=self.tool_output_tokens)
 
@@ -257,11 +262,15 @@ class Policy:
             raise ConfigError(f"`batch` and `in_flight` must be >= 1, got {self.batch}, {self.in_flight}")
         if self.name == "grouped":
             if self.batch % self.group or self.in_flight % self.group:
-                raise ConfigError(f"grouped: `batch` ({self.batch}) and `in_flight` ({self.in_flight}) must be "
-                                  f"multiples of the group size {self.group}")
+                raise ConfigError(
+                    f"grouped: `batch` ({self.batch}) and `in_flight` ({self.in_flight}) must be "
+                    f"multiples of the group size {self.group}"
+                )
             if self.in_flight < self.batch:
-                raise ConfigError(f"grouped: `in_flight` ({self.in_flight}) must be >= `batch` ({self.batch}): "
-                                  f"a step needs B / G whole groups")
+                raise ConfigError(
+                    f"grouped: `in_flight` ({self.in_flight}) must be >= `batch` ({self.batch}): "
+                    f"a step needs B / G whole groups"
+                )
         if self.max_staleness < 0:
             raise ConfigError(f"`max_staleness` must be >= 0, got {self.max_staleness}")
 
@@ -287,8 +296,23 @@ class Result:
 
 # --- the simulation -----------------------------------------------------------------------------
 class _Ep:
-    __slots__ = ("ctx", "ep", "group", "id", "join_v", "left", "new_tokens", "offset", "replica", "serial", "start",
-                 "target", "tokens", "turn", "version")
+    __slots__ = (
+        "ctx",
+        "ep",
+        "group",
+        "id",
+        "join_v",
+        "left",
+        "new_tokens",
+        "offset",
+        "replica",
+        "serial",
+        "start",
+        "target",
+        "tokens",
+        "turn",
+        "version",
+    )
 
     def __init__(self, eid: int, ep: Episode, group: int) -> None:
         self.id, self.ep, self.group = eid, ep, group
@@ -310,8 +334,20 @@ class _Replica:
     When that context outgrows `kv_tokens`, the sequence admitted last is preempted: it goes back
     to the front of the queue and recomputes (prefills) its whole context when readmitted."""
 
-    __slots__ = ("V", "busy_s", "const", "engine", "heap", "members", "paused", "preempted", "queue", "serial", "stamp",
-                 "t")
+    __slots__ = (
+        "V",
+        "busy_s",
+        "const",
+        "engine",
+        "heap",
+        "members",
+        "paused",
+        "preempted",
+        "queue",
+        "serial",
+        "stamp",
+        "t",
+    )
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -374,8 +410,9 @@ class _Replica:
         """Admission: a free sequence slot, and the context fits below the watermark (headroom
         for the admitted sequences to grow before one must be preempted)."""
         eng = self.engine
-        return not self.members or (len(self.members) < eng.max_seqs
-                                    and self.context() + e.ctx <= eng.kv_tokens * (1 - KV_WATERMARK))
+        return not self.members or (
+            len(self.members) < eng.max_seqs and self.context() + e.ctx <= eng.kv_tokens * (1 - KV_WATERMARK)
+        )
 
     def join(self, e: _Ep, now: float) -> None:
         """Admit `e` for its remaining `left` tokens; its prefill holds up the replica's decoding."""
@@ -427,8 +464,15 @@ class Simulation:
     a fixed sequence (tests); otherwise episodes are drawn in start order from one seeded
     generator, so two policies with the same seed see the same episodes in the same order."""
 
-    def __init__(self, policy: Policy, cluster: Cluster, workload: Workload | None, *, seed: int = 0,
-                 episodes: Iterable[Episode] | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        cluster: Cluster,
+        workload: Workload | None,
+        *,
+        seed: int = 0,
+        episodes: Iterable[Episode] | None = None,
+    ) -> None:
         if workload is None and episodes is None:
             raise ConfigError("a simulation needs a `workload` or a sequence of `episodes`")
         self.policy, self.cluster = policy, cluster
@@ -700,8 +744,10 @@ class Simulation:
                 self._async_learn()
         if len(self.step_ends) < want:
             why = "the fixed episode list ran out" if self.exhausted else "nothing was left to run"
-            raise ConfigError(f"`{p.name}` stopped after {len(self.step_ends)} of {want} steps: {why}; "
-                              f"pass more episodes or ask for fewer steps")
+            raise ConfigError(
+                f"`{p.name}` stopped after {len(self.step_ends)} of {want} steps: {why}; "
+                f"pass more episodes or ask for fewer steps"
+            )
         t0 = self.step_ends[warmup - 1] if warmup else 0.0
         span = self.step_ends[-1] - t0
         times = [b - a for a, b in zip([0.0, *self.step_ends], self.step_ends)][warmup:]
@@ -710,15 +756,25 @@ class Simulation:
         return Result(p.name, steps * p.batch / span, span / steps, stale, self.dropped, self.accepted, busy, times)
 
 
-def simulate(policy: Policy, cluster: Cluster, workload: Workload | None, *, steps: int, warmup: int = 0, seed: int = 0,
-             episodes: Sequence[Episode] | None = None) -> Result:
+def simulate(
+    policy: Policy,
+    cluster: Cluster,
+    workload: Workload | None,
+    *,
+    steps: int,
+    warmup: int = 0,
+    seed: int = 0,
+    episodes: Sequence[Episode] | None = None,
+) -> Result:
     """Run one policy; see `Simulation`."""
     return Simulation(policy, cluster, workload, seed=seed, episodes=episodes).run(steps, warmup)
 
 
 # --- validation against the CPU benchmark -------------------------------------------------------
-CPU_SOURCE = ('bench/RESULTS.md, section "Rollout throughput (bench/rollout_throughput.py)", '
-              'subsection "Rerun on an idle machine (2026-11-27, 16:32-16:40 UTC)"')
+CPU_SOURCE = (
+    'bench/RESULTS.md, section "Rollout throughput (bench/rollout_throughput.py)", '
+    'subsection "Rerun on an idle machine (2026-11-27, 16:32-16:40 UTC)"'
+)
 # "Engine scaling on the idle machine": concurrent requests -> ms per decode step. The 1-request
 # row (31 ms) includes the warm-up (the section says so) and is left out; below 8 sequences the
 # curve continues the 8-24 slope.
@@ -730,8 +786,11 @@ CPU_MEASURED = {
     ("tool", 0.5): {"grouped": 6.90, "single": 11.18, "single-os": 13.65},
     ("tool", 1.0): {"grouped": 2.85, "single": 10.37, "single-os": 16.31},
 }
-CPU_MODES = {"grouped": Policy("grouped", 24, 24, group=8), "single": Policy("single", 24, 24),
-             "single-os": Policy("single", 24, 48)}
+CPU_MODES = {
+    "grouped": Policy("grouped", 24, 24, group=8),
+    "single": Policy("single", 24, 24),
+    "single-os": Policy("single", 24, 48),
+}
 # `bench/rollout_throughput.py` builds one environment per in-flight slot when a run starts, on
 # the event loop, before any episode runs: 17 ms each (`OneTurnEnv()`, 10,000 problems, timed on
 # an idle machine of the same type, 2026-12-01).
@@ -751,21 +810,38 @@ def cpu_workload(tail: str, sigma: float) -> Workload:
     (`--tail tool --median 16 --tool-median-s 1.0`)."""
     if tail == "length":
         return Workload(gen_median=32, gen_sigma=sigma, gen_max=512, prompt_tokens=CPU_PROMPT_TOKENS)
-    return Workload(gen_median=16, gen_sigma=0.0, gen_max=16, calls_mean=1, calls_max=1, tool_median_s=1.0,
-                    tool_sigma=sigma, tool_max_s=16.0, trailing_tool=True, prompt_tokens=CPU_PROMPT_TOKENS)
+    return Workload(
+        gen_median=16,
+        gen_sigma=0.0,
+        gen_max=16,
+        calls_mean=1,
+        calls_max=1,
+        tool_median_s=1.0,
+        tool_sigma=sigma,
+        tool_max_s=16.0,
+        trailing_tool=True,
+        prompt_tokens=CPU_PROMPT_TOKENS,
+    )
 
 
 def cpu_cluster(frontend_s: float = 0.0, startup: bool = True, latency_s: float = 0.0, prefill: float = 0.0) -> Cluster:
-    return Cluster(replicas=1, engine=Engine(CPU_SCALING, prefill_s_per_token=prefill), frontend_s=frontend_s,
-                   request_latency_s=latency_s, startup_s_per_slot=CPU_ENV_BUILD_S if startup else 0.0)
+    return Cluster(
+        replicas=1,
+        engine=Engine(CPU_SCALING, prefill_s_per_token=prefill),
+        frontend_s=frontend_s,
+        request_latency_s=latency_s,
+        startup_s_per_slot=CPU_ENV_BUILD_S if startup else 0.0,
+    )
 
 
 def cpu_rate(mode: str, tail: str, sigma: float, cluster: Cluster, seeds: Sequence[int]) -> list[float]:
     """The benchmark's statistic, traj/s over 2 repeats of 6 steps, for each seed."""
     out = []
     for seed in seeds:
-        runs = [simulate(CPU_MODES[mode], cluster, cpu_workload(tail, sigma), steps=6, seed=1000 * seed + rep)
-                for rep in range(2)]
+        runs = [
+            simulate(CPU_MODES[mode], cluster, cpu_workload(tail, sigma), steps=6, seed=1000 * seed + rep)
+            for rep in range(2)
+        ]
         out.append(2 * 6 * 24 / sum(r.step_s * 6 for r in runs))
     return out
 
@@ -786,8 +862,10 @@ def load_figures(path: Path = FIGURES) -> dict[str, Any]:
                 continue
             kinds = ("published", "derived", "assumption")
             if not isinstance(f, dict) or "value" not in f or f.get("kind") not in kinds:
-                raise ConfigError(f"`{section}.{key}` in `{path}` must be an object with `value` and a `kind` of "
-                                  f"published / derived / assumption, got {f!r}")
+                raise ConfigError(
+                    f"`{section}.{key}` in `{path}` must be an object with `value` and a `kind` of "
+                    f"published / derived / assumption, got {f!r}"
+                )
             if f["kind"] != "assumption" and not f.get("source"):
                 raise ConfigError(f"`{section}.{key}` in `{path}` is {f['kind']} but names no `source`")
     return figs
@@ -811,8 +889,13 @@ def figure_values(figs: dict[str, Any], scale: dict[str, float] | None = None) -
 
 def assumptions(figs: dict[str, Any]) -> list[str]:
     """The numeric figures marked as assumptions (the sensitivity table's rows)."""
-    return [f"{s}.{k}" for s, entries in figs.items() if not s.startswith("_") for k, f in entries.items()
-            if k != "name" and f["kind"] == "assumption" and isinstance(f["value"], (int, float))]
+    return [
+        f"{s}.{k}"
+        for s, entries in figs.items()
+        if not s.startswith("_")
+        for k, f in entries.items()
+        if k != "name" and f["kind"] == "assumption" and isinstance(f["value"], (int, float))
+    ]
 
 
 def gpu_engine(v: dict[str, Any]) -> Engine:
@@ -825,11 +908,17 @@ def gpu_engine(v: dict[str, Any]) -> Engine:
     kv_bytes = 2 * v["model.layers"] * v["model.kv_heads"] * v["model.head_dim"] * v["model.bytes_per_value"]
     free = v["gpu.memory_bytes"] * v["serving.gpu_memory_utilization"] - weights - v["serving.activation_reserve_bytes"]
     if free <= 0:
-        raise ConfigError(f"no memory left for the KV cache: {free / 1e9:.1f} GB; lower the weights' size or "
-                          f"raise `serving.gpu_memory_utilization`")
-    return Engine(points=((0, weights / bw), (1, weights / bw + per_seq)), kv_s_per_token=kv_bytes / bw,
-                  max_seqs=int(v["serving.max_num_seqs"]), kv_tokens=free / kv_bytes,
-                  prefill_s_per_token=2 * v["model.params"] / (v["gpu.bf16_flops"] * v["serving.prefill_efficiency"]))
+        raise ConfigError(
+            f"no memory left for the KV cache: {free / 1e9:.1f} GB; lower the weights' size or "
+            f"raise `serving.gpu_memory_utilization`"
+        )
+    return Engine(
+        points=((0, weights / bw), (1, weights / bw + per_seq)),
+        kv_s_per_token=kv_bytes / bw,
+        max_seqs=int(v["serving.max_num_seqs"]),
+        kv_tokens=free / kv_bytes,
+        prefill_s_per_token=2 * v["model.params"] / (v["gpu.bf16_flops"] * v["serving.prefill_efficiency"]),
+    )
 
 
 def roofline_check(v: dict[str, Any]) -> tuple[float, float]:
@@ -848,12 +937,18 @@ def roofline_check(v: dict[str, Any]) -> tuple[float, float]:
 
 
 def gpu_workload(v: dict[str, Any]) -> Workload:
-    return Workload(gen_median=v["workload.response_median_tokens"], gen_sigma=v["workload.response_sigma"],
-                    gen_max=v["workload.max_response_tokens"], prompt_tokens=int(v["workload.prompt_tokens"]),
-                    calls_mean=min(v["workload.calls_mean"], v["workload.max_tool_calls"]),
-                    calls_max=int(v["workload.max_tool_calls"]), tool_median_s=v["workload.tool_median_s"],
-                    tool_sigma=v["workload.tool_sigma"], tool_max_s=v["workload.tool_max_s"],
-                    tool_output_tokens=int(v["workload.tool_output_tokens"]))
+    return Workload(
+        gen_median=v["workload.response_median_tokens"],
+        gen_sigma=v["workload.response_sigma"],
+        gen_max=v["workload.max_response_tokens"],
+        prompt_tokens=int(v["workload.prompt_tokens"]),
+        calls_mean=min(v["workload.calls_mean"], v["workload.max_tool_calls"]),
+        calls_max=int(v["workload.max_tool_calls"]),
+        tool_median_s=v["workload.tool_median_s"],
+        tool_sigma=v["workload.tool_sigma"],
+        tool_max_s=v["workload.tool_max_s"],
+        tool_output_tokens=int(v["workload.tool_output_tokens"]),
+    )
 
 
 def gpu_cluster(v: dict[str, Any], gpus: int, train_gpus: int | None = None) -> Cluster:
@@ -871,16 +966,25 @@ def gpu_cluster(v: dict[str, Any], gpus: int, train_gpus: int | None = None) -> 
     else:
         weights = v["model.params"] * v["model.bytes_per_value"]
         push = weights / (v["gpu.network_bytes_per_s"] * v["weight_push.network_efficiency"]) + v["weight_push.fixed_s"]
-    return Cluster(replicas=gpus - (0 if train_gpus is None else n_train), engine=gpu_engine(v),
-                   request_latency_s=v["serving.request_latency_s"], learner_fixed_s=v["learner.fixed_s"],
-                   learner_s_per_token=passes * 2 * v["model.params"] / flops,
-                   learner_s_per_token2=passes * 2 * v["model.layers"] * d_attn / flops, push_s=push)
+    return Cluster(
+        replicas=gpus - (0 if train_gpus is None else n_train),
+        engine=gpu_engine(v),
+        request_latency_s=v["serving.request_latency_s"],
+        learner_fixed_s=v["learner.fixed_s"],
+        learner_s_per_token=passes * 2 * v["model.params"] / flops,
+        learner_s_per_token2=passes * 2 * v["model.layers"] * d_attn / flops,
+        push_s=push,
+    )
 
 
 def gpu_policies(v: dict[str, Any]) -> dict[str, Policy]:
     b, g, s = int(v["workload.batch"]), int(v["workload.group"]), int(v["cluster.async_max_staleness"])
-    return {"grouped": Policy("grouped", b, b, group=g), "single": Policy("single", b, b),
-            "single-os": Policy("single", b, 2 * b), "async": Policy("async", b, (s + 1) * b, max_staleness=s)}
+    return {
+        "grouped": Policy("grouped", b, b, group=g),
+        "single": Policy("single", b, b),
+        "single-os": Policy("single", b, 2 * b),
+        "async": Policy("async", b, (s + 1) * b, max_staleness=s),
+    }
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -892,19 +996,28 @@ def validation(seeds: Sequence[int], frontend_s: float | None = None) -> list[di
     models = {"curve": cpu_cluster(startup=False), "+build": cpu_cluster(), "full": cpu_cluster(frontend_s=x)}
     rows = []
     for (tail, sigma), meas in CPU_MEASURED.items():
-        rates = {name: {m: np.array(cpu_rate(m, tail, sigma, cl, seeds)) for m in CPU_MODES}
-                 for name, cl in models.items()}
+        rates = {
+            name: {m: np.array(cpu_rate(m, tail, sigma, cl, seeds)) for m in CPU_MODES} for name, cl in models.items()
+        }
         for mode in ("single", "single-os"):
             full = rates["full"][mode] / rates["full"]["grouped"]
             measured = meas[mode] / meas["grouped"]
             pred = float(np.mean(full))
-            rows.append({"tail": tail, "sigma": sigma, "ratio": f"{mode} / grouped", "measured": measured,
-                         "predicted": pred, "p10": float(np.percentile(full, 10)),
-                         "p90": float(np.percentile(full, 90)),
-                         "error": pred / measured - 1,
-                         "curve": float(np.mean(rates["curve"][mode] / rates["curve"]["grouped"])),
-                         "+build": float(np.mean(rates["+build"][mode] / rates["+build"]["grouped"])),
-                         "rates": {m: (float(np.mean(rates["full"][m])), meas[m]) for m in (mode, "grouped")}})
+            rows.append(
+                {
+                    "tail": tail,
+                    "sigma": sigma,
+                    "ratio": f"{mode} / grouped",
+                    "measured": measured,
+                    "predicted": pred,
+                    "p10": float(np.percentile(full, 10)),
+                    "p90": float(np.percentile(full, 90)),
+                    "error": pred / measured - 1,
+                    "curve": float(np.mean(rates["curve"][mode] / rates["curve"]["grouped"])),
+                    "+build": float(np.mean(rates["+build"][mode] / rates["+build"]["grouped"])),
+                    "rates": {m: (float(np.mean(rates["full"][m])), meas[m]) for m in (mode, "grouped")},
+                }
+            )
     return rows
 
 
@@ -912,8 +1025,11 @@ def fit_frontend(seeds: Sequence[int], grid: Sequence[float]) -> list[tuple[floa
     """RMS log error of the 12 measured CPU rates for each per-request handler time in `grid`."""
     out = []
     for x in grid:
-        errs = [math.log(np.mean(cpu_rate(m, tail, sigma, cpu_cluster(frontend_s=x), seeds)) / meas[m])
-                for (tail, sigma), meas in CPU_MEASURED.items() for m in CPU_MODES]
+        errs = [
+            math.log(np.mean(cpu_rate(m, tail, sigma, cpu_cluster(frontend_s=x), seeds)) / meas[m])
+            for (tail, sigma), meas in CPU_MEASURED.items()
+            for m in CPU_MODES
+        ]
         out.append((x, math.sqrt(float(np.mean(np.square(errs))))))
     return out
 
@@ -923,16 +1039,28 @@ def async_best(v: dict[str, Any], gpus: int, steps: int, warmup: int, seed: int)
     best: tuple[Result, int] | None = None
     tried = sorted({min(max(1, round(gpus * f)), gpus - 1) for f in v["cluster.async_train_fractions"]})
     for n_train in tried:
-        r = simulate(gpu_policies(v)["async"], gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps,
-                     warmup=warmup, seed=seed)
+        r = simulate(
+            gpu_policies(v)["async"],
+            gpu_cluster(v, gpus, n_train),
+            gpu_workload(v),
+            steps=steps,
+            warmup=warmup,
+            seed=seed,
+        )
         if best is None or r.traj_per_s > best[0].traj_per_s:
             best = (r, n_train)
     assert best is not None
     return best
 
 
-def gpu_table(v: dict[str, Any], sizes: Sequence[int], steps: int, warmup: int, seed: int,
-              train_gpus: dict[int, int] | None = None) -> list[dict[str, Any]]:
+def gpu_table(
+    v: dict[str, Any],
+    sizes: Sequence[int],
+    steps: int,
+    warmup: int,
+    seed: int,
+    train_gpus: dict[int, int] | None = None,
+) -> list[dict[str, Any]]:
     """The four policies at each cluster size. `train_gpus` fixes the asynchronous learner's GPUs
     per size (else the best of the tried shares)."""
     rows = []
@@ -942,16 +1070,24 @@ def gpu_table(v: dict[str, Any], sizes: Sequence[int], steps: int, warmup: int, 
             if name == "async":
                 if train_gpus and gpus in train_gpus:
                     n_train = train_gpus[gpus]
-                    res[name] = simulate(pol, gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps,
-                                         warmup=warmup, seed=seed)
+                    res[name] = simulate(
+                        pol, gpu_cluster(v, gpus, n_train), gpu_workload(v), steps=steps, warmup=warmup, seed=seed
+                    )
                 else:
                     res[name], n_train = async_best(v, gpus, steps, warmup, seed)
             else:
                 res[name] = simulate(pol, gpu_cluster(v, gpus), gpu_workload(v), steps=steps, warmup=warmup, seed=seed)
         base = res["grouped"].traj_per_s
         for name, r in res.items():
-            rows.append({**r.row(), "gpus": gpus, "policy": name, "ratio": r.traj_per_s / base,
-                         "train_gpus": n_train if name == "async" else gpus})
+            rows.append(
+                {
+                    **r.row(),
+                    "gpus": gpus,
+                    "policy": name,
+                    "ratio": r.traj_per_s / base,
+                    "train_gpus": n_train if name == "async" else gpus,
+                }
+            )
     return rows
 
 
@@ -972,8 +1108,9 @@ def varied(figs: dict[str, Any], key: str, factor: float) -> dict[str, Any]:
     return v
 
 
-def sensitivity(figs: dict[str, Any], gpus: int, steps: int, warmup: int, seed: int,
-                keys: Sequence[str] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def sensitivity(
+    figs: dict[str, Any], gpus: int, steps: int, warmup: int, seed: int, keys: Sequence[str] | None = None
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Ratios to `grouped` at `gpus` with the base inputs, then with each input that cannot be
     measured here halved and doubled (the asynchronous learner keeps the GPU count that was best
     with the base inputs)."""
@@ -982,8 +1119,11 @@ def sensitivity(figs: dict[str, Any], gpus: int, steps: int, warmup: int, seed: 
     base = {r["policy"]: r["ratio"] for r in gpu_table(base_v, [gpus], steps, warmup, seed, {gpus: n_train})}
     rows = []
     for key in keys if keys is not None else [*SENSITIVE_PUBLISHED, *assumptions(figs)]:
-        row: dict[str, Any] = {"input": key, "base": base_v[key], "kind": "published" if key in SENSITIVE_PUBLISHED
-                               else "assumption"}
+        row: dict[str, Any] = {
+            "input": key,
+            "base": base_v[key],
+            "kind": "published" if key in SENSITIVE_PUBLISHED else "assumption",
+        }
         for label, factor in (("half", 0.5), ("double", 2.0)):
             v = varied(figs, key, factor)
             row[f"{label}_value"] = v[key]
@@ -1019,9 +1159,13 @@ def paper_check(seeds: Sequence[int], target: float = 4.35) -> dict[str, Any]:
         lo, hi = (mid, hi) if gf[:, 0].mean() / gf[:, 1].mean() < target else (lo, mid)
     gf = ratio((lo + hi) / 2)
     one = gf[:, 0] / gf[:, 1]
-    return {"sigma": (lo + hi) / 2, "ratio": float(gf[:, 0].mean() / gf[:, 1].mean()),
-            "one_draw_p10": float(np.percentile(one, 10)), "one_draw_p90": float(np.percentile(one, 90)),
-            "median_s_for_112": 112.0 / float(gf[:, 1].mean()) * 100.0}
+    return {
+        "sigma": (lo + hi) / 2,
+        "ratio": float(gf[:, 0].mean() / gf[:, 1].mean()),
+        "one_draw_p10": float(np.percentile(one, 10)),
+        "one_draw_p90": float(np.percentile(one, 90)),
+        "median_s_for_112": 112.0 / float(gf[:, 1].mean()) * 100.0,
+    }
 
 
 def paper_setting_on_engines(v: dict[str, Any], seeds: Sequence[int]) -> dict[str, float]:
@@ -1036,10 +1180,15 @@ def paper_setting_on_engines(v: dict[str, Any], seeds: Sequence[int]) -> dict[st
     out["gpu"] = float(g / f)
     for tail in ("length", "tool"):
         cl = cpu_cluster(frontend_s=CPU_FRONTEND_S, startup=False)
-        g = np.mean([simulate(Policy("grouped", 24, 24, group=8), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s
-                     for s in seeds])
-        f = np.mean([simulate(Policy("single", 24, 48), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s
-                     for s in seeds])
+        g = np.mean(
+            [
+                simulate(Policy("grouped", 24, 24, group=8), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s
+                for s in seeds
+            ]
+        )
+        f = np.mean(
+            [simulate(Policy("single", 24, 48), cl, cpu_workload(tail, 1.0), steps=3, seed=s).step_s for s in seeds]
+        )
         out[f"cpu-{tail}"] = float(g / f)
     return out
 
@@ -1052,29 +1201,68 @@ def _md(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def validation_report(rows: list[dict[str, Any]], tolerance: float = 0.2) -> str:
-    out = [_md(["tail", "sigma", "ratio", "measured", "predicted (p10-p90)", "error", "within 20%",
-                "curve only", "+ env build"],
-               [(r["tail"], r["sigma"], r["ratio"], f"{r['measured']:.2f}x",
-                 f"{r['predicted']:.2f}x ({r['p10']:.2f}-{r['p90']:.2f})", f"{100 * r['error']:+.0f}%",
-                 "yes" if abs(r["error"]) <= tolerance else "**no**", f"{r['curve']:.2f}x", f"{r['+build']:.2f}x")
-                for r in rows]), ""]
+    out = [
+        _md(
+            [
+                "tail",
+                "sigma",
+                "ratio",
+                "measured",
+                "predicted (p10-p90)",
+                "error",
+                "within 20%",
+                "curve only",
+                "+ env build",
+            ],
+            [
+                (
+                    r["tail"],
+                    r["sigma"],
+                    r["ratio"],
+                    f"{r['measured']:.2f}x",
+                    f"{r['predicted']:.2f}x ({r['p10']:.2f}-{r['p90']:.2f})",
+                    f"{100 * r['error']:+.0f}%",
+                    "yes" if abs(r["error"]) <= tolerance else "**no**",
+                    f"{r['curve']:.2f}x",
+                    f"{r['+build']:.2f}x",
+                )
+                for r in rows
+            ],
+        ),
+        "",
+    ]
     seen = set()
     rate_rows = []
     for r in rows:
         for m, (pred, meas) in r["rates"].items():
             if (r["tail"], r["sigma"], m) not in seen:
                 seen.add((r["tail"], r["sigma"], m))
-                rate_rows.append((r["tail"], r["sigma"], m, f"{meas:.2f}", f"{pred:.2f}",
-                                  f"{100 * (pred / meas - 1):+.0f}%"))
+                rate_rows.append(
+                    (r["tail"], r["sigma"], m, f"{meas:.2f}", f"{pred:.2f}", f"{100 * (pred / meas - 1):+.0f}%")
+                )
     out.append(_md(["tail", "sigma", "mode", "measured traj/s", "predicted traj/s", "error"], rate_rows))
     return "\n".join(out)
 
 
 def gpu_report(rows: list[dict[str, Any]]) -> str:
     head = ["GPUs", "policy", "traj/s", "x grouped", "step s", "staleness", "dropped", "decode busy", "learner GPUs"]
-    return _md(head, [(r["gpus"], r["policy"], f"{r['traj_per_s']:.2f}", f"{r['ratio']:.2f}x", f"{r['step_s']:.0f}",
-                       f"{r['staleness']:.2f}", r["dropped"], f"{100 * r['decode_busy']:.0f}%", r["train_gpus"])
-                      for r in rows])
+    return _md(
+        head,
+        [
+            (
+                r["gpus"],
+                r["policy"],
+                f"{r['traj_per_s']:.2f}",
+                f"{r['ratio']:.2f}x",
+                f"{r['step_s']:.0f}",
+                f"{r['staleness']:.2f}",
+                r["dropped"],
+                f"{100 * r['decode_busy']:.0f}%",
+                r["train_gpus"],
+            )
+            for r in rows
+        ],
+    )
 
 
 def sensitivity_report(rows: list[dict[str, Any]], base: dict[str, float]) -> str:
@@ -1085,15 +1273,28 @@ def sensitivity_report(rows: list[dict[str, Any]], base: dict[str, float]) -> st
 
     head = ["input", "base", "halved to", "single / single-os / async (x grouped)", "doubled to", "the same"]
     body = [("(base inputs)", "", "", cell(base), "", cell(base))]
-    body += [(f"`{r['input']}`" + (" (published, A100)" if r["kind"] == "published" else ""), f"{r['base']:g}",
-              f"{r['half_value']:g}", cell(r["half"]), f"{r['double_value']:g}", cell(r["double"])) for r in rows]
+    body += [
+        (
+            f"`{r['input']}`" + (" (published, A100)" if r["kind"] == "published" else ""),
+            f"{r['base']:g}",
+            f"{r['half_value']:g}",
+            cell(r["half"]),
+            f"{r['double_value']:g}",
+            cell(r["double"]),
+        )
+        for r in rows
+    ]
     return _md(head, body)
 
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=False).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -1103,8 +1304,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="seconds: fewer seeds and steps, 64 GPUs only, no sensitivity")
     p.add_argument("--figures", type=Path, default=FIGURES, help="the GPU figures (JSON)")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 64, 512, 4096], help="cluster sizes in GPUs")
-    p.add_argument("--sensitivity-gpus", type=int, nargs="+", default=[64, 4096],
-                   help="cluster sizes of the sensitivity table")
+    p.add_argument(
+        "--sensitivity-gpus", type=int, nargs="+", default=[64, 4096], help="cluster sizes of the sensitivity table"
+    )
     p.add_argument("--steps", type=int, default=6, help="measured steps per GPU run (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -1117,16 +1319,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figs = load_figures(args.figures)
     v = figure_values(figs)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    out: dict[str, Any] = {"commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           "machine": machine}
-    print(f"# bench/cluster_sim.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-          f"commit {out['commit']}, {out['date']}, {out['machine']}\n")
+    out: dict[str, Any] = {
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine,
+    }
+    print(
+        f"# bench/cluster_sim.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+        f"commit {out['commit']}, {out['date']}, {out['machine']}\n"
+    )
 
     seeds = range(8 if args.quick else 40)
     out["validation"] = validation(seeds)
-    print(f"## 1. Validation against the CPU benchmark ({CPU_SOURCE})\n\n"
-          f"Mean over {len(seeds)} seeds of the benchmark's statistic (2 repeats x 6 steps x B = 24); p10-p90 is its "
-          f"spread across seeds. Per-request handler {1000 * CPU_FRONTEND_S:.0f} ms.\n")
+    print(
+        f"## 1. Validation against the CPU benchmark ({CPU_SOURCE})\n\n"
+        f"Mean over {len(seeds)} seeds of the benchmark's statistic (2 repeats x 6 steps x B = 24); p10-p90 is its "
+        f"spread across seeds. Per-request handler {1000 * CPU_FRONTEND_S:.0f} ms.\n"
+    )
     print(validation_report(out["validation"]), "\n")
     if args.fit_frontend:
         out["frontend_fit"] = fit_frontend(range(20), [i * 0.005 for i in range(15)])
@@ -1135,17 +1344,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     gain, published = roofline_check(v)
     eng = gpu_engine(v)
-    out["engine"] = {"weights_step_s": eng.points[0][1], "per_seq_s": eng.points[1][1] - eng.points[0][1],
-                     "kv_s_per_token": eng.kv_s_per_token, "kv_tokens": eng.kv_tokens,
-                     "prefill_s_per_token": eng.prefill_s_per_token, "check_gain": gain, "check_published": published}
-    print(f"## 2. GPU scale ({figs['model']['name']} on {figs['gpu']['name']}, B = {int(v['workload.batch'])}, "
-          f"G = {int(v['workload.group'])}, responses up to {int(v['workload.max_response_tokens'])} tokens, "
-          f"up to {int(v['workload.max_tool_calls'])} tool calls)\n\n"
-          f"Decode step = {1000 * eng.points[0][1]:.2f} ms + {1e6 * out['engine']['per_seq_s']:.1f} us per sequence "
-          f"+ {1e9 * eng.kv_s_per_token:.1f} ns per token of context; KV cache {eng.kv_tokens / 1e3:.0f}k tokens "
-          f"per GPU. Roofline check on the published A100 sweep: 1 -> 8 requests gains {gain:.1f}x "
-          f"(published {published:.1f}x).\n"
-          f"{args.warmup} warm-up steps, then {args.steps} measured; seed {args.seed}.\n")
+    out["engine"] = {
+        "weights_step_s": eng.points[0][1],
+        "per_seq_s": eng.points[1][1] - eng.points[0][1],
+        "kv_s_per_token": eng.kv_s_per_token,
+        "kv_tokens": eng.kv_tokens,
+        "prefill_s_per_token": eng.prefill_s_per_token,
+        "check_gain": gain,
+        "check_published": published,
+    }
+    print(
+        f"## 2. GPU scale ({figs['model']['name']} on {figs['gpu']['name']}, B = {int(v['workload.batch'])}, "
+        f"G = {int(v['workload.group'])}, responses up to {int(v['workload.max_response_tokens'])} tokens, "
+        f"up to {int(v['workload.max_tool_calls'])} tool calls)\n\n"
+        f"Decode step = {1000 * eng.points[0][1]:.2f} ms + {1e6 * out['engine']['per_seq_s']:.1f} us per sequence "
+        f"+ {1e9 * eng.kv_s_per_token:.1f} ns per token of context; KV cache {eng.kv_tokens / 1e3:.0f}k tokens "
+        f"per GPU. Roofline check on the published A100 sweep: 1 -> 8 requests gains {gain:.1f}x "
+        f"(published {published:.1f}x).\n"
+        f"{args.warmup} warm-up steps, then {args.steps} measured; seed {args.seed}.\n"
+    )
     out["gpu"] = gpu_table(v, args.sizes, args.steps, args.warmup, args.seed)
     print(gpu_report(out["gpu"]), "\n")
 
@@ -1154,21 +1371,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for gpus in args.sensitivity_gpus:
             base, rows = sensitivity(figs, gpus, args.steps, args.warmup, args.seed)
             out["sensitivity"][gpus] = {"base": base, "rows": rows}
-            print(f"## 3. Sensitivity at {gpus} GPUs: ratios to grouped with one input halved or doubled "
-                  f"(shares capped at 1; the asynchronous learner keeps its GPUs)\n")
+            print(
+                f"## 3. Sensitivity at {gpus} GPUs: ratios to grouped with one input halved or doubled "
+                f"(shares capped at 1; the asynchronous learner keeps its GPUs)\n"
+            )
             print(sensitivity_report(rows, base), "\n")
 
     pc = paper_check(range(100 if args.quick else 400))
     eng_ratios = paper_setting_on_engines(v, range(3 if args.quick else 20))
     out["paper"] = {**pc, "engines": eng_ratios}
-    print("## 4. The paper's Sec. 5.4 setting (24-sample batch; group-free starts 48, keeps the first 24)\n\n"
-          f"With times independent of concurrency (the paper's simulation) and lognormal times, a mean ratio of 4.35x "
-          f"needs sigma = {pc['sigma']:.2f} (one draw of that setting gives "
-          f"{pc['one_draw_p10']:.1f}x-{pc['one_draw_p90']:.1f}x, "
-          f"p10-p90; median sample time {pc['median_s_for_112']:.0f} s puts group-free at 112 s). The same batch with "
-          f"engine coupling: one GPU replica with the GPU workload {eng_ratios['gpu']:.2f}x; the measured CPU server "
-          f"{eng_ratios['cpu-length']:.2f}x (length tail, sigma 1) and {eng_ratios['cpu-tool']:.2f}x "
-          f"(tool tail, sigma 1).\n")
+    print(
+        "## 4. The paper's Sec. 5.4 setting (24-sample batch; group-free starts 48, keeps the first 24)\n\n"
+        f"With times independent of concurrency (the paper's simulation) and lognormal times, a mean ratio of 4.35x "
+        f"needs sigma = {pc['sigma']:.2f} (one draw of that setting gives "
+        f"{pc['one_draw_p10']:.1f}x-{pc['one_draw_p90']:.1f}x, "
+        f"p10-p90; median sample time {pc['median_s_for_112']:.0f} s puts group-free at 112 s). The same batch with "
+        f"engine coupling: one GPU replica with the GPU workload {eng_ratios['gpu']:.2f}x; the measured CPU server "
+        f"{eng_ratios['cpu-length']:.2f}x (length tail, sigma 1) and {eng_ratios['cpu-tool']:.2f}x "
+        f"(tool tail, sigma 1).\n"
+    )
     out["seconds"] = time.perf_counter() - started
     print(f"({out['seconds']:.0f} s)")
     if args.json:

@@ -30,13 +30,28 @@ FLAT = cs.Engine(((1, 0.01),))  # 10 ms per token whatever runs beside it
 
 def tail(sigma: float, tool: bool = False) -> cs.Workload:
     if tool:
-        return cs.Workload(gen_median=16, gen_sigma=0.0, gen_max=16, calls_mean=1, calls_max=1, tool_median_s=1.0,
-                           tool_sigma=sigma, tool_max_s=16.0, trailing_tool=True)
+        return cs.Workload(
+            gen_median=16,
+            gen_sigma=0.0,
+            gen_max=16,
+            calls_mean=1,
+            calls_max=1,
+            tool_median_s=1.0,
+            tool_sigma=sigma,
+            tool_max_s=16.0,
+            trailing_tool=True,
+        )
     return cs.Workload(gen_median=32, gen_sigma=sigma, gen_max=512)
 
 
-def rate(policy: cs.Policy, workload: cs.Workload, seed: int, engine: cs.Engine = SATURATING, steps: int = 6,
-         **cluster: float) -> float:
+def rate(
+    policy: cs.Policy,
+    workload: cs.Workload,
+    seed: int,
+    engine: cs.Engine = SATURATING,
+    steps: int = 6,
+    **cluster: float,
+) -> float:
     return cs.simulate(policy, cs.Cluster(1, engine, **cluster), workload, steps=steps, seed=seed).traj_per_s
 
 
@@ -48,8 +63,11 @@ def ep(*tokens: float, tools: tuple[float, ...] = (), prompt: int = 0) -> cs.Epi
 def test_zero_variance_gives_every_policy_the_same_throughput(tool: bool) -> None:
     # every episode costs the same: grouping or a barrier cannot change when anything finishes
     w = tail(0.0, tool)
-    rates = [rate(cs.Policy("single", 24, 24), w, 0), rate(cs.Policy("grouped", 24, 24, group=8), w, 0),
-             rate(cs.Policy("async", 24, 24, max_staleness=100), w, 0)]
+    rates = [
+        rate(cs.Policy("single", 24, 24), w, 0),
+        rate(cs.Policy("grouped", 24, 24, group=8), w, 0),
+        rate(cs.Policy("async", 24, 24, max_staleness=100), w, 0),
+    ]
     assert rates[1] == pytest.approx(rates[0], rel=1e-9)
     assert rates[2] == pytest.approx(rates[0], rel=1e-9)
 
@@ -58,7 +76,8 @@ def test_zero_variance_with_a_learner_step_keeps_single_and_grouped_equal() -> N
     w = tail(0.0)
     kw = {"learner_fixed_s": 2.0, "push_s": 0.5}
     assert rate(cs.Policy("grouped", 24, 24, group=8), w, 0, **kw) == pytest.approx(
-        rate(cs.Policy("single", 24, 24), w, 0, **kw), rel=1e-9)
+        rate(cs.Policy("single", 24, 24), w, 0, **kw), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("tool", [False, True])
@@ -96,8 +115,9 @@ def test_processor_sharing_by_hand() -> None:
     # step time 10 ms per running sequence: 100 and 300 tokens start together; both decode at
     # 20 ms per token until the first ends (2.0 s), the other decodes its last 200 alone at 10 ms
     engine = cs.Engine(((1, 0.01), (2, 0.02)))
-    r = cs.simulate(cs.Policy("grouped", 2, 2, group=2), cs.Cluster(1, engine), None, steps=1,
-                    episodes=[ep(100), ep(300)])
+    r = cs.simulate(
+        cs.Policy("grouped", 2, 2, group=2), cs.Cluster(1, engine), None, steps=1, episodes=[ep(100), ep(300)]
+    )
     assert r.step_times == [pytest.approx(4.0)]
 
 
@@ -134,8 +154,13 @@ def test_tool_calls_request_latency_and_learner_by_hand() -> None:
 def test_kv_cache_admission_serialises_what_does_not_fit() -> None:
     # 150 tokens of cache: the second 100-token prompt waits until the first episode is done
     engine = cs.Engine(((1, 0.01),), kv_tokens=150)
-    r = cs.simulate(cs.Policy("grouped", 2, 2, group=2), cs.Cluster(1, engine), None, steps=1,
-                    episodes=[ep(100, prompt=100), ep(100, prompt=100)])
+    r = cs.simulate(
+        cs.Policy("grouped", 2, 2, group=2),
+        cs.Cluster(1, engine),
+        None,
+        steps=1,
+        episodes=[ep(100, prompt=100), ep(100, prompt=100)],
+    )
     assert r.step_times == [pytest.approx(2.0)]
 
 
@@ -144,8 +169,12 @@ def test_kv_cache_overflow_preempts_the_newest_sequence() -> None:
     # fills the cache and the newer one is preempted: the older ends at 1.0 s, the preempted one
     # resumes then for its last 50 tokens and ends at 1.5 s
     engine = cs.Engine(((1, 0.01),), kv_tokens=300)
-    sim = cs.Simulation(cs.Policy("grouped", 2, 2, group=2), cs.Cluster(1, engine), None,
-                        episodes=[ep(100, prompt=100), ep(100, prompt=100)])
+    sim = cs.Simulation(
+        cs.Policy("grouped", 2, 2, group=2),
+        cs.Cluster(1, engine),
+        None,
+        episodes=[ep(100, prompt=100), ep(100, prompt=100)],
+    )
     r = sim.run(1)
     assert r.step_times == [pytest.approx(1.5)]
     assert sim.replicas[0].preempted == 1
@@ -166,22 +195,31 @@ def test_async_drops_trajectories_past_the_staleness_bound() -> None:
     # the learner going (a version every 2 s), so when the long one ends it is about 5 versions
     # old: dropped with a bound of 1, used with a bound of 100
     eps = [ep(1000)] + [ep(100) for _ in range(40)]
-    strict = cs.simulate(cs.Policy("async", 1, 2, max_staleness=1), cs.Cluster(1, FLAT, learner_fixed_s=1.0), None,
-                         steps=8, episodes=eps)
-    loose = cs.simulate(cs.Policy("async", 1, 2, max_staleness=100), cs.Cluster(1, FLAT, learner_fixed_s=1.0), None,
-                        steps=8, episodes=eps)
+    strict = cs.simulate(
+        cs.Policy("async", 1, 2, max_staleness=1), cs.Cluster(1, FLAT, learner_fixed_s=1.0), None, steps=8, episodes=eps
+    )
+    loose = cs.simulate(
+        cs.Policy("async", 1, 2, max_staleness=100),
+        cs.Cluster(1, FLAT, learner_fixed_s=1.0),
+        None,
+        steps=8,
+        episodes=eps,
+    )
     assert strict.dropped == 1
     assert loose.dropped == 0
     assert max(loose.step_times) > 0 and loose.staleness > strict.staleness
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: cs.Policy("grouped", 10, 10, group=3),
-    lambda: cs.Policy("grouped", 16, 8, group=8),
-    lambda: cs.Policy("ring", 8, 8),
-    lambda: cs.Engine(((24, 0.02), (8, 0.01))),
-    lambda: cs.Workload(gen_median=10, gen_sigma=0.5, gen_max=100, calls_mean=3, calls_max=2),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: cs.Policy("grouped", 10, 10, group=3),
+        lambda: cs.Policy("grouped", 16, 8, group=8),
+        lambda: cs.Policy("ring", 8, 8),
+        lambda: cs.Engine(((24, 0.02), (8, 0.01))),
+        lambda: cs.Workload(gen_median=10, gen_sigma=0.5, gen_max=100, calls_mean=3, calls_max=2),
+    ],
+)
 def test_bad_input_is_a_clear_error(bad: Callable[[], object]) -> None:
     with pytest.raises(SPOError):
         bad()
