@@ -2,18 +2,19 @@
 
 Scheduling (`scheduler="continuous"`, the default). Concurrent `generate` calls are queued for a
 single worker thread that decodes all running requests together, one token per step, over a
-KV cache shared by the batch: before each step, requests that arrived since the last one are
-prefilled (in one left-padded forward pass) and their cache rows join the batch; after each
-step, every request that has finished (its stop string, end-of-turn token or its own
-`max_new_tokens`) is handed back at once and its rows leave the cache. A short request that
-arrives while a long one runs therefore waits at most one prefill and one step, never for the
-long one to end (iteration-level scheduling, as in Orca and vLLM). Requests may differ in every
-sampling setting: temperature, top-k, top-p, stop strings, budget and seed are per request.
-The batch cache is left-padded: each row occupies the rightmost columns it needs, `mask` marks
-them, positions come from each row's own length, and columns no row uses any more are
-trimmed when the longest row leaves. A request whose caller was cancelled leaves at the next
-step. Models whose cache is not plain per-layer keys and values (sliding-window or hybrid
-layers) fall back to the static scheduler, with a warning.
+KV cache shared by the batch. Before each step, requests that arrived since the last one are
+prefilled (left-padded forward passes, reusing cached prefixes: see below) and their cache rows
+join the batch; after each step, every request that has finished (its stop string, end-of-turn
+token or its own `max_new_tokens`) is handed back at once and its rows leave the cache. A short
+request that arrives while a long one runs therefore waits at most one prefill and one step,
+never for the long one to end (iteration-level scheduling, as in Orca and vLLM). Requests may
+differ in every sampling setting: temperature, top-k, top-p, stop strings, budget and seed are
+per request. The batch cache is left-padded: each row's columns end at the right edge, `mask`
+marks its real ones (a row that reused a prefix may have a masked gap after it), positions come
+from each row's own length, and columns no row uses any more are trimmed when the longest row
+leaves. A request whose caller was cancelled leaves at the next step. Models whose cache is not
+plain per-layer keys and values (sliding-window or hybrid layers) fall back to the static
+scheduler, with a warning.
 
 `scheduler="static"`: the worker waits `batch_wait_s` for more requests, groups them by
 identical sampling settings (temperature, top-p, top-k, stop strings; `max_new_tokens` may
@@ -36,17 +37,25 @@ Stops. A request stops at an end-of-turn token (kept in `token_ids`, left out of
 `finish_reason = "eos"`), at the token that completes a stop string (kept, `"stop"`, see
 `spo_agents.policy.stopping`) or after `max_new_tokens` (`"length"`).
 
-Seeds. Continuous: every request draws from its own random stream, seeded from
-`SamplingParams.seed` when it is set, else from the backend's own stream (seeded once from
-torch's global generator when the backend is built; the global generator is never touched
-afterwards). A request alone in the batch is reproducible bit for bit. In a batch, the same
-seed gives the same draws whatever else runs, but the logits it is applied to can differ in the
-last bits with the batch's shape (other rows, padding width: the matrix products sum in another
-order), about 1e-6 in log-prob; a sampled token changes only when its draw falls that close to
-a boundary between two tokens, so a seeded request gives the same tokens in almost every case,
-not in every case. Static: one random stream serves a whole `generate` call, seeded from all
-of its requests' seeds (in a forked RNG); results repeat only when the same requests are
-batched the same way.
+Seeds. Continuous: every request draws one uniform number per token from its own random
+stream, seeded from `SamplingParams.seed` when it is set, else from the backend's own stream
+(seeded once from torch's global generator when the backend is built; the global generator is
+never touched afterwards). A seeded request thus makes the same draws whatever else runs. The
+logits the draws are applied to can differ in their last bits (about 1e-6 in log-prob) with how
+the request was computed: the batch's shape (other rows, padding) changes the summation order
+of the matrix products, and a prompt that reuses cached keys and values is computed in two
+passes instead of one. A sampled token changes only when its draw falls that close to a
+boundary between two tokens, so a seeded request gives the same tokens in almost every case,
+not in every case; it is identical bit for bit when it runs alone with `prefix_cache_tokens=0`.
+Static: one random stream serves a whole `generate` call, seeded from all of its requests'
+seeds (in a forked RNG); results repeat only when the same requests are batched the same way.
+
+Prefix reuse (continuous). The keys and values a finished request leaves in the cache (its
+prompt and sampled tokens) are kept, up to `prefix_cache_tokens` tokens, least recently used
+first out. A new prompt reuses the longest prefix it shares with any of them and computes only
+the rest: the next turn of an episode (the previous prompt, the sampled tokens and the
+environment's reply) computes just the reply, and a new problem under the same system prompt
+and examples computes just its own part. Nothing cached before a `pause` is reused after it.
 
 Sharing weights with the learner. `HFPolicy(model=module, tokenizer=tok)` wraps an existing
 `torch.nn.Module`; the learner updates it in place between `await policy.pause()` and
@@ -70,7 +79,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +132,7 @@ class _Row:
     generator: Any  # torch.Generator: this request's random stream
     version: int  # policy version of the first token
     length: int  # tokens of this row in the batch cache (prompt + sampled tokens fed back so far)
+    epoch: int  # `HFPolicy._epoch` at admission: whether its cache may still be reused at the end
     logprobs: list[float] = field(default_factory=list)
     next_token: int = -1  # the last sampled token, fed to the model at the next step
 
@@ -218,6 +228,91 @@ def _plain_kv_cache(model: Any) -> str | None:
     return None
 
 
+@dataclass
+class _Prefix:
+    """Keys and values `[kv_heads, len, head_dim]` per layer of a token sequence the model has
+    read, computed under the weights of `epoch`."""
+
+    tokens: Any  # LongTensor [len], on the CPU
+    keys: list[Any]
+    values: list[Any]
+    epoch: int
+
+
+class _PrefixCache:
+    """What finished requests left in the KV cache, reused by later prompts that start with the
+    same tokens: the next turn of the same episode (its prompt is the previous prompt, the
+    sampled tokens and the environment's reply) or another problem under the same system prompt
+    and examples. A prompt reuses the longest common prefix with any entry; the keys of a causal
+    model at a position depend only on the tokens up to it, so any leading part of an entry is
+    valid. Entries from before the last `pause` (the weights may have changed since) are never
+    used. Least recently used entries go first once `max_tokens` are held."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[int, _Prefix] = OrderedDict()
+        self._held = 0
+        self._next = 0
+
+    def lookup(self, prompt: list[int], epoch: int) -> tuple[_Prefix | None, int]:
+        """The entry sharing the longest prefix with `prompt` and that length (at most
+        `len(prompt) - 1`: the last prompt token is always computed, for its logits)."""
+        import torch
+
+        self._drop_stale(epoch)
+        ids = torch.tensor(prompt, dtype=torch.long)
+        best, best_len = None, 0
+        for key, e in self.entries.items():
+            n = _common_prefix(e.tokens, ids, len(prompt) - 1)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            return None, 0
+        self.entries.move_to_end(best)
+        return self.entries[best], best_len
+
+    def add(self, entry: _Prefix) -> None:
+        """Hold `entry`, replacing the entries it extends."""
+        self._drop_stale(entry.epoch)
+        n = len(entry.tokens)
+        if n == 0 or n > self.max_tokens:
+            return
+        for key in [k for k, e in self.entries.items() if _common_prefix(e.tokens, entry.tokens, n) == len(e.tokens)]:
+            self._held -= len(self.entries.pop(key).tokens)
+        self.entries[self._next] = entry
+        self._next += 1
+        self._held += n
+        while self._held > self.max_tokens:
+            self._held -= len(self.entries.popitem(last=False)[1].tokens)
+
+    def _drop_stale(self, epoch: int) -> None:
+        if any(e.epoch != epoch for e in self.entries.values()):
+            self.entries = OrderedDict((k, e) for k, e in self.entries.items() if e.epoch == epoch)
+            self._held = sum(len(e.tokens) for e in self.entries.values())
+
+
+def _common_prefix(a: Any, b: Any, limit: int) -> int:
+    """How many leading tokens the 1-d tensors `a` and `b` share, at most `limit`."""
+    m = min(len(a), len(b), limit)
+    if m <= 0:
+        return 0
+    differ = (a[:m] != b[:m]).nonzero()
+    return int(differ[0]) if differ.numel() else m
+
+
+def _suffix_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths` (tokens each row still has to prefill) grouped for separate prefill
+    passes: a pass pads every row to its longest, so rows of very different lengths (a new
+    prompt next to a turn whose prefix was reused) go to different passes."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= 1.5 * lengths[groups[-1][0]] + 16:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
 def _inverse_cdf(probs: Any, u: Any, block: int = 256) -> Any:
     """For each row of `probs` `[rows, vocab]`, the first index whose cumulative probability
     exceeds `u * total` (`u` `[rows]` in [0, 1)): a draw from `probs`. Sums are in float64, in two
@@ -291,6 +386,8 @@ class HFPolicy(PolicyBackend):
         torch_threads: sets `torch.set_num_threads` when given.
         scheduler: `continuous` (requests join and leave the running batch between decode steps)
             or `static` (one `model.generate` call per batch); see the module docstring.
+        prefix_cache_tokens: continuous: how many tokens of finished requests' keys and values
+            are kept for reuse by prompts that start with the same tokens (0: none).
     """
 
     def __init__(
@@ -305,6 +402,7 @@ class HFPolicy(PolicyBackend):
         max_batch_size: int = 64,
         torch_threads: int | None = None,
         scheduler: str = "continuous",
+        prefix_cache_tokens: int = 8192,
     ) -> None:
         super().__init__()
         import torch
@@ -348,6 +446,8 @@ class HFPolicy(PolicyBackend):
         # the source of the random streams of requests without a seed (continuous)
         self._seeds = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self._logits_to_keep = True
+        self._prefixes = _PrefixCache(prefix_cache_tokens)
+        self._epoch = 0  # +1 at each `pause`: cached keys and values from before are not reused
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._allowed = threading.Event()
         self._allowed.set()
@@ -357,10 +457,11 @@ class HFPolicy(PolicyBackend):
         self._worker_lock = threading.Lock()
         #: counters for benchmarks and logs: `batches` (static: `generate` calls; continuous:
         #: prefill passes), `rows` (requests started), `tokens` (generated tokens handed back);
-        #: continuous only: `steps` (decode steps), `prefill_tokens` (prompt tokens prefilled),
-        #: `prefill_s` / `decode_s` (seconds in prefill passes / decode steps)
+        #: continuous only: `steps` (decode steps), `prefill_tokens` (prompt tokens computed),
+        #: `reused_tokens` (prompt tokens taken from the prefix cache), `prefill_s` / `decode_s`
+        #: (seconds in prefill passes / decode steps)
         self.stats: dict[str, float] = {"batches": 0, "rows": 0, "tokens": 0, "steps": 0}
-        self.stats.update(prefill_tokens=0, prefill_s=0.0, decode_s=0.0)
+        self.stats.update(prefill_tokens=0, reused_tokens=0, prefill_s=0.0, decode_s=0.0)
 
     # --- protocol -----------------------------------------------------------------------------
     @property
@@ -399,6 +500,7 @@ class HFPolicy(PolicyBackend):
         """Hold the next prefill or decode step (static: the next batch); return once none is
         running. Requests in flight keep their place and continue after `resume`."""
         self._allowed.clear()
+        self._epoch += 1
         await asyncio.to_thread(self._wait_idle)
 
     def _wait_idle(self) -> None:
@@ -487,29 +589,47 @@ class HFPolicy(PolicyBackend):
             self._step(batch)
 
     def _admit(self, batch: _Batch, reqs: list[_Request]) -> None:
-        """Prefill `reqs` in one left-padded pass, sample their first tokens, hand back those
-        already finished and add the others to `batch`."""
+        """Prefill `reqs` (reusing cached prefixes; one pass per group of similar lengths), sample
+        their first tokens, hand back those already finished and add the others to `batch`."""
+        epoch = self._epoch
+        plans = [(r, *self._prefixes.lookup(r.prompt_ids, epoch)) for r in reqs]
+        for group in _suffix_groups([len(r.prompt_ids) - n for r, _, n in plans]):
+            self._prefill(batch, [plans[i] for i in group], epoch)
+
+    def _prefill(self, batch: _Batch, plans: list[tuple[_Request, _Prefix | None, int]], epoch: int) -> None:
+        """One forward pass over the prompts' uncached tokens. Each row's cache is
+        `[pad][reused prefix][pad][rest of its prompt]`: the reused keys and values are aligned
+        to the right of the first `past` columns, the rest of the prompt to the right of the
+        pass; the pads are masked out (and trimmed from the left once the batch allows)."""
         import torch
         from transformers import DynamicCache
 
+        reqs = [r for r, _, _ in plans]
         start = time.perf_counter()
         try:
-            n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
+            n, device = len(plans), self.device
+            past = max(k for _, _, k in plans)
+            width = max(len(r.prompt_ids) - k for r, _, k in plans)
             ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((n, width), dtype=torch.long)
-            for i, r in enumerate(reqs):
-                ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-                mask[i, width - len(r.prompt_ids) :] = 1
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            device = self.device
+            mask = torch.zeros((n, past + width), dtype=torch.long)
+            position_ids = torch.zeros((n, width), dtype=torch.long)
+            for i, (r, _, k) in enumerate(plans):
+                rest = r.prompt_ids[k:]
+                ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+                position_ids[i, width - len(rest) :] = torch.arange(k, len(r.prompt_ids))
+                mask[i, past - k : past] = 1
+                mask[i, past + width - len(rest) :] = 1
             ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
             cache = DynamicCache(config=self.model.config)
+            if past:
+                cache = DynamicCache(ddp_cache_data=self._reused(plans, past), config=self.model.config)
             logits = self._forward(ids, mask, position_ids, cache)
             self.stats["batches"] += 1
             self.stats["rows"] += n
-            self.stats["prefill_tokens"] += sum(len(r.prompt_ids) for r in reqs)
-            rows = [self._new_row(r) for r in reqs]
-            keep = self._advance(rows, logits)
+            self.stats["prefill_tokens"] += sum(len(r.prompt_ids) - k for r, _, k in plans)
+            self.stats["reused_tokens"] += sum(k for _, _, k in plans)
+            rows = [self._new_row(r, epoch) for r in reqs]
+            keep = self._advance(rows, logits, cache, mask)
         except Exception as e:  # noqa: BLE001 - surfaced to the callers of these requests
             self._fail(reqs, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
             return
@@ -524,9 +644,26 @@ class HFPolicy(PolicyBackend):
             except Exception as e:  # noqa: BLE001 - the batch cache is in an unknown state: fail all
                 self._fail_batch(batch, e, extra=[r.request for r in sub.rows])
 
-    def _new_row(self, req: _Request) -> _Row:
+    def _reused(self, plans: list[tuple[_Request, _Prefix | None, int]], past: int) -> list[tuple[Any, Any]]:
+        """Per layer, the rows' reused keys and values `[rows, kv_heads, past, head_dim]`, each
+        right-aligned (zeros where a row reuses less)."""
+
+        ref = next(e for _, e, _ in plans if e is not None)
+        out = []
+        for layer in range(len(ref.keys)):
+            k0 = ref.keys[layer]
+            shape = (len(plans), k0.shape[0], past, k0.shape[2])
+            keys, values = k0.new_zeros(shape), k0.new_zeros(shape)
+            for i, (_, e, k) in enumerate(plans):
+                if k:
+                    keys[i, :, past - k :] = e.keys[layer][:, :k]
+                    values[i, :, past - k :] = e.values[layer][:, :k]
+            out.append((keys.to(self.device), values.to(self.device)))
+        return out
+
+    def _new_row(self, req: _Request, epoch: int) -> _Row:
         scanner = StopScanner(self._tokenizer, req.params.stop, self.eos_ids)
-        return _Row(req, scanner, self._generator(req.params.seed), self.version, len(req.prompt_ids))
+        return _Row(req, scanner, self._generator(req.params.seed), self.version, len(req.prompt_ids), epoch)
 
     def _step(self, batch: _Batch) -> None:
         """One decode step of every row: feed its last token, sample the next."""
@@ -547,7 +684,7 @@ class HFPolicy(PolicyBackend):
             for r in batch.rows:
                 r.length += 1
             self.stats["steps"] += 1
-            keep = self._advance(batch.rows, logits)
+            keep = self._advance(batch.rows, logits, batch.cache, batch.mask)
             batch.keep(keep)
         except Exception as e:  # noqa: BLE001 - surfaced to every caller in the batch
             self._fail_batch(batch, e)
@@ -581,9 +718,10 @@ class HFPolicy(PolicyBackend):
             seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds).item())
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _advance(self, rows: list[_Row], logits: Any) -> list[int]:
+    def _advance(self, rows: list[_Row], logits: Any, cache: Any, mask: Any) -> list[int]:
         """Sample each row's next token from `logits`, record it, hand back the rows that are
-        done; returns the indices of the rows that go on."""
+        done (keeping what they left in `cache` for later prompts); returns the indices of the
+        rows that go on."""
         tokens, logprobs = _sample(logits, [r.request.params for r in rows], [r.generator for r in rows])
         keep = []
         for i, (r, tok, lp) in enumerate(zip(rows, tokens, logprobs)):
@@ -594,9 +732,23 @@ class HFPolicy(PolicyBackend):
                 end = StopMatch(len(r.logprobs), "length")
             if end is None:
                 keep.append(i)
-            else:
-                self._finish(r, end)
+                continue
+            self._finish(r, end)
+            if r.epoch == self._epoch and self._prefixes.max_tokens > 0:
+                self._remember(r, cache, mask, i)
         return keep
+
+    def _remember(self, row: _Row, cache: Any, mask: Any, i: int) -> None:
+        """Cache row `i`'s keys and values: its prompt and every sampled token but the last
+        (never fed to the model), with the padding columns left out."""
+        import torch
+
+        real = mask[i].bool()
+        fed = row.request.prompt_ids + row.scanner.tokens[:-1]
+        keys = [layer.keys[i][:, real].to("cpu", copy=True) for layer in cache.layers]
+        values = [layer.values[i][:, real].to("cpu", copy=True) for layer in cache.layers]
+        if keys and keys[0].shape[1] == len(fed):
+            self._prefixes.add(_Prefix(torch.tensor(fed, dtype=torch.long), keys, values, row.epoch))
 
     def _finish(self, row: _Row, end: StopMatch) -> None:
         toks = row.scanner.tokens[: end.length]

@@ -241,7 +241,7 @@ async def test_each_request_stops_at_its_own_stop_strings(base):
 
 # ------------------------------------------------------------------------------------ log-probs
 async def test_mixed_sampling_settings_share_a_batch_and_keep_their_own_distribution(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, batch_wait_s=0.2)  # all four arrive in time
     try:
         settings = [
             SamplingParams(temperature=1.0, max_new_tokens=10),
@@ -306,6 +306,7 @@ async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
             )
         )
         assert all(t.error is None for t in trajs) and any(len(t.turn_starts) == 2 for t in trajs)
+        assert policy.stats["reused_tokens"] > 0  # later turns and problems reused cached prefixes
         b = pack(trajs, base.pad_id)
         with torch.no_grad():
             learner, _ = token_logprobs(base.model, b, 0.8)
@@ -317,26 +318,111 @@ async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
 
 # --------------------------------------------------------------------------------------- seeds
 async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, prefix_cache_tokens=0)
     try:
         prompt = _prompt(base, "seeded prompt")
         params = SamplingParams(max_new_tokens=16, seed=5)
         alone = await policy.generate(prompt, params)
-        others = [
-            asyncio.create_task(
-                policy.generate(_prompt(base, f"other prompt number {i}"), SamplingParams(max_new_tokens=24))
-            )
-            for i in range(3)
-        ]
+        again = await policy.generate(prompt, params)
+        assert again.token_ids == alone.token_ids and again.logprobs == alone.logprobs  # alone: bit for bit
+        other = SamplingParams(max_new_tokens=24)
+        others = [asyncio.create_task(policy.generate(_prompt(base, f"other prompt {i}"), other)) for i in range(3)]
         await _until(lambda: policy.stats["steps"] >= 2)
         batched = await policy.generate(prompt, params)
         await asyncio.gather(*others)
         assert batched.token_ids == alone.token_ids
         assert max(abs(a - b) for a, b in zip(batched.logprobs, alone.logprobs)) < 1e-4
-        again = await policy.generate(prompt, params)
-        assert again.token_ids == alone.token_ids and again.logprobs == alone.logprobs  # alone: bit for bit
     finally:
         await policy.close()
+
+    cached = HFPolicy(model=base.model, tokenizer=base.tokenizer)  # the second run reuses the first's prompt
+    try:
+        first = await cached.generate(prompt, params)
+        second = await cached.generate(prompt, params)
+        assert cached.stats["reused_tokens"] == len(prompt) - 1
+        assert first.token_ids == second.token_ids == alone.token_ids
+        assert max(abs(a - b) for a, b in zip(second.logprobs, alone.logprobs)) < 1e-4
+    finally:
+        await cached.close()
+
+
+# ------------------------------------------------------------------------------- prefix reuse
+async def test_the_next_turn_computes_only_its_new_tokens(base):
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        params = SamplingParams(temperature=0.9, max_new_tokens=10)
+        first_prompt = _prompt(base, "The first turn of an episode")
+        first = await policy.generate(first_prompt, params)
+        reply = _prompt(base, " and the tool replied: 42.")
+        prompt = first_prompt + first.token_ids + reply
+        before = dict(policy.stats)
+        second = await policy.generate(prompt, params)
+        # cached: the first prompt and every sampled token but the last (never fed to the model)
+        assert policy.stats["reused_tokens"] - before["reused_tokens"] == len(first_prompt) + len(first.token_ids) - 1
+        assert policy.stats["prefill_tokens"] - before["prefill_tokens"] == len(reply) + 1
+        ref = _reference(base.model, prompt, second.token_ids, params)
+        assert max(abs(a - b) for a, b in zip(second.logprobs, ref)) < 1e-4
+    finally:
+        await policy.close()
+
+
+async def test_another_problem_reuses_the_shared_start_of_the_prompt(base):
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        shared = _prompt(base, "You are a helpful assistant. Here is an example: 1 + 1 = 2. Now solve:")
+        a, b = shared + _prompt(base, " 3 * 4"), shared + _prompt(base, " 7 - 9")
+        common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        params = SamplingParams(temperature=0.9, max_new_tokens=6)
+        await policy.generate(a, params)
+        before = dict(policy.stats)
+        g = await policy.generate(b, params)
+        assert policy.stats["reused_tokens"] - before["reused_tokens"] == common
+        assert policy.stats["prefill_tokens"] - before["prefill_tokens"] == len(b) - common
+        ref = _reference(base.model, b, g.token_ids, params)
+        assert max(abs(x - y) for x, y in zip(g.logprobs, ref)) < 1e-4
+    finally:
+        await policy.close()
+
+
+async def test_nothing_cached_before_a_pause_is_reused_after_it(base):
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    try:
+        prompt = _prompt(base, "cached before the update")
+        params = SamplingParams(max_new_tokens=5)
+        await policy.generate(prompt, params)
+        await policy.pause()  # the learner would change the weights here
+        policy.resume()
+        before = dict(policy.stats)
+        await policy.generate(prompt, params)
+        assert policy.stats["reused_tokens"] == before["reused_tokens"]
+        assert policy.stats["prefill_tokens"] - before["prefill_tokens"] == len(prompt)
+    finally:
+        await policy.close()
+
+
+def test_the_prefix_cache_keeps_the_longest_match_within_its_budget():
+    from spo_agents.policy.hf import _Prefix, _PrefixCache
+
+    def entry(tokens, epoch=0):
+        kv = [torch.zeros(1, len(tokens), 2)]
+        return _Prefix(torch.tensor(tokens), kv, kv, epoch)
+
+    cache = _PrefixCache(max_tokens=10)
+    cache.add(entry([1, 2, 3]))
+    cache.add(entry([1, 2, 3, 4, 5]))  # extends the first: replaces it
+    assert [e.tokens.tolist() for e in cache.entries.values()] == [[1, 2, 3, 4, 5]]
+    cache.add(entry([1, 2, 9, 9]))
+    e, n = cache.lookup([1, 2, 3, 4, 7], epoch=0)
+    assert e.tokens.tolist() == [1, 2, 3, 4, 5] and n == 4
+    e, n = cache.lookup([1, 2, 3, 4, 5], epoch=0)
+    assert n == 4  # the last prompt token is always computed
+    e, n = cache.lookup([1, 2, 9, 9, 9], epoch=0)
+    assert e.tokens.tolist() == [1, 2, 9, 9] and n == 4
+    cache.add(entry([7, 7, 7]))  # 5 + 4 + 3 > 10: the least recently used ([1..5]) goes
+    assert sorted(e.tokens.tolist()[0] for e in cache.entries.values()) == [1, 7]
+    assert cache.lookup([5, 5], epoch=0) == (None, 0)
+    assert cache.lookup([7, 7, 7, 7], epoch=1)[0] is None  # from before a pause: dropped
+    assert not cache.entries
 
 
 # ------------------------------------------------------------------------- pause and versions
