@@ -219,7 +219,8 @@ class CheckpointManager:
         return (
             f"the disk filled up while writing checkpoint `{final}` ({written / 1e9:.2f} GB written, "
             f"{free / 1e9:.2f} GB free now; a checkpoint of this run takes about {size / 1e9:.2f} GB). "
-            f"Free space or lower `train.keep_checkpoints`: keeping N checkpoints needs room for N + 1 while one is written"
+            "Free space or lower `train.keep_checkpoints`: "
+            "keeping N checkpoints needs room for N + 1 while one is written"
         )
 
     def _remove_temporaries(self) -> None:
@@ -265,7 +266,8 @@ class CheckpointManager:
         state_file = p / "trainer_state.pt"
         if not state_file.is_file() or not (p / "meta.json").is_file():
             raise CheckpointError(
-                f"checkpoint `{p}` is incomplete (no `trainer_state.pt` or `meta.json`); delete it to fall back to an older one"
+                f"checkpoint `{p}` is incomplete (no `trainer_state.pt` or `meta.json`); "
+                "delete it to fall back to an older one"
             )
         verify_checksums(p)
         try:

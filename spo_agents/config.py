@@ -154,11 +154,13 @@ class RolloutConfig:
                 "temperature": _POSITIVE,
                 "top_p": (
                     lambda x: x == 1.0,
-                    "1.0: the learner scores the full softmax, so a nucleus biases every ratio; use `eval.top_p` for evaluation",
+                    "1.0: the learner scores the full softmax, so a nucleus biases every ratio; "
+                    "use `eval.top_p` for evaluation",
                 ),
                 "top_k": (
                     lambda x: x == 0,
-                    "0: the learner scores the full softmax, so top-k biases every ratio; use `eval.top_k` for evaluation",
+                    "0: the learner scores the full softmax, so top-k biases every ratio; "
+                    "use `eval.top_k` for evaluation",
                 ),
                 "max_new_tokens": _AT_LEAST_1,
                 "max_episode_tokens": _AT_LEAST_1,
@@ -300,7 +302,9 @@ class TrainSection:
     batch_size: int = 16
     mini_batches: int = 1
     epochs: int = 1
-    micro_batch_tokens: int = 1024  # padded tokens per forward/backward (memory bound, not maths): 1024 keeps the 135M learner under 4 GB (4096: 8.5 GB)
+    # padded tokens per forward/backward (memory bound, not maths): 1024 keeps the 135M learner
+    # under 4 GB (4096: 8.5 GB)
+    micro_batch_tokens: int = 1024
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None

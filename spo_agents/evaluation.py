@@ -13,10 +13,10 @@ Files written to `out_dir` (when given):
 infrastructure error; the last record of a sample wins. It refuses other settings than
 `settings.json` records (sampling, budgets, k, the env with its options and the problems'
 fingerprint), except a moved server (`base_url`), which is a notice. An environment that raises
-stops the evaluation with a `PluginError` (the finished samples stay in the transcripts). Samples with an infrastructure error
-(`Trajectory.error`) are not evidence about the policy: they are counted in `errors`, listed in
-`failed_samples` and left out of the metrics; a problem with fewer than j valid samples is left out of pass@j
-(`EvalReport.incomplete`).
+stops the evaluation with a `PluginError` (the finished samples stay in the transcripts). Samples
+with an infrastructure error (`Trajectory.error`) are not evidence about the policy: they are
+counted in `errors`, listed in `failed_samples` and left out of the metrics; a problem with fewer
+than j valid samples is left out of pass@j (`EvalReport.incomplete`).
 """
 
 from __future__ import annotations

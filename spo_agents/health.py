@@ -79,7 +79,8 @@ class StepHealth:
             )
         if self.fail_streak == lim.idle_warn_steps:
             self.warn(
-                f"step {step}: no episode has succeeded for {self.fail_streak} steps: the task may be out of the model's reach"
+                f"step {step}: no episode has succeeded for {self.fail_streak} steps: "
+                "the task may be out of the model's reach"
             )
         return {
             "episode/infra_error_share": share,

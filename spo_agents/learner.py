@@ -342,11 +342,13 @@ class Learner:
     ) -> None:
         if settings.temperature <= 0:
             raise ConfigError(
-                f"`rollout.temperature` must be > 0 for training (log-probs are scored at it), got {settings.temperature}"
+                "`rollout.temperature` must be > 0 for training (log-probs are scored at it), "
+                f"got {settings.temperature}"
             )
         if settings.mini_batches < 1 or settings.epochs < 1:
             raise ConfigError(
-                f"`train.mini_batches` and `train.epochs` must be >= 1, got {settings.mini_batches} and {settings.epochs}"
+                "`train.mini_batches` and `train.epochs` must be >= 1, "
+                f"got {settings.mini_batches} and {settings.epochs}"
             )
         self.model = model
         self.settings = settings
@@ -355,7 +357,8 @@ class Learner:
         self.sharded = sharding.is_sharded(model)
         if self.sharded and settings.kl_coef > 0:
             raise ConfigError(
-                "`loss.kl_coef` > 0 needs a frozen reference model, which `train.sharding: fsdp` does not build; use `loss.kl_coef: 0` (the paper's setting) or `train.sharding: none`"
+                "`loss.kl_coef` > 0 needs a frozen reference model, which `train.sharding: fsdp` does not build; "
+                "use `loss.kl_coef: 0` (the paper's setting) or `train.sharding: none`"
             )
         params = [p for p in model.parameters() if p.requires_grad]
         low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
@@ -619,8 +622,9 @@ class Learner:
         if fmt != self._optimizer_format:
             setting = {"torch": "none", "fsdp-full": "fsdp"}
             raise CheckpointError(
-                f"the checkpoint's optimiser state was written with `train.sharding: {setting.get(fmt, fmt)}` and this run uses "
-                f"`train.sharding: {setting[self._optimizer_format]}`; resume with `train.sharding={setting.get(fmt, fmt)}`"
+                f"the checkpoint's optimiser state was written with `train.sharding: {setting.get(fmt, fmt)}` "
+                f"and this run uses `train.sharding: {setting[self._optimizer_format]}`; "
+                f"resume with `train.sharding={setting.get(fmt, fmt)}`"
             )
         if self.sharded:
             sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])

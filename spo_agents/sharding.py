@@ -71,7 +71,8 @@ def shard_model(model: Any, *, compute_dtype: str, device_type: str) -> Any:
     low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
     if low:
         raise ConfigError(
-            f"`train.sharding: fsdp` keeps fp32 master weights; `{low[0]}` is {model.get_parameter(low[0]).dtype}. Load the model in float32"
+            f"`train.sharding: fsdp` keeps fp32 master weights; `{low[0]}` is {model.get_parameter(low[0]).dtype}. "
+            "Load the model in float32"
         )
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch_dtype(compute_dtype), reduce_dtype=torch.float32)

@@ -71,7 +71,8 @@ def new_run_dir(cfg: Config) -> Path:
     run = Path(cfg.train.output_dir) / name
     if CheckpointManager(run).steps():
         raise ConfigError(
-            f"run directory `{run}` already holds checkpoints; continue it with `--resume {run}` or pick another `train.run_name`"
+            f"run directory `{run}` already holds checkpoints; "
+            f"continue it with `--resume {run}` or pick another `train.run_name`"
         )
     if (run / "metrics.jsonl").exists():
         (run / "metrics.jsonl").rename(run / f"metrics.jsonl.stopped-{stamp}")
@@ -95,7 +96,8 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Confi
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         raise CheckpointError(
-            f"`{run_dir}` is not a run directory (no `config.yaml`); pass the directory `spo-agent train` printed when it started"
+            f"`{run_dir}` is not a run directory (no `config.yaml`); "
+            "pass the directory `spo-agent train` printed when it started"
         )
     return load_config(p, list(overrides))
 
@@ -162,7 +164,8 @@ class Trainer:
             )
         if c.algorithm.advantage_norm == "token" and advantage_name(c) in ("grpo", "rloo"):
             raise ConfigError(
-                f"`algorithm.advantage_norm: token` applies to the single-stream estimators; advantage `{advantage_name(c)}` normalises within groups"
+                "`algorithm.advantage_norm: token` applies to the single-stream estimators; "
+                f"advantage `{advantage_name(c)}` normalises within groups"
             )
         if advantage_name(c) in ("grpo", "rloo") and c.algorithm.name != "grpo":
             raise ConfigError(f"advantage `{advantage_name(c)}` needs grouped collection: set `algorithm.name: grpo`")

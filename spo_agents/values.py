@@ -4,11 +4,12 @@ Before training, sample `n` episodes of every training problem with the initial 
 TRAINING sampling settings (temperature 1.0 by default; the authors used eval settings, which
 biases v_hat0), and sum the rewards: the same reward the tracker folds in during training, so
 with fractional rewards (partial credit, share of tests passed) s is that sum, not a count of
-fully correct episodes (which would bias v_hat0 low). `spo-agent estimate-values` writes the counts to a values
-file; `train` reads it through `tracker.init_values` and sets, per problem,
+fully correct episodes (which would bias v_hat0 low). `spo-agent estimate-values` writes the
+counts to a values file; `train` reads it through `tracker.init_values` and sets, per problem,
 alpha0 = N0 (s + 0.5) / (n + 1), beta0 = N0 (n - s + 0.5) / (n + 1), N0 = 1 / (1 - rho_min),
 where s is the sum of rewards in [0, 1] (the number of successes for 0/1 rewards) and n the
-number of samples actually drawn (episodes with infrastructure errors are not samples). Problems missing from the file keep alpha = beta = 0.5.
+number of samples actually drawn (episodes with infrastructure errors are not samples). Problems
+missing from the file keep alpha = beta = 0.5.
 
 The values file is JSON::
 
@@ -59,7 +60,8 @@ def read_values(path: str | Path) -> dict[str, tuple[float, int]]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(
-            f"values file `{p}` (`tracker.init_values`) does not exist; write one with `spo-agent estimate-values --env ID -n 8 --out {p}`"
+            f"values file `{p}` (`tracker.init_values`) does not exist; "
+            f"write one with `spo-agent estimate-values --env ID -n 8 --out {p}`"
         )
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
@@ -69,7 +71,8 @@ def read_values(path: str | Path) -> dict[str, tuple[float, int]]:
         ) from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("problems"), dict):
         raise ConfigError(
-            f"`{p}` is not a values file (expected `format: {FORMAT}` and a `problems` mapping); write one with `spo-agent estimate-values`"
+            f"`{p}` is not a values file (expected `format: {FORMAT}` and a `problems` mapping); "
+            "write one with `spo-agent estimate-values`"
         )
     out = {}
     for pid, rec in doc["problems"].items():
@@ -79,11 +82,13 @@ def read_values(path: str | Path) -> dict[str, tuple[float, int]]:
                 raise TypeError("samples must be an integer")
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(
-                f"values file `{p}`: problem `{pid}` needs a number `successes` (reward sum) and an integer `samples`, got {rec!r}"
+                f"values file `{p}`: problem `{pid}` needs a number `successes` (reward sum) "
+                f"and an integer `samples`, got {rec!r}"
             ) from e
         if not 0 <= s <= n:
             raise ConfigError(
-                f"values file `{p}`: problem `{pid}` has {s} successes out of {n} samples; need 0 <= successes <= samples"
+                f"values file `{p}`: problem `{pid}` has {s} successes out of {n} samples; "
+                "need 0 <= successes <= samples"
             )
         out[str(pid)] = (s, n)
     return out
@@ -104,7 +109,8 @@ def init_tracker(tracker: Any, path: str | Path) -> int:
         )
     if not known:
         raise ConfigError(
-            f"values file `{path}` shares no problem id with this run's training problems; was it written for another env or split?"
+            f"values file `{path}` shares no problem id with this run's training problems; "
+            "was it written for another env or split?"
         )
     ids = sorted(known)
     idx = tracker.indices(ids)

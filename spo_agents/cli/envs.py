@@ -71,7 +71,8 @@ def _add_check_env_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="model directory or name whose tokenizer and chat template to use (default: the tiny test model, SmolLM2 tokenizer with ChatML)",
+        help="model directory or name whose tokenizer and chat template to use "
+        "(default: the tiny test model, SmolLM2 tokenizer with ChatML)",
     )
     p.add_argument(
         "--chat-template", default=None, metavar="FILE", help="a Jinja chat template file to use instead of the model's"

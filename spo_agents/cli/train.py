@@ -17,7 +17,8 @@ def _env_arg_overrides(items: list[str]) -> list[str]:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip() or "." in key:
             raise ConfigError(
-                f"`--env-arg {item}` must look like KEY=VALUE with a plain key, e.g. `--env-arg source=procedural:arith`"
+                f"`--env-arg {item}` must look like KEY=VALUE with a plain key, "
+                "e.g. `--env-arg source=procedural:arith`"
             )
         out.append(f"env.kwargs.{item.strip()}")
     return out
@@ -58,7 +59,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "estimate-values",
         help="offline value estimation: n samples per training problem, for `tracker.init_values`",
         description="Sample N episodes of every training problem with the initial policy and the "
-        "training sampling settings; write problem id -> (reward sum, samples) for `tracker.init_values` (docs/algorithm.md section 1).",
+        "training sampling settings; write problem id -> (reward sum, samples) for `tracker.init_values` "
+        "(docs/algorithm.md section 1).",
     )
     e.add_argument("--env", default=None, help="environment id (default: the config's)")
     e.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE", help=_ENV_ARG_HELP)
@@ -118,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"rollout.base_url={args.base_url}")
         if args.env or args.model or args.env_arg:
             raise ConfigError(
-                "`--env`, `--env-arg` and `--model` cannot change on `--resume`; the checkpoint belongs to the saved ones"
+                "`--env`, `--env-arg` and `--model` cannot change on `--resume`; "
+                "the checkpoint belongs to the saved ones"
             )
         cfg = load_run_config(args.resume, overrides)
         run_dir = args.resume
@@ -129,9 +132,8 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of a multi-process learner: rank 0 reports
         return 0
     evals = ", ".join(f"step {s}: {v:.3f}" for s, v in res.eval_history)
-    print(
-        f"finished at step {res.step}{' (stopped at train.max_minutes)' if res.stopped_early else ''}; run directory: {res.run_dir}"
-    )
+    stopped = " (stopped at train.max_minutes)" if res.stopped_early else ""
+    print(f"finished at step {res.step}{stopped}; run directory: {res.run_dir}")
     if evals:
         print(f"held-out avg@{cfg.eval.k}: {evals}")
     return 0
@@ -145,7 +147,8 @@ def _estimate_values(args: argparse.Namespace) -> int:
     total_s = sum(s for s, _ in counts.values())
     total_n = sum(n for _, n in counts.values())
     print(
-        f"wrote {args.out}: {len(counts)} problems, {total_s}/{total_n} successful samples; use it with `tracker.init_values={args.out}`"
+        f"wrote {args.out}: {len(counts)} problems, {total_s}/{total_n} successful samples; "
+        f"use it with `tracker.init_values={args.out}`"
     )
     return 0
 

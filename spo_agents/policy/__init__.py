@@ -48,5 +48,6 @@ def make_policy(backend: str, model: str, **kw: Any) -> PolicyBackend:
 
         return VLLMPolicy(resolve_model(model), **kw)
     raise ConfigError(
-        f"unknown policy backend `{backend}`; expected one of {', '.join(f'`{b}`' for b in BACKENDS)}.{did_you_mean(backend, BACKENDS)}"
+        f"unknown policy backend `{backend}`; expected one of {', '.join(f'`{b}`' for b in BACKENDS)}."
+        f"{did_you_mean(backend, BACKENDS)}"
     )

@@ -115,7 +115,8 @@ class VLLMPolicy(PolicyBackend):
         c = final.outputs[0]
         if c.finish_reason not in ("stop", "length"):
             raise PolicyError(
-                f"vLLM ended a generation with finish_reason `{c.finish_reason}` (aborted or failed); its partial turn is not trained on"
+                f"vLLM ended a generation with finish_reason `{c.finish_reason}` (aborted or failed); "
+                "its partial turn is not trained on"
             )
         ids = list(c.token_ids)
         lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs or [])]
