@@ -20,8 +20,10 @@ Arms are dotted overrides on `configs/cpu-default.yaml` (`grpo`: `configs/grpo-c
   `spo-token-norm` (`algorithm.advantage_norm=token`).
 
 Every run of the study trains on the same problems (`env.kwargs.source`, by default
-`procedural:arith-hard`, with `env.kwargs.num_problems` training problems, so that the tracker
-sees problems again within the budget) and evaluates on the same held-out problems. Runs stop on
+`procedural:arith-hard`) and evaluates on the same held-out ones (the first `eval.limit` of the
+test split). There are budget / 3 training problems (`env.kwargs.num_problems`, `--train-problems`),
+so that each is drawn about three times and the tracker's v_hat has evidence to work with: with
+the whole split, a problem is almost never seen twice in a short run. Runs stop on
 a trajectory count: `train.steps = budget / train.batch_size` with `train.max_minutes=null`
 (a time cap would stop GRPO, which waits for whole groups, with fewer trajectories). Held-out
 avg@k and maj@k (`eval.k`, default 4) are measured at step 0 and every `steps / 3` steps.
@@ -188,38 +190,38 @@ def make_runs(plan: Plan) -> tuple[list[Run], dict[str, str], dict[str, Any]]:
             f"the arms have different `train.batch_size` {batch}; an equal budget needs equal batches "
             "(set it with `--set train.batch_size=N`)"
         )
-    for name, cfg in configs.items():
-        b = cfg.train.batch_size
-        if plan.budget % b or plan.budget < b:
-            raise StudyError(
-                f"`--budget` {plan.budget} is not a positive multiple of `train.batch_size` {b}; "
-                f"try {max(1, round(plan.budget / b)) * b}"
-            )
-        if cfg.algorithm.name == "grpo" and b % cfg.algorithm.group_size:
-            raise StudyError(
-                f"arm `{name}`: `train.batch_size` {b} is not a multiple of `algorithm.group_size` "
-                f"{cfg.algorithm.group_size}"
-            )
-        steps = plan.budget // b
-        for seed in plan.seeds:
-            d = plan.out / "runs" / f"{name}-s{seed}"
-            more = [
-                f"train.seed={seed}", f"train.steps={steps}", "train.max_minutes=null", f"eval.k={plan.eval_k}",
-                f"eval.every={max(1, steps // 3)}", f"eval.limit={plan.eval_limit}", f"train.output_dir={d.parent}",
-                f"train.run_name={d.name}", "train.keep_checkpoints=1",
-            ]  # fmt: skip
-            load_arm_config(ARMS[name], plan, more)  # the run's own overrides are valid too
-            runs.append(
-                Run(
-                    name,
-                    seed,
-                    CONFIGS / ARMS[name].config,
-                    [*plan.common(), *arm_overrides(ARMS[name], plan), *more],
-                    steps,
-                    d,
-                )
-            )
+    steps = {name: _steps(name, cfg, plan.budget) for name, cfg in configs.items()}
+    for seed in plan.seeds:  # seed by seed, so a study stopped early has every arm for its first seeds
+        for name in configs:
+            runs.append(_run_of(plan, name, seed, steps[name]))
     return runs, unavailable, configs
+
+
+def _steps(name: str, cfg: Any, budget: int) -> int:
+    b = cfg.train.batch_size
+    if budget % b or budget < b:
+        raise StudyError(
+            f"`--budget` {budget} is not a positive multiple of `train.batch_size` {b}; "
+            f"try {max(1, round(budget / b)) * b}"
+        )
+    if cfg.algorithm.name == "grpo" and b % cfg.algorithm.group_size:
+        raise StudyError(
+            f"arm `{name}`: `train.batch_size` {b} is not a multiple of `algorithm.group_size` "
+            f"{cfg.algorithm.group_size}"
+        )
+    return budget // b
+
+
+def _run_of(plan: Plan, name: str, seed: int, steps: int) -> Run:
+    d = plan.out / "runs" / f"{name}-s{seed}"
+    more = [
+        f"train.seed={seed}", f"train.steps={steps}", "train.max_minutes=null", f"eval.k={plan.eval_k}",
+        f"eval.every={max(1, steps // 3)}", f"eval.limit={plan.eval_limit}", f"train.output_dir={d.parent}",
+        f"train.run_name={d.name}", "train.keep_checkpoints=1",
+    ]  # fmt: skip
+    arm = ARMS[name]
+    load_arm_config(arm, plan, more)  # the run's own overrides are valid too
+    return Run(name, seed, CONFIGS / arm.config, [*plan.common(), *arm_overrides(arm, plan), *more], steps, d)
 
 
 def config_differences(configs: dict[str, Any], reference: str = "spo") -> dict[str, dict[str, list[Any]]]:
@@ -588,6 +590,8 @@ def plot(arms: list[str], runs: list[dict[str, Any]], out: Path, k: int) -> list
                 )
             ax.set_title(arm, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
+            ax.set_ylim(-0.02, 1.02)
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
         axes[0][0].set_ylabel(label, fontsize=8)
@@ -734,7 +738,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
         "--budget",
         type=int,
         default=None,
-        help="generated trajectories per run (default: 144, 9 steps of 16; --quick: 16)",
+        help="generated trajectories per run (default: 96, 6 steps of 16; --quick: 16)",
     )
     ap.add_argument("--jobs", type=int, default=2, help="runs at the same time, one core each (default: 2)")
     ap.add_argument("--out", default=None, help="study directory (default: runs/study, --quick: runs/study-quick)")
@@ -745,10 +749,11 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
         "--train-problems",
         type=int,
         default=None,
-        help="training problems (`env.kwargs.num_problems`; default 64, --quick 16)",
+        help="training problems (`env.kwargs.num_problems`; default: budget / 3, so that a problem is drawn about "
+        "three times in a run and the tracker's v_hat has something to go on)",
     )
     ap.add_argument(
-        "--eval-limit", type=int, default=None, help="held-out problems per evaluation (default: 12; --quick: 2)"
+        "--eval-limit", type=int, default=None, help="held-out problems per evaluation (default: 8; --quick: 2)"
     )
     ap.add_argument("--eval-k", type=int, default=4, help="samples per held-out problem (default: 4)")
     ap.add_argument(
@@ -779,15 +784,17 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Plan, argparse.Namespace]:
     unknown = [x for x in arms if x not in ARMS]
     if unknown:
         raise StudyError(f"unknown arm(s) {unknown}; the arms are {', '.join(ARMS)}")
+    budget = a.budget or (16 if q else 96)
+    eval_limit = a.eval_limit or (2 if q else 8)
     plan = Plan(
         out=Path(a.out or ("runs/study-quick" if q else "runs/study")).resolve(),
         arms=list(dict.fromkeys(arms)),
         seeds=list(range(a.seeds if a.seeds is not None else (1 if q else 3))),
-        budget=a.budget or (16 if q else 144),
+        budget=budget,
         source=a.source,
-        train_problems=a.train_problems or (16 if q else 64),
+        train_problems=a.train_problems or max(budget // 3, eval_limit),
         eval_k=a.eval_k,
-        eval_limit=a.eval_limit or (2 if q else 12),
+        eval_limit=eval_limit,
         values_n=a.values_n or (2 if q else 8),
         jobs=max(1, a.jobs),
         quick=q,

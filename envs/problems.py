@@ -11,6 +11,14 @@ Sources
     `arith/mul/37x48`. Small enough for SmolLM2-135M with the tool to solve part of them, so
     training visibly moves the reward (MACHINE.md). `procedural:arith-mul` keeps only the
     multiplications. Swapped operands of `*` and `+` are kept in the same split.
+`procedural:arith-hard` (tier 1)
+    Where the default's two-digit arithmetic is solved within a few steps, this tier keeps
+    SmolLM2-135M learning: `a * b + c`, `a * b - c * d`, `(a + b) * c`, three-digit by two-digit
+    products, and two-step word problems (boxes of pens; rows of chairs plus extra chairs), an
+    equal share each. Ids name the kind and the operands (`arith-hard/mul-add/57-43-208`). A set is
+    the first `size` problems (default 2000 train / 200 test) of a stream hashed from (seed,
+    index); the split keys on the canonical expression, so operand-swapped twins, and a word
+    problem and a bare expression that compute the same thing, share a split.
 `procedural:<tier>` / `reasoning-gym:<dataset>`
     Harder procedural tiers from the `reasoning-gym` generators: `basic_arithmetic` (tier 1),
     `simple_equations` (tier 2), `gsm_symbolic` (tier 3), or any other reasoning-gym dataset by
@@ -57,7 +65,7 @@ from spo_agents.types import Problem
 SPLITS = ("train", "test")
 DEFAULT_SOURCE = "procedural:arith"
 
-#: Procedural tiers, easiest first. `arith` is built in; the others are reasoning-gym datasets.
+#: Procedural tiers, easiest first. The `arith` tiers are built in; the others are reasoning-gym datasets.
 TIERS: dict[str, int] = {
     "arith": 0,
     "arith-mul": 0,
@@ -205,9 +213,24 @@ class HardKind:
 
 #: The kinds, in the order the generator cycles through them (an equal share each).
 HARD_KINDS: tuple[HardKind, ...] = (
-    HardKind("mul-add", "What is {a} * {b} + {c}?", (("a", 10, 99), ("b", 10, 99), ("c", 100, 999)), ("+", ("*", "a", "b"), "c")),
-    HardKind("mul-sub-mul", "What is {a} * {b} - {c} * {d}?", (("a", 10, 99), ("b", 10, 99), ("c", 10, 99), ("d", 10, 99)), ("-", ("*", "a", "b"), ("*", "c", "d"))),
-    HardKind("paren-mul", "What is ({a} + {b}) * {c}?", (("a", 10, 99), ("b", 10, 99), ("c", 10, 99)), ("*", ("+", "a", "b"), "c")),
+    HardKind(
+        "mul-add",
+        "What is {a} * {b} + {c}?",
+        (("a", 10, 99), ("b", 10, 99), ("c", 100, 999)),
+        ("+", ("*", "a", "b"), "c"),
+    ),
+    HardKind(
+        "mul-sub-mul",
+        "What is {a} * {b} - {c} * {d}?",
+        (("a", 10, 99), ("b", 10, 99), ("c", 10, 99), ("d", 10, 99)),
+        ("-", ("*", "a", "b"), ("*", "c", "d")),
+    ),
+    HardKind(
+        "paren-mul",
+        "What is ({a} + {b}) * {c}?",
+        (("a", 10, 99), ("b", 10, 99), ("c", 10, 99)),
+        ("*", ("+", "a", "b"), "c"),
+    ),
     HardKind("mul3", "What is {a} * {b}?", (("a", 100, 999), ("b", 10, 99)), ("*", "a", "b")),
     HardKind(
         "word-boxes",
@@ -259,7 +282,13 @@ def _hard_item(seed: int, index: int) -> Problem:
         id=f"arith-hard/{kind.name}/{'-'.join(map(str, operands))}",
         prompt=kind.template.format(**values),
         answer=str(eval_expr(kind.expr, values)),
-        metadata={"source": "arith-hard", "tier": TIERS["arith-hard"], "kind": kind.name, "operands": dict(values), "expression": canonical_expr(kind.expr, values)},
+        metadata={
+            "source": "arith-hard",
+            "tier": TIERS["arith-hard"],
+            "kind": kind.name,
+            "operands": dict(values),
+            "expression": canonical_expr(kind.expr, values),
+        },
     )
 
 
@@ -290,7 +319,10 @@ def _arith_hard(split: str, seed: int, size: int | None, test_fraction: float) -
         if len(problems) >= want:
             break
     if len(problems) < want:
-        raise DatasetError(f"`procedural:arith-hard` yielded only {len(problems)} `{split}` problems out of {cap} generated; ask for fewer (`num_problems`)")
+        raise DatasetError(
+            f"`procedural:arith-hard` yielded only {len(problems)} `{split}` problems out of {cap} generated; "
+            "ask for fewer (`num_problems`)"
+        )
     report.loaded = len(problems)
     return ProblemSet("procedural:arith-hard", split, problems, report)
 

@@ -27,7 +27,8 @@ def study():
 
 
 def _run(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(STUDY), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    cmd = [sys.executable, str(STUDY), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
 def _numbers(value):
@@ -67,7 +68,8 @@ def test_quick_study_runs_every_arm_on_an_equal_budget_then_skips_finished_runs(
         assert (Path(run["dir"]) / "study-done.json").is_file()
         assert not (Path(run["dir"]) / "checkpoints").exists()  # dropped once the run is done
     # the GRPO arm differs from SPO in the algorithm and the sampler only
-    assert set(summary["config_differences_from_spo"]["grpo"]) == {"algorithm.name", "algorithm.group_size", "sampler.type"}
+    grpo_settings = set(summary["config_differences_from_spo"]["grpo"])
+    assert grpo_settings == {"algorithm.name", "algorithm.group_size", "sampler.type"}
     for png in ("eval_avg.png", "eval_maj.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -61,8 +62,6 @@ def test_content_split_is_stable():
 def _hard_value(p):
     """The answer computed from the question text alone: the bare expression after `What is`, or
     the word problem's arithmetic (boxes x pens; rows x chairs + extra chairs)."""
-    import re
-
     nums = [int(n) for n in re.findall(r"\d+", p.prompt)]
     if p.prompt.startswith("A shop has"):
         return nums[0] * nums[1]
@@ -76,8 +75,6 @@ def _hard_value(p):
 def _hard_twin_key(p):
     """What a problem is up to swapping the operands of + and *: the operation's shape and the
     operands, with the operands of each commutative operation sorted."""
-    import re
-
     n = [int(x) for x in re.findall(r"\d+", p.prompt)]
     text = p.prompt
     if text.startswith("A shop has") or re.fullmatch(r"What is \d+ \* \d+\?", text):
@@ -136,13 +133,7 @@ def test_arith_hard_is_deterministic_by_seed_with_stable_ids():
     ]
     for p in a:
         assert p.id.split("/")[1] == p.metadata["kind"]
-        assert p.id.split("/")[2].split("-") == re_numbers(p.prompt)
-
-
-def re_numbers(text):
-    import re
-
-    return re.findall(r"\d+", text)
+        assert p.id.split("/")[2].split("-") == re.findall(r"\d+", p.prompt)
 
 
 def test_arith_hard_mixes_the_kinds_evenly_in_the_test_split():
