@@ -299,7 +299,9 @@ def _arith_hard(split: str, seed: int, size: int | None, test_fraction: float) -
     want = size if size is not None else HARD_DEFAULT_SIZE[split]
     share = test_fraction if split == "test" else 1.0 - test_fraction
     if share <= 0:
-        raise DatasetError(f"`test_fraction` {test_fraction} leaves no problems for split `{split}`; use a value in (0, 1)")
+        raise DatasetError(
+            f"`test_fraction` {test_fraction} leaves no problems for split `{split}`; use a value in (0, 1)"
+        )
     cap = int(want / share * 3) + 1000
     problems: list[Problem] = []
     seen: set[str] = set()
