@@ -51,7 +51,8 @@ BUILTINS: dict[str, tuple[str, str]] = {
     ),
     "countdown-python-v0": (
         "spo_agents.envs.countdown:CountdownEnv",
-        "Countdown numbers game with a Python tool: reward 1 if the \\boxed{} expression hits the target (exact, ast-parsed)",
+        "Countdown numbers game with a Python tool: "
+        "reward 1 if the \\boxed{} expression hits the target (exact, ast-parsed)",
     ),
     "code-tests-v0": (
         "spo_agents.envs.code_tests:CodeTestsEnv",

@@ -1,17 +1,23 @@
 """`spo-agent check-env`: the contract every environment of the suite must keep.
 
 Gymnasium's own `check_env` proves the `reset` / `step` API; an LLM environment also has to be
-safe to train on token-in, token-out. The checks:
+safe to train on token-in, token-out. The checks, and what each proves:
 
-| check | what it proves |
-|---|---|
-| `make` | (reported only when it fails) the env can be built with the given arguments |
-| `gymnasium-api` | `gymnasium.utils.env_checker.check_env` passes without errors or warnings |
-| `problem-selection` | `reset(options={"problem_id": ...})` poses exactly that problem |
-| `determinism` | the same seed and the same actions give the same messages, observations, rewards and flags, also on an env instance that already played another episode |
-| `garbage-actions` | empty, huge, binary, unicode, unclosed-tag and half-formatted actions are observations and rewards, never exceptions, and a garbage-only episode ends within a step budget |
-| `stop-sequences` | `stop_sequences` are distinct non-empty strings that survive a tokenizer round trip; an action ending at a stop string hands control to the env (non-empty reply, no truncation), and trailing whitespace after the stop string (a backend that stops on a token boundary) does not change the outcome |
-| `token-contract` | with a real chat template: chat replies (`reply_role` set) keep the tokens of turn k a prefix of the tokens of turn k+1 (templates that drop earlier `<think>` blocks, as Qwen3's does, break this and are reported); in-turn replies (`reply_role = None`) decode back to exactly the text the env produced, with tokenisation-boundary caveats listed |
+- `make`: (reported only when it fails) the env can be built with the given arguments.
+- `gymnasium-api`: `gymnasium.utils.env_checker.check_env` passes without errors or warnings.
+- `problem-selection`: `reset(options={"problem_id": ...})` poses exactly that problem.
+- `determinism`: the same seed and the same actions give the same messages, observations,
+  rewards and flags, also on an env instance that already played another episode.
+- `garbage-actions`: empty, huge, binary, unicode, unclosed-tag and half-formatted actions are
+  observations and rewards, never exceptions, and a garbage-only episode ends within a step budget.
+- `stop-sequences`: `stop_sequences` are distinct non-empty strings that survive a tokenizer round
+  trip; an action ending at a stop string hands control to the env (non-empty reply, no
+  truncation), and trailing whitespace after the stop string (a backend that stops on a token
+  boundary) does not change the outcome.
+- `token-contract`: with a real chat template: chat replies (`reply_role` set) keep the tokens of
+  turn k a prefix of the tokens of turn k+1 (templates that drop earlier `<think>` blocks, as
+  Qwen3's does, break this and are reported); in-turn replies (`reply_role = None`) decode back to
+  exactly the text the env produced, with tokenisation-boundary caveats listed.
 
 The episodes are driven by a fixed script of actions (`scripted_actions`) that open every stop
 sequence (as a tool call would), reason inside `<think>`, answer nothing, and finally answer
@@ -81,10 +87,14 @@ def scripted_actions(stop_sequences: list[str], n: int = 8) -> list[str]:
     for round_ in range(2):
         for i, stop in enumerate(stop_sequences):
             actions.append(
-                f"<think>Round {round_}, probe {i}.</think>\nLet me check. {_opening_tag(stop)}print({round_} + {i}){stop}"
+                f"<think>Round {round_}, probe {i}.</think>\n"
+                f"Let me check. {_opening_tag(stop)}print({round_} + {i}){stop}"
             )
     actions.append("<think>I am stuck.</think>\nI do not know yet.\n")  # models often end on a newline
-    final = "<think>Guessing.</think>\nThe answer is \\boxed{0}. <answer>0</answer>\n```python\ndef solution(*args):\n    return 0\n```"
+    final = (
+        "<think>Guessing.</think>\nThe answer is \\boxed{0}. <answer>0</answer>\n"
+        "```python\ndef solution(*args):\n    return 0\n```"
+    )
     while len(actions) < n:
         actions.append(final)
     return actions[:n]
@@ -216,7 +226,8 @@ def check_problem_selection(make_env: Callable[[], Any], seed: int) -> CheckResu
                     return CheckResult(
                         name,
                         False,
-                        f"`reset(options={{'problem_id': {pid!r}}})` posed problem {chosen!r}; it must pose the requested problem",
+                        f"`reset(options={{'problem_id': {pid!r}}})` posed problem {chosen!r}; "
+                        "it must pose the requested problem",
                     )
         except Exception as e:
             return _failure(name, e)
@@ -239,7 +250,8 @@ def check_determinism(make_env: Callable[[], Any], seed: int, episodes: int) -> 
                     return CheckResult(
                         name,
                         False,
-                        f"seed {s}: {diff}. Draw randomness only from `self.np_random` and reset all episode state in `reset`.",
+                        f"seed {s}: {diff}. "
+                        "Draw randomness only from `self.np_random` and reset all episode state in `reset`.",
                     )
     except Exception as e:
         return _failure(name, e)
@@ -286,7 +298,8 @@ def check_garbage_actions(make_env: Callable[[], Any], seed: int) -> CheckResult
                     break
             else:
                 problems.append(
-                    f"an episode of `unclosed-code` actions did not end within {GARBAGE_STEP_BUDGET} steps: add a turn budget that sets `truncated`"
+                    f"an episode of `unclosed-code` actions did not end within {GARBAGE_STEP_BUDGET} steps: "
+                    "add a turn budget that sets `truncated`"
                 )
         except Exception as e:
             problems.append(f"repeated garbage raised {type(e).__name__}: {e}")
@@ -323,7 +336,8 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
                     return CheckResult(
                         name,
                         False,
-                        f"stop string {stop!r} does not survive the tokenizer round trip (decodes to {tokenizer.decode(ids)!r})",
+                        f"stop string {stop!r} does not survive the tokenizer round trip "
+                        f"(decodes to {tokenizer.decode(ids)!r})",
                     )
                 merged = tokenizer.encode(stop + "\n", add_special_tokens=False)
                 if merged[: len(ids)] != ids:
@@ -340,13 +354,15 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
                     return CheckResult(
                         name,
                         False,
-                        f"one action ending at {stop!r} truncated the episode; a stop string must hand control to the env, not exhaust a budget",
+                        f"one action ending at {stop!r} truncated the episode; "
+                        "a stop string must hand control to the env, not exhaust a budget",
                     )
                 if not terminated and not (isinstance(obs, str) and obs):
                     return CheckResult(
                         name,
                         False,
-                        f"the env stopped at {stop!r} and continued, but replied with an empty observation; generation would resume with nothing new",
+                        f"the env stopped at {stop!r} and continued, but replied with an empty observation; "
+                        "generation would resume with nothing new",
                     )
                 env.reset(seed=seed)
                 _, _, t2, u2, _ = env.step(action + "\n ")
@@ -354,7 +370,8 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
                     return CheckResult(
                         name,
                         False,
-                        f"trailing whitespace after {stop!r} changes the outcome (terminated/truncated {terminated}/{truncated} vs {t2}/{u2}); "
+                        f"trailing whitespace after {stop!r} changes the outcome "
+                        f"(terminated/truncated {terminated}/{truncated} vs {t2}/{u2}); "
                         "backends that stop on token boundaries can return a few characters past the stop string",
                     )
             except Exception as e:
@@ -426,7 +443,10 @@ def check_token_contract(make_env: Callable[[], Any], seed: int, episodes: int, 
     if role is None:
         detail = "in-turn replies: every piece decodes back exactly"
         if caveats:
-            detail += f"; caveat: {sorted(set(caveats))[0]} (harmless token-in/token-out, wrong if anything re-tokenises the transcript)"
+            detail += (
+                f"; caveat: {sorted(set(caveats))[0]} "
+                "(harmless token-in/token-out, wrong if anything re-tokenises the transcript)"
+            )
     else:
         detail = f"`{role}` replies: each turn's tokens are a prefix of the next turn's"
     return CheckResult(name, True, detail)
@@ -444,7 +464,10 @@ def _check_in_turn(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episode,
         ids = _ids(tokenizer, piece)
         back = tokenizer.decode(ids)
         if back != piece:
-            return f"the text {_short(piece, 80)} decodes back as {_short(back, 80)}; the token stream would not say what the env said"
+            return (
+                f"the text {_short(piece, 80)} decodes back as {_short(back, 80)}; "
+                "the token stream would not say what the env said"
+            )
     joined = "".join(pieces)
     separately = sum((_ids(tokenizer, p) for p in pieces), [])
     if separately != _ids(tokenizer, joined):
@@ -452,7 +475,8 @@ def _check_in_turn(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episode,
     full = _render(tokenizer, messages + [{"role": "assistant", "content": joined}], False)
     if not full.startswith(prompt + joined):
         return (
-            "the chat template does not render the finished assistant turn as the prompt followed by the generated and inserted text "
+            "the chat template does not render the finished assistant turn as the prompt followed by "
+            "the generated and inserted text "
             f"({_mismatch(prompt + joined, full)}); evaluation through a chat API would not see what training saw"
             + _think_note(tokenizer, prompt + joined, full)
         )
@@ -479,9 +503,9 @@ def _check_chat_turns(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episo
             why = _mismatch(closed, after)
             if _think_dropped(closed_msgs, after):
                 why += (
-                    "; the template drops the `<think>` content of earlier assistant turns (as Qwen3's template does), so the "
-                    "tokens the policy generated are not in the next prompt. Use a template that keeps reasoning, or train on "
-                    "single-turn episodes"
+                    "; the template drops the `<think>` content of earlier assistant turns "
+                    "(as Qwen3's template does), so the tokens the policy generated are not in the next prompt. "
+                    "Use a template that keeps reasoning, or train on single-turn episodes"
                 )
             return f"turn {k} -> {k + 1}: the tokens of turn {k} are not a prefix of the tokens of turn {k + 1} ({why})"
         before = after

@@ -350,7 +350,8 @@ class CodeTestsEnv(MultiTurnEnv):
                     f"- {m}" for m in failed
                 )
             return StepOutcome(
-                f"{feedback}\nFix the code and answer with the complete function in a ```python block. ({left} attempt(s) left)"
+                f"{feedback}\nFix the code and answer with the complete function in a ```python block. "
+                f"({left} attempt(s) left)"
             )
         reward = self._score(hidden)
         info = {

@@ -249,7 +249,8 @@ def _generate(
         raise EnvError(f"`split` must be `train` or `test`, got `{split}`")
     if count < 2 or max_number < 2 or max_target < 1 or num_problems < 1:
         raise EnvError(
-            f"countdown needs count >= 2, max_number >= 2, max_target >= 1 and num_problems >= 1, got {count}, {max_number}, {max_target}, {num_problems}"
+            "countdown needs count >= 2, max_number >= 2, max_target >= 1 and num_problems >= 1, "
+            f"got {count}, {max_number}, {max_target}, {num_problems}"
         )
     rng = np.random.default_rng([seed, count, max_number, max_target])
     problems: dict[str, Problem] = {}
@@ -267,7 +268,8 @@ def _generate(
             break
     if not problems:
         raise EnvError(
-            f"no countdown problems could be generated with count={count}, max_number={max_number}, max_target={max_target}"
+            "no countdown problems could be generated with "
+            f"count={count}, max_number={max_number}, max_target={max_target}"
         )
     return tuple(problems.values())
 
@@ -304,7 +306,8 @@ class CountdownEnv(MathPythonEnv):
         for p in problems:
             if not isinstance(p.metadata.get("numbers"), list):
                 raise EnvError(
-                    f"countdown problem `{p.id}` needs `metadata['numbers']` (a list of ints) and the target as `answer`"
+                    f"countdown problem `{p.id}` needs `metadata['numbers']` (a list of ints) "
+                    "and the target as `answer`"
                 )
         if system_prompt is None:
             system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
@@ -317,7 +320,8 @@ class CountdownEnv(MathPythonEnv):
                 {"role": "user", "content": render_prompt(ONE_SHOT_NUMBERS, ONE_SHOT_TARGET)},
                 {
                     "role": "assistant",
-                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(str(ONE_SHOT_TARGET))}The answer is \\boxed{{(5 - 2) * 10}}.",
+                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(str(ONE_SHOT_TARGET))}"
+                    "The answer is \\boxed{(5 - 2) * 10}.",
                 },
             ]
             start = 1 if self.system_prompt else 0

@@ -221,11 +221,17 @@ class MathPythonEnv(MultiTurnEnv):
 
     def _run_code(self, code: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
         if self.tool_calls_made >= self.max_tool_calls:
-            text = f"Tool call limit reached ({self.max_tool_calls}): this code was not run. Give the final answer as \\boxed{{answer}}."
+            text = (
+                f"Tool call limit reached ({self.max_tool_calls}): this code was not run. "
+                "Give the final answer as \\boxed{answer}."
+            )
             return interpreter_reply(text), 0.0, False, False, {"tool_limit_reached": True}
         self.count_tool_call()
         if len(code) > self.max_code_chars:
-            text = f"Error: the code block has {len(code)} characters, more than the limit of {self.max_code_chars}; it was not run."
+            text = (
+                f"Error: the code block has {len(code)} characters, "
+                f"more than the limit of {self.max_code_chars}; it was not run."
+            )
             call = ToolCall(code=code[: self.max_code_chars], output=text, ok=False)
             return interpreter_reply(text), 0.0, False, False, {"tool_call": call}
         start = time.perf_counter()

@@ -40,8 +40,9 @@ action or a sandbox infrastructure failure.
 `task` (a reasoning-gym dataset name, default `basic_arithmetic`), `task_config` (the
 generator's settings, passed to `reasoning_gym.create_dataset`), `split` (`train` | `test`,
 disjoint by a hash of the question and answer), `num_problems` (default 500 train / 100 test),
-`seed`, `test_fraction` (0.1), `partial_credit` (default False), `score_timeout_s` (10), and everything `math-python` takes (`sandbox`, `sandbox_limits`,
-`max_tool_calls`, `max_turns`, `one_shot`, `system_prompt`, ...). Ids are
+`seed`, `test_fraction` (0.1), `partial_credit` (default False), `score_timeout_s` (10), and
+everything `math-python` takes (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
+`one_shot`, `system_prompt`, ...). Ids are
 `rg:<task>:<generator seed>:<index>`, as in `spo_agents.envs.problems`.
 
 ## Version history
@@ -117,7 +118,8 @@ def load_task(
         raise DatasetError(f"`split` must be `train` or `test`, got `{split}`")
     if task not in DATASETS:
         raise DatasetError(
-            f"reasoning-gym has no task `{task}`.{did_you_mean(task, DATASETS)} It has {len(DATASETS)} tasks, e.g. `basic_arithmetic`, `prime_factorization`, `countdown`."
+            f"reasoning-gym has no task `{task}`.{did_you_mean(task, DATASETS)} It has {len(DATASETS)} tasks, "
+            "e.g. `basic_arithmetic`, `prime_factorization`, `countdown`."
         )
     if num_problems < 1 or not 0.0 < test_fraction < 1.0:
         raise DatasetError(
@@ -184,7 +186,11 @@ class _SandboxedScorer:
     module docstring): the scorer may evaluate the answer as Python, so it must not run here."""
 
     def __init__(self, task: str, task_config: dict[str, Any] | None, seed: int, timeout_s: float) -> None:
-        self.setup = f"import base64, pickle, reasoning_gym\n_ds = reasoning_gym.create_dataset({task!r}, size=1, seed={int(seed)}, **pickle.loads(base64.b64decode({_b64(task_config or {})!r})))\n"
+        self.setup = (
+            "import base64, pickle, reasoning_gym\n"
+            f"_ds = reasoning_gym.create_dataset({task!r}, size=1, seed={int(seed)}, "
+            f"**pickle.loads(base64.b64decode({_b64(task_config or {})!r})))\n"
+        )
         self.timeout_s = timeout_s
 
     def score(self, answer: str, entry: Any) -> float:
@@ -235,7 +241,8 @@ class ReasoningGymEnv(MathPythonEnv):
     ) -> None:
         if "problems" in kwargs or "source" in kwargs:
             raise EnvError(
-                "`reasoning-gym` makes its problems from `task` / `task_config`; for your own problem files use `math-python` with `source=`"
+                "`reasoning-gym` makes its problems from `task` / `task_config`; "
+                "for your own problem files use `math-python` with `source=`"
             )
         size = num_problems if num_problems is not None else (500 if split == "train" else 100)
         problems, self._dataset = load_task(
@@ -255,7 +262,8 @@ class ReasoningGymEnv(MathPythonEnv):
                 {"role": "user", "content": ONE_SHOT_QUESTION},
                 {
                     "role": "assistant",
-                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(ONE_SHOT_OUTPUT)}<answer>{ONE_SHOT_OUTPUT}</answer>",
+                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(ONE_SHOT_OUTPUT)}"
+                    f"<answer>{ONE_SHOT_OUTPUT}</answer>",
                 },
             ]
             start = 1 if self.system_prompt else 0

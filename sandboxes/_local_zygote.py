@@ -54,7 +54,10 @@ SYSTEM_RO = ["/usr", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
 @functools.lru_cache(maxsize=8)
 def interpreter_paths(python: str) -> tuple[str, ...]:
     """Directories the interpreter `python` needs to read (prefixes and its `sys.path`)."""
-    probe = "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix] + sys.path))"
+    probe = (
+        "import sys, json; "
+        "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix] + sys.path))"
+    )
     try:
         out = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:

@@ -5,13 +5,14 @@ Built on `e2b-code-interpreter` (`pip install 'spo-agents[e2b]'`) and an API key
 its own; variables persist between calls. A stateless session runs each call in a fresh context
 (created, used, removed), so nothing defined earlier is visible.
 
-E2B has three timeouts, and each of ours maps to exactly one of them:
+E2B has three timeouts, and each of ours (the last two are backend options) maps to exactly one
+of them:
 
 | spo-agents | E2B | meaning |
 |---|---|---|
 | `run(code, timeout)` / `SandboxLimits.timeout_s` | `run_code(timeout=...)` | how long one execution may run |
-| `request_timeout_s` (backend option) | `request_timeout` of every API call | connecting / control calls (create, contexts, kill) |
-| `sandbox_timeout_s` (backend option) | `Sandbox.create(timeout=...)`, `set_timeout` | the sandbox's lifetime; E2B kills it when it runs out |
+| `request_timeout_s` | `request_timeout` of every API call | connecting / control calls (create, contexts, kill) |
+| `sandbox_timeout_s` | `Sandbox.create(timeout=...)`, `set_timeout` | the sandbox's lifetime; E2B kills it at the end |
 
 The lifetime is renewed (`set_timeout`) before a call that could outlive it, so an episode never
 loses its sandbox to eviction while it is in use, and a sandbox leaked by a crashed host process

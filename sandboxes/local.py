@@ -394,7 +394,10 @@ class LocalSession(SandboxSession):
                 msg = f"timed out after {timeout:g} s; the session was restarted (earlier variables are lost)"
             else:
                 result.exit_status = int(status) if status is not None else _SIGKILL_STATUS
-                msg = f"the session process exited with status {result.exit_status}; it was restarted (earlier variables are lost)"
+                msg = (
+                    f"the session process exited with status {result.exit_status}; "
+                    "it was restarted (earlier variables are lost)"
+                )
             result.stderr = result.stderr + ("\n" if result.stderr and not result.stderr.endswith("\n") else "") + msg
             result.session_restarted = True
             try:

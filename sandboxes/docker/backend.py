@@ -525,7 +525,8 @@ class DockerBackend(SandboxBackend):
             self._remove_id(cid)
             raise SandboxError(
                 f"image `{self.image}` not found on the Docker engine at {self.base_url or 'the default socket'}: "
-                "build it with `make docker-engine` (offline) or `docker build -t spo-agents-sandbox:latest sandboxes/docker`"
+                "build it with `make docker-engine` (offline) "
+                "or `docker build -t spo-agents-sandbox:latest sandboxes/docker`"
             ) from e
         except SandboxError:
             self._remove_id(cid)
@@ -664,7 +665,7 @@ class DockerBackend(SandboxBackend):
                 duration_s=time.monotonic() - start,
                 extra={"container": box.id[:12]},
             )
-        except _EngineGone:
+        except _EngineGone as e:
             if session._closed:
                 return _closed_result(time.monotonic() - start)
             state = self._inspect_state(box.id)
@@ -676,7 +677,7 @@ class DockerBackend(SandboxBackend):
                     f"the session's container {box.id[:12]} ended (status {status}) while a call ran, not by the "
                     "code's doing: it was killed from outside, or the engine or the sandbox's supervisor failed. "
                     "The session's state is lost; its next call continues in a new container (`session_restarted`)."
-                )
+                ) from e
             return SandboxResult(
                 stderr=f"the session's container was killed by the out-of-memory killer (limit {limits.memory_mb} MB); "
                 "the session was restarted in a new container (earlier variables are lost)",
