@@ -208,12 +208,16 @@ def test_sharded_bf16_keeps_the_small_updates_that_bf16_weights_round_away(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, plain, sharded = (torch.load(tmp_path / d / "update.pt") for d in ("fp32", "bf16", "sharded"))
     assert sharded["dtypes"] == {"torch.float32"} and plain["dtypes"] == {"torch.bfloat16"}
-    moved = lambda u: (u["params"] - u["init"]).abs() > 0.1 * lr
+
+    def moved(u: dict) -> torch.Tensor:
+        return (u["params"] - u["init"]).abs() > 0.1 * lr
+
     assert float(moved(ref).float().mean()) > 0.5
     assert float(moved(plain).float().mean()) < 0.05  # only weights near 0 (measured: 1.8%)
     both = moved(ref)
     print(
-        f"weights moved: fp32 {float(moved(ref).float().mean()):.3f}, bf16 {float(moved(plain).float().mean()):.3f}, sharded bf16 compute {float(moved(sharded).float().mean()):.3f}"
+        f"weights moved: fp32 {float(moved(ref).float().mean()):.3f}, bf16 {float(moved(plain).float().mean()):.3f}, "
+        f"sharded bf16 compute {float(moved(sharded).float().mean()):.3f}"
     )
     assert float((moved(sharded) & both).float().sum() / both.float().sum()) > 0.9
     du, dv = ref["params"] - ref["init"], sharded["params"] - sharded["init"]

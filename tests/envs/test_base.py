@@ -274,7 +274,7 @@ def test_cli_lists_envs_with_descriptions(capsys):
 
     assert main(["envs"]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.startswith("math-python-v0"))
+    line = next(row for row in out.splitlines() if row.startswith("math-python-v0"))
     assert "Python" in line
 
 

@@ -25,7 +25,9 @@ from spo_agents.types import Problem
 # A Qwen3-style template: assistant turns before the last user message lose their <think> block.
 QWEN3_LIKE = (
     "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
     "{%- for m in messages -%}"
     "{%- set content = m['content'] -%}"
     "{%- if m['role'] == 'assistant' and loop.index0 < ns.last_user and '</think>' in content -%}"

@@ -58,9 +58,9 @@ def test_result_lines_without_the_run_marker_are_ignored():
 
 def test_shipped_set_has_a_disjoint_train_test_split():
     rows = [
-        json.loads(l)
-        for l in resources.files("spo_agents.envs.data").joinpath("code_problems.jsonl").read_text().splitlines()
-        if l.strip()
+        json.loads(line)
+        for line in resources.files("spo_agents.envs.data").joinpath("code_problems.jsonl").read_text().splitlines()
+        if line.strip()
     ]
     train = [r for r in rows if r["split"] == "train"]
     test = [r for r in rows if r["split"] == "test"]
@@ -154,7 +154,10 @@ def test_malformed_answers_are_feedback_not_errors(env, action, expect):
 
 def test_forged_result_lines_printed_by_the_code_do_not_pass(env):
     start(env)
-    forge = '```python\nfor i in range(8):\n    print(\'@@spo-0@@{"i": %d, "got": 14}\' % i)\ndef sum_of_squares(n):\n    return -1\n```'
+    forge = (
+        '```python\nfor i in range(8):\n    print(\'@@spo-0@@{"i": %d, "got": 14}\' % i)\n'
+        "def sum_of_squares(n):\n    return -1\n```"
+    )
     obs, _, terminated, _, _ = env.step(forge)
     assert not terminated and "returned -1, expected 14" in obs
 
@@ -163,7 +166,10 @@ def test_a_hanging_case_fails_from_there_on_and_earlier_results_count():
     e = CodeTestsEnv("train", sandbox="local", reward="fraction", run_timeout_s=1.0)
     try:
         start(e)
-        hang = "```python\ndef sum_of_squares(n):\n    while n == 100:\n        pass\n    return sum(k * k for k in range(1, n + 1))\n```"
+        hang = (
+            "```python\ndef sum_of_squares(n):\n    while n == 100:\n        pass\n"
+            "    return sum(k * k for k in range(1, n + 1))\n```"
+        )
         _, reward, terminated, _, info = e.step(hang)
         # hidden inputs in order: 0, -4, 10, 100 (hangs), 2, 7
         assert terminated and info["timed_out"] and (info["tests_passed"], info["tests_total"]) == (3, 6)

@@ -390,7 +390,8 @@ async def test_process_cap_holds(backend):
         pytest.skip(why)
     async with await _open(backend, max_processes=12) as s:
         r = await s.run(
-            "import os, time\nn = 0\nfor _ in range(40):\n    try:\n        if os.fork() == 0:\n            time.sleep(5)\n"
+            "import os, time\nn = 0\nfor _ in range(40):\n"
+            "    try:\n        if os.fork() == 0:\n            time.sleep(5)\n"
             "            os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint(n)",
             timeout=8.0,
         )

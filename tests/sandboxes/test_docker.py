@@ -320,7 +320,9 @@ async def test_timeout_restarts_the_worker_in_the_same_container(be):
     async with await be.open_session(limits=_limits()) as s:
         cid = s.container_id
         r = await s.run(
-            "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\nwhile True: pass",
+            "import subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+            "while True: pass",
             timeout=1,
         )
         ps = await s.run("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")

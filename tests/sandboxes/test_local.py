@@ -159,7 +159,8 @@ async def test_cpu_limit_stops_a_busy_loop(shared):
 async def test_open_files_limit(shared):
     async with await shared.open_session(limits=SandboxLimits(max_open_files=32)) as s:
         r = await s.run(
-            "fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\nexcept OSError as e:\n    print(len(fs), type(e).__name__)"
+            "fs = []\ntry:\n    while True:\n        fs.append(open('/dev/null'))\n"
+            "except OSError as e:\n    print(len(fs), type(e).__name__)"
         )
     n, err = r.stdout.split()
     assert int(n) < 32 and err == "OSError"
@@ -168,7 +169,8 @@ async def test_open_files_limit(shared):
 async def test_file_size_limit(shared):
     async with await shared.open_session(limits=SandboxLimits(max_file_size_mb=1)) as s:
         r = await s.run(
-            "try:\n    open('big', 'wb').write(b'x' * 3 * 2**20)\n    print('wrote')\nexcept OSError as e:\n    print('refused', e.errno)"
+            "try:\n    open('big', 'wb').write(b'x' * 3 * 2**20)\n    print('wrote')\n"
+            "except OSError as e:\n    print('refused', e.errno)"
         )
     assert "refused 27" in r.stdout, r  # EFBIG
 

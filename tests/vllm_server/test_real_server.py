@@ -187,7 +187,8 @@ def test_reload_sync_reaches_the_server(server, learner, reload_sync):
     _, tokens, lps = sample(server, PROMPT, n=16, seed=3)
     gen_diff = maxdiff(lps, teacher_forced(learner, PROMPT, tokens))
     print(
-        f"after reload: prompt log-prob diff {diff:.2e}, sampled-token diff {gen_diff:.2e} (update moved them by {moved:.2f})"
+        f"after reload: prompt log-prob diff {diff:.2e}, sampled-token diff {gen_diff:.2e} "
+        f"(update moved them by {moved:.2f})"
     )
     assert gen_diff < ATOL
     assert server.endpoint.get("/weight_info") == {"weight_version": "1"}
@@ -216,7 +217,8 @@ def test_lora_sync_reaches_the_server(server, learner, reload_sync):
         _, tokens, lps = sample(server, PROMPT, model="spo-policy", n=16, seed=4)
         gen_diff = maxdiff(lps, teacher_forced(policy, PROMPT, tokens))
         print(
-            f"after lora load: prompt diff {diff:.2e}, sampled diff {gen_diff:.2e}, adapter effect {base_vs_adapter:.2f}"
+            f"after lora load: prompt diff {diff:.2e}, sampled diff {gen_diff:.2e}, "
+            f"adapter effect {base_vs_adapter:.2f}"
         )
         assert gen_diff < ATOL
         # A second update replaces the adapter in place.
