@@ -90,15 +90,19 @@ def main() -> None:
         return
     print(f"1-minute load average: {load[0]:.1f} at start, {load[1]:.1f} at end; values are wall / CPU")
     print(
-        "| env | problems | construct ms | reset ms | reset + final answer ms | tool call ms | check-env s (2 episodes) |"
+        "| env | problems | construct ms | reset ms | reset + final answer ms | tool call ms "
+        "| check-env s (2 episodes) |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        f = lambda k: f"{r[k][0]:.1f} / {r[k][1]:.1f}" if k in r else "-"  # noqa: E731
         ok = "" if r["check_env_passed"] else " FAILED"
-        print(
-            f"| {r['env']} | {r['problems']} | {f('construct_ms')} | {f('reset_ms')} | {f('reset_and_answer_ms')} | {f('tool_call_ms')} | {f('check_env_s')}{ok} |"
-        )
+        cells = [_wall_cpu(r, k) for k in ("construct_ms", "reset_ms", "reset_and_answer_ms", "tool_call_ms")]
+        print(f"| {r['env']} | {r['problems']} | {' | '.join(cells)} | {_wall_cpu(r, 'check_env_s')}{ok} |")
+
+
+def _wall_cpu(row: dict, key: str) -> str:
+    """The `wall / CPU` cell of `key`, `-` when the row has no such measurement."""
+    return f"{row[key][0]:.1f} / {row[key][1]:.1f}" if key in row else "-"
 
 
 if __name__ == "__main__":

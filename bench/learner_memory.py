@@ -45,6 +45,6 @@ for i in range(16):
 adv = [1.0 if i % 2 else -1.0 for i in range(16)]
 t = time.time()
 learner.update(trajs, adv)
-print(
-    f"micro_batch_tokens={mbt}: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB, update {time.time() - t:.1f} s"
-)
+update_s = time.time() - t
+peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+print(f"micro_batch_tokens={mbt}: peak RSS {peak_gb:.2f} GB, update {update_s:.1f} s")

@@ -135,7 +135,8 @@ def bench_model(
         ("avg reward (correct final \\boxed{})", f"{statistics.mean(rewards):.2f}"),
         (
             "mean turns / tool calls",
-            f"{statistics.mean(r['turns'] for r in results):.1f} / {statistics.mean(r['tool_calls'] for r in results):.1f}",
+            f"{statistics.mean(r['turns'] for r in results):.1f} / "
+            f"{statistics.mean(r['tool_calls'] for r in results):.1f}",
         ),
         ("truncated by a budget", f"{sum(r['truncated'] for r in results) / n:.0%}"),
         ("generation time", f"{gen_s:.1f} s over {turn} batched turns"),

@@ -244,7 +244,8 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                     )
                     results.append(r)
                     print(
-                        f"sigma={sigma} {mode:9s} {r.trajectories} traj in {r.seconds:6.1f} s = {r.traj_per_s:6.2f} traj/s "
+                        f"sigma={sigma} {mode:9s} {r.trajectories} traj in {r.seconds:6.1f} s "
+                        f"= {r.traj_per_s:6.2f} traj/s "
                         f"({r.tokens / r.seconds:6.0f} tok/s, {r.started} episodes started)",
                         file=sys.stderr,
                     )

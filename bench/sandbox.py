@@ -97,7 +97,7 @@ async def bench_backend(
                 lat: list[float] = []
                 errors = 0
 
-                async def worker(s) -> None:
+                async def worker(s, per_session: int, lat: list[float]) -> None:
                     nonlocal errors
                     for _ in range(per_session):
                         t = time.perf_counter()
@@ -106,7 +106,7 @@ async def bench_backend(
                         errors += r.stdout.strip() != EXPECTED
 
                 t0 = time.perf_counter()
-                await asyncio.gather(*[worker(s) for s in sessions])
+                await asyncio.gather(*[worker(s, per_session, lat) for s in sessions])
                 row.levels.append(level_from(c, lat, time.perf_counter() - t0, errors))
             finally:
                 await asyncio.gather(*[s.close() for s in sessions])
@@ -124,7 +124,7 @@ async def bench_python_c(levels: list[int], calls: int) -> Row:
         errors = 0
         n = max(calls // 4, c)  # a fresh interpreter per call is slow; fewer calls keep the run short
 
-        async def one() -> None:
+        async def one(sem: asyncio.Semaphore, lat: list[float]) -> None:
             nonlocal errors
             async with sem:
                 t = time.perf_counter()
@@ -134,7 +134,7 @@ async def bench_python_c(levels: list[int], calls: int) -> Row:
                 errors += out.decode().strip() != EXPECTED
 
         t0 = time.perf_counter()
-        await asyncio.gather(*[one() for _ in range(n)])
+        await asyncio.gather(*[one(sem, lat) for _ in range(n)])
         row.levels.append(level_from(c, lat, time.perf_counter() - t0, errors))
     return row
 
@@ -174,7 +174,7 @@ async def bench_docker_exec(levels: list[int], calls: int, client, image: str) -
             errors = 0
             n = max(calls // 4, c)  # docker exec is ~10x slower; fewer calls keep the run short
 
-            async def one() -> None:
+            async def one(sem: asyncio.Semaphore, lat: list[float]) -> None:
                 nonlocal errors
                 async with sem:
                     t = time.perf_counter()
@@ -183,7 +183,7 @@ async def bench_docker_exec(levels: list[int], calls: int, client, image: str) -
                     errors += res.output.decode().strip() != EXPECTED
 
             t1 = time.perf_counter()
-            await asyncio.gather(*[one() for _ in range(n)])
+            await asyncio.gather(*[one(sem, lat) for _ in range(n)])
             row.levels.append(level_from(c, lat, time.perf_counter() - t1, errors))
     finally:
         container.remove(force=True)

@@ -125,7 +125,8 @@ CASES = [
             "import os, signal\nfor pid in {os.getppid(), 1, -1}:\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
             "    except OSError:\n        pass\n"
             "for p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n        try:\n"
-            "            os.kill(int(p), signal.SIGKILL)\n        except OSError:\n            pass\nprint('still here')"
+            "            os.kill(int(p), signal.SIGKILL)\n        except OSError:\n            pass\n"
+            "print('still here')"
         ),
         weight=2,
     ),
@@ -141,7 +142,8 @@ CASES = [
         "disk_fill",
         (
             "chunk = b'x' * 2**20\ni = 0\ntry:\n    while i < 4096:\n        with open(f'fill{i}', 'wb') as f:\n"
-            "            f.write(chunk * 8)\n        i += 1\nexcept OSError as e:\n    print('stopped', type(e).__name__)"
+            "            f.write(chunk * 8)\n        i += 1\n"
+            "except OSError as e:\n    print('stopped', type(e).__name__)"
         ),
         timeout=10.0,
     ),

@@ -42,7 +42,8 @@ def summarize(run: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     out = [
-        "| run | steps | held-out avg@k step 0 | held-out avg@k end (step) | train reward first 3 / last 3 steps | wall min | CPU min |",
+        "| run | steps | held-out avg@k step 0 | held-out avg@k end (step) "
+        "| train reward first 3 / last 3 steps | wall min | CPU min |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -50,9 +51,8 @@ def table(results: list[dict]) -> str:
         e1 = f"{r['eval_last'][1]:.3f} ({r['eval_last'][0]})" if r["eval_last"] else "-"
         cpu = f"{r['cpu_min']:.1f}" if "cpu_min" in r else "-"
         wall = f"{r['wall_min']:.1f}" if "wall_min" in r else f"{r['elapsed_min']:.1f}"
-        out.append(
-            f"| {Path(r['run']).name} | {r['steps']} | {e0} | {e1} | {r['reward_first3']:.3f} / {r['reward_last3']:.3f} | {wall} | {cpu} |"
-        )
+        reward = f"{r['reward_first3']:.3f} / {r['reward_last3']:.3f}"
+        out.append(f"| {Path(r['run']).name} | {r['steps']} | {e0} | {e1} | {reward} | {wall} | {cpu} |")
     return "\n".join(out)
 
 

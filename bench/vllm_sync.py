@@ -176,9 +176,9 @@ def compare_training(args: argparse.Namespace) -> int:
             if isinstance(comp.weight_sync, WeightSync):
                 inner = comp.weight_sync.sync
 
-                def timed(model, version, _inner=inner):
+                def timed(model, version, _inner=inner, _times=sync_times):
                     stats = _inner(model, version)
-                    sync_times.append(stats.total_s)
+                    _times.append(stats.total_s)
                     return stats
 
                 comp.weight_sync.sync = timed
@@ -200,7 +200,8 @@ def compare_training(args: argparse.Namespace) -> int:
             "server_startup_s": server.startup_s if server is not None else 0.0,
         }
     print(
-        f"{platform.machine()}, {os.cpu_count()} cores; {args.model}; {args.train_steps} steps of batch {args.batch_size}"
+        f"{platform.machine()}, {os.cpu_count()} cores; {args.model}; "
+        f"{args.train_steps} steps of batch {args.batch_size}"
     )
     print("| rollout backend | steps/min | median step | median weight sync | generated tok/s | server start-up |")
     print("|---|---|---|---|---|---|")
