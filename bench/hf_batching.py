@@ -1,7 +1,8 @@
 """The `hf` backend's schedulers compared: static batches (`generate` per batch) vs continuous
-batching (requests join and leave between decode steps), in the same process, interleaved.
+batching (requests join and leave between decode steps), without and with prefix reuse, in the
+same process, interleaved.
 
-    .venv/bin/python bench/hf_batching.py                      # CPU default, 2 rounds each
+    .venv/bin/python bench/hf_batching.py                      # CPU default, 2 rounds
     .venv/bin/python bench/hf_batching.py --rounds 3 --episodes 24 --json out.json
     .venv/bin/python bench/hf_batching.py --model tiny-random --rounds 1 --episodes 8 --long-tokens 64   # smoke run
 
@@ -9,11 +10,13 @@ Part 1, episodes: the CPU default's rollout (`math-python`, `SmolLM2-135M` fp32,
 `Collector` with 16 episodes in flight, temperature 1.0, 48 new tokens per turn, 160 tokens per
 episode, the local sandbox). A round submits `episodes + 16` problems, takes the first
 `episodes` that finish (as a training step does), then cancels the rest and waits until the
-backend is idle before the next round starts. Rounds alternate between the schedulers (static,
-continuous, static, ...) on the same problems and seeds, so a change in the machine's load hits
-both; the ratio is that of the summed episodes over the summed seconds.
+backend is idle before the next round starts (the pause that checks this also ends prefix
+reuse across rounds, as a learner step does). Three variants: `static`, `continuous, no prefix
+reuse` (`prefix_cache_tokens=0`) and `continuous` (the default). Every round runs each variant
+on the same problems and seeds, a different variant first each round, so a change in the
+machine's load hits all of them; a rate is the summed episodes over the summed seconds.
 
-Part 2, latency: one long request (`--long-tokens`, end-of-turn disabled so it runs its whole
+Part 2, latency (`static` and `continuous`): one long request (`--long-tokens`, end-of-turn disabled so it runs its whole
 budget, as a runaway generation does) and, once it runs, `--shorts` requests of 32 tokens
 (a turn after a tool call) sent `--short-gap` seconds apart. Reported: each short request's
 latency and the long one's duration.
@@ -35,7 +38,13 @@ import subprocess
 import time
 from typing import Any
 
-SCHEDULERS = ("static", "continuous")
+#: the variants compared: name -> `HFPolicy` arguments
+VARIANTS = {
+    "static": {"scheduler": "static"},
+    "continuous, no prefix reuse": {"scheduler": "continuous", "prefix_cache_tokens": 0},
+    "continuous": {"scheduler": "continuous"},
+}
+LATENCY = ("static", "continuous")
 
 
 def _load() -> str:
@@ -86,7 +95,7 @@ async def episode_round(
     await _drain(policy)
     done = [t.timings.get("total", 0.0) + t.timings.get("queued", 0.0) for t in trajs]
     return {
-        "scheduler": policy.scheduler,
+        "variant": policy.variant,
         "episodes": len(trajs),
         "errors": sum(t.error is not None for t in trajs),
         "wall_s": wall,
@@ -133,7 +142,7 @@ async def latency_run(
         g = await long
         await _drain(policy)
         return {
-            "scheduler": policy.scheduler,
+            "variant": policy.variant,
             "long_tokens": len(g.token_ids),
             "long_s": ends["long"],
             "short_sent_s": [s for s, _, _ in shorts],
@@ -161,7 +170,9 @@ async def main(args: argparse.Namespace) -> dict:
     path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    policies = {s: HFPolicy(model=model, tokenizer=tok, scheduler=s) for s in SCHEDULERS}
+    policies = {name: HFPolicy(model=model, tokenizer=tok, **kw) for name, kw in VARIANTS.items()}
+    for name, p in policies.items():
+        p.variant = name
     info = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "commit": _commit(),
@@ -179,7 +190,8 @@ async def main(args: argparse.Namespace) -> dict:
         probe.close()
         for r in range(args.rounds):
             problems = ids[r * (args.episodes + args.in_flight) : (r + 1) * (args.episodes + args.in_flight)]
-            order = SCHEDULERS if r % 2 == 0 else SCHEDULERS[::-1]
+            names = list(VARIANTS)
+            order = names[r % len(names) :] + names[: r % len(names)]  # each variant goes first in turn
             for s in order:
                 row = await episode_round(policies[s], lambda: factory("train"), problems, args.episodes, 100 + r, args)
                 row["round"] = r
@@ -191,7 +203,7 @@ async def main(args: argparse.Namespace) -> dict:
         long_prompt = list(long_prompt["input_ids"] if hasattr(long_prompt, "keys") else long_prompt)
         turn = "<code>print({i} * 17)</code>\n<interpreter>\n{v}\n</interpreter>\n"
         shorts = [tok.encode(turn.format(i=i, v=i * 17), add_special_tokens=False) for i in range(args.shorts)]
-        for s in SCHEDULERS:
+        for s in LATENCY:
             row = await latency_run(policies[s], long_prompt, shorts, args)
             result["latency"].append(row)
             lat = [round(x, 1) for x in row["short_latency_s"]]
@@ -216,46 +228,47 @@ def report(result: dict) -> str:
             (f"Episodes ({args['in_flight']} in flight, first {args['episodes']} of "
             f"{args['episodes'] + args['in_flight']} per round):"),
             "",
-            ("| round | scheduler | episodes | wall s | episodes/s | gen. tokens | turns | episode s p50 / max "
+            ("| round | variant | episodes | wall s | episodes/s | gen. tokens | turns | episode s p50 / max "
             "| prefills (static: batches) | decode steps | prefill tokens / s, decode s | load 1/5/15 |"),
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             split = f"{r['prefill_tokens']} / {r['prefill_s']:.1f}, {r['decode_s']:.1f}"
-            split = "-" if r["scheduler"] == "static" else split
+            split = "-" if r["variant"] == "static" else split
             out.append(
-                f"| {r['round']} | {r['scheduler']} | {r['episodes']} | {r['wall_s']:.1f} | {r['episodes_per_s']:.3f} "
+                f"| {r['round']} | {r['variant']} | {r['episodes']} | {r['wall_s']:.1f} | {r['episodes_per_s']:.3f} "
                 f"| {r['generated_tokens']} | {r['mean_turns']:.2f} "
                 f"| {r['episode_s_p50']:.1f} / {r['episode_s_max']:.1f} "
                 f"| {r['prefills_or_batches']} | {r['decode_steps']} | {split} | {r['load']} |"
             )
         rate = {}
-        for s in SCHEDULERS:
-            mine = [r for r in rows if r["scheduler"] == s]
-            rate[s] = sum(r["episodes"] for r in mine) / sum(r["wall_s"] for r in mine)
-        ratio = rate["continuous"] / rate["static"]
-        out += ["", (f"episodes/s: static {rate['static']:.3f}, continuous {rate['continuous']:.3f}, "
-                f"ratio continuous / static **{ratio:.2f}x**"), ""]
-        result["ratio"] = rate["continuous"] / rate["static"]
+        for name in VARIANTS:
+            mine = [r for r in rows if r["variant"] == name]
+            rate[name] = sum(r["episodes"] for r in mine) / sum(r["wall_s"] for r in mine)
+        out.append("")
+        for name in VARIANTS:
+            out.append(f"- {name}: {rate[name]:.3f} episodes/s, **{rate[name] / rate['static']:.2f}x** static")
+        out.append("")
+        result["rates"] = rate
     if result["latency"]:
         out += [
             (f"Short requests (32 tokens, {args['short_gap']} s apart) while a {args['long_tokens']}-token "
             "request runs:"),
             "",
-            "| scheduler | long request s | short latencies s | shorts returned after the long one | load 1/5/15 |",
+            "| variant | long request s | short latencies s | shorts returned after the long one | load 1/5/15 |",
             "|---|---|---|---|---|",
         ]
         for r in result["latency"]:
             lat = ", ".join(f"{x:.1f}" for x in r["short_latency_s"])
             after = f"{r['short_after_long']} of {len(r['short_latency_s'])}"
-            out.append(f"| {r['scheduler']} | {r['long_s']:.1f} | {lat} | {after} | {r['load']} |")
+            out.append(f"| {r['variant']} | {r['long_s']:.1f} | {lat} | {after} | {r['load']} |")
     return "\n".join(out)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds per scheduler (interleaved)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per variant (interleaved)")
     ap.add_argument("--episodes", type=int, default=16, help="episodes taken per round (0: skip part 1)")
     ap.add_argument("--in-flight", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=1.0)

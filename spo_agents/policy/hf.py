@@ -313,6 +313,22 @@ def _suffix_groups(lengths: list[int]) -> list[list[int]]:
             groups.append([i])
     return groups
 
+def _shared_lead(prompts: list[list[int]], cached: list[int], min_shared: int = 32) -> int | None:
+    """The index of a prompt that shares at least `min_shared` more leading tokens with another
+    prompt than either has cached (`cached[i]` tokens of prompt i are), or `None`."""
+    if len(prompts) < 2:
+        return None
+    import torch
+
+    first = min(range(len(prompts)), key=lambda i: cached[i])
+    lead = torch.tensor(prompts[first], dtype=torch.long)
+    for j, p in enumerate(prompts):
+        if j != first:
+            shared = _common_prefix(lead, torch.tensor(p, dtype=torch.long), min(len(p), len(lead)) - 1)
+            if shared >= max(cached[first], cached[j]) + min_shared:
+                return first
+    return None
+
 def _inverse_cdf(probs: Any, u: Any, block: int = 256) -> Any:
     """For each row of `probs` `[rows, vocab]`, the first index whose cumulative probability
     exceeds `u * total` (`u` `[rows]` in [0, 1)): a draw from `probs`. Sums are in float64, in two
@@ -590,9 +606,15 @@ class HFPolicy(PolicyBackend):
 
     def _admit(self, batch: _Batch, reqs: list[_Request]) -> None:
         """Prefill `reqs` (reusing cached prefixes; one pass per group of similar lengths), sample
-        their first tokens, hand back those already finished and add the others to `batch`."""
+        their first tokens, hand back those already finished and add the others to `batch`.
+        When several share a long start nothing cached covers (new problems under one system
+        prompt, arriving together), one of them goes first, alone, and the others reuse it."""
         epoch = self._epoch
         plans = [(r, *self._prefixes.lookup(r.prompt_ids, epoch)) for r in reqs]
+        lead = _shared_lead([r.prompt_ids for r in reqs], [n for _, _, n in plans])
+        if lead is not None and self._prefixes.max_tokens > 0:
+            self._prefill(batch, [plans[lead]], epoch)
+            plans = [(r, *self._prefixes.lookup(r.prompt_ids, epoch)) for i, r in enumerate(reqs) if i != lead]
         for group in _suffix_groups([len(r.prompt_ids) - n for r, _, n in plans]):
             self._prefill(batch, [plans[i] for i in group], epoch)
 
@@ -630,6 +652,9 @@ class HFPolicy(PolicyBackend):
             self.stats["reused_tokens"] += sum(k for _, _, k in plans)
             rows = [self._new_row(r, epoch) for r in reqs]
             keep = self._advance(rows, logits, cache, mask)
+            if epoch == self._epoch and self._prefixes.max_tokens > 0:
+                for i in keep:  # a prompt is reusable at once (finished rows were kept by `_advance`)
+                    self._remember(rows[i], cache, mask, i)
         except Exception as e:  # noqa: BLE001 - surfaced to the callers of these requests
             self._fail(reqs, PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}"), cause=e)
             return

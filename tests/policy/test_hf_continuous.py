@@ -384,6 +384,42 @@ async def test_another_problem_reuses_the_shared_start_of_the_prompt(base):
         await policy.close()
 
 
+async def test_prompts_arriving_together_compute_their_shared_start_once(base):
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, batch_wait_s=0.2)  # all four arrive in time
+    try:
+        shared = _prompt(base, " ".join(f"rule {i}." for i in range(20)))  # well over 32 tokens
+        prompts = [shared + _prompt(base, f" Question {q}: what is {q} + {q}?") for q in "ABCD"]
+        common = min(next(i for i, (x, y) in enumerate(zip(prompts[0], p)) if x != y) for p in prompts[1:])
+        assert common >= len(shared) - 1
+        params = SamplingParams(temperature=0.9, max_new_tokens=4)
+        gens = await asyncio.gather(*(policy.generate(p, params) for p in prompts))
+        # the first goes alone; the other three reuse at least the shared start
+        assert policy.stats["batches"] == 2
+        assert policy.stats["reused_tokens"] >= 3 * common
+        assert policy.stats["prefill_tokens"] <= len(prompts[0]) + sum(len(p) - common for p in prompts[1:])
+        for p, g in zip(prompts, gens):
+            ref = _reference(base.model, p, g.token_ids, params)
+            assert max(abs(x - y) for x, y in zip(g.logprobs, ref)) < 1e-4
+    finally:
+        await policy.close()
+
+
+async def test_a_running_request_s_prompt_is_reusable_at_once(base):
+    policy = _steered(base)
+    try:
+        first = _prompt(base, "A prompt that is still being answered while the next one arrives")
+        running = asyncio.create_task(policy.generate(first, SamplingParams(max_new_tokens=100)))
+        await _until(lambda: policy.stats["steps"] >= 2)
+        second = first[:10] + _prompt(base, " different ending")
+        common = next(i for i, (x, y) in enumerate(zip(first, second)) if x != y)
+        await policy.generate(second, SamplingParams(max_new_tokens=3))
+        assert policy.stats["reused_tokens"] == common
+        assert not running.done()
+        running.cancel()
+    finally:
+        await policy.close()
+
+
 async def test_nothing_cached_before_a_pause_is_reused_after_it(base):
     policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
     try:
