@@ -116,7 +116,9 @@ class ProblemSet:
         self.by_id: dict[str, Problem] = {}
         for p in self.problems:
             if p.id in self.by_id:
-                raise DatasetError(f"problem ids must be unique within a set, `{p.id}` appears twice in `{self.source}`")
+                raise DatasetError(
+                    f"problem ids must be unique within a set, `{p.id}` appears twice in `{self.source}`"
+                )
             self.by_id[p.id] = p
 
     def __len__(self) -> int:
@@ -145,7 +147,11 @@ def _check_split(split: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Procedural: two-digit arithmetic (tier 0)
 # --------------------------------------------------------------------------------------------
-_ARITH_OPS = {"mul": ("*", "x", lambda a, b: a * b), "add": ("+", "+", lambda a, b: a + b), "sub": ("-", "-", lambda a, b: a - b)}
+_ARITH_OPS = {
+    "mul": ("*", "x", lambda a, b: a * b),
+    "add": ("+", "+", lambda a, b: a + b),
+    "sub": ("-", "-", lambda a, b: a - b),
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -332,15 +338,21 @@ def _arith_hard(split: str, seed: int, size: int | None, test_fraction: float) -
 # --------------------------------------------------------------------------------------------
 # Procedural: reasoning-gym tiers
 # --------------------------------------------------------------------------------------------
-def _reasoning_gym(name: str, split: str, seed: int, size: int | None, test_fraction: float, options: Mapping[str, Any]) -> ProblemSet:
+def _reasoning_gym(
+    name: str, split: str, seed: int, size: int | None, test_fraction: float, options: Mapping[str, Any]
+) -> ProblemSet:
     try:
         import reasoning_gym
     except ImportError as e:  # pragma: no cover - a core dependency
-        raise DatasetError("procedural tiers beyond `arith` need `reasoning-gym`: run `pip install reasoning-gym`") from e
+        raise DatasetError(
+            "procedural tiers beyond `arith` need `reasoning-gym`: run `pip install reasoning-gym`"
+        ) from e
     want = size if size is not None else RG_DEFAULT_SIZE[split]
     share = test_fraction if split == "test" else 1.0 - test_fraction
     if share <= 0:
-        raise DatasetError(f"`test_fraction` {test_fraction} leaves no problems for split `{split}`; use a value in (0, 1)")
+        raise DatasetError(
+            f"`test_fraction` {test_fraction} leaves no problems for split `{split}`; use a value in (0, 1)"
+        )
     # Item i of a reasoning-gym dataset depends only on (seed + i), so one dataset is read in
     # order (items of the other split skipped: content never crosses splits) and seeds are
     # spread far apart so that sets of different `seed`s do not share a run of items.
@@ -411,12 +423,17 @@ class Fields:
             return value
         if isinstance(value, str):
             if value not in PRESETS:
-                raise DatasetError(f"unknown field preset `{value}`; known: {', '.join(sorted(PRESETS))}.{did_you_mean(value, PRESETS)}")
+                raise DatasetError(
+                    f"unknown field preset `{value}`; known: {', '.join(sorted(PRESETS))}."
+                    f"{did_you_mean(value, PRESETS)}"
+                )
             return PRESETS[value]
         allowed = {"id", "prompt", "answer", "metadata", "strip_prefix", "strip_suffix"}
         unknown = set(value) - allowed
         if unknown:
-            raise DatasetError(f"unknown key(s) {sorted(unknown)} in `fields`; allowed: {', '.join(f'`{k}`' for k in sorted(allowed))}")
+            raise DatasetError(
+                f"unknown key(s) {sorted(unknown)} in `fields`; allowed: {', '.join(f'`{k}`' for k in sorted(allowed))}"
+            )
         d = dict(value)
         if d.get("metadata") is not None:
             d["metadata"] = tuple(d["metadata"])
@@ -516,7 +533,9 @@ def _iter_rows(path: Path, kind: str) -> Iterator[tuple[int, Any]]:
 
 def _kind_of(path: Path) -> str:
     suffix = path.suffix.lower()
-    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}.get(suffix, "jsonl")
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}.get(
+        suffix, "jsonl"
+    )
 
 
 def rows_to_problems(
@@ -581,7 +600,9 @@ def rows_to_problems(
                     pass
         except ValueError as e:
             if not skip_bad:
-                raise DatasetError(f"{where}:{line}: {e}. Fix the row, or pass `skip_bad=True` to skip and count bad rows") from None
+                raise DatasetError(
+                    f"{where}:{line}: {e}. Fix the row, or pass `skip_bad=True` to skip and count bad rows"
+                ) from None
             report.note_bad(f"{where}:{line}: {e}")
             continue
         content = (prompt, json.dumps(answer, sort_keys=True) if not isinstance(answer, str) else answer)
@@ -612,14 +633,20 @@ def _file_set(
     partition = True
     if isinstance(path_spec, Mapping):
         if split not in path_spec:
-            raise DatasetError(f"`dataset_path` maps splits {sorted(path_spec)} but split `{split}` was requested; add a `{split}` entry")
+            raise DatasetError(
+                f"`dataset_path` maps splits {sorted(path_spec)} but split `{split}` was requested; "
+                f"add a `{split}` entry"
+            )
         path_spec, partition = path_spec[split], False
     path_str = os.fspath(path_spec)
     if "{split}" in path_str:
         path_str, partition = path_str.format(split=split), False
     path = Path(path_str).expanduser()
     if not path.is_file():
-        raise DatasetError(f"problem file `{path}` does not exist; check `dataset_path` (a file, a `{{split}}` pattern or a split mapping)")
+        raise DatasetError(
+            f"problem file `{path}` does not exist; check `dataset_path` "
+            "(a file, a `{split}` pattern or a split mapping)"
+        )
     return rows_to_problems(
         _iter_rows(path, kind or _kind_of(path)),
         where=str(path),
@@ -633,7 +660,15 @@ def _file_set(
     )
 
 
-def _hf_set(name: str, split: str, size: int | None, fields: Fields | None, test_fraction: float, skip_bad: bool, options: Mapping[str, Any]) -> ProblemSet:
+def _hf_set(
+    name: str,
+    split: str,
+    size: int | None,
+    fields: Fields | None,
+    test_fraction: float,
+    skip_bad: bool,
+    options: Mapping[str, Any],
+) -> ProblemSet:
     try:
         import datasets
     except ImportError as e:
@@ -682,7 +717,7 @@ def _freeze(value: Any) -> Any:
 def _file_stamp(path_spec: Any, split: str) -> Any:
     """Paths with modification times, so an edited file is read again."""
     paths = []
-    for p in (path_spec.values() if isinstance(path_spec, Mapping) else [path_spec]):
+    for p in path_spec.values() if isinstance(path_spec, Mapping) else [path_spec]:
         s = os.fspath(p).format(split=split) if "{split}" in os.fspath(p) else os.fspath(p)
         try:
             st = os.stat(s)
@@ -736,9 +771,22 @@ def load_problems(
         if arg:
             dataset_path = arg
         if dataset_path is None:
-            raise DatasetError(f"source `{source}` needs a file: pass `dataset_path=...` or write `jsonl:path/to/file.jsonl`")
+            raise DatasetError(
+                f"source `{source}` needs a file: pass `dataset_path=...` or write `jsonl:path/to/file.jsonl`"
+            )
         key_extra = _file_stamp(dataset_path, split)
-    key = (source, split, seed, size, _freeze(dataset_path), fields_, test_fraction, skip_bad, _freeze(options), key_extra)
+    key = (
+        source,
+        split,
+        seed,
+        size,
+        _freeze(dataset_path),
+        fields_,
+        test_fraction,
+        skip_bad,
+        _freeze(options),
+        key_extra,
+    )
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
     if cached is not None:
@@ -758,7 +806,9 @@ def load_problems(
             )
         result = _reasoning_gym(arg, split, seed, size, test_fraction, options)
     elif kind in ("file", "jsonl", "json", "parquet"):
-        result = _file_set(dataset_path, split, size, fields_, test_fraction, skip_bad, None if kind == "file" else kind)  # type: ignore[arg-type]
+        result = _file_set(
+            dataset_path, split, size, fields_, test_fraction, skip_bad, None if kind == "file" else kind
+        )  # type: ignore[arg-type]
     elif kind == "hf":
         if not arg:
             raise DatasetError("an `hf:` source needs a dataset name, e.g. `hf:BytedTsinghua-SIA/DAPO-Math-17k`")
@@ -772,7 +822,8 @@ def load_problems(
     if not result.problems:
         raise DatasetError(
             f"source `{source}` has no problems in split `{split}` ({result.report.rows} rows read, "
-            f"{result.report.skipped_bad} bad, {result.report.duplicates} duplicates, {result.report.other_split} in the other split)"
+            f"{result.report.skipped_bad} bad, {result.report.duplicates} duplicates, "
+            f"{result.report.other_split} in the other split)"
         )
     with _CACHE_LOCK:
         _CACHE.setdefault(key, result)

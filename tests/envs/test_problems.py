@@ -19,6 +19,7 @@ def test_arith_splits_are_disjoint_and_cover_the_pool():
     assert not {p.prompt for p in train} & {p.prompt for p in test}
     assert len(train) + len(test) == 3 * 90 * 90
     assert 0.07 < len(test) / (len(train) + len(test)) < 0.13
+
     # no test problem is a training problem with its operands swapped (`*` and `+` commute)
     def key(q):
         m = q.metadata
@@ -202,9 +203,13 @@ def test_dapo_layout_loads_from_jsonl_and_parquet(tmp_path):
 def test_explicit_fields_with_dotted_paths(tmp_path):
     rows = [{"q": {"text": f"What is {i}?"}, "sol": {"final": i}, "uid": i} for i in range(5)]
     path = write_jsonl(tmp_path / "custom.jsonl", rows)
-    s = load_problems(f"jsonl:{path}", "train", fields={"id": "uid", "prompt": "q.text", "answer": "sol.final"}, test_fraction=0.0)
+    s = load_problems(
+        f"jsonl:{path}", "train", fields={"id": "uid", "prompt": "q.text", "answer": "sol.final"}, test_fraction=0.0
+    )
     assert [(p.id, p.prompt, p.answer) for p in s][:2] == [("0", "What is 0?", "0"), ("1", "What is 1?", "1")]
-    numbered = load_problems(f"jsonl:{path}", "train", fields=Fields(id=None, prompt="q.text", answer="sol.final"), test_fraction=0.0)
+    numbered = load_problems(
+        f"jsonl:{path}", "train", fields=Fields(id=None, prompt="q.text", answer="sol.final"), test_fraction=0.0
+    )
     assert numbered.problems[0].id == "custom:1"
 
 
@@ -220,7 +225,9 @@ def test_a_bad_row_names_the_file_and_line(tmp_path):
 
 def test_missing_answer_field_says_which_fields_exist(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "solution": "1"}])
-    with pytest.raises(DatasetError, match=r"x.jsonl:1: no prompt field `prompt` \(fields found: \['question', 'solution'\]\)"):
+    with pytest.raises(
+        DatasetError, match=r"x.jsonl:1: no prompt field `prompt` \(fields found: \['question', 'solution'\]\)"
+    ):
         load_problems(dataset_path=path)
 
 
@@ -252,7 +259,12 @@ def test_an_edited_file_is_read_again(tmp_path):
 def test_hf_source_through_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = write_jsonl(tmp_path / "hf.jsonl", [dapo_row(i, str(i), str(i)) for i in range(6)])
-    s = load_problems("hf:json", "train", test_fraction=0.0, source_options={"data_files": str(path), "cache_dir": str(tmp_path / "c")})
+    s = load_problems(
+        "hf:json",
+        "train",
+        test_fraction=0.0,
+        source_options={"data_files": str(path), "cache_dir": str(tmp_path / "c")},
+    )
     assert len(s) == 6 and s.by_id["id-3"].answer == "3"
     with pytest.raises(DatasetError, match="hub access"):
         load_problems("hf:no-such-org/no-such-dataset-xyz", "train")
