@@ -73,8 +73,9 @@ test-browser: setup
 	fi
 	$(PY) -m pytest -q -m browser $(ARGS)
 
+# The engine is stopped again afterwards (also when a test fails), leaving no dockerd behind.
 test-docker: setup docker-engine
-	$(PY) -m pytest -q -m docker $(ARGS)
+	@$(PY) -m pytest -q -m docker $(ARGS); rc=$$?; bash sandboxes/docker/setup-engine.sh stop; exit $$rc
 
 # A private dockerd (own data root and socket, no iptables changes) and the sandbox image built
 # offline with debootstrap; idempotent. `make docker-engine-stop` stops it and removes our containers.
