@@ -14,7 +14,10 @@ marks its real ones (a row that reused a prefix may have a masked gap after it),
 from each row's own length, and columns no row uses any more are trimmed when the longest row
 leaves. A request whose caller was cancelled leaves at the next step. Models whose cache is not
 plain per-layer keys and values (sliding-window or hybrid layers) fall back to the static
-scheduler, with a warning.
+scheduler, with a warning. (transformers' own continuous batching, `init_continuous_batching`,
+runs on a CPU and returns the sampled tokens' log-probs, but it has no stop strings, no
+per-request seeds, and per-request temperature / top-k / top-p only when the generation config
+set them when the manager was created; hence this loop.)
 
 `scheduler="static"`: the worker waits `batch_wait_s` for more requests, groups them by
 identical sampling settings (temperature, top-p, top-k, stop strings; `max_new_tokens` may
@@ -230,8 +233,8 @@ def _plain_kv_cache(model: Any) -> str | None:
 
 @dataclass
 class _Prefix:
-    """Keys and values `[kv_heads, len, head_dim]` per layer of a token sequence the model has
-    read, computed under the weights of `epoch`."""
+    """Keys and values `[kv_heads, len, head_dim]` per layer (on the model's device) of a token
+    sequence the model has read, computed under the weights of `epoch`."""
 
     tokens: Any  # LongTensor [len], on the CPU
     keys: list[Any]
@@ -770,8 +773,8 @@ class HFPolicy(PolicyBackend):
 
         real = mask[i].bool()
         fed = row.request.prompt_ids + row.scanner.tokens[:-1]
-        keys = [layer.keys[i][:, real].to("cpu", copy=True) for layer in cache.layers]
-        values = [layer.values[i][:, real].to("cpu", copy=True) for layer in cache.layers]
+        keys = [layer.keys[i][:, real] for layer in cache.layers]  # boolean indexing copies
+        values = [layer.values[i][:, real] for layer in cache.layers]
         if keys and keys[0].shape[1] == len(fed):
             self._prefixes.add(_Prefix(torch.tensor(fed, dtype=torch.long), keys, values, row.epoch))
 
