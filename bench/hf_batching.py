@@ -16,10 +16,10 @@ reuse` (`prefix_cache_tokens=0`) and `continuous` (the default). Every round run
 on the same problems and seeds, a different variant first each round, so a change in the
 machine's load hits all of them; a rate is the summed episodes over the summed seconds.
 
-Part 2, latency (`static` and `continuous`): one long request (`--long-tokens`, end-of-turn disabled so it runs its whole
-budget, as a runaway generation does) and, once it runs, `--shorts` requests of 32 tokens
-(a turn after a tool call) sent `--short-gap` seconds apart. Reported: each short request's
-latency and the long one's duration.
+Part 2, latency (`static` and `continuous`): one long request (`--long-tokens`, end-of-turn
+disabled so it runs its whole budget, as a runaway generation does) and, once it runs,
+`--shorts` requests of 32 tokens (a turn after a tool call) sent `--short-gap` seconds apart.
+Reported: each short request's latency and the long one's duration.
 
 Prints markdown tables and the machine's load average before and after each part; results are
 recorded in bench/RESULTS.md ("In-process generation: continuous batching").
@@ -217,19 +217,25 @@ async def main(args: argparse.Namespace) -> dict:
 def report(result: dict) -> str:
     info, args = result["info"], result["args"]
     out = [
-        (f"date {info['date_utc']} UTC, commit {info['commit']}, {info['machine']}, "
-        f"torch threads {info['torch_threads']}, model `{info['model']}`"),
+        (
+            f"date {info['date_utc']} UTC, commit {info['commit']}, {info['machine']}, "
+            f"torch threads {info['torch_threads']}, model `{info['model']}`"
+        ),
         f"load average (1/5/15 min) at the start {info['load_start']}, at the end {info.get('load_end', '?')}",
         "",
     ]
     rows = result["episodes"]
     if rows:
         out += [
-            (f"Episodes ({args['in_flight']} in flight, first {args['episodes']} of "
-            f"{args['episodes'] + args['in_flight']} per round):"),
+            (
+                f"Episodes ({args['in_flight']} in flight, first {args['episodes']} of "
+                f"{args['episodes'] + args['in_flight']} per round):"
+            ),
             "",
-            ("| round | variant | episodes | wall s | episodes/s | gen. tokens | turns | episode s p50 / max "
-            "| prefills (static: batches) | decode steps | prefill tokens / s, decode s | load 1/5/15 |"),
+            (
+                "| round | variant | episodes | wall s | episodes/s | gen. tokens | turns | episode s p50 / max "
+                "| prefills (static: batches) | decode steps | prefill tokens / s, decode s | load 1/5/15 |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
@@ -252,8 +258,10 @@ def report(result: dict) -> str:
         result["rates"] = rate
     if result["latency"]:
         out += [
-            (f"Short requests (32 tokens, {args['short_gap']} s apart) while a {args['long_tokens']}-token "
-            "request runs:"),
+            (
+                f"Short requests (32 tokens, {args['short_gap']} s apart) while a {args['long_tokens']}-token "
+                "request runs:"
+            ),
             "",
             "| variant | long request s | short latencies s | shorts returned after the long one | load 1/5/15 |",
             "|---|---|---|---|---|",

@@ -316,6 +316,7 @@ def _suffix_groups(lengths: list[int]) -> list[list[int]]:
             groups.append([i])
     return groups
 
+
 def _shared_lead(prompts: list[list[int]], cached: list[int], min_shared: int = 32) -> int | None:
     """The index of a prompt that shares at least `min_shared` more leading tokens with another
     prompt than either has cached (`cached[i]` tokens of prompt i are), or `None`."""
@@ -331,6 +332,7 @@ def _shared_lead(prompts: list[list[int]], cached: list[int], min_shared: int = 
             if shared >= max(cached[first], cached[j]) + min_shared:
                 return first
     return None
+
 
 def _inverse_cdf(probs: Any, u: Any, block: int = 256) -> Any:
     """For each row of `probs` `[rows, vocab]`, the first index whose cumulative probability
@@ -840,7 +842,6 @@ class HFPolicy(PolicyBackend):
                     err = PolicyError(f"`hf` generation failed: {type(e).__name__}: {e}")
                     self._fail([r for r in batch if not r.future.done()], err, cause=e)
                     continue
-
 
     def _generate_static(
         self,
