@@ -112,13 +112,15 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Replace `path` with `text` (str as UTF-8, or bytes) so readers see the old or the new
+    content, never a mix: a temporary sibling is written, fsync'ed and renamed into place."""
     path = Path(path)
+    data = text.encode("utf-8") if isinstance(text, str) else text
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -53,12 +53,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spo_agents.checkpoint import write_text_atomic
 from spo_agents.errors import ConfigError, TrajectoryError
 
 SCHEMA_VERSION = 1
@@ -315,24 +315,9 @@ def step_file(log_dir: Path, step: int) -> Path:
     return log_dir / f"step-{step:06d}.jsonl.gz"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: write a temporary sibling, fsync it, rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _write_atomic(path, gzip.compress(text.encode("utf-8"), compresslevel=6, mtime=0))
+    write_text_atomic(path, gzip.compress(text.encode("utf-8"), compresslevel=6, mtime=0))
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -444,10 +429,10 @@ class TrajectoryLog:
             "seed": self.seed,
             "save_logprobs": self.save_logprobs,
         }
-        _write_atomic(self.dir / META, (json.dumps(meta, indent=2) + "\n").encode())
+        write_text_atomic(self.dir / META, (json.dumps(meta, indent=2) + "\n").encode())
         if problem_ids is not None:
             ids = json.dumps(list(problem_ids), ensure_ascii=False).encode()
-            _write_atomic(self.dir / PROBLEMS, gzip.compress(ids, mtime=0))
+            write_text_atomic(self.dir / PROBLEMS, gzip.compress(ids, mtime=0))
         self._pool: list[tuple[float, int, int]] = []  # max-heap of older kept (-u, step, index)
         self._truncate(self.last_step)
         self._visits = open(self.dir / VISITS, "a", encoding="utf-8")  # noqa: SIM115 - kept open across steps
@@ -473,7 +458,7 @@ class TrajectoryLog:
         keep = [v for v in visits if v.step <= start_step]
         if good == len(data) and len(keep) == len(visits):
             return
-        _write_atomic(path, "".join(line + "\n" for line in [_header(), *map(_visit_row, keep)]).encode("utf-8"))
+        write_text_atomic(path, "".join(line + "\n" for line in [_header(), *map(_visit_row, keep)]).encode("utf-8"))
 
     # -- writing ----------------------------------------------------------------------------
     def record(
