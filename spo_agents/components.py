@@ -74,8 +74,10 @@ def preflight(cfg: Config, env_factory: Callable[[str], Any]) -> None:
     """Resolve the named components (sandbox backend, environment and its kwargs) before anything
     heavy runs: a typo fails here with the registry's suggestion, not as rollout errors later."""
     from spo_agents import sandboxes  # registers the built-in backends
+    from spo_agents.models import check_model_name
     from spo_agents.registry import SANDBOXES
 
+    check_model_name(cfg.model.name)
     SANDBOXES.load(cfg.sandbox.backend)
     ok, why = sandboxes.backend_availability(cfg.sandbox.backend)
     if not ok:

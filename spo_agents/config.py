@@ -199,8 +199,8 @@ class TrackerConfig:
                 f"`tracker.rho_min` and `tracker.rho_max` must satisfy 0 < rho_min <= rho_max <= 1, "
                 f"got {self.rho_min} and {self.rho_max}"
             )
-        if self.d_half <= 0:
-            raise ConfigError(f"`tracker.d_half` must be > 0, got {self.d_half}")
+        if not (math.isfinite(self.d_half) and self.d_half > 0):
+            raise ConfigError(f"`tracker.d_half` must be a finite number > 0, got {self.d_half}")
         if not 0.0 < self.rho_constant <= 1.0:
             raise ConfigError(f"`tracker.rho_constant` must be in (0, 1], got {self.rho_constant}")
 

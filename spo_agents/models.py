@@ -143,6 +143,23 @@ def tiny_model_dir(hidden_size: int = 64, num_layers: int = 2, seed: int = 0) ->
     return _atomic_dir(target, build)
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, before anything loads, a model that is neither a built-in name, nor a directory
+    with a `config.json`, nor plausibly a hub id (`org/name`)."""
+    from spo_agents.errors import ConfigError
+
+    if name in (EMBEDDED, TINY):
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or path.exists() or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        found = "does not exist" if not path.exists() else "has no `config.json`"
+        raise ConfigError(
+            f"model `{name}` {found}; pass a directory saved with `save_pretrained`, a hub id such as "
+            f"`Qwen/Qwen3-8B` (downloaded by transformers), or a built-in name: `{EMBEDDED}`, `{TINY}`"
+        )
+
+
 def resolve_model(name: str) -> str:
     """Map a model name from the config to something `from_pretrained` accepts."""
     if name == EMBEDDED:

@@ -49,6 +49,8 @@ from spo_agents.components import (
     VLLMInProcessSync,
     build_components,
     load_model,
+    make_env_factory,
+    preflight,
     resolve_device,
 )
 from spo_agents.config import Config, load_config, save_config, to_dict
@@ -741,6 +743,8 @@ def train(
 def _train(
     cfg: Config, rank: int, run_dir: str | Path | None, resume: bool, components: Components | None
 ) -> TrainResult:
+    if components is None and rank <= 0:  # bad names and options fail before a run directory exists
+        preflight(cfg, make_env_factory(cfg))
     if run_dir is None:
         run_dir = new_run_dir(cfg) if rank <= 0 else None
         if rank >= 0:

@@ -144,6 +144,9 @@ def _env_factory(env_id: str, split: str, kwargs: dict):
             merged.setdefault("split", split)
     except (TypeError, ValueError):
         pass
+    from spo_agents.envs import check_options
+
+    check_options(resolved, obj, merged)
     return (lambda: obj(**merged)), resolved
 
 
@@ -152,6 +155,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from spo_agents.config import apply_overrides
     from spo_agents.errors import ConfigError
+    from spo_agents.models import check_model_name
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     backend = args.backend or ("openai" if args.base_url else "hf")
@@ -161,8 +165,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("`--base-url` needs `--model NAME`, the model name the server serves (see its /v1/models)")
     if args.resume and not args.out:
         raise ConfigError("`--resume` needs `--out DIR`, the directory of the run to finish")
-    if args.k < 1:
-        raise ConfigError(f"`-k` must be >= 1, got {args.k}")
+    _check_numbers(args)
+    check_model_name(args.model or "smollm2-135m")
     env_kwargs = apply_overrides({}, args.env_arg)
     factory, env_id = _env_factory(args.env, args.split, env_kwargs)
     probe = factory()
@@ -185,6 +189,27 @@ def _eval(args: argparse.Namespace) -> int:
         return _run(args, backend, factory, env_id, problem_ids, out)
     finally:
         lock.close()
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """One clear error for a number out of range, before anything loads."""
+    import math
+
+    from spo_agents.errors import ConfigError
+
+    rules = [
+        ("-k", args.k, lambda x: x >= 1, "an integer >= 1"),
+        ("--limit", args.limit, lambda x: x is None or x >= 1, "an integer >= 1 (leave it out for every problem)"),
+        ("--temperature", args.temperature, lambda x: math.isfinite(x) and x >= 0, "a number >= 0 (0 is greedy)"),
+        ("--top-p", args.top_p, lambda x: math.isfinite(x) and 0 < x <= 1, "in (0, 1]"),
+        ("--top-k", args.top_k, lambda x: x >= 0, "an integer >= 0 (0 turns it off)"),
+        ("--max-new-tokens", args.max_new_tokens, lambda x: x >= 1, "an integer >= 1"),
+        ("--max-episode-tokens", args.max_episode_tokens, lambda x: x >= 1, "an integer >= 1"),
+        ("--concurrency", args.concurrency, lambda x: x >= 1, "an integer >= 1"),
+    ]
+    for flag, value, ok, rule in rules:
+        if not ok(value):
+            raise ConfigError(f"`{flag}` must be {rule}, got {value}")
 
 
 def _fingerprint(env, problem_ids: list[str]) -> str:

@@ -1,0 +1,54 @@
+"""Bad input on the command line: one `error:` line that names the input and the fix, exit 1,
+no traceback, nothing loaded and no stray run or output directory. One row per case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spo_agents.cli import main
+
+EVAL = ["eval", "--env", "math-python", "--model", "tiny-random", "--no-progress"]
+TRAIN = ["train", "--env", "math-python"]
+
+CASES = [
+    # (id, argv, words the message must contain)
+    ("eval-unknown-env-option", [*EVAL, "--env-arg", "bogus=1"], ["`bogus`", "Its options"]),
+    ("eval-env-option-typo", [*EVAL, "--env-arg", "num_problem=4"], ["Did you mean `num_problems`"]),
+    ("eval-env-option-type", [*EVAL, "--env-arg", "num_problems=abc"], ["`num_problems`", "an integer", "'abc'"]),
+    ("eval-temperature", [*EVAL, "--temperature", "-1"], ["`--temperature`", ">= 0"]),
+    ("eval-top-p", [*EVAL, "--top-p", "2"], ["`--top-p`", "(0, 1]"]),
+    ("eval-limit-negative", [*EVAL, "--limit", "-1"], ["`--limit`", ">= 1"]),
+    ("eval-limit-zero", [*EVAL, "--limit", "0"], ["`--limit`", ">= 1"]),
+    ("eval-max-new-tokens", [*EVAL, "--max-new-tokens", "0"], ["`--max-new-tokens`", ">= 1"]),
+    ("eval-k", [*EVAL, "-k", "0"], ["`-k`", ">= 1"]),
+    ("eval-missing-model-dir", ["eval", "--env", "math-python", "--model", "/nonexistent/model"], ["does not exist"]),
+    ("train-unknown-env-option", [*TRAIN, "--env-arg", "bogus=1"], ["`bogus`"]),
+    ("train-sandbox-typo", [*TRAIN, "sandbox.backend=lokal"], ["Did you mean `local`"]),
+    ("train-d-half-nan", [*TRAIN, "tracker.d_half=.nan"], ["`tracker.d_half`", "finite"]),
+    ("train-top-p", [*TRAIN, "rollout.top_p=0.5"], ["`rollout.top_p`", "full softmax"]),
+    ("train-missing-model-dir", [*TRAIN, "--model", "./no-such-model"], ["does not exist"]),
+    ("train-resume-missing-dir", ["train", "--resume", "/nonexistent/run"], ["not a run directory"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_error_line_and_leaves_nothing_behind(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "train":
+        if "--resume" not in argv:  # options first, then the dotted overrides (`section.key=value`)
+            dotted = [a for a in argv if "=" in a and "." in a.split("=", 1)[0] and not a.startswith("-")]
+            opts = [a for a in argv if a not in dotted]
+            argv = [*opts, *dotted, "logging.progress=false", f"train.output_dir={tmp_path / 'runs'}"]
+    else:
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()  # nothing half-written
+    assert not Path(tmp_path / "runs" / "eval").exists()
