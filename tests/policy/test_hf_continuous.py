@@ -54,13 +54,15 @@ class Steered(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def base():
-    p = make_policy("hf", "tiny-random", torch_threads=1)
+    p = make_policy("hf", "tiny-random", torch_threads=1, scheduler="continuous")
     yield p
     asyncio.run(p.close())
 
 
 def _steered(base, eos_at: int | None = None, **kw) -> HFPolicy:
-    return HFPolicy(model=Steered(base.model, base.eos_ids, eos_at), tokenizer=base.tokenizer, **kw)
+    return HFPolicy(
+        model=Steered(base.model, base.eos_ids, eos_at), tokenizer=base.tokenizer, **{"scheduler": "continuous", **kw}
+    )
 
 
 def _prompt(policy, text: str) -> list[int]:
@@ -241,7 +243,9 @@ async def test_each_request_stops_at_its_own_stop_strings(base):
 
 # ------------------------------------------------------------------------------------ log-probs
 async def test_mixed_sampling_settings_share_a_batch_and_keep_their_own_distribution(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, batch_wait_s=0.2)  # all four arrive in time
+    policy = HFPolicy(
+        model=base.model, tokenizer=base.tokenizer, batch_wait_s=0.2, scheduler="continuous"
+    )  # all four arrive in time
     try:
         settings = [
             SamplingParams(temperature=1.0, max_new_tokens=10),
@@ -265,7 +269,7 @@ async def test_mixed_sampling_settings_share_a_batch_and_keep_their_own_distribu
 async def test_logprobs_equal_the_learners_scoring(base):
     """Rows joining a running batch (different widths) and leaving it early (trimmed columns):
     the behaviour log-probs equal `token_logprobs` of the learner within 1e-4."""
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="continuous")
     try:
         temperature = 0.7
         long_prompt = _prompt(base, " ".join(f"word{i}" for i in range(40)))
@@ -296,7 +300,7 @@ async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
     from say_env import SayEnv
     from spo_agents.rollout import run_episode
 
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="continuous")
     try:
         sampling = SamplingParams(temperature=0.8, max_new_tokens=12)
         trajs = await asyncio.gather(
@@ -318,7 +322,7 @@ async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
 
 # --------------------------------------------------------------------------------------- seeds
 async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, prefix_cache_tokens=0)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, prefix_cache_tokens=0, scheduler="continuous")
     try:
         prompt = _prompt(base, "seeded prompt")
         params = SamplingParams(max_new_tokens=16, seed=5)
@@ -335,7 +339,9 @@ async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(base):
     finally:
         await policy.close()
 
-    cached = HFPolicy(model=base.model, tokenizer=base.tokenizer)  # the second run reuses the first's prompt
+    cached = HFPolicy(
+        model=base.model, tokenizer=base.tokenizer, scheduler="continuous"
+    )  # the second run reuses the first's prompt
     try:
         first = await cached.generate(prompt, params)
         second = await cached.generate(prompt, params)
@@ -348,7 +354,7 @@ async def test_a_seeded_request_samples_the_same_alone_and_in_a_batch(base):
 
 # ------------------------------------------------------------------------------- prefix reuse
 async def test_the_next_turn_computes_only_its_new_tokens(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="continuous")
     try:
         params = SamplingParams(temperature=0.9, max_new_tokens=10)
         first_prompt = _prompt(base, "The first turn of an episode")
@@ -367,7 +373,7 @@ async def test_the_next_turn_computes_only_its_new_tokens(base):
 
 
 async def test_another_problem_reuses_the_shared_start_of_the_prompt(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="continuous")
     try:
         shared = _prompt(base, "You are a helpful assistant. Here is an example: 1 + 1 = 2. Now solve:")
         a, b = shared + _prompt(base, " 3 * 4"), shared + _prompt(base, " 7 - 9")
@@ -385,7 +391,9 @@ async def test_another_problem_reuses_the_shared_start_of_the_prompt(base):
 
 
 async def test_prompts_arriving_together_compute_their_shared_start_once(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, batch_wait_s=0.2)  # all four arrive in time
+    policy = HFPolicy(
+        model=base.model, tokenizer=base.tokenizer, batch_wait_s=0.2, scheduler="continuous"
+    )  # all four arrive in time
     try:
         shared = _prompt(base, " ".join(f"rule {i}." for i in range(20)))  # well over 32 tokens
         prompts = [shared + _prompt(base, f" Question {q}: what is {q} + {q}?") for q in "ABCD"]
@@ -421,7 +429,7 @@ async def test_a_running_request_s_prompt_is_reusable_at_once(base):
 
 
 async def test_nothing_cached_before_a_pause_is_reused_after_it(base):
-    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer)
+    policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="continuous")
     try:
         prompt = _prompt(base, "cached before the update")
         params = SamplingParams(max_new_tokens=5)
