@@ -232,7 +232,9 @@ def test_connect_to_running_server_and_to_nothing(tmp_path, fake_env):
 
 DRIVER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    # as in a terminal, even when this test runs as a background job (which inherits SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from spo_agents.vllm_server import VLLMServer
     server = VLLMServer("/models/fake", python=sys.executable, log_dir=sys.argv[1], env={"PYTHONPATH": sys.argv[2]})
     how = sys.argv[3]
