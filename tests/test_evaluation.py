@@ -204,29 +204,9 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     from spo_agents.cli import main
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    code = main(
-        [
-            "eval",
-            "--env",
-            "say_env:SayEnv",
-            "--backend",
-            "hf",
-            "--model",
-            "tiny-random",
-            "-k",
-            "2",
-            "--limit",
-            "2",
-            "--max-new-tokens",
-            "6",
-            "--max-episode-tokens",
-            "30",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
-    assert code == 0
+    args = ["eval", "--env", "say_env:SayEnv", "--backend", "hf", "--model", "tiny-random", "-k", "2", "--limit", "2"]
+    args += ["--max-new-tokens", "6", "--max-episode-tokens", "30", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert any(line.split() == ["avg@2", f"{saved['avg_at_k']:.4f}"] for line in out.splitlines())
@@ -234,26 +214,6 @@ def test_eval_cli_with_the_hf_backend(tmp_path, capsys, monkeypatch):
     assert saved["num_problems"] == 2 and saved["settings"]["sampling"]["temperature"] == 0.6
     assert saved["settings"]["sampling"]["top_k"] == 20 and saved["settings"]["sampling"]["top_p"] == 0.95
     before = (tmp_path / "transcripts.jsonl").read_text()
-    args = [
-        "eval",
-        "--env",
-        "say_env:SayEnv",
-        "--backend",
-        "hf",
-        "--model",
-        "tiny-random",
-        "-k",
-        "2",
-        "--limit",
-        "2",
-        "--max-new-tokens",
-        "6",
-        "--max-episode-tokens",
-        "30",
-        "--out",
-        str(tmp_path),
-        "--no-progress",
-    ]
     assert main(args) == 1  # the same --out without --resume: refused, nothing lost
     assert "--resume" in capsys.readouterr().err and (tmp_path / "transcripts.jsonl").read_text() == before
     assert main([*args, "--resume", "--temperature", "1.0"]) == 1  # resuming with other sampling settings
