@@ -105,15 +105,18 @@ def make_env_factory(cfg: Config) -> Callable[[str], Any]:
     return factory
 
 
-def build_components(cfg: Config, weights_from: Path | None = None, log_dir: Path | None = None) -> Components:
+def build_components(
+    cfg: Config, weights_from: Path | None = None, log_dir: Path | None = None, *, checked: bool = False
+) -> Components:
     """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend).
 
     `rollout.backend: vllm-server` without `rollout.base_url` starts a vLLM server on loopback
     (`spo_agents.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
     run ends, also on Ctrl-C and crashes. Every named component is resolved before the model
-    loads (`preflight`)."""
+    loads (`preflight`), unless the caller did it already (`checked`)."""
     env_factory = make_env_factory(cfg)
-    preflight(cfg, env_factory)
+    if not checked:
+        preflight(cfg, env_factory)
     model, tokenizer = load_model(cfg, weights_from)
     backend = cfg.rollout.backend
     if backend == "hf":

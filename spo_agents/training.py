@@ -136,11 +136,19 @@ class Trainer:
     """Runs the loop of the module docstring on one asyncio event loop."""
 
     def __init__(
-        self, cfg: Config, run_dir: str | Path, components: Components | None = None, *, resume: bool = False
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        components: Components | None = None,
+        *,
+        resume: bool = False,
+        checked: bool = False,
     ) -> None:
+        """`checked`: `preflight` already ran for `cfg` (by `train`), so the setup skips it."""
         from spo_agents.checkpoint import CheckpointManager
 
         self.cfg = cfg
+        self._checked = checked
         self._bar: Any = None  # the progress bar while `run` shows one
         self.run_dir = Path(run_dir)
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.train.keep_checkpoints)
@@ -194,7 +202,7 @@ class Trainer:
         loaded = self.ckpt.load() if self.resume_from is not None else None
         if self._components is None:
             self._components = build_components(
-                cfg, weights_from=loaded.model_dir if loaded else None, log_dir=self.run_dir
+                cfg, weights_from=loaded.model_dir if loaded else None, log_dir=self.run_dir, checked=self._checked
             )
         elif loaded is not None:
             self.ckpt.load_model_weights(self._components.model, loaded)
@@ -767,7 +775,7 @@ def _train(
         save_config(cfg, run_dir / "config.yaml")
 
     async def main() -> TrainResult:
-        trainer = Trainer(cfg, run_dir, components, resume=resume)
+        trainer = Trainer(cfg, run_dir, components, resume=resume, checked=components is None and rank <= 0)
         try:
             return await trainer.run()
         finally:
