@@ -78,8 +78,8 @@ async def _drain(policy: Any) -> None:
 async def episode_round(
     policy: Any, env_factory: Any, problems: list[str], n: int, seed: int, args: argparse.Namespace
 ) -> dict:
-    from spo_agents.policy.base import SamplingParams
-    from spo_agents.rollout import Collector
+    from spo_agents.rollout.collector import Collector
+    from spo_agents.rollout.policy.base import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     collector = Collector(
@@ -117,7 +117,7 @@ async def episode_round(
 async def latency_run(
     policy: Any, prompt_long: list[int], prompts_short: list[list[int]], args: argparse.Namespace
 ) -> dict:
-    from spo_agents.policy.base import SamplingParams
+    from spo_agents.rollout.policy.base import SamplingParams
 
     saved = policy.eos_ids
     policy.eos_ids = [-1]  # no end-of-turn: every request runs its whole budget
@@ -159,10 +159,10 @@ async def main(args: argparse.Namespace) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spo_agents.components import make_env_factory
     from spo_agents.config import Config
     from spo_agents.models import resolve_model
-    from spo_agents.policy.hf import HFPolicy
+    from spo_agents.rollout.policy.hf import HFPolicy
+    from spo_agents.training.components import make_env_factory
 
     transformers.logging.set_verbosity_error()  # part 2's disabled end-of-turn id is reported as a warning
     torch.manual_seed(0)

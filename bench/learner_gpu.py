@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from spo_agents.learner import Learner, LearnerSettings
 from spo_agents.sharding import full_model_state, shard_model
+from spo_agents.training.learner import Learner, LearnerSettings
 from spo_agents.types import Trajectory
 
 QWEN3_06B = {

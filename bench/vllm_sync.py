@@ -13,7 +13,7 @@ median of each phase (SyncStats: save to /dev/shm, server-side pause/drain, load
 prefix-cache reset, total) and, after every sync, the largest |server - learner| log-prob on a
 64-token probe (`check_sync`), so a fast but wrong sync cannot pass unnoticed.
 
-`--train-steps N` instead runs `spo_agents.training.train` on the CPU default config
+`--train-steps N` instead runs `spo_agents.training.loop.train` on the CPU default config
 (`math-python`, the 135M model, `train.batch_size` from `--batch-size`) for N steps, once with
 `rollout.backend: hf` and once with `rollout.backend: vllm-server` + `weight_sync: reload`
 against a server started for it, and reports steps per minute over the loop's own clock
@@ -51,8 +51,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from spo_agents.models import resolve_model
-    from spo_agents.vllm_server import VLLMServer
-    from spo_agents.weight_sync import LoraSync, ReloadSync, check_sync
+    from spo_agents.serving.vllm_server import VLLMServer
+    from spo_agents.serving.weight_sync import LoraSync, ReloadSync, check_sync
 
     model_dir = resolve_model(args.model)
     learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -145,11 +145,11 @@ def main() -> int:
 def compare_training(args: argparse.Namespace) -> int:
     import json as _json
 
-    from spo_agents.components import build_components
     from spo_agents.config import load_config
-    from spo_agents.training import train
-    from spo_agents.vllm_server import VLLMServer
-    from spo_agents.weight_sync import WeightSync
+    from spo_agents.serving.vllm_server import VLLMServer
+    from spo_agents.serving.weight_sync import WeightSync
+    from spo_agents.training.components import build_components
+    from spo_agents.training.loop import train
 
     overrides = [
         f"model.name={args.model}",

@@ -16,9 +16,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
+
+from spo_agents.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -35,6 +37,25 @@ class SandboxLimits:
     max_file_size_mb: int | None = 64
     max_output_bytes: int = 64 * 1024  # kept per stream (stdout, stderr): head and tail, the middle is cut
     disk_mb: int | None = 256  # writable work dir (a size-limited tmpfs in the `local` backend)
+
+
+def merge_limits(
+    backend: str, limits: SandboxLimits | None, fields: dict[str, Any], options: Sequence[str]
+) -> SandboxLimits:
+    """`limits` (default `SandboxLimits()`) with the `SandboxLimits` fields in `fields` applied.
+
+    `fields` are a backend's keyword arguments that are not among its own `options`; a name that
+    is neither a limit nor an option is a `ConfigError` that lists both.
+    """
+    known = set(SandboxLimits.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        names = known | set(options)
+        raise ConfigError(
+            f"unknown option `{unknown[0]}` for the `{backend}` sandbox.{did_you_mean(unknown[0], names)} "
+            f"Known options: {', '.join(sorted(names))}."
+        )
+    return SandboxLimits(**{**asdict(limits or SandboxLimits()), **fields})
 
 
 @dataclass

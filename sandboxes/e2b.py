@@ -43,7 +43,7 @@ import time
 from typing import Any
 
 from spo_agents.errors import SandboxError
-from spo_agents.sandboxes.base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
+from spo_agents.sandboxes.base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession, merge_limits
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 NO_KEY_MESSAGE = (
@@ -165,8 +165,6 @@ class E2BBackend(SandboxBackend):
         sandbox_class: Any = None,
         **limit_fields: Any,
     ) -> None:
-        from spo_agents.sandboxes.docker.backend import _with_limit_fields
-
         options = (
             "template",
             "api_key",
@@ -177,7 +175,7 @@ class E2BBackend(SandboxBackend):
             "metadata",
             "sandbox_class",
         )
-        limits = _with_limit_fields("e2b", limits, limit_fields, options)
+        limits = merge_limits("e2b", limits, limit_fields, options)
         if sandbox_timeout_s <= 0 or request_timeout_s <= 0:
             raise SandboxError(
                 f"`sandbox_timeout_s` and `request_timeout_s` must be > 0, got {sandbox_timeout_s} and "

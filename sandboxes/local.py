@@ -71,7 +71,7 @@ from typing import Any
 from spo_agents.errors import ConfigError, SandboxError, did_you_mean
 
 from ._local_zygote import Exit, Zygote, ZygoteConfig, bwrap_works, python_default
-from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
+from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession, merge_limits
 
 logger = logging.getLogger(__name__)
 
@@ -646,25 +646,8 @@ class LocalBackend(SandboxBackend):
                 f"`isolation` of the `local` sandbox must be one of {', '.join(ISOLATION_LEVELS)}; "
                 f"got `{isolation}`.{did_you_mean(isolation, ISOLATION_LEVELS)}"
             )
-        known = set(SandboxLimits.__dataclass_fields__)
-        unknown = sorted(set(limit_fields) - known)
-        if unknown:
-            names = known | {
-                "python",
-                "isolation",
-                "stateless",
-                "preload",
-                "network_per_session",
-                "env",
-                "ro_binds",
-                "echo_last_expression",
-            }
-            raise ConfigError(
-                f"unknown option `{unknown[0]}` for the `local` sandbox.{did_you_mean(unknown[0], names)} "
-                f"Known options: {', '.join(sorted(names))}."
-            )
-        base = limits if limits is not None else SandboxLimits()
-        self.limits = SandboxLimits(**{**asdict(base), **limit_fields})
+        options = ("python", "isolation", "stateless", "preload", "network_per_session", "env", "ro_binds")
+        self.limits = merge_limits("local", limits, limit_fields, (*options, "echo_last_expression"))
         self.stateless = stateless
         self.echo_last_expression = bool(echo_last_expression)
         self.python = python or python_default()

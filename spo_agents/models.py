@@ -167,3 +167,8 @@ def resolve_model(name: str) -> str:
     if name == TINY:
         return str(tiny_model_dir())
     return name
+
+
+def is_peft(model: object) -> bool:
+    """True for a PEFT (LoRA) model: its pushes and checkpoints carry only the adapter."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")

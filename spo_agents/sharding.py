@@ -12,13 +12,13 @@ master copy and the mixed precision without any sharding). What that gives:
   the weights themselves are bf16 (8 bits of mantissa).
 - **The same update as one process.** Gradients are *summed* across ranks (divide factor 1):
   the learner already divides each rank's loss by the whole mini-batch's token count
-  (`spo_agents.learner`), as the data-parallel path does. tests/test_distributed.py checks the
+  (`spo_agents.training.learner`), as the data-parallel path does. tests/test_distributed.py checks the
   2-process update against the 1-process one.
 
 Every forward of a sharded model is a collective: all ranks must run the same number of
 forwards in the same order. The learner pads its per-rank micro-batch lists to the same length
 (`Learner._passes`), and the trainer has the other ranks join every gather of the full weights
-(checkpoints, weight pushes) by broadcasting what to do next (`spo_agents.training`).
+(checkpoints, weight pushes) by broadcasting what to do next (`spo_agents.training.loop`).
 
 Full state dicts (`full_model_state`, `full_optimizer_state`) are gathered on rank 0 into CPU
 memory; other ranks get empty dicts. Checkpoints hold the fp32 master weights, and a weight push
@@ -66,7 +66,7 @@ def shard_model(model: Any, *, compute_dtype: str, device_type: str) -> Any:
 
     if not dist.is_initialized():
         raise ConfigError(
-            "`train.sharding: fsdp` needs a process group; start training through `spo_agents.training.train`"
+            "`train.sharding: fsdp` needs a process group; start training through `spo_agents.training.loop.train`"
         )
     low = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
     if low:

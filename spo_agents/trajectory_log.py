@@ -58,8 +58,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spo_agents.checkpoint import write_text_atomic
 from spo_agents.errors import ConfigError, TrajectoryError
+from spo_agents.files import write_text_atomic
 
 SCHEMA_VERSION = 1
 LOG_DIR = "trajectories"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from spo_agents.advantages import (
+from spo_agents.algorithm.advantages import (
     compute_advantages,
     degenerate_share,
     grpo_advantages,

@@ -8,9 +8,17 @@ import json
 import pytest
 import torch
 
-from spo_agents.checkpoint import CheckpointManager, rng_state, set_rng_state, write_text_atomic
 from spo_agents.errors import CheckpointError
-from spo_agents.metrics import METRICS, MetricsWriter, markdown_table, read_metrics, truncate_after, undocumented
+from spo_agents.files import write_text_atomic
+from spo_agents.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from spo_agents.training.metrics import (
+    METRICS,
+    MetricsWriter,
+    markdown_table,
+    read_metrics,
+    truncate_after,
+    undocumented,
+)
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:
@@ -131,7 +139,7 @@ def test_a_full_disk_names_the_checkpoint_and_the_room_it_needs(tmp_path, monkey
 
 def test_a_fixed_run_name_restarts_cleanly_after_a_kill_before_the_first_checkpoint(tmp_path, capsys):
     from spo_agents.config import load_config
-    from spo_agents.training import new_run_dir
+    from spo_agents.training.loop import new_run_dir
 
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=fixed"])
     run = new_run_dir(cfg)

@@ -2,7 +2,7 @@
 
 Every rank receives the whole batch; the learner trains each rank on its share of every
 mini-batch with the global token normaliser and sums gradients across ranks before clipping
-(`spo_agents.learner`), whether each rank holds the whole model (`train.sharding: none`) or
+(`spo_agents.training.learner`), whether each rank holds the whole model (`train.sharding: none`) or
 an FSDP2 shard of it (`fsdp`, `spo_agents.sharding`). This file is also the worker: `torchrun
 --nproc_per_node 2 tests/test_distributed.py OUT_DIR` writes rank 0's updated parameters and
 gradient to OUT_DIR.
@@ -113,9 +113,9 @@ def run_update(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spo_agents.learner import Learner, LearnerSettings
     from spo_agents.models import tiny_model_dir
     from spo_agents.sharding import full_model_state, shard_model
+    from spo_agents.training.learner import Learner, LearnerSettings
 
     sharded = sharding == "fsdp"
     model = AutoModelForCausalLM.from_pretrained(
@@ -237,7 +237,7 @@ def test_one_process_sharded_training_generates_in_place_and_resumes(tmp_path):
 
     from spo_agents.config import Config, from_dict, to_dict
     from spo_agents.sharding import is_sharded
-    from spo_agents.training import train
+    from spo_agents.training.loop import train
 
     cfg = T.tiny_config(
         tmp_path, model={"dtype": "bfloat16"}, train={"steps": 2, "mini_batches": 2, "sharding": "fsdp"}
@@ -277,9 +277,9 @@ def test_load_model_for_sharding_keeps_fp32_weights_on_the_cpu():
     the compute dtype) and leaves them on the CPU for `shard_model` to place."""
     import torch
 
-    from spo_agents.components import load_model
     from spo_agents.config import Config, from_dict
     from spo_agents.models import tiny_model_dir
+    from spo_agents.training.components import load_model
 
     data = {"model": {"name": str(tiny_model_dir()), "dtype": "bfloat16", "device": "cpu"}}
     plain, _ = load_model(from_dict(Config, data))
@@ -293,8 +293,8 @@ def test_sharding_refuses_what_it_cannot_do():
     import torch
 
     from spo_agents.errors import ConfigError
-    from spo_agents.learner import Learner, LearnerSettings
     from spo_agents.sharding import shard_model
+    from spo_agents.training.learner import Learner, LearnerSettings
 
     with pytest.raises(ConfigError, match="needs a process group"):
         shard_model(torch.nn.Linear(2, 2), compute_dtype="bfloat16", device_type="cpu")
@@ -322,7 +322,7 @@ def test_sharding_on_several_processes_refuses_the_in_place_policy(tmp_path):
     import test_training as T
 
     from spo_agents.errors import ConfigError
-    from spo_agents.training import Trainer
+    from spo_agents.training.loop import Trainer
 
     t = Trainer(T.tiny_config(tmp_path, train={"sharding": "fsdp"}), tmp_path / "run", T.tiny_components())
     t.rank, t.world = 0, 2  # as rank 0 of two would see it
@@ -339,10 +339,9 @@ def test_sharding_with_lora_or_gradient_checkpointing(tmp_path, variant):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from spo_agents.learner import Learner, LearnerSettings
-    from spo_agents.models import tiny_model_dir
+    from spo_agents.models import is_peft, tiny_model_dir
     from spo_agents.sharding import GatheredModel, full_model_state, shard_model
-    from spo_agents.weight_sync import _is_peft
+    from spo_agents.training.learner import Learner, LearnerSettings
 
     trajs, adv = make_batch()
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
@@ -369,7 +368,7 @@ def test_sharding_with_lora_or_gradient_checkpointing(tmp_path, variant):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and set(state) == trainable and all("lora_" in n for n in state)
         gathered = GatheredModel(model, state)
-        assert _is_peft(gathered)
+        assert is_peft(gathered)
         gathered.save_pretrained(tmp_path / "adapter")
         saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
         assert len(saved) == len(state)
@@ -405,9 +404,9 @@ def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool
     sys.path.insert(0, str(Path(__file__).parent))
     import test_training as T
 
-    from spo_agents.policy.hf import HFPolicy
+    from spo_agents.rollout.policy.hf import HFPolicy
     from spo_agents.sharding import full_model_state
-    from spo_agents.training import train
+    from spo_agents.training.loop import train
 
     cfg = T.tiny_config(
         out_dir,
@@ -444,7 +443,7 @@ def test_two_process_training_loop_keeps_ranks_in_sync(tmp_path, drift):
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["step"] == r1["step"] == 2
     assert torch.equal(r0["weights"], r1["weights"])
-    from spo_agents.metrics import read_metrics
+    from spo_agents.training.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000002"
@@ -458,7 +457,7 @@ def test_two_process_sharded_loop_pushes_checkpoints_and_resumes(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from spo_agents.metrics import read_metrics
+    from spo_agents.training.metrics import read_metrics
 
     proc = torchrun([str(tmp_path)], {"SPO_DIST_MODE": "loop", "SPO_SHARDING": "fsdp"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from say_env import SayEnv
-from spo_agents.evaluation import TRANSCRIPTS, evaluate
-from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
-from spo_agents.policy import make_policy
-from spo_agents.policy.base import SamplingParams
+from spo_agents.algorithm.passk import ks_up_to, majority_correct, pass_at_k
+from spo_agents.evaluation.runner import TRANSCRIPTS, evaluate
+from spo_agents.rollout.policy import make_policy
+from spo_agents.rollout.policy.base import SamplingParams
 from spo_agents.types import read_jsonl
 
 
@@ -97,7 +97,7 @@ def test_majority_is_invariant_under_any_permutation_of_the_samples(samples, rng
 
 
 def test_a_truncated_episode_does_not_vote():
-    from spo_agents.evaluation import compute_report
+    from spo_agents.evaluation.runner import compute_report
     from spo_agents.types import Trajectory
 
     def sample(answer: str, correct: bool, truncated: bool = False) -> Trajectory:
@@ -290,7 +290,7 @@ def test_resume_refuses_another_problem_set_and_allows_a_moved_server(tmp_path, 
 
 
 def test_a_complete_last_line_without_its_newline_is_kept(tmp_path):
-    from spo_agents.evaluation import _repair_torn_tail
+    from spo_agents.evaluation.runner import _repair_torn_tail
 
     path = tmp_path / "t.jsonl"
     path.write_text('{"a": 1}\n{"b": 2}')  # the newline of a complete record was not written

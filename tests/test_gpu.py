@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_distributed as D
 import test_training as T
 
-from spo_agents.training import train
+from spo_agents.training.loop import train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,9 +72,9 @@ def test_sharded_fp32_update_equals_whole_model_update_on_one_gpu(tmp_path):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from spo_agents.learner import Learner, LearnerSettings
     from spo_agents.models import tiny_model_dir
     from spo_agents.sharding import full_model_state, shard_model
+    from spo_agents.training.learner import Learner, LearnerSettings
 
     trajs, adv = D.make_batch()
     out = {}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spo_agents.errors import RolloutError
-from spo_agents.health import HealthLimits, StepHealth
+from spo_agents.training.health import HealthLimits, StepHealth
 
 ADV = np.array([0.5, -0.5])
 R = np.array([1.0, 0.0])

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from spo_agents.learner import Learner, LearnerSettings, micro_batches, pack, token_logprobs
+from spo_agents.training.learner import Learner, LearnerSettings, micro_batches, pack, token_logprobs
 from spo_agents.types import Trajectory
 
 PAD = 2
@@ -213,7 +213,7 @@ def test_per_prompt_drift_counts_every_update_since_the_policy_acted(base_model,
 
 
 def test_mini_batches_mix_finish_order_and_are_reproducible():
-    from spo_agents.learner import mini_batch_order
+    from spo_agents.training.learner import mini_batch_order
 
     # finish order: shortest responses first, as the collector delivers them
     trajs = [make_traj(f"p{i}", [1, 2], list(range(3, 4 + i))) for i in range(16)]

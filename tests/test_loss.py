@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spo_agents.algorithm.loss import policy_loss
 from spo_agents.errors import ConfigError
-from spo_agents.loss import policy_loss
 
 
 def ref_token(logp, old, a, eps_low=0.2, eps_high=0.28, c=10.0, ref=None, kl_coef=0.0, ent=0.0, ent_coef=0.0):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from spo_agents.cli import build_parser
-from spo_agents.metrics import markdown_table
+from spo_agents.training.metrics import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

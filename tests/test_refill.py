@@ -16,8 +16,8 @@ import pytest
 from test_training import FirstTokenEnv, tiny_config
 
 from spo_agents.errors import PolicyError
-from spo_agents.policy.base import Generation, PolicyBackend
-from spo_agents.training import Components, Trainer
+from spo_agents.rollout.policy.base import Generation, PolicyBackend
+from spo_agents.training.loop import Components, Trainer
 
 
 class RandomPolicy(PolicyBackend):

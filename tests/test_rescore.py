@@ -11,8 +11,8 @@ from spo_agents import envs
 from spo_agents.cli import main
 from spo_agents.envs.answers import AnswerChecker, CheckResult
 from spo_agents.errors import ConfigError
-from spo_agents.evaluation import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
-from spo_agents.rescore import completion_segments, rescore_eval_dir, rescore_path
+from spo_agents.evaluation.rescore import completion_segments, rescore_eval_dir, rescore_path
+from spo_agents.evaluation.runner import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
 from spo_agents.trajectory_log import TrajectoryLog
 from spo_agents.types import ToolCall, Trajectory, write_jsonl
 

@@ -8,9 +8,9 @@ import pytest
 
 from say_env import FailingSandboxEnv, SayEnv
 from spo_agents.errors import PolicyError
-from spo_agents.policy import make_policy
-from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
-from spo_agents.rollout import Collector, run_episode
+from spo_agents.rollout.collector import Collector, run_episode
+from spo_agents.rollout.policy import make_policy
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams
 
 FAST = SamplingParams(max_new_tokens=8)
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spo_agents.algorithm.sampler import PrioritizedSampler, SamplingError, UniformSampler, make_sampler
 from spo_agents.config import SamplerConfig
 from spo_agents.errors import CheckpointError
-from spo_agents.sampler import PrioritizedSampler, SamplingError, UniformSampler, make_sampler
 
 V = np.array([0.5, 0.0, 0.9, 0.2, 1.0])
 

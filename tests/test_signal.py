@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_training import FirstTokenEnv, tiny_components, tiny_config
 
-from spo_agents.training import train
+from spo_agents.training.loop import train
 
 
 class FlippedEnv(FirstTokenEnv):

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spo_agents.algorithm.tracker import UnknownProblemError, ValueTracker
 from spo_agents.config import TrackerConfig
 from spo_agents.errors import CheckpointError, ConfigError, SPOError
-from spo_agents.tracker import UnknownProblemError, ValueTracker
 
 IDS = [f"prob-{i}" for i in range(8)]
 FAST = settings(max_examples=60, deadline=None)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from spo_agents.config import Config, from_dict, load_config, to_dict
-from spo_agents.metrics import read_metrics, undocumented
-from spo_agents.training import Components, Trainer, train
+from spo_agents.training.loop import Components, Trainer, train
+from spo_agents.training.metrics import read_metrics, undocumented
 
 HERE = Path(__file__).parent
 
@@ -53,7 +53,7 @@ def tiny_components(seed: int = 0) -> Components:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spo_agents.models import tiny_model_dir
-    from spo_agents.policy.hf import HFPolicy
+    from spo_agents.rollout.policy.hf import HFPolicy
 
     torch.manual_seed(seed)
     path = tiny_model_dir()
@@ -173,7 +173,7 @@ def test_resume_continues_to_the_requested_step_without_duplicate_metrics(tmp_pa
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     # the resume's override is kept for the next resume, and the checkpoint records the config
     assert load_config(run / "config.yaml").train.steps == 3
-    from spo_agents.checkpoint import CheckpointManager
+    from spo_agents.training.checkpoint import CheckpointManager
 
     assert CheckpointManager(run, keep=2).load().state["config"]["train"]["steps"] == 3
 
@@ -183,7 +183,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import test_training as T
 from spo_agents.config import load_config
-from spo_agents.training import train
+from spo_agents.training.loop import train
 
 class SlowEnv(T.FirstTokenEnv):
     def step(self, text):
@@ -198,8 +198,8 @@ train(cfg, run_dir={run!r}, components=comp)
 
 
 def test_sigkill_then_resume_continues_from_the_last_checkpoint_with_the_tracker_intact(tmp_path):
-    from spo_agents.checkpoint import CheckpointManager
     from spo_agents.config import save_config
+    from spo_agents.training.checkpoint import CheckpointManager
 
     cfg = tiny_config(tmp_path, train={"steps": 1000})
     run = tmp_path / "run"
@@ -341,7 +341,7 @@ def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monk
     comp.weight_sync = FakeSync(events)
     comp.inplace = False
     cfg = tiny_config(tmp_path, train={"steps": 2, "checkpoint_every": 0})
-    from spo_agents.learner import Learner
+    from spo_agents.training.learner import Learner
 
     real_update = Learner.update
 
@@ -367,7 +367,7 @@ def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monk
 
 
 async def test_in_process_vllm_push_order():
-    from spo_agents.components import VLLMInProcessSync
+    from spo_agents.training.components import VLLMInProcessSync
 
     events = []
 
@@ -473,9 +473,9 @@ def test_cli_estimate_values_then_train_from_them_then_plot(tmp_path, first_toke
 
 
 def test_offline_values_initialise_the_tracker_with_actual_counts(tmp_path):
+    from spo_agents.algorithm.tracker import ValueTracker
     from spo_agents.config import TrackerConfig
-    from spo_agents.tracker import ValueTracker
-    from spo_agents.values import init_tracker, write_values
+    from spo_agents.training.values import init_tracker, write_values
 
     path = tmp_path / "v.json"
     write_values(path, {"a": (3, 4), "b": (0, 2), "zzz": (1, 1)}, {"env": "x"})
@@ -498,10 +498,10 @@ class HalfCreditEnv(FirstTokenEnv):
 def test_offline_values_sum_the_reward_training_folds_in(tmp_path):
     import asyncio
 
+    from spo_agents.algorithm.tracker import ValueTracker
     from spo_agents.config import TrackerConfig
-    from spo_agents.policy.base import SamplingParams
-    from spo_agents.tracker import ValueTracker
-    from spo_agents.values import estimate, init_tracker, write_values
+    from spo_agents.rollout.policy.base import SamplingParams
+    from spo_agents.training.values import estimate, init_tracker, write_values
 
     comp = tiny_components()
     counts = asyncio.run(
@@ -526,7 +526,7 @@ def test_offline_values_sum_the_reward_training_folds_in(tmp_path):
 
 def test_a_bad_values_file_says_how_to_make_one(tmp_path):
     from spo_agents.errors import ConfigError
-    from spo_agents.values import read_values
+    from spo_agents.training.values import read_values
 
     p = tmp_path / "v.json"
     p.write_text('{"problems": {}}')
@@ -562,9 +562,9 @@ def test_a_resumed_server_run_pushes_the_checkpoint_weights_before_any_rollout(t
 
 
 def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the_run(tmp_path, monkeypatch):
-    import spo_agents.vllm_server as vs
-    import spo_agents.weight_sync as ws
-    from spo_agents.components import build_components
+    import spo_agents.serving.vllm_server as vs
+    import spo_agents.serving.weight_sync as ws
+    from spo_agents.training.components import build_components
 
     calls: list = []
 
@@ -639,7 +639,7 @@ def _one_step_capturing_the_update(tmp_path, **sections):
 
 
 def test_a_step_uses_the_value_before_the_update_and_updates_the_tracker_after(tmp_path):
-    from spo_agents.advantages import compute_advantages
+    from spo_agents.algorithm.advantages import compute_advantages
 
     t, seen, alpha0, beta0, row = _one_step_capturing_the_update(tmp_path, train={"steps": 1, "checkpoint_every": 0})
     batch = seen["batch"]
@@ -658,7 +658,7 @@ def test_a_step_uses_the_value_before_the_update_and_updates_the_tracker_after(t
 
 
 def test_grpo_delivers_whole_groups_with_group_advantages_and_the_degenerate_share(tmp_path):
-    from spo_agents.advantages import degenerate_share, grpo_advantages
+    from spo_agents.algorithm.advantages import degenerate_share, grpo_advantages
 
     t, seen, *_, row = _one_step_capturing_the_update(
         tmp_path,
@@ -681,8 +681,8 @@ def test_grpo_delivers_whole_groups_with_group_advantages_and_the_degenerate_sha
 
 
 def test_sandbox_limits_in_options_reach_the_training_envs_sessions():
-    from spo_agents.components import make_env_factory
     from spo_agents.config import load_config
+    from spo_agents.training.components import make_env_factory
 
     cfg = load_config(overrides=["sandbox.options={max_output_bytes: 200}", "sandbox.timeout_s=7"])
     env = make_env_factory(cfg)("train")
@@ -737,7 +737,7 @@ def test_compare_drift_logs_both_estimates_on_revisited_problems(tmp_path):
 
 
 def test_a_misspelt_sandbox_backend_fails_before_the_model_loads(tmp_path, monkeypatch):
-    import spo_agents.components as components
+    import spo_agents.training.components as components
     from spo_agents.errors import SandboxNotFound
 
     def no_model(*a, **k):

@@ -1,4 +1,4 @@
-"""Server lifecycle of `spo_agents.vllm_server` against a stand-in server.
+"""Server lifecycle of `spo_agents.serving.vllm_server` against a stand-in server.
 
 The stand-in is a module named like vLLM's server (`vllm.entrypoints.openai.api_server`),
 written to a temp dir and put on the child's PYTHONPATH: it parses the same flags, answers
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from spo_agents.errors import ConfigError, PolicyError
-from spo_agents.vllm_server import VLLMServer, connect, free_port, group_pids, root_url
+from spo_agents.serving.vllm_server import VLLMServer, connect, free_port, group_pids, root_url
 
 FAKE_SERVER = textwrap.dedent(
     """
@@ -235,7 +235,7 @@ DRIVER = textwrap.dedent(
     import signal, sys, time
     # as in a terminal, even when this test runs as a background job (which inherits SIGINT ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from spo_agents.vllm_server import VLLMServer
+    from spo_agents.serving.vllm_server import VLLMServer
     server = VLLMServer("/models/fake", python=sys.executable, log_dir=sys.argv[1], env={"PYTHONPATH": sys.argv[2]})
     how = sys.argv[3]
     if how == "atexit":

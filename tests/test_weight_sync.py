@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from spo_agents.errors import ConfigError, PolicyError
-from spo_agents.weight_sync import (
+from spo_agents.serving.weight_sync import (
     LoraSync,
     NcclSync,
     ReloadSync,

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from spo_agents.advantages import compute_advantages
-from spo_agents.evaluation import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
-from spo_agents.sampler import PrioritizedSampler
-from spo_agents.tracker import ValueTracker
+from spo_agents.algorithm.advantages import compute_advantages
+from spo_agents.algorithm.sampler import PrioritizedSampler
+from spo_agents.algorithm.tracker import ValueTracker
+from spo_agents.evaluation.runner import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
 from spo_agents.trajectory_log import TrajectoryLog
 from spo_agents.types import ToolCall, Trajectory, write_jsonl
 

@@ -64,8 +64,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spo_agents.errors import ConfigError, SandboxError, did_you_mean
-from spo_agents.sandboxes.base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession
+from spo_agents.errors import SandboxError
+from spo_agents.sandboxes.base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession, merge_limits
 
 DEFAULT_IMAGE = "spo-agents-sandbox:latest"
 LABEL = "spo-agents.sandbox"
@@ -112,21 +112,6 @@ _OPTIONS = (
     "start_timeout_s",
     "max_workers",
 )
-
-
-def _with_limit_fields(
-    backend: str, limits: SandboxLimits | None, fields: dict[str, Any], options: tuple[str, ...]
-) -> SandboxLimits:
-    """`limits` with `SandboxLimits` fields given as options applied; unknown options are errors."""
-    known = set(SandboxLimits.__dataclass_fields__)
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        names = known | set(options)
-        raise ConfigError(
-            f"unknown option `{unknown[0]}` for the `{backend}` sandbox.{did_you_mean(unknown[0], names)} "
-            f"Known options: {', '.join(sorted(names))}."
-        )
-    return SandboxLimits(**{**asdict(limits or SandboxLimits()), **fields})
 
 
 def driver_source() -> str:
@@ -280,7 +265,7 @@ class DockerBackend(SandboxBackend):
         max_workers: int = 128,
         **limit_fields: Any,
     ) -> None:
-        limits = _with_limit_fields("docker", limits, limit_fields, _OPTIONS)
+        limits = merge_limits("docker", limits, limit_fields, _OPTIONS)
         if pool_size < 0:
             raise SandboxError(f"`pool_size` must be >= 0, got {pool_size}; use 0 to start every container on demand")
         self.image, self.pool_size, self.limits = image, int(pool_size), limits or SandboxLimits()

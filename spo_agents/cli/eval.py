@@ -215,7 +215,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _fingerprint(env, problem_ids: list[str]) -> str:
     """The problems' fingerprint (ids and prompts) of a `MultiTurnEnv`; ids alone for other envs."""
     from spo_agents.envs.base import MultiTurnEnv
-    from spo_agents.evaluation import problems_fingerprint
+    from spo_agents.evaluation.runner import problems_fingerprint
     from spo_agents.types import Problem
 
     if isinstance(env, MultiTurnEnv):
@@ -229,9 +229,9 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
     import asyncio
 
     from spo_agents.errors import ConfigError
-    from spo_agents.evaluation import TRANSCRIPTS, evaluate
-    from spo_agents.policy import make_policy
-    from spo_agents.policy.base import SamplingParams
+    from spo_agents.evaluation.runner import TRANSCRIPTS, evaluate
+    from spo_agents.rollout.policy import make_policy
+    from spo_agents.rollout.policy.base import SamplingParams
 
     transcripts = out / TRANSCRIPTS
     if not args.resume and transcripts.is_file() and transcripts.stat().st_size:

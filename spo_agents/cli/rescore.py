@@ -3,7 +3,7 @@
     spo-agent rescore runs/eval/run1                  # an eval dir: writes results.rescored.json
     spo-agent rescore runs/math-python-v0-spo-...     # a run: training trajectories and eval dirs
 
-Nothing is regenerated and nothing is overwritten (`spo_agents.rescore`).
+Nothing is regenerated and nothing is overwritten (`spo_agents.evaluation.rescore`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _rescore(args: argparse.Namespace) -> int:
     from spo_agents.config import apply_overrides
-    from spo_agents.rescore import rescore_path
+    from spo_agents.evaluation.rescore import rescore_path
 
     kwargs = apply_overrides({}, args.env_arg)
     reports = rescore_path(args.path, env_id=args.env, env_kwargs=kwargs, split=args.split)

@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     import logging
 
     from spo_agents.errors import ConfigError
-    from spo_agents.training import load_run_config, train
+    from spo_agents.training.loop import load_run_config, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.resume:
@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _estimate_values(args: argparse.Namespace) -> int:
-    from spo_agents.values import estimate_values
+    from spo_agents.training.values import estimate_values
 
     cfg = _config(args)
     counts = estimate_values(cfg, n=args.n, out=args.out, limit=args.limit)
@@ -154,7 +154,7 @@ def _estimate_values(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from spo_agents.plot import plot_run
+    from spo_agents.training.plot import plot_run
 
     for path in plot_run(args.run_dir, args.out):
         print(path)

@@ -1,8 +1,8 @@
 """What the viewer reads: run dirs and eval dirs, cached by file modification time.
 
-A run dir (`spo_agents.checkpoint`) gives the metrics rows, the latest checkpoint's tracker, the
+A run dir (`spo_agents.training.checkpoint`) gives the metrics rows, the latest checkpoint's tracker, the
 trajectory log (`spo_agents.trajectory_log`) and its eval dirs; an eval dir
-(`spo_agents.evaluation`) gives its report and transcripts. Every reader tolerates files that a
+(`spo_agents.evaluation.runner`) gives its report and transcripts. Every reader tolerates files that a
 running trainer or evaluation is writing: torn last lines are skipped, vanished files are empty.
 """
 
@@ -76,7 +76,7 @@ def answer_key(answer: Any) -> Any:
 
 def clusters_of(answers: list[Any], correct: list[bool], sample_ids: list[int]) -> list[Cluster]:
     """Answer clusters, most votes first (`None` answers do not vote)."""
-    from spo_agents.passk import cluster_answers
+    from spo_agents.algorithm.passk import cluster_answers
 
     keys = [answer_key(a) if a is not None else None for a in answers]
     groups = cluster_answers(keys, lambda a, b: a == b)
@@ -93,7 +93,7 @@ class EvalDir:
         self._cache = _Cache()
 
     def _files(self) -> tuple[Path, Path, Path]:
-        from spo_agents.evaluation import RESULTS, SETTINGS, TRANSCRIPTS
+        from spo_agents.evaluation.runner import RESULTS, SETTINGS, TRANSCRIPTS
 
         return self.path / TRANSCRIPTS, self.path / RESULTS, self.path / SETTINGS
 
@@ -122,7 +122,7 @@ class EvalDir:
             saved = _json_file(results)
             if saved is not None:
                 return saved
-            from spo_agents.evaluation import compute_report
+            from spo_agents.evaluation.runner import compute_report
 
             samples = self.samples()
             ids = list(dict.fromkeys(pid for pid, _ in samples))
@@ -182,7 +182,7 @@ class TrackerView:
 
 
 class RunDir:
-    """A training run dir (`spo_agents.checkpoint` layout)."""
+    """A training run dir (`spo_agents.training.checkpoint` layout)."""
 
     def __init__(self, path: Path) -> None:
         from spo_agents.trajectory_log import TrajectoryLogReader
@@ -198,7 +198,7 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def metrics(self) -> list[dict[str, Any]]:
-        from spo_agents.metrics import read_metrics
+        from spo_agents.training.metrics import read_metrics
 
         return self._cache.get("metrics", [self.metrics_path], lambda: read_metrics(self.metrics_path))
 
@@ -221,7 +221,7 @@ class RunDir:
         return stamp[1] >= 0 and time.time() - stamp[0] / 1e9 < LIVE_SECONDS
 
     def eval_names(self) -> list[str]:
-        from spo_agents.evaluation import TRANSCRIPTS
+        from spo_agents.evaluation.runner import TRANSCRIPTS
 
         root = self.path / "eval"
         if not root.is_dir():
@@ -237,7 +237,7 @@ class RunDir:
 
     # -- tracker ---------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
-        from spo_agents.checkpoint import CheckpointManager
+        from spo_agents.training.checkpoint import CheckpointManager
 
         return CheckpointManager(self.path).latest()
 
@@ -301,7 +301,7 @@ class RunDir:
 
     def _names(self, hashes: np.ndarray) -> list[str | None]:
         """Problem id of each tracker row, from the log's problem list and visited ids."""
-        from spo_agents.tracker import hash_ids
+        from spo_agents.algorithm.tracker import hash_ids
 
         known = list(dict.fromkeys((self.log.problem_ids() or []) + list(self.visit_summary())))
         if not known:
@@ -334,9 +334,9 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 
 def sampling_probs(sampler_cfg: dict[str, Any], v_hat: np.ndarray, n_eff: np.ndarray) -> tuple[np.ndarray | None, str]:
     """Probability that the next single draw picks each problem, from the run's sampler settings
-    (`spo_agents.sampler`); batches draw without replacement, so a batch of B includes a problem
+    (`spo_agents.algorithm.sampler`); batches draw without replacement, so a batch of B includes a problem
     with probability up to about B times this."""
-    from spo_agents import sampler as sampling
+    from spo_agents.algorithm import sampler as sampling
 
     n = v_hat.size
     if n == 0:
@@ -359,7 +359,7 @@ def sampling_probs(sampler_cfg: dict[str, Any], v_hat: np.ndarray, n_eff: np.nda
 # --------------------------------------------------------------------------------------------
 def open_target(path: str | Path) -> RunDir | EvalDir:
     """A run dir (`config.yaml` or `metrics.jsonl`) or an eval dir (`transcripts.jsonl`)."""
-    from spo_agents.evaluation import TRANSCRIPTS
+    from spo_agents.evaluation.runner import TRANSCRIPTS
 
     p = Path(path)
     if not p.is_dir():

@@ -784,7 +784,7 @@ def eval_problem_page(layout: Layout, base: str, ev: EvalDir, problem_id: str, t
 def eval_sample_page(
     layout: Layout, base: str, ev: EvalDir, problem_id: str, index: int, target: int, tab: str
 ) -> str | None:
-    from spo_agents.rescore import completion_segments
+    from spo_agents.evaluation.rescore import completion_segments
 
     t = ev.samples().get((problem_id, index))
     if t is None:

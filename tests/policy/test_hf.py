@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from spo_agents.errors import ConfigError, PolicyError
-from spo_agents.policy import make_policy
-from spo_agents.policy.base import SamplingParams
-from spo_agents.policy.hf import HFPolicy
+from spo_agents.rollout.policy import make_policy
+from spo_agents.rollout.policy.base import SamplingParams
+from spo_agents.rollout.policy.hf import HFPolicy
 
 
 @pytest.fixture(scope="module", params=["continuous", "static"])
@@ -90,7 +90,7 @@ async def test_length_and_eos_finish_reasons(policy):
 
 
 def test_eos_ends_the_continuation_and_is_kept(policy):
-    from spo_agents.policy.stopping import find_stop
+    from spo_agents.rollout.policy.stopping import find_stop
 
     eos = policy.eos_ids[0]
     ids = policy.tokenizer.encode("ab", add_special_tokens=False) + [eos, 42]

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from spo_agents.errors import PolicyError
-from spo_agents.learner import pack, token_logprobs
-from spo_agents.policy import make_policy
-from spo_agents.policy.base import SamplingParams
-from spo_agents.policy.hf import HFPolicy
+from spo_agents.rollout.policy import make_policy
+from spo_agents.rollout.policy.base import SamplingParams
+from spo_agents.rollout.policy.hf import HFPolicy
+from spo_agents.training.learner import pack, token_logprobs
 from spo_agents.types import Trajectory
 
 
@@ -298,7 +298,7 @@ async def test_logprobs_equal_the_learners_scoring(base):
 
 async def test_a_multi_turn_episode_scores_the_same_in_the_learner(base):
     from say_env import SayEnv
-    from spo_agents.rollout import run_episode
+    from spo_agents.rollout.collector import run_episode
 
     policy = HFPolicy(model=base.model, tokenizer=base.tokenizer, scheduler="continuous")
     try:
@@ -445,7 +445,7 @@ async def test_nothing_cached_before_a_pause_is_reused_after_it(base):
 
 
 def test_the_prefix_cache_keeps_the_longest_match_within_its_budget():
-    from spo_agents.policy.hf import _Prefix, _PrefixCache
+    from spo_agents.rollout.policy.hf import _Prefix, _PrefixCache
 
     def entry(tokens, epoch=0):
         kv = [torch.zeros(1, len(tokens), 2)]
@@ -504,7 +504,7 @@ async def test_close_fails_the_requests_in_flight(base):
 
 # ------------------------------------------------------------------------------------- sampler
 def test_the_inverse_cdf_draw_picks_the_first_token_whose_cumulative_mass_exceeds_u():
-    from spo_agents.policy.hf import _inverse_cdf
+    from spo_agents.rollout.policy.hf import _inverse_cdf
 
     probs = torch.zeros(2, 1000)
     probs[0, [3, 300, 301, 999]] = torch.tensor([0.5, 0.25, 0.125, 0.125])

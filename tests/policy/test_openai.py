@@ -17,8 +17,8 @@ import pytest
 
 from spo_agents.errors import PolicyError
 from spo_agents.models import tiny_model_dir
-from spo_agents.policy import make_policy
-from spo_agents.policy.base import SamplingParams
+from spo_agents.rollout.policy import make_policy
+from spo_agents.rollout.policy.base import SamplingParams
 
 
 class Script:
@@ -270,8 +270,8 @@ async def test_a_generation_carries_the_version_it_was_sent_under_and_pause_drai
     """A weight push between request and response must not relabel the generation."""
     import asyncio
 
-    from spo_agents.policy.base import Generation, SamplingParams
-    from spo_agents.policy.openai import OpenAIPolicy
+    from spo_agents.rollout.policy.base import Generation, SamplingParams
+    from spo_agents.rollout.policy.openai import OpenAIPolicy
 
     policy = OpenAIPolicy("http://127.0.0.1:9/v1", "m", tokenizer=_tokenizer(), mode="tokens")
     release = asyncio.Event()
@@ -437,7 +437,7 @@ async def test_a_server_that_accepts_but_never_answers_fails_the_probe_quickly_w
 def test_retry_after_parsing():
     from types import SimpleNamespace
 
-    from spo_agents.policy.openai import _retry_after
+    from spo_agents.rollout.policy.openai import _retry_after
 
     def r(**h):
         return SimpleNamespace(headers=h)

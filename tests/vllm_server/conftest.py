@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spo_agents.vllm_server import default_python
+from spo_agents.serving.vllm_server import default_python
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from spo_agents.vllm_server import VLLMServer, default_python
-from spo_agents.weight_sync import NcclSync, check_sync
+from spo_agents.serving.vllm_server import VLLMServer, default_python
+from spo_agents.serving.weight_sync import NcclSync, check_sync
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 torch = pytest.importorskip("torch")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from spo_agents.vllm_server import VLLMServer, group_pids
-from spo_agents.weight_sync import (
+from spo_agents.serving.vllm_server import VLLMServer, group_pids
+from spo_agents.serving.weight_sync import (
     LoraSync,
     ReloadSync,
     VersionGate,
@@ -295,7 +295,7 @@ async def test_no_generation_is_attributed_to_the_wrong_version(server, learner,
 DRIVER = textwrap.dedent(
     """
     import sys, time
-    from spo_agents.vllm_server import VLLMServer
+    from spo_agents.serving.vllm_server import VLLMServer
     server = VLLMServer(sys.argv[1], python=sys.argv[2], kv_cache_bytes=1 << 29, max_model_len=512,
                         log_dir=sys.argv[3], startup_timeout_s=600)
     with server:

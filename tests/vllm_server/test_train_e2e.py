@@ -1,6 +1,6 @@
 """`spo-agent train` with vLLM's server as the rollout engine, end to end on CPU.
 
-The training loop (`spo_agents.training.train`) rolls out `math-python` episodes through the
+The training loop (`spo_agents.training.loop.train`) rolls out `math-python` episodes through the
 `openai` backend against a server started by `VLLMServer`, updates the learner, and pushes the
 weights with `rollout.weight_sync` after every step. Afterwards the server must serve exactly
 the learner's weights. The policy is the embedded SmolLM2-135M-Instruct, as in `make train`.
@@ -16,8 +16,8 @@ import json
 
 import pytest
 
-from spo_agents.vllm_server import VLLMServer, group_pids
-from spo_agents.weight_sync import check_sync, learner_logprobs
+from spo_agents.serving.vllm_server import VLLMServer, group_pids
+from spo_agents.serving.weight_sync import check_sync, learner_logprobs
 
 pytestmark = pytest.mark.vllm
 torch = pytest.importorskip("torch")
@@ -25,10 +25,10 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize("weight_sync", ["reload", "lora"])
 def test_training_steps_reach_the_server(tmp_path, weight_sync, vllm_python):
-    from spo_agents.components import build_components
     from spo_agents.config import load_config
     from spo_agents.models import embedded_model_dir
-    from spo_agents.training import train
+    from spo_agents.training.components import build_components
+    from spo_agents.training.loop import train
 
     model_dir = embedded_model_dir()
     lora = weight_sync == "lora"

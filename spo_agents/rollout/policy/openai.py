@@ -61,9 +61,8 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from spo_agents.errors import PolicyError
-from spo_agents.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
-from spo_agents.policy.stopping import StopMatch, eos_token_ids, find_stop
-from spo_agents.weight_sync import VersionGate
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, Resumed, SamplingParams, VersionGate
+from spo_agents.rollout.policy.stopping import StopMatch, eos_token_ids, find_stop
 
 log = logging.getLogger(__name__)
 

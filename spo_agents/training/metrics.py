@@ -69,7 +69,7 @@ METRICS: dict[str, str] = {
     "tracker/rho_max": "Largest rho applied this step.",
     "tracker/drift": (
         "Policy drift measured this step: token-mean |log pi_after - log pi_before| on the batch "
-        "(see spo_agents.learner)."
+        "(see spo_agents.training.learner)."
     ),
     "tracker/drift_revisited": "`tracker.compare_drift` only: problems of the batch visited before (one per problem).",
     "tracker/drift_revisited_per_prompt": (
@@ -161,7 +161,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def truncate_after(path: str | Path, step: int) -> None:
     """Drop rows with `step` > `step` (steps lost in a crash, before a resume), atomically."""
-    from spo_agents.checkpoint import write_text_atomic
+    from spo_agents.files import write_text_atomic
 
     p = Path(path)
     if not p.is_file():

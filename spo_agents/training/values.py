@@ -16,7 +16,7 @@ The values file is JSON::
     {"format": "spo-agents/values", "version": 1, "env": "math-python", "model": "...",
      "sampling": {...}, "problems": {"<problem id>": {"successes": 3, "samples": 8}, ...}}
 
-Episodes run through `spo_agents.evaluation.evaluate` (the same episodes as training).
+Episodes run through `spo_agents.evaluation.runner.evaluate` (the same episodes as training).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _number(x: float) -> float | int:
 
 def write_values(path: str | Path, counts: dict[str, tuple[float, int]], meta: dict[str, Any]) -> None:
     """Write `problem id -> (reward sum, samples)` with its metadata (atomically)."""
-    from spo_agents.checkpoint import write_text_atomic
+    from spo_agents.files import write_text_atomic
 
     doc = {
         "format": FORMAT,
@@ -137,7 +137,7 @@ async def estimate(
     progress: bool = True,
 ) -> dict[str, tuple[float, int]]:
     """Run `n` episodes per problem; `problem id -> (reward sum, valid samples)`."""
-    from spo_agents.evaluation import evaluate
+    from spo_agents.evaluation.runner import evaluate
 
     report = await evaluate(
         env_factory,
@@ -160,8 +160,8 @@ def estimate_values(
     sampling settings of `cfg.rollout`, written to `out`."""
     import asyncio
 
-    from spo_agents.components import build_components
-    from spo_agents.policy.base import SamplingParams
+    from spo_agents.rollout.policy.base import SamplingParams
+    from spo_agents.training.components import build_components
 
     if n < 1:
         raise ConfigError(f"`-n` must be >= 1 (samples per problem), got {n}")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spo_agents.errors import ConfigError, InfraError, PluginError, PolicyError, RolloutError, SPOError
-from spo_agents.policy.base import PolicyBackend, SamplingParams
+from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.types import ToolCall, Trajectory
 
 log = logging.getLogger(__name__)

@@ -111,7 +111,7 @@ def build_components(
     """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend).
 
     `rollout.backend: vllm-server` without `rollout.base_url` starts a vLLM server on loopback
-    (`spo_agents.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
+    (`spo_agents.serving.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
     run ends, also on Ctrl-C and crashes. Every named component is resolved before the model
     loads (`preflight`), unless the caller did it already (`checked`)."""
     env_factory = make_env_factory(cfg)
@@ -120,12 +120,12 @@ def build_components(
     model, tokenizer = load_model(cfg, weights_from)
     backend = cfg.rollout.backend
     if backend == "hf":
-        from spo_agents.policy.hf import HFPolicy
+        from spo_agents.rollout.policy.hf import HFPolicy
 
         policy = HFPolicy(model=model, tokenizer=tokenizer)
         return Components(model, tokenizer, policy, env_factory, inplace=True, closers=[policy.close])
     if backend == "vllm":
-        from spo_agents.policy import make_policy
+        from spo_agents.rollout.policy import make_policy
 
         policy = make_policy("vllm", cfg.model.name, dtype=cfg.model.dtype)
         sync = VLLMInProcessSync(policy)
@@ -133,11 +133,11 @@ def build_components(
             model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close]
         )
     if backend in ("openai", "vllm-server"):
-        from spo_agents.policy import make_policy
+        from spo_agents.rollout.policy import make_policy
 
         base_url, closers = cfg.rollout.base_url, []
         if not base_url and backend == "vllm-server":
-            from spo_agents.vllm_server import VLLMServer
+            from spo_agents.serving.vllm_server import VLLMServer
 
             server = VLLMServer.from_config(cfg, log_dir=log_dir).start()
             base_url, closers = server.openai_base_url, [server.stop]
@@ -158,8 +158,8 @@ def build_components(
         )
         sync = None
         if backend == "vllm-server":
-            from spo_agents.vllm_server import connect
-            from spo_agents.weight_sync import make_weight_sync
+            from spo_agents.serving.vllm_server import connect
+            from spo_agents.serving.weight_sync import make_weight_sync
 
             endpoint = connect(base_url, request_timeout_s=cfg.rollout.request_timeout_s)
             sync = make_weight_sync(cfg.rollout.weight_sync, endpoint)

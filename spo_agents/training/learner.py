@@ -15,7 +15,7 @@ What one `Learner.update(trajectories, advantages)` does (docs/algorithm.md sect
    new log-probs comparable with the behaviour log-probs, which backends report for the
    temperature-scaled distribution they sampled from. Top-p / top-k truncation is not
    reproduced: train with them off (the default and the paper's setting, docs/algorithm.md section 3).
-4. PPO-clip token loss against the behaviour log-probs (`pi_old`), via `spo_agents.loss`. The
+4. PPO-clip token loss against the behaviour log-probs (`pi_old`), via `spo_agents.algorithm.loss`. The
    normaliser is the whole mini-batch's token count (or sequence count for
    `seq-mean-token-mean`), so the sum of micro-batch losses equals the full mini-batch loss.
 5. AdamW step with gradient clipping. Under `torch.distributed` every rank sees the whole batch,
@@ -481,7 +481,7 @@ class Learner:
             self.model.eval()
 
     def _update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | torch.Tensor) -> LearnerStats:
-        from spo_agents.loss import policy_loss
+        from spo_agents.algorithm.loss import policy_loss
 
         s = self.settings
         t0 = time.perf_counter()

@@ -23,7 +23,7 @@ import logging
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
-from spo_agents.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
 
 log = logging.getLogger(__name__)
 

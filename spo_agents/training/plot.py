@@ -2,7 +2,7 @@
 
 One figure per metric group (`train`, `eval`, `tracker`, `learner`, `episode`, `time`, `perf`,
 `sampler`), one panel per key, step on the x axis; written to `RUN_DIR/plots/<group>.png`.
-Keys are documented in `spo_agents.metrics.METRICS`.
+Keys are documented in `spo_agents.training.metrics.METRICS`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from spo_agents.errors import ConfigError
-from spo_agents.metrics import METRICS, read_metrics
+from spo_agents.training.metrics import METRICS, read_metrics
 
 GROUPS = ("train", "eval", "tracker", "learner", "episode", "time", "perf", "sampler")
 

@@ -1,6 +1,6 @@
 """Evaluation: k episodes per problem, avg@k / pass@k / maj@k (paper App. D, docs/algorithm.md section 6).
 
-The same episodes as training (`spo_agents.rollout.run_episode`), so a model is evaluated exactly
+The same episodes as training (`spo_agents.rollout.collector.run_episode`), so a model is evaluated exactly
 as it acts. Used by `spo-agent eval` and by the trainer's periodic held-out evaluation.
 
 Files written to `out_dir` (when given):
@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spo_agents.algorithm.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.errors import ConfigError, PluginError, SPOError
-from spo_agents.passk import ks_up_to, majority_correct, pass_at_k
-from spo_agents.policy.base import PolicyBackend, SamplingParams
-from spo_agents.rollout import run_episode
+from spo_agents.rollout.collector import run_episode
+from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.types import Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)

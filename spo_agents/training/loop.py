@@ -10,7 +10,7 @@ One step, in this order (docs/algorithm.md sections 1-4; paper Alg. 1):
    for infrastructure reasons are counted and skipped, never trained on or folded into v_hat.
 3. Advantages from the values BEFORE this batch: A = r - v_hat_before(x), normalised over the
    batch (Eqs. 8-10); or the configured estimator (`grpo`, `rloo`, `spo-no-baseline`).
-4. Learner: PPO-clip update in `train.mini_batches` optimiser steps (`spo_agents.learner`). With
+4. Learner: PPO-clip update in `train.mini_batches` optimiser steps (`spo_agents.training.learner`). With
    the in-process `hf` backend the policy shares the learner's module: generation is paused
    during the update (in-flight episodes wait between turns). With a server backend, generation
    continues and the new weights are pushed after the update (`rollout.weight_sync`).
@@ -44,7 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from spo_agents.components import (
+from spo_agents.config import Config, load_config, save_config, to_dict
+from spo_agents.errors import CheckpointError, ConfigError, RolloutError
+from spo_agents.training.components import (
     Components,
     VLLMInProcessSync,
     build_components,
@@ -53,8 +55,6 @@ from spo_agents.components import (
     preflight,
     resolve_device,
 )
-from spo_agents.config import Config, load_config, save_config, to_dict
-from spo_agents.errors import CheckpointError, ConfigError, RolloutError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def new_run_dir(cfg: Config) -> Path:
     """The directory of a new run. A directory of the same name that holds a checkpoint is
     refused (continue it with `--resume`); one left by a start that stopped before its first
     checkpoint is taken over, its metrics kept aside as `metrics.jsonl.stopped-<time>`."""
-    from spo_agents.checkpoint import CheckpointManager
+    from spo_agents.training.checkpoint import CheckpointManager
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = cfg.train.run_name or f"{cfg.env.id}-{cfg.algorithm.name}-{stamp}"
@@ -145,7 +145,7 @@ class Trainer:
         checked: bool = False,
     ) -> None:
         """`checked`: `preflight` already ran for `cfg` (by `train`), so the setup skips it."""
-        from spo_agents.checkpoint import CheckpointManager
+        from spo_agents.training.checkpoint import CheckpointManager
 
         self.cfg = cfg
         self._checked = checked
@@ -159,7 +159,7 @@ class Trainer:
             )
         self._components = components
         self._validate()
-        from spo_agents.learner import Learner
+        from spo_agents.training.learner import Learner
 
         self.rank, self.world = Learner._world()
 
@@ -188,13 +188,13 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------
     def _setup(self) -> None:
-        from spo_agents.checkpoint import set_rng_state
-        from spo_agents.learner import Learner, LearnerSettings
-        from spo_agents.metrics import MetricsWriter, truncate_after
-        from spo_agents.policy.base import SamplingParams
-        from spo_agents.rollout import Collector
-        from spo_agents.sampler import make_sampler
-        from spo_agents.tracker import ValueTracker
+        from spo_agents.algorithm.sampler import make_sampler
+        from spo_agents.algorithm.tracker import ValueTracker
+        from spo_agents.rollout.collector import Collector
+        from spo_agents.rollout.policy.base import SamplingParams
+        from spo_agents.training.checkpoint import set_rng_state
+        from spo_agents.training.learner import Learner, LearnerSettings
+        from spo_agents.training.metrics import MetricsWriter, truncate_after
         from spo_agents.trajectory_log import TrajectoryLog
 
         cfg = self.cfg
@@ -235,7 +235,7 @@ class Trainer:
             truncate_after(self.run_dir / "metrics.jsonl", self.step)
             log.info("resumed `%s` at step %d from `%s`", self.run_dir, self.step, loaded.path)
         elif cfg.tracker.init_values:
-            from spo_agents.values import init_tracker
+            from spo_agents.training.values import init_tracker
 
             init_tracker(self.tracker, cfg.tracker.init_values)
         # In-place backends serve the loaded weights now; a server serves them only after the
@@ -281,7 +281,7 @@ class Trainer:
             problem_ids=self.problem_ids,
             save_trajectories=t.save_trajectories,
         )
-        from spo_agents.health import HealthLimits, StepHealth
+        from spo_agents.training.health import HealthLimits, StepHealth
 
         self.health = StepHealth(
             HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps), warn=self._console
@@ -313,8 +313,8 @@ class Trainer:
         return self.tracker.alpha.astype(np.float64) + self.tracker.beta
 
     async def _evaluate(self) -> dict[str, float]:
-        from spo_agents.evaluation import evaluate
-        from spo_agents.policy.base import SamplingParams
+        from spo_agents.evaluation.runner import evaluate
+        from spo_agents.rollout.policy.base import SamplingParams
 
         cfg = self.cfg
         if not self.eval_ids:
@@ -360,19 +360,19 @@ class Trainer:
         """The sharded model's full state on rank 0, for `what` = `weights` (the model in
         `model.dtype`, for a weight push) or `state` (fp32 weights and the learner's state, for a
         checkpoint). A collective: rank 0 first tells the other ranks (`_follow`) to join."""
+        from spo_agents.models import is_peft
         from spo_agents.sharding import full_model_state
-        from spo_agents.weight_sync import _is_peft
 
         if self.rank == 0 and self.world > 1:
             _broadcast((what,))
-        trainable_only = _is_peft(self.model)  # an adapter's push or checkpoint needs only the adapter
+        trainable_only = is_peft(self.model)  # an adapter's push or checkpoint needs only the adapter
         if what == "weights":
             return full_model_state(self.model, self.cfg.model.dtype, trainable_only=trainable_only)
         return full_model_state(self.model, trainable_only=trainable_only), self.learner.state_dict()
 
     def _checkpoint(self) -> float:
-        from spo_agents.checkpoint import rng_state
         from spo_agents.sharding import GatheredModel
+        from spo_agents.training.checkpoint import rng_state
 
         t0 = time.perf_counter()
         model, learner_state = self.model, None
@@ -404,13 +404,13 @@ class Trainer:
         if isinstance(sync, VLLMInProcessSync):
             await sync.push(model, self.step)
         else:
-            from spo_agents.weight_sync import push_weights
+            from spo_agents.serving.weight_sync import push_weights
 
             await push_weights(self.policy, sync, model, self.step)
 
     async def train_step(self) -> dict[str, Any]:
         """One step (module docstring); returns its metrics row."""
-        from spo_agents.advantages import compute_advantages, degenerate_share
+        from spo_agents.algorithm.advantages import compute_advantages, degenerate_share
 
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -589,7 +589,7 @@ class Trainer:
         `("update", trajectories, advantages)`: score (per-prompt drift) and update with it
         (gradients are summed across ranks inside `Learner.update`); `("weights",)` and
         `("state",)`: join the gather of a sharded model's full state (`_gather`)."""
-        from spo_agents.learner import Learner, LearnerSettings
+        from spo_agents.training.learner import Learner, LearnerSettings
 
         _seed_everything(self.cfg.train.seed)
         loaded = self.ckpt.load() if self.resume_from is not None else None

@@ -43,12 +43,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from spo_agents.errors import ConfigError, PolicyError, did_you_mean
+from spo_agents.models import is_peft
+from spo_agents.rollout.policy.base import VersionGate
 
 STRATEGIES = ("reload", "lora", "nccl")
 
@@ -76,10 +78,6 @@ class SyncStats:
 def _endpoint(server: Any) -> Any:
     """Accept a `VLLMServer` (use its endpoint) or anything with `post`/`get` (an endpoint)."""
     return getattr(server, "endpoint", server)
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def fast_tmp_dir(prefix: str) -> Path:
@@ -185,7 +183,7 @@ class ReloadSync(WeightSync):
         self.save_dir.mkdir(parents=True, exist_ok=True)
 
     def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
-        if _is_peft(model):
+        if is_peft(model):
             raise ConfigError(
                 "`rollout.weight_sync: reload` got a peft (LoRA) model; use `rollout.weight_sync: lora` "
                 "to hot-load the adapter, or merge the adapter into the base model first"
@@ -265,7 +263,7 @@ class LoraSync(WeightSync):
         return self.lora_name if self.version is not None else self.endpoint.model
 
     def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
-        if not _is_peft(model):
+        if not is_peft(model):
             raise ConfigError(
                 "`rollout.weight_sync: lora` needs a peft model (set `model.lora.enabled: true`); "
                 f"got `{type(model).__name__}`. For full fine-tuning use `rollout.weight_sync: reload`."
@@ -340,7 +338,7 @@ class NcclSync(WeightSync):
         return self._client
 
     def _prepare(self, model: Any, version: int, stats: SyncStats) -> None:
-        if _is_peft(model):
+        if is_peft(model):
             raise ConfigError(
                 "`rollout.weight_sync: nccl` streams full weights; for a peft (LoRA) model use "
                 "`rollout.weight_sync: lora`"
@@ -375,57 +373,6 @@ def make_weight_sync(strategy: str, server: Any, **options: Any) -> WeightSync:
             f"`{strategy}`.{did_you_mean(strategy, STRATEGIES)}"
         )
     return classes[strategy](server, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# The client-side gate: no request straddles a sync, every request knows its weight version
-# ---------------------------------------------------------------------------------------------
-class VersionGate:
-    """Hands each request the weight version that will serve it, and drains before a sync.
-
-    `async with gate.request() as version:` waits while a sync is pending, then counts the
-    request as in flight; `await gate.pause()` closes the gate and returns once nothing is in
-    flight; `gate.resume(version)` sets the new version and reopens. A policy backend that
-    wraps each server call in `request()` can never attribute tokens to the wrong version.
-    """
-
-    def __init__(self, version: int = 0) -> None:
-        self.version = version
-        self._in_flight = 0
-        self._open = asyncio.Event()
-        self._open.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    @property
-    def paused(self) -> bool:
-        return not self._open.is_set()
-
-    @contextlib.asynccontextmanager
-    async def request(self) -> AsyncIterator[int]:
-        while not self._open.is_set():  # re-check: a pause may land between wake-up and here
-            await self._open.wait()
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            yield self.version
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-
-    async def pause(self) -> None:
-        self._open.clear()
-        await self._idle.wait()
-
-    def resume(self, version: int | None = None) -> None:
-        if version is not None:
-            self.version = version
-        self._open.set()
 
 
 async def push_weights(policy: Any, sync: WeightSync, model: Any, version: int) -> SyncStats:

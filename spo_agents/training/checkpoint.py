@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     RUN_DIR/config.yaml                      the run's full config (written once, at the start)
-    RUN_DIR/metrics.jsonl                    one JSON object per step (spo_agents.metrics)
+    RUN_DIR/metrics.jsonl                    one JSON object per step (spo_agents.training.metrics)
     RUN_DIR/checkpoints/step-000010/
         model/                               `save_pretrained` of the policy (or model.pt)
         trainer_state.pt                     optimiser, scheduler, value tracker, sampler (RNG
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from spo_agents.errors import CheckpointError
+from spo_agents.files import fsync_path, fsync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,40 +96,6 @@ class LoadedCheckpoint:
     @property
     def model_dir(self) -> Path:
         return self.path / "model"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
-
-
-def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """Replace `path` with `text` (str as UTF-8, or bytes) so readers see the old or the new
-    content, never a mix: a temporary sibling is written, fsync'ed and renamed into place."""
-    path = Path(path)
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -199,11 +166,11 @@ class CheckpointManager:
             torch.save({**state, "step": step}, tmp / "trainer_state.pt")
             write_checksums(tmp)
             (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}), encoding="utf-8")
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():  # a re-save of the same step (after a resume): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_path(self.root)
+            fsync_path(self.root)
         except BaseException as e:
             written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
             shutil.rmtree(tmp, ignore_errors=True)

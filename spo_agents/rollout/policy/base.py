@@ -13,6 +13,9 @@ records the version it was produced with.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,3 +87,54 @@ class Resumed:
 
     def __await__(self):
         return iter(())
+
+
+# ---------------------------------------------------------------------------------------------
+# The client-side gate: no request straddles a sync, every request knows its weight version
+# ---------------------------------------------------------------------------------------------
+class VersionGate:
+    """Hands each request the weight version that will serve it, and drains before a sync.
+
+    `async with gate.request() as version:` waits while a sync is pending, then counts the
+    request as in flight; `await gate.pause()` closes the gate and returns once nothing is in
+    flight; `gate.resume(version)` sets the new version and reopens. A policy backend that
+    wraps each server call in `request()` can never attribute tokens to the wrong version.
+    """
+
+    def __init__(self, version: int = 0) -> None:
+        self.version = version
+        self._in_flight = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def paused(self) -> bool:
+        return not self._open.is_set()
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[int]:
+        while not self._open.is_set():  # re-check: a pause may land between wake-up and here
+            await self._open.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield self.version
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def pause(self) -> None:
+        self._open.clear()
+        await self._idle.wait()
+
+    def resume(self, version: int | None = None) -> None:
+        if version is not None:
+            self.version = version
+        self._open.set()

@@ -41,7 +41,7 @@ the unmodified model (temperature 1).
 
 Stops. A request stops at an end-of-turn token (kept in `token_ids`, left out of `text`,
 `finish_reason = "eos"`), at the token that completes a stop string (kept, `"stop"`, see
-`spo_agents.policy.stopping`) or after `max_new_tokens` (`"length"`).
+`spo_agents.rollout.policy.stopping`) or after `max_new_tokens` (`"length"`).
 
 Seeds. Continuous: every request draws one uniform number per token from its own random
 stream, seeded from `SamplingParams.seed` when it is set, else from the backend's own stream
@@ -91,8 +91,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
-from spo_agents.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
-from spo_agents.policy.stopping import StopMatch, StopScanner, eos_token_ids
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
+from spo_agents.rollout.policy.stopping import StopMatch, StopScanner, eos_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Where a sampled continuation ends: stop strings and end-of-turn tokens, decided per token.
 
-Token-in, token-out (`spo_agents.policy.base`): a continuation is cut at a token boundary, never inside a
+Token-in, token-out (`spo_agents.rollout.policy.base`): a continuation is cut at a token boundary, never inside a
 token. When a stop string is completed by a token that also carries text past it (for example
 `</code>` followed by a newline in one token), the continuation ends at *that* token, so the
 returned text may extend a few characters beyond the stop string. The token that completes the

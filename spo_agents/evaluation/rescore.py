@@ -5,7 +5,7 @@ again and the result is written next to the old one, never over it.
 
 - **Eval dirs** (`transcripts.jsonl`, from `spo-agent eval` or a run's `eval/step-N/`): every
   sample is re-scored from its saved completion (`info["completion"]`), the report is recomputed
-  with `spo_agents.evaluation.compute_report` and written to `results.rescored.json`
+  with `spo_agents.evaluation.runner.compute_report` and written to `results.rescored.json`
   (`results.rescored-2.json`, ... when that exists).
 - **Run dirs**: the saved training trajectories (`spo_agents.trajectory_log`) and every eval dir
   under `RUN_DIR/eval/`. The training trajectories' changes go to
@@ -298,7 +298,7 @@ def _compare(pid: str, sample: str, reward: float, info: dict[str, Any], new: Sc
 # --------------------------------------------------------------------------------------------
 def _eval_context(eval_dir: Path) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
     """(settings, split, env kwargs) of an eval dir; a run's eval dir takes them from the run."""
-    from spo_agents.evaluation import SETTINGS
+    from spo_agents.evaluation.runner import SETTINGS
 
     settings = {}
     if (eval_dir / SETTINGS).is_file():
@@ -328,7 +328,7 @@ def rescore_eval_dir(
     write: bool = True,
 ) -> RescoreReport:
     """Re-score an eval dir's transcripts (module docstring); writes `results.rescored.json`."""
-    from spo_agents.evaluation import RESULTS, TRANSCRIPTS, compute_report
+    from spo_agents.evaluation.runner import RESULTS, TRANSCRIPTS, compute_report
     from spo_agents.types import read_jsonl
 
     d = Path(eval_dir)
@@ -444,7 +444,7 @@ def rescore_path(
     path: str | Path, *, env_id: str | None = None, env_kwargs: dict[str, Any] | None = None, split: str | None = None
 ) -> list[RescoreReport]:
     """Re-score an eval dir, or a run dir (its training trajectories and its eval dirs)."""
-    from spo_agents.evaluation import TRANSCRIPTS
+    from spo_agents.evaluation.runner import TRANSCRIPTS
 
     p = Path(path)
     if (p / TRANSCRIPTS).is_file():

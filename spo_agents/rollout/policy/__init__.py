@@ -1,4 +1,4 @@
-"""Policy backends (one protocol, `spo_agents.policy.base.PolicyBackend`).
+"""Policy backends (one protocol, `spo_agents.rollout.policy.base.PolicyBackend`).
 
 - `hf`: transformers in-process with batched `generate`; the CPU default and the test backend.
 - `openai`: any OpenAI-compatible server; token-in/token-out against vLLM's server, text-only
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from spo_agents.errors import ConfigError, did_you_mean
-from spo_agents.policy.base import Generation, PolicyBackend, SamplingParams
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams
 
 BACKENDS = ("hf", "openai", "vllm")
 
@@ -32,11 +32,11 @@ def make_policy(backend: str, model: str, **kw: Any) -> PolicyBackend:
     from spo_agents.models import EMBEDDED, TINY, resolve_model
 
     if backend == "hf":
-        from spo_agents.policy.hf import HFPolicy
+        from spo_agents.rollout.policy.hf import HFPolicy
 
         return HFPolicy(model_name=resolve_model(model), **kw)
     if backend == "openai":
-        from spo_agents.policy.openai import OpenAIPolicy
+        from spo_agents.rollout.policy.openai import OpenAIPolicy
 
         if "base_url" not in kw or not kw["base_url"]:
             raise ConfigError("the `openai` backend needs `base_url`, e.g. `--base-url http://127.0.0.1:8000/v1`")
@@ -44,7 +44,7 @@ def make_policy(backend: str, model: str, **kw: Any) -> PolicyBackend:
             kw["tokenizer"] = resolve_model(model)
         return OpenAIPolicy(model=model, **kw)
     if backend == "vllm":
-        from spo_agents.policy.vllm import VLLMPolicy
+        from spo_agents.rollout.policy.vllm import VLLMPolicy
 
         return VLLMPolicy(resolve_model(model), **kw)
     raise ConfigError(
