@@ -15,7 +15,7 @@ from spo_agents import __version__
 from spo_agents.errors import SPOError
 
 # Modules under spo_agents.cli that contribute sub-commands, in help order.
-COMMAND_MODULES = ["train", "eval", "envs", "sandbox", "view", "rescore"]
+COMMAND_MODULES = ["train", "eval", "serve", "envs", "sandbox", "view", "rescore"]
 
 
 def build_parser() -> argparse.ArgumentParser:
