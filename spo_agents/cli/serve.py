@@ -65,7 +65,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="name clients send as `model` (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--dtype", default="float32", help="float32 (default: log-probs match the learner's), bfloat16, float16")
+    p.add_argument(
+        "--dtype", default="float32", help="float32 (default: log-probs match the learner's), bfloat16 or float16"
+    )
     p.add_argument(
         "--weight-sync",
         choices=WEIGHT_SYNCS,
@@ -77,7 +79,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--kv-cache-gb",
         type=float,
         default=None,
-        help=f"KV cache size in GiB (default on the CPU build: {CPU_KV_CACHE_GB:g}; on a GPU: --gpu-memory-utilization)",
+        help=f"KV cache size in GiB (default: {CPU_KV_CACHE_GB:g} on the CPU build, --gpu-memory-utilization on a GPU)",
     )
     p.add_argument(
         "--gpu-memory-utilization",
@@ -87,7 +89,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--python", default=None, help="interpreter with vLLM (default: $SPO_VLLM_PYTHON, this Python if it has vLLM, else .venv-vllm/bin/python)")
+    p.add_argument(
+        "--python",
+        default=None,
+        help="Python with vLLM (default: $SPO_VLLM_PYTHON, this Python if it has vLLM, else .venv-vllm/bin/python)",
+    )
     p.add_argument(
         "--vllm-args",
         default="",
@@ -96,7 +102,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--log-dir", default="runs/vllm", help="where the server log goes (default: runs/vllm)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health (default: 600)")
-    p.add_argument("--dry-run", action="store_true", help="print the server command and the eval command, start nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the server and eval commands, start nothing")
     p.set_defaults(func=_serve)
 
 
@@ -311,7 +317,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vLLM server ready in {server.startup_s:.0f} s (pid {server.pid}); Ctrl-C stops it", file=sys.stderr)
         _announce(args, server, model_dir)
         code = server.proc.wait()
-        raise PolicyError(f"the vLLM server exited by itself (code {code}); last lines of its log:\n{server.log_tail()}")
+        raise PolicyError(f"the vLLM server exited by itself (code {code}); the end of its log:\n{server.log_tail()}")
     except KeyboardInterrupt:
         print("stopping the vLLM server ...", file=sys.stderr, flush=True)
         server.stop()
