@@ -1,30 +1,16 @@
-"""Typed configuration, mirrored exactly by the YAML files in `configs/`.
-
-Every field is documented once, here. Defaults are the embedded CPU run
-(`spo-agent train --env math-python` with nothing else); `configs/qwen3-8b-math-python.yaml`
-holds the paper's settings (docs/algorithm.md section 3).
-
-Loading rules:
-- unknown keys are errors that name the nearest valid key;
-- values are type-checked (ints where ints are expected, one of the listed choices, ...);
-- dotted overrides from the command line (`tracker.rho_min=0.9`) are parsed as YAML scalars.
+"""Typed configuration, mirrored exactly by the YAML files in `configs/`; every field is documented
+once, here. Defaults are the embedded CPU run; each section checks its own fields on construction
+and `Config` the rules that join sections. Reading files and overrides: `spo_agents.config_loader`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-import yaml
-
-from spo_agents.errors import ConfigError, did_you_mean
+from spo_agents.errors import ConfigError
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,147 +387,39 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
-
-# --------------------------------------------------------------------------------------------
-# Loading, checking, overriding
-# --------------------------------------------------------------------------------------------
-T = typing.TypeVar("T")
-_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(f"`{a}`" for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(
-            f"`{where}` must be {_type_name(tp)}, got {value!r}.{did_you_mean(str(value), map(str, get_args(tp)))}"
-        )
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        names = " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
-        raise ConfigError(f"`{where}` must be {names}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"`{where}` must be a mapping of its fields, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"`{where}` must be a list, got {value!r}")
-        (item,) = get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"`{where}` must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-            return float(value)  # YAML 1.1 reads `1e-6` (no dot) as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"`{where}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and ill-typed values."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in hints:
+    def __post_init__(self) -> None:
+        """Rules that join fields of several sections (each section checks its own fields)."""
+        a, adv = self.algorithm, advantage_name(self)
+        if a.name == "grpo" and a.group_size < 2:
+            raise ConfigError(f"`algorithm.name: grpo` needs `algorithm.group_size` >= 2, got {a.group_size}")
+        if a.name == "grpo" and self.train.batch_size % a.group_size:
             raise ConfigError(
-                f"unknown config key `{path}`.{did_you_mean(str(key), names)} Valid keys here: {', '.join(names)}"
+                f"`train.batch_size` ({self.train.batch_size}) must be a multiple of `algorithm.group_size` "
+                f"({a.group_size}) in GRPO mode (whole groups per batch)"
             )
-        kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:
-        raise ConfigError(f"invalid config for `{where or cls.__name__}`: {e}") from e
+        if a.advantage_norm == "token" and adv in ("grpo", "rloo"):
+            raise ConfigError(
+                "`algorithm.advantage_norm: token` applies to the single-stream estimators; "
+                f"advantage `{adv}` normalises within groups"
+            )
+        if adv in ("grpo", "rloo") and a.name != "grpo":
+            raise ConfigError(f"advantage `{adv}` needs grouped collection: set `algorithm.name: grpo`")
+        if self.rollout.backend == "openai":
+            raise ConfigError(
+                "`rollout.backend: openai` cannot push the learner's weights to the server, so every step would "
+                "train on samples of the initial weights; use `rollout.backend: vllm-server` (with `--base-url` "
+                "for a running vLLM server), or `openai` only for `spo-agent eval` / `estimate-values`"
+            )
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def advantage_name(cfg: Config) -> str:
+    """The advantage estimator a config trains with (`algorithm.advantage`, or the one `auto` picks)."""
+    if cfg.algorithm.advantage != "auto":
+        return cfg.algorithm.advantage
+    if cfg.algorithm.name == "grpo":
+        return "grpo"
+    return "spo" if cfg.tracker.baseline else "spo-no-baseline"
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a nested mapping (values parsed as YAML scalars)."""
-    data = _deep_copy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override `{item}` must look like `section.key=value`, e.g. `tracker.rho_min=0.9`")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override `{item}`: cannot parse value {raw!r} ({e})") from e
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override `{item}`: `{p}` is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file `{p}` does not exist; shipped configs live in `configs/`")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file `{p}` is not valid YAML: {e}") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file `{p}` must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
-    data = apply_overrides(data, overrides or [])
-    return from_dict(Config, data)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write `cfg` as YAML atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+# re-exported: reading and writing configs
+from spo_agents.config_loader import apply_overrides, from_dict, load_config, save_config, to_dict  # noqa: E402, F401

@@ -30,6 +30,7 @@ CASES = [
     ("train-top-p", [*TRAIN, "rollout.top_p=0.5"], ["`rollout.top_p`", "full softmax"]),
     ("train-missing-model-dir", [*TRAIN, "--model", "./no-such-model"], ["does not exist"]),
     ("train-resume-missing-dir", ["train", "--resume", "/nonexistent/run"], ["not a run directory"]),
+    ("train-config-not-utf8", [*TRAIN, "--config", str(Path(__file__).parent / "not_utf8_config.yaml")], ["not UTF-8"]),
 ]
 
 
