@@ -51,7 +51,7 @@ from pathlib import Path
 
 from spo_agents.errors import SandboxError
 from spo_agents.sandboxes import SandboxLimits
-from spo_agents.sandboxes.local import LocalBackend, _pids_root
+from spo_agents.sandboxes.local import LocalBackend, pids_root
 
 CAP = 64  # max_processes, the default
 MARK = f"spo-soak-{os.getpid()}"
@@ -200,7 +200,7 @@ def _ns(pid: int) -> str | None:
 
 
 def _group_members() -> dict[str, set[int]]:
-    root = _pids_root()
+    root = pids_root()
     out: dict[str, set[int]] = {}
     if root is None:
         return out
@@ -291,7 +291,7 @@ def _check_groups(soak: Soak, session, where: str) -> None:
     host = getattr(runner, "host_pid", None)
     if host is None:
         return
-    root = _pids_root()
+    root = pids_root()
     group = _pids_group(host)
     if group is None:
         return  # gone meanwhile

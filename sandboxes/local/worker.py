@@ -1,33 +1,8 @@
-"""The in-sandbox half of the `local` backend: a pre-warmed zygote that forks one session per episode.
+"""The in-sandbox half of the `local` backend: a pre-warmed zygote that forks one runner per session.
 
-This file runs inside the sandbox with the sandbox's interpreter (`python -I -c <this source>`),
-so it uses the standard library only and never imports `spo_agents`. See `sandboxes/README.md`
-for the threat model and `sandboxes/local.py` for the host half.
-
-Processes (namespaced isolation: `bubblewrap` or `unshare`)::
-
-    worker main       enters a user + pid namespace of its own, forks the zygote, waits
-      zygote          pid 1 there; numpy and sympy imported once; forks one runner per session
-        runner        pid 1 of a fresh pid namespace (the zygote unshares it just for this fork),
-                      in its own user + mount namespace: read-only root, private size-limited
-                      tmpfs work dir, rlimits, no capabilities, no new privileges; runs the code
-
-Killing a runner makes the kernel kill every process left in its pid namespace, whatever their
-process group or session, so nothing a session started outlives it. The zygote's death likewise
-takes every session down, and bubblewrap (`--die-with-parent`) takes the zygote down with the
-host. With isolation `none` the runner is a plain fork that leads its own process group, and the
-kill is by process group.
-
-Zygote protocol (host <-> zygote, SOCK_SEQPACKET, one JSON object per message, strictly request /
-response): `spawn` (with three fds: control socket, stdout pipe, stderr pipe) -> `{pid, pgid}`;
-`kill` -> `{status, signal}` (`null`s with `wait: false`: the kill is sent, the reaping happens
-later); `wait` -> `{status, signal}` (`null`s while running). `status` uses the shell's convention
-(the exit code, or 128 + N for death by signal N); `signal` is N, or `null` when the process exited
-by itself, so an `os._exit(137)` is told apart from a SIGKILL.
-
-Runner protocol (host <-> runner, SOCK_STREAM, 4-byte big-endian length + JSON): the runner
-sends `ready`, then for each `{code, cpu_s, echo}` it sends `{exit_status, exception, memory_error}`
-after flushing its output.
+It runs inside the sandbox with the sandbox's interpreter (`python -I -c <this source>`), so it
+uses the standard library only and never imports `spo_agents`. Its processes and its two
+protocols (host <-> zygote, host <-> runner) are described in docs/sandbox.md.
 """
 
 import ctypes

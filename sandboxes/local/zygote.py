@@ -1,6 +1,6 @@
 """Host side of the `local` backend's zygote: start it (in bubblewrap, or plain), talk to it.
 
-The zygote (`sandboxes/_local_worker.py`) is one long-lived Python process per backend that has
+The zygote (`worker.py`) is one long-lived Python process per backend that has
 already imported numpy and sympy; each session is a fork of it (measured on our machines: forking a
 pre-warmed worker costs ~3 ms, a fresh bubblewrap'ed interpreter ~14 ms plus the imports). Requests are
 small and strictly request/response, so they are blocking calls under a lock; async callers run
@@ -179,7 +179,7 @@ class Zygote:
             "workdir": WORKDIR,
             "drop_to": drop_to,
         }
-        source = (Path(__file__).with_name("_local_worker.py")).read_text()
+        source = (Path(__file__).with_name("worker.py")).read_text()
         if cfg.isolation != "bubblewrap":
             return [cfg.python, "-I", "-c", source, json.dumps(worker_cfg)]
         # Interpreter directories under the work dir (a venv in a clone under /tmp) would be

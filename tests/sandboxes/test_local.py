@@ -23,7 +23,8 @@ from spo_agents.sandboxes import (
     make_backend,
     open_session_sync,
 )
-from spo_agents.sandboxes.local import LocalBackend, _Capture
+from spo_agents.sandboxes.local import LocalBackend
+from spo_agents.sandboxes.local.channel import Capture
 
 from .conftest import session_processes
 
@@ -130,7 +131,7 @@ def test_a_missing_interpreter_is_an_infrastructure_error():
 
 # --- output capture ---
 def test_capture_keeps_head_and_tail_within_the_limit():
-    c = _Capture(10)
+    c = Capture(10)
     for chunk in (b"abc", b"defgh", b"ijklmnop", b"qrstuvwxyz"):
         c.feed(chunk)
     text, truncated = c.take()
@@ -141,7 +142,7 @@ def test_capture_keeps_head_and_tail_within_the_limit():
 
 
 def test_capture_under_the_limit_is_exact():
-    c = _Capture(100)
+    c = Capture(100)
     c.feed("é✓".encode())
     assert c.take() == ("é✓", False)
 

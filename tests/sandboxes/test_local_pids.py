@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from spo_agents.sandboxes import SandboxLimits
-from spo_agents.sandboxes.local import LocalBackend, _pids_root
+from spo_agents.sandboxes.local import LocalBackend, pids_root
 
 PIDS_V1 = Path("/sys/fs/cgroup/pids")
 
@@ -26,7 +26,7 @@ def _why_not_applicable() -> str | None:
         return f"not root (euid {os.geteuid()}): sessions are capped by RLIMIT_NPROC and no pids cgroup is used"
     if not (PIDS_V1 / "cgroup.procs").is_file():
         return f"no cgroup v1 `pids` controller at {PIDS_V1}: the per-session cap cannot apply here"
-    if _pids_root() is None:
+    if pids_root() is None:
         return f"the cgroup v1 `pids` controller at {PIDS_V1} is not writable here"
     return None
 
@@ -71,7 +71,7 @@ def _in_namespace(ns: str) -> set[int]:
 
 
 def _ours() -> set[str]:
-    root = _pids_root()
+    root = pids_root()
     assert root is not None
     return {g.name for g in root.iterdir() if g.is_dir()}
 
@@ -88,7 +88,7 @@ async def _kill_worker(backend: LocalBackend) -> None:
 async def test_each_group_holds_its_session_tree_and_never_the_worker(start, isolation):
     """The first four sessions of a worker, opened before any runs code (as a batch of rollouts)."""
     backend = LocalBackend(preload=[], isolation=isolation)
-    root = _pids_root()
+    root = pids_root()
     try:
         if start == "restarted":
             async with await backend.open_session() as s:
@@ -168,7 +168,7 @@ async def test_groups_are_removed_as_sessions_end():
             if not left:
                 break
             await asyncio.sleep(0.1)
-        root = _pids_root()
+        root = pids_root()
         held = {g: (root / g / "cgroup.procs").read_text().split() for g in left}
         assert not left, f"session groups left 30 s after their sessions ended (group: its processes): {held}"
     finally:
