@@ -5,23 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from spo_agents.cli.env_args import env_arg_overrides
+
 _ENV_ARG_HELP = "environment option, repeatable (sets `env.kwargs.KEY`), e.g. --env-arg source=procedural:arith-mul"
-
-
-def _env_arg_overrides(items: list[str]) -> list[str]:
-    """`--env-arg KEY=VALUE` as the dotted override `env.kwargs.KEY=VALUE`."""
-    from spo_agents.errors import ConfigError
-
-    out = []
-    for item in items:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip() or "." in key:
-            raise ConfigError(
-                f"`--env-arg {item}` must look like KEY=VALUE with a plain key, "
-                "e.g. `--env-arg source=procedural:arith`"
-            )
-        out.append(f"env.kwargs.{item.strip()}")
-    return out
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -85,7 +71,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     from spo_agents.config import load_config
 
-    overrides = _env_arg_overrides(getattr(args, "env_arg", [])) + list(args.overrides)
+    overrides = env_arg_overrides(getattr(args, "env_arg", [])) + list(args.overrides)
     if getattr(args, "env", None):
         overrides.insert(0, f"env.id={args.env}")
     if getattr(args, "model", None):
