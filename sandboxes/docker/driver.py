@@ -1,32 +1,12 @@
-"""The in-container half of the `docker` backend: a supervisor and its Python worker.
+"""The in-container half of the `docker` backend: a supervisor and the Python worker it forks.
 
 The host starts each container with `python3 -u -c <this source> <json config>` as its main
-process (under docker's init) and talks to it over the container's attached stdin / stdout. This
-file uses the standard library only and never imports `spo_agents`; any image with Python 3.8+
-works.
-
-Processes in one container::
-
-    docker-init (pid 1)
-      └─ supervisor   uid 0 with only CAP_SETUID/SETGID/KILL (or the image's user); holds the
-         │            host channel; enforces the per-call timeout; reads the worker's output
-         └─ worker    uid 1000, no capabilities, oom_score_adj 1000; runs the code; its
-                      variables are the session's state
-
-Host protocol (4-byte big-endian length + UTF-8 JSON, both ways): the supervisor sends
-`{"op": "ready"}`, then answers each `{"code", "timeout", "cpu_s"}` with `{"stdout", "stderr",
-"output_truncated", "exit_status", "exception", "memory_error", "timed_out", "cpu_exceeded",
-"worker_lost", "oom_kills", "duration_s"}`. The supervisor exits when its stdin closes (the host
-went away), which stops the container.
-
-When the call's time is up, or the worker dies (`os._exit`, a signal, the OOM killer), the
-supervisor kills every process in the container but itself and init (`kill(-1, SIGKILL)`, only
-after checking that its parent is a container init), keeps the output read so far and reports
-`worker_lost`, and forks a fresh worker before it answers. The
-worker never holds the host channel, and as another uid it can neither signal nor trace the
-supervisor. Stateless sessions use a fresh worker for every call.
+process (under docker's init) and talks to it over the attached stdin / stdout in frames of a
+4-byte big-endian length and JSON. Standard library only (any image with Python 3.8+); it never
+imports `spo_agents`. Its processes, protocol and kills are described in docs/sandbox.md.
 """
 
+import functools
 import json
 import os
 import select
@@ -41,7 +21,6 @@ class _CPUTimeExceeded(BaseException):
     """Raised in the user's code when its CPU-time budget for this call (`cpu_s`) is spent."""
 
 
-# --- framing ------------------------------------------------------------------------------------
 def _read_exact(read, n):
     buf = bytearray()
     while len(buf) < n:
@@ -70,7 +49,6 @@ def _write_all(fd, data):
         data = data[os.write(fd, data) :]
 
 
-# --- output kept per stream ---------------------------------------------------------------------
 class _Keep:
     """The first and the last `limit // 2` bytes of a stream, and how many bytes it had."""
 
@@ -112,7 +90,6 @@ def _oom_kills():
     return 0
 
 
-# --- worker -------------------------------------------------------------------------------------
 def _execute(code, namespace, counter, cpu_s):
     """Run one cell in `namespace`; returns `exit_status, exception, memory_error, cpu_exceeded`."""
     import linecache
@@ -174,11 +151,8 @@ def _std_streams():
 
     for fd, name in ((1, "stdout"), (2, "stderr")):
         raw = io.FileIO(fd, "w", closefd=False)
-        setattr(
-            sys,
-            name,
-            io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=True),
-        )
+        kw = dict(encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=True)
+        setattr(sys, name, io.TextIOWrapper(raw, **kw))
 
 
 def _worker(ctrl, stateless):
@@ -204,16 +178,8 @@ def _worker(ctrl, stateless):
                 stream.flush()
             except BaseException:  # noqa: BLE001 - a broken stream is the user's doing
                 pass
-        ctrl.sendall(
-            _frame(
-                {
-                    "exit_status": status,
-                    "exception": exception,
-                    "memory_error": memory_error,
-                    "cpu_exceeded": cpu_exceeded,
-                }
-            )
-        )
+        outcome = dict(exit_status=status, exception=exception, memory_error=memory_error, cpu_exceeded=cpu_exceeded)
+        ctrl.sendall(_frame(outcome))
         if stateless:
             os._exit(0)
 
@@ -299,7 +265,6 @@ def _start_worker(cfg, keep_fds, devnull_r):
     return _Worker(pid, parent, out_r, err_r)
 
 
-# --- supervisor ---------------------------------------------------------------------------------
 def _others():
     """Pids in this container other than init, this process and zombies."""
     me, found = os.getpid(), []
@@ -327,9 +292,8 @@ def _reap():
 
 
 def _in_own_container():
-    """True only when this process is the direct child of a container init (`--init`), so
-    `kill(-1)` reaches nothing outside the container. Checked every time: outside a container
-    (a test, a mistake) `kill(-1)` from root would kill the whole machine."""
+    """Whether this process is the direct child of a container init (`--init`), so `kill(-1)`
+    reaches nothing outside; checked each time, since from root outside one it kills the machine."""
     try:
         with open("/proc/1/comm") as f:
             init = f.read().strip()
@@ -339,8 +303,8 @@ def _in_own_container():
 
 
 def _kill_all(worker=None):
-    """SIGKILL every process but init and this one, until none is left (or 2 s have passed).
-    Outside a container only the worker and its process group are killed."""
+    """SIGKILL every process but init and this one until none is left (at most 2 s); outside a
+    container, only the worker and its process group."""
     if not _in_own_container():
         if worker is not None:
             for target in (-worker.pid, worker.pid):
@@ -409,15 +373,8 @@ def _supervise(worker, msg, cfg):
             else:
                 watch.remove(fd)
     duration = time.monotonic() - start
-    fields = {
-        "timed_out": timed_out,
-        "worker_lost": reply is None,
-        "duration_s": duration,
-        "exit_status": 0,
-        "exception": None,
-        "memory_error": False,
-        "cpu_exceeded": False,
-    }
+    fields = dict(timed_out=timed_out, worker_lost=reply is None, duration_s=duration, exit_status=0)
+    fields.update(exception=None, memory_error=False, cpu_exceeded=False)
     if reply is not None:
         # The worker flushed before answering: its output is in the pipes already.
         _drain([fd for fd in watch if fd != worker.ctrl], keeps, 0.0)
@@ -469,9 +426,7 @@ def main():
     worker = _start_worker(cfg, keep_fds, devnull_r)
     _write_all(chan_out, _frame({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]}))
 
-    def read(n):
-        return os.read(chan_in, n)
-
+    read = functools.partial(os.read, chan_in)
     while True:
         msg = _recv(read)
         if msg is None:

@@ -27,6 +27,8 @@ from spo_agents.sandboxes.base import SandboxLimits
 from spo_agents.sandboxes.docker import backend as dockermod
 from spo_agents.sandboxes.docker import driver
 from spo_agents.sandboxes.docker.backend import BACKEND_LABEL, LABEL, OWNER_LABEL, DockerBackend, engine_url
+from spo_agents.sandboxes.docker.channel import Box, EngineGone
+from spo_agents.sandboxes.docker.pool import Key
 
 PY = sys.executable
 
@@ -73,7 +75,7 @@ def _message(obj: dict) -> bytes:
 
 def test_box_demultiplexes_stdout_messages_from_stderr_noise():
     a, b = socket.socketpair()
-    box = dockermod._Box("c" * 64, b, key=None)  # type: ignore[arg-type]
+    box = Box("c" * 64, b, key=None)  # type: ignore[arg-type]
     msg1, msg2 = _message({"op": "ready"}), _message({"n": 2, "text": "é" * 10})
     wire = (
         _docker_frame(2, b"warning on stderr\n")
@@ -87,14 +89,14 @@ def test_box_demultiplexes_stdout_messages_from_stderr_noise():
     assert box.recv(time.monotonic() + 5) == {"n": 2, "text": "é" * 10}
     assert bytes(box.err) == b"warning on stderr\n"
     a.close()
-    with pytest.raises(dockermod._EngineGone):
+    with pytest.raises(EngineGone):
         box.recv(time.monotonic() + 5)
     b.close()
 
 
 def test_box_recv_times_out_at_the_deadline():
     a, b = socket.socketpair()
-    box = dockermod._Box("c" * 64, b, key=None)  # type: ignore[arg-type]
+    box = Box("c" * 64, b, key=None)  # type: ignore[arg-type]
     t0 = time.monotonic()
     with pytest.raises(socket.timeout):
         box.recv(t0 + 0.2)
@@ -380,14 +382,14 @@ async def test_warm_pool_hands_out_started_containers_and_refills():
     b = DockerBackend(pool_size=2)
     try:
         assert await b.warm() == 2
-        pooled = {box.id for pool in b._pools.values() for box in pool}
+        pooled = {box.id for box in b._pool.waiting()}
         s = await b.open_session()
         assert s.container_id in pooled
         for _ in range(200):  # refilled in the background
-            if sum(len(p) for p in b._pools.values()) == 2:
+            if len(b._pool.waiting()) == 2:
                 break
             await asyncio.sleep(0.05)
-        assert sum(len(p) for p in b._pools.values()) == 2
+        assert len(b._pool.waiting()) == 2
         assert len(_containers(f"{BACKEND_LABEL}={b.backend_id}")) == 3
         await s.close()
         assert len(_containers(f"{BACKEND_LABEL}={b.backend_id}")) == 2
@@ -493,10 +495,10 @@ async def test_cpu_seconds_limit_stops_the_call_and_keeps_the_session(be):
 def test_pool_key_ignores_per_call_limits_but_not_container_limits():
     base = SandboxLimits(timeout_s=10.0, memory_mb=512)
     same = SandboxLimits(timeout_s=2.0, cpu_s=1.0, memory_mb=512)
-    assert dockermod._Key.of(False, base) == dockermod._Key.of(False, same)
-    assert dockermod._Key.of(False, base) != dockermod._Key.of(True, base)
-    assert dockermod._Key.of(False, base) != dockermod._Key.of(False, SandboxLimits(memory_mb=256))
-    assert dockermod._Key.of(False, base) != dockermod._Key.of(False, SandboxLimits(memory_mb=512, max_output_bytes=10))
+    assert Key.of(False, base) == Key.of(False, same)
+    assert Key.of(False, base) != Key.of(True, base)
+    assert Key.of(False, base) != Key.of(False, SandboxLimits(memory_mb=256))
+    assert Key.of(False, base) != Key.of(False, SandboxLimits(memory_mb=512, max_output_bytes=10))
 
 
 @pytest.mark.docker
@@ -505,7 +507,7 @@ async def test_a_pooled_container_that_died_while_waiting_is_not_handed_out():
     b = DockerBackend(pool_size=1)
     try:
         await b.warm()
-        (dead,) = [box.id for pool in b._pools.values() for box in pool]
+        (dead,) = [box.id for box in b._pool.waiting()]
         b._api.kill(dead)
         for _ in range(100):
             if not b._api.inspect_container(dead)["State"]["Running"]:
