@@ -6,8 +6,10 @@
 
 Standard library only on the server side (`http.server`); pages are HTML with inline SVG charts
 drawn by `spo_agents.view.svg`, one small script of our own for the live refresh, nothing
-fetched from elsewhere. Modules: `data` (reading run and eval dirs), `svg` (charts), `pages`
-(HTML), `static` (CSS, script), `server` (routes and HTTP).
+fetched from elsewhere. Modules: `data` (reading run and eval dirs), `svg` (charts), `html`
+(escaping, tables, the page frame), the pages per view (`run_pages`, `problem_pages`,
+`trajectory_pages`, `eval_pages`, gathered in `pages`), `static` (CSS, script), `server` (routes
+and HTTP).
 """
 
 from spo_agents.view.server import Viewer, ViewServer
