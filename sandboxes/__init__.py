@@ -19,7 +19,7 @@ from typing import Any
 
 from spo_agents.registry import SANDBOXES
 
-from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession, SyncSession, run_sync
+from .base import SandboxBackend, SandboxLimits, SandboxResult, SandboxSession, SyncSession, run_sync, split_limits
 
 BUILTIN_BACKENDS = {
     "local": (
@@ -47,14 +47,12 @@ def backend_from_config(config: Any) -> SandboxBackend:
     """Build the backend a `SandboxConfig` describes (`spo_agents.config`).
 
     `timeout_s` and `memory_mb`, and any `SandboxLimits` field in `options`, become the backend's
-    `limits`; the other `options` go to the backend as keyword arguments.
+    `limits` (`split_limits`, as backends do with their keyword arguments); the other `options` go
+    to the backend as keyword arguments.
     """
-    options = dict(getattr(config, "options", None) or {})
-    fields = set(SandboxLimits.__dataclass_fields__)
-    lim = {k: options.pop(k) for k in list(options) if k in fields}
-    lim.setdefault("timeout_s", config.timeout_s)
-    lim.setdefault("memory_mb", config.memory_mb)
-    return make_backend(config.backend, limits=SandboxLimits(**lim), **options)
+    base = SandboxLimits(timeout_s=config.timeout_s, memory_mb=config.memory_mb)
+    limits, options = split_limits(dict(getattr(config, "options", None) or {}), base)
+    return make_backend(config.backend, limits=limits, **options)
 
 
 def backend_availability(name: str) -> tuple[bool, str]:
@@ -107,4 +105,5 @@ __all__ = [
     "make_backend",
     "open_session_sync",
     "run_sync",
+    "split_limits",
 ]

@@ -17,7 +17,7 @@ import abc
 import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 from spo_agents.errors import ConfigError, did_you_mean
@@ -39,6 +39,15 @@ class SandboxLimits:
     disk_mb: int | None = 256  # writable work dir (a size-limited tmpfs in the `local` backend)
 
 
+def split_limits(options: dict[str, Any], base: SandboxLimits | None = None) -> tuple[SandboxLimits, dict[str, Any]]:
+    """`base` (default `SandboxLimits()`) with the `SandboxLimits` fields among `options` applied,
+    and the options that are not limits."""
+    known = set(SandboxLimits.__dataclass_fields__)
+    limits = {k: v for k, v in options.items() if k in known}
+    rest = {k: v for k, v in options.items() if k not in known}
+    return replace(base or SandboxLimits(), **limits), rest
+
+
 def merge_limits(
     backend: str, limits: SandboxLimits | None, fields: dict[str, Any], options: Sequence[str]
 ) -> SandboxLimits:
@@ -47,15 +56,15 @@ def merge_limits(
     `fields` are a backend's keyword arguments that are not among its own `options`; a name that
     is neither a limit nor an option is a `ConfigError` that lists both.
     """
-    known = set(SandboxLimits.__dataclass_fields__)
-    unknown = sorted(set(fields) - known)
+    merged, unknown = split_limits(fields, limits)
     if unknown:
-        names = known | set(options)
+        first = sorted(unknown)[0]
+        names = set(SandboxLimits.__dataclass_fields__) | set(options)
         raise ConfigError(
-            f"unknown option `{unknown[0]}` for the `{backend}` sandbox.{did_you_mean(unknown[0], names)} "
+            f"unknown option `{first}` for the `{backend}` sandbox.{did_you_mean(first, names)} "
             f"Known options: {', '.join(sorted(names))}."
         )
-    return SandboxLimits(**{**asdict(limits or SandboxLimits()), **fields})
+    return merged
 
 
 @dataclass

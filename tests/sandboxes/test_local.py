@@ -23,6 +23,7 @@ from spo_agents.sandboxes import (
     make_backend,
     open_session_sync,
 )
+from spo_agents.sandboxes.base import split_limits
 from spo_agents.sandboxes.local import LocalBackend
 from spo_agents.sandboxes.local.channel import Capture
 
@@ -83,6 +84,24 @@ def test_backend_from_config_maps_limits_and_options():
     try:
         assert isinstance(b, LocalBackend)
         assert (b.limits.timeout_s, b.limits.memory_mb, b.limits.max_output_bytes) == (3.0, 300, 123)
+    finally:
+        b.close()
+
+
+def test_split_limits_applies_limit_fields_over_the_base_and_returns_the_rest():
+    base = SandboxLimits(timeout_s=3.0, memory_mb=300)
+    limits, rest = split_limits({"memory_mb": 128, "isolation": "unshare", "cpu_s": 2.0}, base)
+    assert (limits.timeout_s, limits.memory_mb, limits.cpu_s) == (3.0, 128, 2.0)
+    assert limits.disk_mb == SandboxLimits().disk_mb
+    assert rest == {"isolation": "unshare"}
+    assert base.memory_mb == 300 and base.cpu_s is None  # the base is not changed
+
+
+def test_a_limit_in_the_options_wins_over_the_config_field():
+    cfg = SandboxConfig(backend="local", timeout_s=3.0, memory_mb=300, options={"memory_mb": 200, "preload": []})
+    b = backend_from_config(cfg)
+    try:
+        assert (b.limits.timeout_s, b.limits.memory_mb) == (3.0, 200)
     finally:
         b.close()
 
