@@ -68,15 +68,36 @@ def _parse_options(items: list[str]) -> dict:
 def _read_code(path: str) -> str:
     from spo_agents.errors import ConfigError
 
-    if path == "-":
-        return sys.stdin.read()
+    name = "stdin" if path == "-" else f"the code file `{path}`"
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
+        raise ConfigError(f"cannot read {name}: {e.strerror}; pass a readable .py file or `-` for stdin") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ConfigError(
-            f"cannot read the code file `{path}`: {e.strerror}; pass a readable .py file or `-` for stdin"
+            f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8 (Python's own source encoding)"
         ) from e
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    import math
+
+    from spo_agents.errors import ConfigError
+
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ConfigError(
+            f"`--timeout` must be a number of seconds > 0, got {args.timeout:g}; e.g. `--timeout 5`, "
+            "or leave it out for the backend's default (10)"
+        )
+    if args.repeat < 1:
+        raise ConfigError(f"`--repeat` must be >= 1, got {args.repeat}; e.g. `--repeat 3`")
 
 
 def _pretty(result, index: int, total: int) -> str:
@@ -97,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from spo_agents.sandboxes import make_backend
 
+    _check_numbers(args)
     code = _read_code(args.file)
     options = _parse_options(args.option)
     if args.timeout is not None:
@@ -107,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         results = []
         try:
             async with await backend.open_session(stateless=args.stateless or None) as session:
-                for _ in range(max(args.repeat, 1)):
+                for _ in range(args.repeat):
                     results.append(await session.run(code, args.timeout))
         finally:
             await backend.aclose()
