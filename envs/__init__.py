@@ -6,17 +6,9 @@
     envs.spec("math-python")    # the `Spec` of `math-python-v0`
 
 Ids are versioned (`math-python-v0`); an id without its version means the highest registered
-version. Entries are lazy `"module:Class"` strings, imported on `make`. Third-party packages
-add environments through the `spo_agents.envs` entry-point group:
-
-    [project.entry-points."spo_agents.envs"]
-    my-env-v0 = "my_pkg.env:MyEnv"
-
-A plugin must point to a `gymnasium.Env` subclass (normally `spo_agents.envs.MultiTurnEnv`) or
-a factory returning an instance of one; anything else fails on `make` with a message saying so.
-
-Importing this package registers the built-ins and imports nothing heavy; `MultiTurnEnv`,
-`Problem` sources and the other names below are loaded on first access.
+version, and `package.module:EnvClass` names a class directly. Plugins register through the
+`spo_agents.envs` entry-point group (docs/environments.md). Importing this package registers the
+built-ins and imports nothing heavy; the names below are loaded on first access.
 """
 
 from __future__ import annotations
@@ -34,6 +26,7 @@ __all__ = [
     "list_envs",
     "describe_env",
     "MultiTurnEnv",
+    "TextEnv",
     "StepOutcome",
     "TextSpace",
     "ChatSpace",
@@ -143,39 +136,50 @@ def check_options(env_id: str, cls: Any, options: dict[str, Any]) -> None:
 
 
 def make(id: str, **kwargs: Any) -> Any:
-    """Build the environment registered as `id` with the spec's default kwargs overridden by
-    `kwargs` (for built-ins: `split`, `sandbox`, `sandbox_limits`, env options).
+    """Build the environment registered as `id` (or given as `package.module:EnvClass`) with the
+    spec's default kwargs overridden by `kwargs` (for built-ins: `split`, `sandbox`,
+    `sandbox_limits`, env options). The env's `spec` is a Gymnasium `EnvSpec` holding the
+    registered id, which trajectories and transcripts record (`env.env_id`).
 
     Raises `EnvNotFound` ("Did you mean ...?") for unknown ids and `EnvError` when the plugin is
-    not a valid environment."""
+    not a valid environment (not a `gymnasium.Env`, or lacking a member of `TextEnv`)."""
     import gymnasium
+    from gymnasium.envs.registration import EnvSpec
+
+    from spo_agents.envs.protocol import protocol_problems
 
     spec_, obj = ENVS.load(id)  # validates the plugin (`registry.env_requirement`)
     options = {**spec_.kwargs, **kwargs}
     check_options(spec_.id, obj, options)
     env = obj(**options)
     if not isinstance(env, gymnasium.Env):
-        close = getattr(env, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:
-                pass
+        _close_quietly(env)
         raise EnvError(f"{env_requirement(spec_)}; calling it returned {type(env).__name__}")
-    if getattr(env, "env_id", None) is None:
-        try:
-            env.env_id = spec_.id  # trajectories and transcripts record the registered id
-        except AttributeError:
-            pass
+    entry = spec_.entry_point if isinstance(spec_.entry_point, str) else obj
+    env.unwrapped.spec = EnvSpec(id=spec_.id, entry_point=entry, kwargs=options)
+    missing = protocol_problems(env)
+    if missing:
+        _close_quietly(env)
+        raise EnvError(f"`{spec_.id}` (from {spec_.source}) does not provide what rollouts need: " + "; ".join(missing))
     return env
+
+
+def _close_quietly(env: Any) -> None:
+    close = getattr(env, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - the error being raised says more
+            pass
 
 
 _LAZY = {
     "MultiTurnEnv": "spo_agents.envs.base",
     "StepOutcome": "spo_agents.envs.base",
-    "TextSpace": "spo_agents.envs.base",
-    "ChatSpace": "spo_agents.envs.base",
-    "Timings": "spo_agents.envs.base",
+    "TextSpace": "spo_agents.envs.spaces",
+    "ChatSpace": "spo_agents.envs.spaces",
+    "Timings": "spo_agents.envs.spaces",
+    "TextEnv": "spo_agents.envs.protocol",
     "ProblemSet": "spo_agents.envs.problems",
     "load_problems": "spo_agents.envs.problems",
     "Problem": "spo_agents.types",

@@ -1,44 +1,11 @@
-"""The multi-turn text environment interface (a `gymnasium.Env`).
+"""`MultiTurnEnv`: the base class of the suite's multi-turn text environments (a `gymnasium.Env`).
 
-One episode is one problem. The interaction, as rollouts drive it:
-
-    messages, info = env.reset(seed=..., options={"problem_id": "..."})   # chat messages
-    prompt tokens  = chat template of `messages` with the generation prompt
-    loop:
-        text   = policy output, generated until one of `env.stop_sequences` or end-of-turn
-        obs, reward, terminated, truncated, info = env.step(text)
-        if terminated or truncated: break
-        `obs` is the environment's reply. With `reply_role = None` it continues the same
-        assistant turn as raw text (e.g. "\\n<interpreter>\\n42\\n</interpreter>\\n"); with
-        `reply_role = "user"` / `"tool"` it is a new chat message of that role.
-        Its tokens are appended with loss mask 0 and generation resumes.
-
-Rules:
-- malformed model output (no answer, unclosed tags, giant code, undecodable text) is an
-  observation and a reward, never an exception; envs raise only on programmer errors;
-- `terminated`: the task ended (an answer was given); `truncated`: a budget ran out;
-- randomness comes from `self.np_random` (seeded by `reset(seed=...)`), never the global RNG;
-- bump the env's version (`-v1`, ...) when its prompt, parser or reward changes.
-
-Environments are synchronous; rollouts call `step` in worker threads, so blocking work
-(sandbox calls, answer checking) never runs on the event loop.
-
-What the base class does for a subclass
----------------------------------------
-- picks the episode's problem (`options["problem_id"]`, `options["problem"]`, or the env's
-  seeded RNG);
-- cleans the action (bytes are decoded with replacement, lone surrogates replaced, text over
-  the action space's bound ends the episode as `truncated` with `info["malformed"]`);
-- counts turns and tool calls, enforces `max_turns` and the optional `max_episode_tokens`
-  budget (both truncate), and measures time spent in `step`;
-- ends the episode (truncated, reward 0, `info["error"]`) when the sandbox infrastructure fails
-  (`SandboxError`), instead of raising;
-- owns the episode's sandbox session for tool environments (`self.sandbox_session()`), opened
-  lazily on first use and closed when the episode ends, on the next `reset` and on `close()`.
-
-The `info` dict of every `reset` / `step` has `problem_id`, `turn` (steps taken), `tool_calls`
-(tool calls made) and `timings` (a `Timings` mapping: `step_s` plus what the env measured, e.g.
-`sandbox_s`, `check_s`). Subclasses add their own keys.
+`reset` returns chat messages, `step(text)` takes what the policy generated and returns the env's
+reply, a reward and whether the episode ended. The base class picks the episode's problem, cleans
+the action, counts turns and tool calls, enforces the turn and token budgets, turns a sandbox
+failure into a truncated episode with `info["error"]`, owns the episode's sandbox session and
+supplies every member of `spo_agents.envs.protocol.TextEnv`. The contract, the `info` keys and
+how to write an environment: docs/environments.md.
 """
 
 from __future__ import annotations
@@ -46,124 +13,29 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 
 from spo_agents.envs.problems import ProblemSet
+from spo_agents.envs.spaces import ChatSpace, Message, TextSpace, Timings, clean_text, head_tail
 from spo_agents.errors import EnvError, SandboxError
 from spo_agents.types import Problem
 
-Message = dict[str, str]
-
-
-# --------------------------------------------------------------------------------------------
-# Spaces
-# --------------------------------------------------------------------------------------------
-class TextSpace(gym.spaces.Space[str]):
-    """Any Python string of at most `max_length` characters (LLM output is arbitrary text,
-    which Gymnasium's `Text` space rejects)."""
-
-    def __init__(self, max_length: int = 1_000_000, seed: int | None = None) -> None:
-        super().__init__(shape=None, dtype=None, seed=seed)
-        self.max_length = max_length
-
-    def contains(self, x: Any) -> bool:
-        return isinstance(x, str) and len(x) <= self.max_length
-
-    def sample(self, mask: Any = None, probability: Any = None) -> str:
-        n = int(self.np_random.integers(0, min(self.max_length, 64) + 1))
-        chars = self.np_random.integers(32, 127, size=n)
-        return "".join(map(chr, chars))
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"TextSpace(max_length={self.max_length})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TextSpace) and other.max_length == self.max_length
-
-
-class ChatSpace(gym.spaces.Space[Any]):
-    """Observations of a multi-turn text env: the chat messages `reset` returns (a list of
-    `{"role": str, "content": str}` dicts) or the reply text `step` returns (a string).
-    Both are bounded by `max_length` characters."""
-
-    def __init__(self, max_length: int = 10_000_000, seed: int | None = None) -> None:
-        super().__init__(shape=None, dtype=None, seed=seed)
-        self.max_length = max_length
-
-    def contains(self, x: Any) -> bool:
-        if isinstance(x, str):
-            return len(x) <= self.max_length
-        if not isinstance(x, list):
-            return False
-        total = 0
-        for m in x:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                return False
-            total += len(m["content"])
-        return total <= self.max_length
-
-    def sample(self, mask: Any = None, probability: Any = None) -> list[Message]:
-        text = TextSpace(min(self.max_length, 64), seed=int(self.np_random.integers(2**31))).sample()
-        return [{"role": "user", "content": text}]
-
-    @property
-    def is_np_flattenable(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"ChatSpace(max_length={self.max_length})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ChatSpace) and other.max_length == self.max_length
-
-
-# --------------------------------------------------------------------------------------------
-# Step results and timings
-# --------------------------------------------------------------------------------------------
-class Timings(Mapping[str, float]):
-    """Seconds spent in one `reset` / `step`, by key (`step_s`, `sandbox_s`, `check_s`, ...).
-
-    A read-only mapping. Timings are measurements, not part of the environment's state, so two
-    `Timings` compare equal when they hold the same keys, whatever the values (this keeps
-    Gymnasium's determinism checks meaningful: they compare `info` dicts with `==`). Compare
-    values explicitly when you need to. `to_dict()` gives a plain, JSON-ready dict.
-    """
-
-    __slots__ = ("_values",)
-
-    def __init__(self, values: Mapping[str, float] | None = None) -> None:
-        self._values = {k: float(v) for k, v in (values or {}).items()}
-
-    def __getitem__(self, key: str) -> float:
-        return self._values[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Timings):
-            return set(self._values) == set(other._values)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self._values)
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v:.4f}" for k, v in self._values.items())
-        return f"Timings({inner})"
+__all__ = [
+    "ChatSpace",
+    "Message",
+    "MultiTurnEnv",
+    "StepOutcome",
+    "TextSpace",
+    "Timings",
+    "clean_text",
+    "head_tail",
+    "open_sync_session",
+    "shared_backend",
+]
 
 
 @dataclass
@@ -179,34 +51,6 @@ class StepOutcome:
     terminated: bool = False
     truncated: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def head_tail(text: str, max_chars: int, marker: str = "\n... [{n} characters cut] ...\n") -> tuple[str, bool]:
-    """Shorten `text` to about `max_chars` characters keeping its head and tail (the middle is
-    replaced by `marker`, where `{n}` is the number of characters cut). Returns (text, cut)."""
-    if max_chars <= 0 or len(text) <= max_chars:
-        return text, False
-    keep = max(max_chars, 2)
-    head = keep // 2
-    tail = keep - head
-    n = len(text) - head - tail
-    return text[:head] + marker.format(n=n) + text[len(text) - tail :], True
-
-
-def clean_text(action: Any) -> str | None:
-    """Turn whatever a policy produced into valid UTF-8 text, or `None` if it is not text at all.
-
-    Bytes are decoded as UTF-8 with replacement characters; lone surrogates (which cannot be
-    encoded, e.g. from `surrogateescape` decoding) are replaced by `?`."""
-    if isinstance(action, (bytes, bytearray, memoryview)):
-        return bytes(action).decode("utf-8", errors="replace")
-    if not isinstance(action, str):
-        return None
-    try:
-        action.encode("utf-8")
-        return action
-    except UnicodeEncodeError:
-        return action.encode("utf-8", errors="replace").decode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +91,8 @@ def open_sync_session(backend: Any, *, stateless: bool | None, limits: Any) -> A
 # The base class
 # --------------------------------------------------------------------------------------------
 class MultiTurnEnv(gym.Env[Any, str]):
-    """Base class of the suite's environments. Subclasses implement `_reset_episode` and
-    `_step_episode`; see the module docstring for the protocol.
+    """Base class of the suite's environments. Subclasses implement `_reset_episode` (the first
+    chat messages) and `_step_episode` (the reply to one generation, a `StepOutcome`).
 
     Class attributes a subclass sets:
         stop_sequences: strings at which generation must stop and hand control to `step`.
@@ -270,6 +114,8 @@ class MultiTurnEnv(gym.Env[Any, str]):
     metadata: dict[str, Any] = {"render_modes": []}
     stop_sequences: list[str] = []
     reply_role: str | None = None
+    #: whether `rescore` scores saved text (set True where you override it)
+    rescorable: bool = False
 
     def __init__(
         self,
@@ -339,6 +185,22 @@ class MultiTurnEnv(gym.Env[Any, str]):
         """Whether two final answers count as the same (used by maj@k). Default: equal strings."""
         return a is not None and b is not None and str(a).strip() == str(b).strip()
 
+    @property
+    def env_id(self) -> str:
+        """The id trajectories and transcripts record: the registered id that `envs.make` puts in
+        `self.spec` (`math-python-v0`), else the class as `package.module:Class`."""
+        spec = self.unwrapped.spec
+        if spec is not None and spec.id:
+            return str(spec.id)
+        cls = type(self)
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    def rescore(self, problem: Problem, model_text: list[str]) -> tuple[float, dict[str, Any]] | None:
+        """Score saved model text again (`spo-agent rescore`): `(reward, info)` with `answer`,
+        `correct` and `check` in `info`, or `None` when the reward is not a pure function of the
+        text (it runs code, or depends on the episode's replies). Default: `None`."""
+        return None
+
     # --- the Gymnasium API ----------------------------------------------------------------
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -362,6 +224,7 @@ class MultiTurnEnv(gym.Env[Any, str]):
         self._timings = {}
         start = time.perf_counter()
         messages = self._reset_episode(problem)
+        self._check_messages(messages)
         self._episode_tokens += sum(self._count_tokens(m["content"]) for m in messages)
         self._timings["step_s"] = time.perf_counter() - start
         info = self._info(self._timings)
@@ -480,6 +343,17 @@ class MultiTurnEnv(gym.Env[Any, str]):
                 pass
         if was_active:
             self._on_episode_end()
+
+    def _check_messages(self, messages: Any) -> None:
+        """`_reset_episode` must give a non-empty list of `{"role": str, "content": str}` dicts."""
+        ok = isinstance(messages, list) and bool(messages)
+        ok = ok and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+        if not (ok and all(isinstance(m.get("content"), str) for m in messages)):
+            raise EnvError(
+                f"`{type(self).__name__}._reset_episode` must return the first chat messages, a non-empty list of "
+                f'`{{"role": str, "content": str}}` dicts, e.g. `[{{"role": "user", "content": problem.prompt}}]`; '
+                f"it returned {repr(messages)[:120]}"
+            )
 
     def _count_tokens(self, text: str) -> int:
         if self.max_episode_tokens is None or not text:

@@ -35,7 +35,7 @@ token budget, an oversized action or a sandbox infrastructure failure.
 (default 1000 train / 200 test), `seed`, `count` (numbers per problem, default 4),
 `max_number` (default 100), `max_target` (default 1000), `test_fraction` (0.1), `problems`
 (your own list of `Problem`s with `metadata["numbers"]` and the target as `answer`), and
-everything `math-python` takes (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
+the tool options of `ToolEnv` (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
 `one_shot`, `system_prompt`, ...).
 
 ## Version history
@@ -55,10 +55,9 @@ from typing import Any
 from spo_agents.errors import EnvError
 from spo_agents.types import Problem
 
-from .answers import extract_boxed
-from .base import Message, StepOutcome
-from .math_python import CODE_CLOSE, CODE_OPEN, MathPythonEnv, interpreter_reply
+from .base import Message
 from .problems import content_split
+from .tool_env import ToolEnv, Verdict, tool_example
 
 MAX_EXPRESSION_CHARS = 200
 
@@ -274,8 +273,10 @@ def _generate(
     return tuple(problems.values())
 
 
-class CountdownEnv(MathPythonEnv):
+class CountdownEnv(ToolEnv):
     """Countdown with a Python tool: reach the target with + - * / and each number at most once."""
+
+    default_system_prompt = SYSTEM_PROMPT
 
     def __init__(
         self,
@@ -288,8 +289,6 @@ class CountdownEnv(MathPythonEnv):
         max_target: int = 1000,
         test_fraction: float = 0.1,
         problems: list[Problem] | None = None,
-        system_prompt: str | None = None,
-        max_tool_calls: int = 8,
         **kwargs: Any,
     ) -> None:
         if problems is None:
@@ -309,45 +308,25 @@ class CountdownEnv(MathPythonEnv):
                     f"countdown problem `{p.id}` needs `metadata['numbers']` (a list of ints) "
                     "and the target as `answer`"
                 )
-        if system_prompt is None:
-            system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
-        super().__init__(split, problems=problems, system_prompt=system_prompt, max_tool_calls=max_tool_calls, **kwargs)
+        super().__init__(problems, **kwargs)
+        self.split = split
 
-    def _reset_episode(self, problem: Problem) -> list[Message]:
-        messages = super()._reset_episode(problem)
-        if self.one_shot:  # replace math-python's example with a countdown one
-            shot = [
-                {"role": "user", "content": render_prompt(ONE_SHOT_NUMBERS, ONE_SHOT_TARGET)},
-                {
-                    "role": "assistant",
-                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(str(ONE_SHOT_TARGET))}"
-                    "The answer is \\boxed{(5 - 2) * 10}.",
-                },
-            ]
-            start = 1 if self.system_prompt else 0
-            messages[start : start + 2] = shot
-        return messages
+    def one_shot_messages(self) -> list[Message]:
+        question = render_prompt(ONE_SHOT_NUMBERS, ONE_SHOT_TARGET)
+        return tool_example(question, ONE_SHOT_CODE, str(ONE_SHOT_TARGET), "The answer is \\boxed{(5 - 2) * 10}.")
 
     def score(self, expression: str | None, problem: Problem) -> Evaluation:
         """Check `expression` against `problem`; `legal` and `value == target` means correct."""
         return evaluate_expression(expression, list(problem.metadata["numbers"]))
 
-    def _finish(self) -> StepOutcome:
-        answer = extract_boxed("\n".join(self._model_text))
-        if self.problem is None:
-            raise EnvError("`_finish` needs an episode: call `reset()` first")
-        ev = self.score(answer, self.problem)
-        correct = ev.legal and ev.value == Fraction(int(self.problem.answer))
-        check = "ok" if correct else (ev.error or "wrong_value")
-        info = {
-            "answer": answer,
-            "correct": correct,
-            "check": check,
-            "value": str(ev.value) if ev.value is not None else None,
-        }
+    def score_answer(self, answer: str | None, problem: Problem) -> Verdict:
+        """1.0 when the expression is legal and exactly equals the target (module docstring)."""
+        ev = self.score(answer, problem)
+        correct = ev.legal and ev.value == Fraction(int(problem.answer))
+        info: dict[str, Any] = {"value": str(ev.value) if ev.value is not None else None}
         if ev.message:
             info["check_detail"] = ev.message
-        return StepOutcome("", 1.0 if correct else 0.0, True, False, info)
+        return Verdict(1.0 if correct else 0.0, correct, "ok" if correct else (ev.error or "wrong_value"), info)
 
     def answers_equivalent(self, a: Any, b: Any) -> bool:
         """Two expressions are the same answer when they use the same numbers (as a multiset) and

@@ -41,7 +41,7 @@ action or a sandbox infrastructure failure.
 generator's settings, passed to `reasoning_gym.create_dataset`), `split` (`train` | `test`,
 disjoint by a hash of the question and answer), `num_problems` (default 500 train / 100 test),
 `seed`, `test_fraction` (0.1), `partial_credit` (default False), `score_timeout_s` (10), and
-everything `math-python` takes (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
+the tool options of `ToolEnv` (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
 `one_shot`, `system_prompt`, ...). Ids are
 `rg:<task>:<generator seed>:<index>`, as in `spo_agents.envs.problems`.
 
@@ -61,9 +61,9 @@ from spo_agents.errors import DatasetError, EnvError, SandboxError, did_you_mean
 from spo_agents.types import Problem
 
 from .answers import extract_boxed
-from .base import Message, StepOutcome, open_sync_session
-from .math_python import CODE_CLOSE, CODE_OPEN, MathPythonEnv, interpreter_reply
+from .base import Message, open_sync_session
 from .problems import content_split
+from .tool_env import ToolEnv, Verdict, tool_example
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant that solves reasoning tasks. You can run Python code: write it "
@@ -221,8 +221,11 @@ def _b64(obj: Any) -> str:
     return base64.b64encode(pickle.dumps(obj)).decode("ascii")
 
 
-class ReasoningGymEnv(MathPythonEnv):
+class ReasoningGymEnv(ToolEnv):
     """Any reasoning-gym generator as a tool env, scored by the generator's own scorer."""
+
+    default_system_prompt = SYSTEM_PROMPT
+    rescorable = False  # the scorer runs in a sandbox: `spo-agent rescore` evaluates again instead
 
     def __init__(
         self,
@@ -235,8 +238,6 @@ class ReasoningGymEnv(MathPythonEnv):
         test_fraction: float = 0.1,
         partial_credit: bool = False,
         score_timeout_s: float = 10.0,
-        system_prompt: str | None = None,
-        max_tool_calls: int = 8,
         **kwargs: Any,
     ) -> None:
         if "problems" in kwargs or "source" in kwargs:
@@ -251,24 +252,15 @@ class ReasoningGymEnv(MathPythonEnv):
         self.task = task
         self.partial_credit = partial_credit
         self._scorer = _SandboxedScorer(task, task_config, seed, timeout_s=score_timeout_s)
-        if system_prompt is None:
-            system_prompt = SYSTEM_PROMPT.format(max_tool_calls=max_tool_calls)
-        super().__init__(split, problems=problems, system_prompt=system_prompt, max_tool_calls=max_tool_calls, **kwargs)
+        super().__init__(problems, **kwargs)
+        self.split = split
 
-    def _reset_episode(self, problem: Problem) -> list[Message]:
-        messages = super()._reset_episode(problem)
-        if self.one_shot:  # math-python's example answers with \boxed{}; ours with <answer>
-            shot = [
-                {"role": "user", "content": ONE_SHOT_QUESTION},
-                {
-                    "role": "assistant",
-                    "content": f"{CODE_OPEN}{ONE_SHOT_CODE}{CODE_CLOSE}{interpreter_reply(ONE_SHOT_OUTPUT)}"
-                    f"<answer>{ONE_SHOT_OUTPUT}</answer>",
-                },
-            ]
-            start = 1 if self.system_prompt else 0
-            messages[start : start + 2] = shot
-        return messages
+    def one_shot_messages(self) -> list[Message]:
+        answer = f"<answer>{ONE_SHOT_OUTPUT}</answer>"
+        return tool_example(ONE_SHOT_QUESTION, ONE_SHOT_CODE, ONE_SHOT_OUTPUT, answer)
+
+    def extract_answer(self, text: str) -> str | None:
+        return extract_answer(text)
 
     def score(self, answer: str | None, problem: Problem) -> tuple[float, str | None]:
         """(the scorer's value clipped to [0, 1], error message of a scorer that raised)."""
@@ -282,26 +274,14 @@ class ReasoningGymEnv(MathPythonEnv):
             return 0.0, "the scorer returned NaN"
         return min(1.0, max(0.0, value)), None
 
-    def _finish(self) -> StepOutcome:
-        if self.problem is None:
-            raise EnvError("`_finish` needs an episode: call `reset()` first")
-        answer = extract_answer("\n".join(self._model_text))
-        score, error = self.score(answer, self.problem)
+    def score_answer(self, answer: str | None, problem: Problem) -> Verdict:
+        """The generator's score: 1/0 by default, the score itself with `partial_credit`."""
+        score, error = self.score(answer, problem)
         reward = score if self.partial_credit else float(score >= 1.0)
-        info: dict[str, Any] = {
-            "answer": answer,
-            "correct": score >= 1.0,
-            "check": "scorer" if answer is not None else "no_answer",
-            "score": score,
-        }
+        info: dict[str, Any] = {"score": score}
         if error:
             info["check_error"] = error
-        return StepOutcome("", reward, True, False, info)
-
-    def _final_info(self, answer: Any) -> dict[str, Any]:
-        if answer is None and self._model_text:
-            answer = extract_answer("\n".join(self._model_text))
-        return {"answer": answer, "correct": False}
+        return Verdict(reward, score >= 1.0, "scorer" if answer is not None else "no_answer", info)
 
     def answers_equivalent(self, a: Any, b: Any) -> bool:
         """Equal after collapsing whitespace (the generators' answers are canonical strings)."""

@@ -10,7 +10,8 @@ imported until `make` is called. Third-party packages add entries through entry 
     my-backend = "my_pkg.sandbox:MyBackend"
 
 Environment ids are versioned (`math-python-v0`); an id without a version (`math-python`)
-means the highest registered version.
+means the highest registered version, and `package.module:EnvClass` names an environment class
+directly (not registered, imported on `make`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Registry:
         list_command: str,
         builtins: Callable[[], None] | None = None,
         validate: Callable[[Spec, Any], None] | None = None,
+        import_paths: bool = False,
     ) -> None:
         self.kind = kind
         self.group = group
@@ -77,6 +79,7 @@ class Registry:
         self._list_command = list_command
         self._builtins = builtins
         self._validate = validate
+        self._import_paths = import_paths
         self._specs: dict[str, Spec] = {}
         self._loaded = False
 
@@ -131,6 +134,9 @@ class Registry:
         )
 
     def spec(self, id: str) -> Spec:
+        """The spec of `id`; with `import_paths`, `package.module:Attr` gives an unregistered one."""
+        if self._import_paths and ":" in id and id not in self._specs:
+            return Spec(id=id, entry_point=id, source="an import path")
         return self._specs[self.resolve(id)]
 
     def load(self, id: str) -> tuple[Spec, Any]:
@@ -201,6 +207,7 @@ ENVS = Registry(
     list_command="spo-agent envs",
     builtins=_register_builtin_envs,
     validate=_validate_env,
+    import_paths=True,
 )
 
 

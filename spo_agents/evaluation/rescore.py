@@ -1,32 +1,11 @@
 """Re-apply an environment's current answer checking to saved episodes, without regenerating.
 
-`spo-agent rescore` uses this after a checker fix: the saved text of each episode is scored
-again and the result is written next to the old one, never over it.
-
-- **Eval dirs** (`transcripts.jsonl`, from `spo-agent eval` or a run's `eval/step-N/`): every
-  sample is re-scored from its saved completion (`info["completion"]`), the report is recomputed
-  with `spo_agents.evaluation.runner.compute_report` and written to `results.rescored.json`
-  (`results.rescored-2.json`, ... when that exists).
-- **Run dirs**: the saved training trajectories (`spo_agents.trajectory_log`) and every eval dir
-  under `RUN_DIR/eval/`. The training trajectories' changes go to
-  `RUN_DIR/trajectories/rescored.json`. The tracker is not touched: its beliefs were built from
-  the rewards the run saw.
-
-**What the env scores.** An env's reward is a function of the text its model wrote (the env
-replies left out) and the problem. Training-log records keep that text as their model
-segments; eval transcripts keep only the decoded completion, so the env replies are cut out
-again (`completion_segments`): an `<interpreter>` block right after a `</code>` (the tool
-format of `math-python` and its relatives), and ChatML user or tool turns.
-
-**Which envs.** An env that defines `rescore(problem, model_text) -> (reward, info)` is
-re-scored with it. Until the environment base class has that method, `math-python` and
-`countdown-python` (whose scoring is a pure function of the text) are re-scored through their
-public functions (`extract_boxed`, `checker`, `score`); other envs are refused with a message
-(`code-tests` runs hidden tests in a sandbox, `reasoning-gym` runs its scorer in one).
-
-**Env ids.** Episodes saved by another environment than the one asked for are refused; another
-version of the same environment (`math-python-v0` saved, `math-python-v1` now) is a notice, and
-the re-scoring goes on.
+`spo-agent rescore` scores the saved model text of eval dirs (`transcripts.jsonl`, from the
+decoded completion with the env replies cut out, `completion_segments`) and of a run's saved
+training trajectories, with the env's `rescore(problem, model_text)`; results go next to the old
+ones (`results.rescored.json`, `trajectories/rescored.json`), never over them. Envs whose reward
+is not a pure function of the text (`rescorable = False`) are refused; another version of the
+same env is a notice, another env an error. Details: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -35,10 +14,10 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from spo_agents.envs.base import MultiTurnEnv
 from spo_agents.errors import ConfigError, EnvError
 
 RESCORED = "results.rescored.json"
@@ -121,57 +100,24 @@ class Score:
     detail: str | None = None
 
 
-def scorer_for(env: Any) -> Callable[[Any, list[str]], Score]:
-    """`(problem, model_text) -> Score` for `env` (module docstring, "Which envs")."""
-    own = getattr(env, "rescore", None)
-    if callable(own):
+def scorer_for(env: MultiTurnEnv) -> Callable[[Any, list[str]], Score]:
+    """`(problem, model_text) -> Score` from `env.rescore`; refused when the env is not `rescorable`."""
+    if not env.rescorable:
+        raise ConfigError(
+            f"`{env.env_id}` cannot be re-scored from saved text: its reward is not a pure function of the model's "
+            "text (it runs code or depends on the episode's replies, `rescorable = False`); evaluate again instead"
+        )
 
-        def by_env(problem: Any, text: list[str]) -> Score:
-            reward, info = own(problem, text)
-            correct = bool(info.get("correct", reward >= 1.0))
-            return Score(float(reward), correct, info.get("answer"), info.get("check"))
+    def by_env(problem: Any, text: list[str]) -> Score:
+        verdict = env.rescore(problem, text)
+        if verdict is None:
+            raise ConfigError(f"`{env.env_id}` says it is `rescorable` but its `rescore` returned None")
+        reward, info = verdict
+        detail = info.get("check_detail") or info.get("check_error")
+        correct = bool(info.get("correct", reward >= 1.0))
+        return Score(float(reward), correct, info.get("answer"), info.get("check"), detail)
 
-        return by_env
-    from spo_agents.envs.countdown import CountdownEnv
-    from spo_agents.envs.math_python import MathPythonEnv
-
-    kind = type(env)
-    if kind._finish is CountdownEnv._finish and kind.score is CountdownEnv.score:
-        return lambda problem, text: _countdown(env, problem, text)
-    if kind._finish is MathPythonEnv._finish and kind._check is MathPythonEnv._check:
-        return lambda problem, text: _math(env, problem, text)
-    env_id = getattr(env, "env_id", None) or kind.__name__
-    raise ConfigError(
-        f"`{env_id}` cannot be re-scored from saved text: its reward is not a pure function of the model's text "
-        "(it has no `rescore(problem, model_text)` method, and only math-python and countdown-python are "
-        "re-scored without one); evaluate again instead"
-    )
-
-
-def _math(env: Any, problem: Any, text: list[str]) -> Score:
-    """math-python's end-of-episode check (`MathPythonEnv._finish`), through its public parts."""
-    from spo_agents.envs.answers import CheckResult, extract_boxed
-
-    answer = extract_boxed("\n".join(text))
-    refs = problem.answer if isinstance(problem.answer, (list, tuple)) else [problem.answer]
-    result = CheckResult(False, "empty")
-    for ref in refs:
-        if ref is None:
-            continue
-        result = env.checker.check(answer, ref, env.check_timeout_s)
-        if result.correct or answer is None:
-            break
-    return Score(1.0 if result.correct else 0.0, bool(result.correct), answer, result.method, result.error)
-
-
-def _countdown(env: Any, problem: Any, text: list[str]) -> Score:
-    """countdown-python's end-of-episode check (`CountdownEnv._finish`), through `score`."""
-    from spo_agents.envs.answers import extract_boxed
-
-    answer = extract_boxed("\n".join(text))
-    ev = env.score(answer, problem)
-    correct = bool(ev.legal and ev.value == Fraction(int(problem.answer)))
-    return Score(1.0 if correct else 0.0, correct, answer, "ok" if correct else (ev.error or "wrong_value"), ev.message)
+    return by_env
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,11 +144,15 @@ def resolve_env(saved_id: str, wanted: str | None = None) -> tuple[str, str | No
     return target, notice
 
 
-def make_env(env_id: str, split: str, kwargs: dict[str, Any]) -> Any:
+def make_env(env_id: str, split: str, kwargs: dict[str, Any]) -> MultiTurnEnv:
     """The env that re-scores (its sandbox is never started: nothing is run)."""
     from spo_agents import envs
 
-    return envs.make(env_id, split=split, **kwargs)
+    env = envs.make(env_id, split=split, **kwargs)
+    if not isinstance(env, MultiTurnEnv):
+        env.close()
+        raise ConfigError(f"`{env_id}` is not a `MultiTurnEnv`; only those can score saved text again")
+    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,24 +313,20 @@ def rescore_eval_dir(
         old = json.loads((d / RESULTS).read_text(encoding="utf-8")) if (d / RESULTS).is_file() else {}
         problem_ids = [p["problem_id"] for p in old.get("problems", [])] or sorted({pid for pid, _ in samples})
         k = int(old.get("k") or max(i for _, i in samples) + 1)
-        equivalent = getattr(env, "answers_equivalent", None) or _same_text
+        equivalent = env.answers_equivalent
         new_report = compute_report(samples, problem_ids, k, equivalent, old.get("settings") or settings)
     finally:
         env.close()
     for key in ("avg_at_k", "maj_at_k"):
         if key in old:
             report.before[key] = float(old[key])
-        report.after[key] = float(getattr(new_report, key))
+    report.after.update({"avg_at_k": new_report.avg_at_k, "maj_at_k": new_report.maj_at_k})
     if write:
         out = _free_path(d / RESCORED)
         doc = {**new_report.to_dict(), "rescore": report.to_dict()}
         out.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
         report.written = str(out)
     return report
-
-
-def _same_text(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and str(a).strip() == str(b).strip()
 
 
 def _problem(env: Any, problem_id: str) -> Any:

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from spo_agents.algorithm.passk import ks_up_to, majority_correct, pass_at_k
+from spo_agents.envs.protocol import TextEnv
 from spo_agents.errors import ConfigError, PluginError, SPOError
-from spo_agents.rollout.collector import run_episode
+from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.types import Trajectory, read_jsonl, write_jsonl
 
@@ -163,7 +164,7 @@ def compute_report(
 
 
 async def evaluate(
-    env_factory: Callable[[], Any],
+    env_factory: Callable[[], TextEnv],
     policy: PolicyBackend,
     problem_ids: list[str],
     *,
@@ -270,7 +271,7 @@ async def evaluate(
         executor.shutdown(wait=False, cancel_futures=True)
         if not envs:
             envs.append(env_factory())
-        equivalent = _equivalence(envs[0])
+        equivalent = envs[0].answers_equivalent
         for env in envs:
             try:
                 env.close()
@@ -288,13 +289,6 @@ async def evaluate(
     if out is not None:
         (out / RESULTS).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
-
-
-def _equivalence(env: Any) -> Callable[[Any, Any], bool]:
-    fn = getattr(env, "answers_equivalent", None)
-    if fn is None:
-        return lambda a, b: a is not None and b is not None and str(a).strip() == str(b).strip()
-    return fn
 
 
 def _repair_torn_tail(path: Path) -> None:

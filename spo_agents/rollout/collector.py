@@ -1,36 +1,12 @@
-"""Single-stream rollout: episodes driven by the policy, delivered the moment they finish.
+"""Single-stream collection: `Collector` keeps episodes in flight and hands out the first that finish.
 
-One episode (`run_episode`): the environment's reset messages go through
-the chat template (with the generation prompt) to give `prompt_ids`; then, until the episode ends,
-the policy generates until one of `env.stop_sequences` or end-of-turn, `env.step(text)` runs in
-a worker thread, and the environment's reply is appended with loss mask 0. Token-in, token-out:
-the trajectory holds exactly the sampled tokens and the inserted reply tokens.
-
-- `reply_role = None`: the reply continues the assistant turn; its tokens are
-  `tokenizer.encode(obs, add_special_tokens=False)`.
-- `reply_role = "user"` / `"tool"`: the reply is a new chat message; its tokens are the chat
-  template's delta: the text of everything so far is a prefix of the chat rendered with the reply
-  (and the next generation prompt), and the suffix is tokenised. A template that is not
-  prefix-preserving makes the episode an error instead of a silently wrong
-  training sequence.
-
-The episode ends when the env terminates or truncates, or when `max_episode_tokens` (all tokens
-after the prompt, replies included) is spent (`truncated`). Infrastructure failures
-(`InfraError`: `SandboxError`, `PolicyError`) become `Trajectory.error`: a bad rollout is data,
-not a crash. Anything else (a bad config, an environment that raises) is a programmer error and
-stops the run: the collector raises it from `next_batch`, an environment's own exception as a
-`PluginError` naming its file and line.
-
-`Collector` keeps `max_in_flight` episodes running and hands out the first that finish, with no
-group barrier (paper Sec. 3 and 5.4). Over-sampling is submitting more problems than a batch needs:
-the first `n` finished are returned and the rest stay in flight for the next call (or are
-`cancel`ed). Trajectories generated more than `max_staleness` policy versions before the
-current `policy.version` are dropped and counted. `group_size = G > 1` is the grouped mode of the
-GRPO comparison, in the same code path: each problem runs G times under one `group_id`, and a
-group is delivered only when all G have finished (the barrier).
-
-The collector's tasks live on the event loop that calls `next_batch`; keep one loop for its
-lifetime.
+No group barrier (paper Sec. 3 and 5.4): submitting more problems than a batch needs is
+over-sampling; the first `n` finished are returned and the rest stay in flight. Trajectories
+more than `max_staleness` policy versions old are dropped and counted. `group_size = G > 1` is
+the grouped mode of the GRPO comparison: G episodes per problem under one `group_id`, delivered
+together. An env's own exception stops the run (`next_batch` raises it as a `PluginError`).
+Episodes are played by `spo_agents.rollout.episode.run_episode`. The collector's tasks live on
+the event loop that calls `next_batch`; keep one loop for its lifetime.
 """
 
 from __future__ import annotations
@@ -38,190 +14,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import dataclasses
-import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from spo_agents.errors import ConfigError, InfraError, PluginError, PolicyError, RolloutError, SPOError
+from spo_agents.errors import ConfigError, PluginError, RolloutError, SPOError
+from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
-from spo_agents.types import ToolCall, Trajectory
+from spo_agents.types import Trajectory
+
+__all__ = ["Collector", "CollectorStats", "run_episode"]
 
 log = logging.getLogger(__name__)
-
-
-def _env_id(env: Any) -> str:
-    spec = getattr(env, "spec", None)
-    if spec is not None and getattr(spec, "id", None):
-        return str(spec.id)
-    return str(getattr(env, "env_id", None) or type(env).__name__)
-
-
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-
-
-def _tool_calls(info: dict[str, Any]) -> list[ToolCall]:
-    """Tool calls an env reported in one step's info: a `ToolCall` (or its dict) under
-    `tool_call`, or a list of them under `tool_calls` (an int there is the env's count)."""
-    raw: list[Any] = []
-    if info.get("tool_call") is not None:
-        raw.append(info["tool_call"])
-    if isinstance(info.get("tool_calls"), list):
-        raw.extend(info["tool_calls"])
-    out = []
-    for t in raw:
-        if isinstance(t, ToolCall):
-            out.append(t)
-        elif isinstance(t, dict):
-            known = {f.name for f in dataclasses.fields(ToolCall)}
-            out.append(ToolCall(**{k: v for k, v in t.items() if k in known}))
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    """Keep info values that survive JSON (transcripts are JSONL)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    return repr(value)
-
-
-async def run_episode(
-    env: Any,
-    policy: PolicyBackend,
-    problem_id: str,
-    *,
-    sampling: SamplingParams,
-    max_episode_tokens: int = 1024,
-    seed: int | None = None,
-    executor: concurrent.futures.Executor | None = None,
-) -> Trajectory:
-    """Play one episode of `env` on `problem_id` with `policy` (see the module docstring).
-
-    `env.reset` / `env.step` run in `executor` (default: asyncio's default thread pool, which
-    has only a few threads: collectors pass a pool with one thread per in-flight episode so
-    blocking tool calls of different episodes overlap)."""
-    loop = asyncio.get_running_loop()
-
-    def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
-
-    tok = policy.tokenizer
-    t_start = time.perf_counter()
-    timings = {"generate": 0.0, "env": 0.0, "sandbox": 0.0, "total": 0.0}
-    prompt_ids: list[int] = []
-    token_ids: list[int] = []
-    loss_mask: list[int] = []
-    logprobs: list[float] = []
-    turn_starts: list[int] = []
-    versions: list[int] = []
-    tool_calls: list[ToolCall] = []
-    reward = 0.0
-    terminated = truncated = False
-    info: dict[str, Any] = {}
-    error: str | None = None
-    token_io = True
-    try:
-        t = time.perf_counter()
-        messages, info = await in_thread(env.reset, seed=seed, options={"problem_id": problem_id})
-        timings["env"] += time.perf_counter() - t
-        chat = [dict(m) for m in messages]
-        prompt_ids = tok.encode(_render(tok, chat, True), add_special_tokens=False)
-        stop = list(dict.fromkeys([*getattr(env, "stop_sequences", []), *sampling.stop]))
-        reply_role = getattr(env, "reply_role", None)
-        assistant_text = ""  # the current assistant message, for chat-role replies
-        while True:
-            budget = max_episode_tokens - len(token_ids)
-            if budget <= 0:
-                truncated = True
-                break
-            params = dataclasses.replace(sampling, stop=stop, max_new_tokens=min(sampling.max_new_tokens, budget))
-            t = time.perf_counter()
-            gen = await policy.generate(prompt_ids + token_ids, params)
-            timings["generate"] += time.perf_counter() - t
-            turn_token_io = bool(gen.info.get("token_io", policy.supports_token_io))
-            token_io = token_io and turn_token_io
-            if turn_token_io and len(gen.logprobs) != len(gen.token_ids):
-                # a token-in/out backend must report the log-prob of what it sampled (a text-only
-                # server's turns keep 0.0: they are for evaluation only)
-                raise PolicyError(
-                    f"the policy returned {len(gen.token_ids)} tokens but {len(gen.logprobs)} log-probs; "
-                    "training needs the behaviour log-prob of every sampled token"
-                )
-            turn_starts.append(len(token_ids))
-            versions.append(gen.policy_version)
-            token_ids += gen.token_ids
-            loss_mask += [1] * len(gen.token_ids)
-            logprobs += list(gen.logprobs) if len(gen.logprobs) == len(gen.token_ids) else [0.0] * len(gen.token_ids)
-            assistant_text += gen.text
-            t = time.perf_counter()
-            obs, r, terminated, truncated, info = await in_thread(env.step, gen.text)
-            timings["env"] += time.perf_counter() - t
-            reward += float(r)
-            tool_calls += _tool_calls(info)
-            timings["sandbox"] += float((info.get("timings") or {}).get("sandbox_s", 0.0))
-            if terminated or truncated:
-                break
-            if reply_role is None:
-                reply = tok.encode(obs, add_special_tokens=False)
-                assistant_text += obs
-            else:
-                so_far = tok.decode(prompt_ids + token_ids, skip_special_tokens=False)
-                chat += [{"role": "assistant", "content": assistant_text}, {"role": reply_role, "content": obs}]
-                assistant_text = ""
-                rendered = _render(tok, chat, True)
-                if not rendered.startswith(so_far):
-                    error = (
-                        f"the chat template is not prefix-preserving: the tokens so far are not a prefix of the chat "
-                        f"rendered with the `{reply_role}` reply, so the reply cannot be appended token-in/token-out; "
-                        f"use an env with `reply_role = None` or a prefix-preserving template (`spo-agent check-env`)"
-                    )
-                    break
-                reply = tok.encode(rendered[len(so_far) :], add_special_tokens=False)
-            if len(token_ids) + len(reply) > max_episode_tokens:
-                truncated = True
-                break
-            token_ids += reply
-            loss_mask += [0] * len(reply)
-            logprobs += [0.0] * len(reply)
-    except InfraError as e:
-        error = f"{type(e).__name__}: {e}"
-    timings["total"] = time.perf_counter() - t_start
-    if not timings["sandbox"]:
-        timings["sandbox"] = sum(tc.duration_s for tc in tool_calls)
-    if error is None and isinstance((info or {}).get("error"), str):
-        error = info["error"]  # the env caught an infrastructure failure (e.g. the sandbox)
-    out_info = {k: _jsonable(v) for k, v in (info or {}).items() if k not in ("tool_call", "tool_calls")}
-    if not token_io:
-        out_info["token_io"] = False
-    return Trajectory(
-        problem_id=problem_id,
-        env_id=_env_id(env),
-        prompt_ids=prompt_ids,
-        token_ids=token_ids,
-        loss_mask=loss_mask,
-        logprobs=logprobs,
-        reward=reward,
-        terminated=bool(terminated),
-        truncated=bool(truncated),
-        policy_version=versions[0] if versions else policy.version,
-        policy_versions=versions,
-        turn_starts=turn_starts,
-        tool_calls=tool_calls,
-        timings=timings,
-        info=out_info,
-        error=error,
-    )
 
 
 @dataclass
