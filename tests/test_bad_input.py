@@ -31,6 +31,13 @@ CASES = [
     ("train-missing-model-dir", [*TRAIN, "--model", "./no-such-model"], ["does not exist"]),
     ("train-resume-missing-dir", ["train", "--resume", "/nonexistent/run"], ["not a run directory"]),
     ("train-config-not-utf8", [*TRAIN, "--config", str(Path(__file__).parent / "not_utf8_config.yaml")], ["not UTF-8"]),
+    ("sandbox-timeout-zero", ["sandbox", "run", "-", "--timeout", "0"], ["`--timeout`", "> 0", "got 0"]),
+    ("sandbox-timeout-negative", ["sandbox", "run", "-", "--timeout", "-1"], ["`--timeout`", "> 0", "got -1"]),
+    (
+        "sandbox-code-not-utf8",
+        ["sandbox", "run", str(Path(__file__).parent / "sandboxes" / "not_utf8_code.txt")],
+        ["not_utf8_code.txt", "not UTF-8", "save it as UTF-8"],
+    ),
 ]
 
 
@@ -42,7 +49,7 @@ def test_bad_input_is_one_clear_error_line_and_leaves_nothing_behind(argv, words
             dotted = [a for a in argv if "=" in a and "." in a.split("=", 1)[0] and not a.startswith("-")]
             opts = [a for a in argv if a not in dotted]
             argv = [*opts, *dotted, "logging.progress=false", f"train.output_dir={tmp_path / 'runs'}"]
-    else:
+    elif argv[0] == "eval":
         argv = [*argv, "--out", str(tmp_path / "out")]
     assert main(argv) == 1
     err = capsys.readouterr().err
