@@ -1,37 +1,8 @@
 """The `e2b` sandbox backend: sessions are E2B cloud sandboxes (Firecracker microVMs).
 
-Built on `e2b-code-interpreter` (`pip install 'spo-agents[e2b]'`) and an API key in
-`E2B_API_KEY` (or `api_key=`). One session = one E2B sandbox with one Jupyter code context of
-its own; variables persist between calls. A stateless session runs each call in a fresh context
-(created, used, removed), so nothing defined earlier is visible.
-
-E2B has three timeouts, and each of ours (the last two are backend options) maps to exactly one
-of them:
-
-| spo-agents | E2B | meaning |
-|---|---|---|
-| `run(code, timeout)` / `SandboxLimits.timeout_s` | `run_code(timeout=...)` | how long one execution may run |
-| `request_timeout_s` | `request_timeout` of every API call | connecting / control calls (create, contexts, kill) |
-| `sandbox_timeout_s` | `Sandbox.create(timeout=...)`, `set_timeout` | the sandbox's lifetime; E2B kills it at the end |
-
-The lifetime is renewed (`set_timeout`) before a call that could outlive it, so an episode never
-loses its sandbox to eviction while it is in use, and a sandbox leaked by a crashed host process
-is still killed by E2B after at most `sandbox_timeout_s`.
-
-Results: stdout and stderr are the kernel's streams (head and tail kept, `max_output_bytes` per
-stream); an error becomes `exception` (the traceback without terminal colours, also appended to
-stderr) with `exit_status` 1; `SystemExit(n)` gives `exit_status` n; `MemoryError` sets
-`memory_exceeded`. The value of a cell's last expression (Jupyter's display) is NOT printed, so
-code behaves as in the `local` and `docker` backends; its text is in `extra["display"]`.
-A timed-out execution restarts the session's context (`timed_out`, `session_restarted`); a
-sandbox that disappeared (evicted, killed) is replaced and reported with `session_restarted`
-and `extra["infrastructure_error"]`.
-
-What is covered: a separate microVM per session (its own kernel), no internet access unless
-`allow_internet_access=True`, the execution timeout, output size.
-What is not: memory, CPU, process and disk limits come from the E2B template, not from
-`SandboxLimits` (those fields are ignored here); `cpu_s` is not enforced; the service, its
-latency (tens to hundreds of ms per call) and its quotas are outside our control.
+Built on `e2b-code-interpreter` (`pip install 'spo-agents[e2b]'`) and `E2B_API_KEY`. One session
+is one E2B sandbox with a Jupyter code context of its own. How our timeouts map to E2B's, what a
+result holds and what is (not) covered: docs/sandbox.md.
 """
 
 from __future__ import annotations

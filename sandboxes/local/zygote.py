@@ -1,10 +1,8 @@
 """Host side of the `local` backend's zygote: start it (in bubblewrap, or plain), talk to it.
 
-The zygote (`worker.py`) is one long-lived Python process per backend that has
-already imported numpy and sympy; each session is a fork of it (measured on our machines: forking a
-pre-warmed worker costs ~3 ms, a fresh bubblewrap'ed interpreter ~14 ms plus the imports). Requests are
-small and strictly request/response, so they are blocking calls under a lock; async callers run
-them in an executor thread so the event loop never waits on them.
+The zygote (`worker.py`) is one long-lived Python process per backend with numpy and sympy
+imported; each session is a fork of it. Requests are small and strictly request / response, so
+they are blocking calls under a lock; async callers run them in an executor thread.
 """
 
 from __future__ import annotations
