@@ -70,6 +70,8 @@ def _read_code(path: str) -> str:
 
     name = "stdin" if path == "-" else f"the code file `{path}`"
     try:
+        if path == "-" and not hasattr(sys.stdin, "buffer"):
+            return sys.stdin.read()  # a stream that is text already (an embedding program's)
         if path == "-":
             data = sys.stdin.buffer.read()
         else:
