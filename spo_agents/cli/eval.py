@@ -24,7 +24,12 @@ import time
 from pathlib import Path
 from typing import IO
 
+from spo_agents.cli.env_args import HELP as ENV_ARG_HELP
+
 LOCK = ".eval.lock"
+#: Tokens per generation call on a server or a GPU, and for a model run in-process on CPU.
+MAX_NEW_TOKENS = 1024
+CPU_MAX_NEW_TOKENS = 256
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -35,10 +40,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="keyword argument for the environment (YAML value); repeatable",
+        help=ENV_ARG_HELP,
     )
     p.add_argument(
-        "--split", default="test", help="problem split passed to environments that take `split` (default: test)"
+        "--split",
+        default="test",
+        help="problem split passed to environments that take `split` (default: test); `all` evaluates every row "
+        "of a file or dataset",
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("-k", type=int, default=1, help="samples per problem (default: 1)")
@@ -100,7 +108,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=20, help="0 disables")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per generation call (default: 1024)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens per generation call (default: {MAX_NEW_TOKENS}; {CPU_MAX_NEW_TOKENS} for a model run in-process "
+        "on CPU)",
+    )
     p.add_argument(
         "--max-episode-tokens", type=int, default=4096, help="tokens per episode after the prompt (default: 4096)"
     )
@@ -153,7 +167,7 @@ def _env_factory(env_id: str, split: str, kwargs: dict):
 def _eval(args: argparse.Namespace) -> int:
     import logging
 
-    from spo_agents.config import apply_overrides
+    from spo_agents.cli.env_args import parse_env_args
     from spo_agents.errors import ConfigError
     from spo_agents.models import check_model_name
 
@@ -167,7 +181,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("`--resume` needs `--out DIR`, the directory of the run to finish")
     _check_numbers(args)
     check_model_name(args.model or "smollm2-135m")
-    env_kwargs = apply_overrides({}, args.env_arg)
+    env_kwargs = parse_env_args(args.env_arg)
     factory, env_id = _env_factory(args.env, args.split, env_kwargs)
     probe = factory()
     try:
@@ -175,6 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
         if args.limit is not None:
             problem_ids = problem_ids[: args.limit]
         fingerprint = _fingerprint(probe, problem_ids)
+        args.problems_note = problems_note(getattr(probe, "problem_set", None), args.split)
     except AttributeError as e:
         raise ConfigError(
             f"`{env_id}` has no `problem_ids`; `spo-agent eval` needs a `spo_agents.envs.MultiTurnEnv`"
@@ -182,6 +197,8 @@ def _eval(args: argparse.Namespace) -> int:
     finally:
         probe.close()
     args.env_kwargs, args.problems_fingerprint = env_kwargs, fingerprint
+    args.max_new_tokens = _max_new_tokens(args.max_new_tokens, backend)
+    print(f"{env_id}: {len(problem_ids)} problems{args.problems_note}", file=sys.stderr)
     default_out = Path("runs") / "eval" / f"{env_id.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out) if args.out else default_out
     lock = lock_out_dir(out)
@@ -203,13 +220,57 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--temperature", args.temperature, lambda x: math.isfinite(x) and x >= 0, "a number >= 0 (0 is greedy)"),
         ("--top-p", args.top_p, lambda x: math.isfinite(x) and 0 < x <= 1, "in (0, 1]"),
         ("--top-k", args.top_k, lambda x: x >= 0, "an integer >= 0 (0 turns it off)"),
-        ("--max-new-tokens", args.max_new_tokens, lambda x: x >= 1, "an integer >= 1"),
+        ("--max-new-tokens", args.max_new_tokens, lambda x: x is None or x >= 1, "an integer >= 1"),
         ("--max-episode-tokens", args.max_episode_tokens, lambda x: x >= 1, "an integer >= 1"),
         ("--concurrency", args.concurrency, lambda x: x >= 1, "an integer >= 1"),
     ]
     for flag, value, ok, rule in rules:
         if not ok(value):
             raise ConfigError(f"`{flag}` must be {rule}, got {value}")
+
+
+def default_max_new_tokens(backend: str, cuda: bool) -> int:
+    """Tokens per generation call when `--max-new-tokens` is not given: a CPU-sized budget for a
+    model that runs in-process without a GPU (the `hf` backend on CPU), else `MAX_NEW_TOKENS`."""
+    return CPU_MAX_NEW_TOKENS if backend == "hf" and not cuda else MAX_NEW_TOKENS
+
+
+def _max_new_tokens(given: int | None, backend: str) -> int:
+    if given is not None:
+        return given
+    cuda = False
+    if backend == "hf":
+        import torch
+
+        cuda = torch.cuda.is_available()
+    n = default_max_new_tokens(backend, cuda)
+    if n == CPU_MAX_NEW_TOKENS:
+        print(
+            f"--max-new-tokens {n}: the default for a model run on CPU ({MAX_NEW_TOKENS} on a GPU or a server); "
+            "pass --max-new-tokens N for longer answers",
+            file=sys.stderr,
+        )
+    return n
+
+
+def problems_note(problem_set, split: str) -> str:
+    """What the problems are out of: rows read and set aside, for a set loaded from rows (a file
+    or dataset); empty for generated sets and for envs without a `ProblemSet`."""
+    report = getattr(problem_set, "report", None)
+    if report is None or not str(getattr(problem_set, "source", "")).startswith(("file:", "hf:")):
+        return ""
+    aside = []
+    if report.other_split:
+        aside.append(f"{report.other_split} hash into the other split")
+    if report.duplicates:
+        aside.append(f"{report.duplicates} repeat earlier content")
+    if report.skipped_bad:
+        aside.append(f"{report.skipped_bad} bad rows skipped")
+    text = f" (split `{split}` of {report.rows} rows read"
+    text += f"; set aside: {', '.join(aside)}" if aside else ""
+    if report.other_split:
+        text += "; `--split all` evaluates every row"
+    return text + ")"
 
 
 def _fingerprint(env, problem_ids: list[str]) -> str:
@@ -297,7 +358,8 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
             await policy.close()
 
     report = asyncio.run(run())
-    print(f"{env_id}: {report.num_problems} problems x k={report.k} ({backend}: {model})")
+    note = getattr(args, "problems_note", "")
+    print(f"{env_id}: {report.num_problems} problems{note} x k={report.k} ({backend}: {model})")
     print(report.summary_table())
     if backend == "openai":
         print(f"server: {policy.stats.summary()}")
