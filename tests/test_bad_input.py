@@ -11,6 +11,7 @@ from spo_agents.cli import main
 
 EVAL = ["eval", "--env", "math-python", "--model", "tiny-random", "--no-progress"]
 TRAIN = ["train", "--env", "math-python"]
+BAD_PROBLEMS = Path(__file__).parent / "envs" / "bad_problems"
 
 CASES = [
     # (id, argv, words the message must contain)
@@ -38,6 +39,23 @@ CASES = [
         ["sandbox", "run", str(Path(__file__).parent / "sandboxes" / "not_utf8_code.txt")],
         ["not_utf8_code.txt", "not UTF-8", "save it as UTF-8"],
     ),
+    ("eval-json-not-utf8", [*EVAL, "--env-arg", f"dataset_path={BAD_PROBLEMS}/latin1.json"], ["latin1.json", "UTF-8"]),
+    (
+        "eval-parquet-corrupt",
+        [*EVAL, "--env-arg", f"dataset_path={BAD_PROBLEMS}/truncated.parquet"],
+        ["truncated.parquet", "not a readable Parquet file", "write it again"],
+    ),
+    (
+        "eval-jsonl-row-not-utf8",
+        [*EVAL, "--env-arg", f"dataset_path={BAD_PROBLEMS}/latin1_row.jsonl"],
+        ["latin1_row.jsonl:2", "not UTF-8", "skip_bad"],
+    ),
+    (
+        "eval-reused-problem-id",
+        [*EVAL, "--env-arg", f"dataset_path={BAD_PROBLEMS}/reused_id.jsonl"],
+        ["reused_id.jsonl:2", "id `1` is already used by line 1", "skip_bad"],
+    ),
+    ("eval-split-unknown", [*EVAL, "--split", "every"], ["`split`", "`all` (every row"]),
 ]
 
 
