@@ -1,30 +1,12 @@
-"""`spo-agent check-env`: the contract every environment of the suite must keep.
+"""`spo-agent check-env`: the contract every environment must keep, checked without a model.
 
-Gymnasium's own `check_env` proves the `reset` / `step` API; an LLM environment also has to be
-safe to train on token-in, token-out. The checks, and what each proves:
-
-- `make`: (reported only when it fails) the env can be built with the given arguments.
-- `gymnasium-api`: `gymnasium.utils.env_checker.check_env` passes without errors or warnings.
-- `problem-selection`: `reset(options={"problem_id": ...})` poses exactly that problem.
-- `determinism`: the same seed and the same actions give the same messages, observations,
-  rewards and flags, also on an env instance that already played another episode.
-- `garbage-actions`: empty, huge, binary, unicode, unclosed-tag and half-formatted actions are
-  observations and rewards, never exceptions, and a garbage-only episode ends within a step budget.
-- `stop-sequences`: `stop_sequences` are distinct non-empty strings that survive a tokenizer round
-  trip; an action ending at a stop string hands control to the env (non-empty reply, no
-  truncation), and trailing whitespace after the stop string (a backend that stops on a token
-  boundary) does not change the outcome.
-- `token-contract`: with a real chat template: chat replies (`reply_role` set) keep the tokens of
-  turn k a prefix of the tokens of turn k+1 (templates that drop earlier `<think>` blocks, as
-  Qwen3's does, break this and are reported); in-turn replies (`reply_role = None`) decode back to
-  exactly the text the env produced, with tokenisation-boundary caveats listed.
-
-The episodes are driven by a fixed script of actions (`scripted_actions`) that open every stop
-sequence (as a tool call would), reason inside `<think>`, answer nothing, and finally answer
-`\\boxed{0}` / `<answer>0</answer>`, so multi-turn paths are exercised without a model.
-
-Results are data (`CheckResult`), not exceptions: one row per check with an explanation when it
-fails. An exception raised by the environment during a check is reported as that check's failure.
+Each check (`CheckResult`: name, passed, detail) is data, never an exception: `gymnasium-api`
+(Gymnasium's own checker), `problem-selection`, `determinism` (same seed, same episode, also on a
+reused instance), `garbage-actions` (malformed output is an observation), `stop-sequences`, the
+registration checks of `spo_agents.envs.plugin_checks` and `token-contract`
+(`spo_agents.envs.token_contract`). Episodes follow a fixed script (`scripted_actions`) that
+opens every stop sequence and ends with `\\boxed{0}` / `<answer>0</answer>`. What each check proves:
+docs/environments.md.
 """
 
 from __future__ import annotations
@@ -70,9 +52,7 @@ class CheckResult:
     detail: str = ""
 
 
-# --------------------------------------------------------------------------------------------
-# Driving episodes
-# --------------------------------------------------------------------------------------------
+# --- driving episodes --------------------------------------------------------------------------
 def _opening_tag(stop: str) -> str:
     """`</code>` -> `<code>`; stop strings that are not closing tags have no opener."""
     if stop.startswith("</") and stop.endswith(">") and len(stop) > 3:
@@ -101,7 +81,7 @@ def scripted_actions(stop_sequences: list[str], n: int = 8) -> list[str]:
 
 
 @dataclass
-class _Turn:
+class Turn:
     action: str
     observation: Any
     reward: float
@@ -111,18 +91,18 @@ class _Turn:
 
 
 @dataclass
-class _Episode:
+class Episode:
     messages: list[dict[str, Any]]
     reset_info: dict[str, Any]
-    turns: list[_Turn]
+    turns: list[Turn]
 
 
-def _play(env: Any, seed: int, actions: list[str], options: dict[str, Any] | None = None) -> _Episode:
+def play_episode(env: Any, seed: int, actions: list[str], options: dict[str, Any] | None = None) -> Episode:
     messages, info = env.reset(seed=seed, options=options)
-    episode = _Episode(copy.deepcopy(messages), copy.deepcopy(info), [])
+    episode = Episode(copy.deepcopy(messages), copy.deepcopy(info), [])
     for action in actions:
         obs, reward, terminated, truncated, step_info = env.step(action)
-        episode.turns.append(_Turn(action, copy.deepcopy(obs), reward, terminated, truncated, copy.deepcopy(step_info)))
+        episode.turns.append(Turn(action, copy.deepcopy(obs), reward, terminated, truncated, copy.deepcopy(step_info)))
         if terminated or truncated:
             break
     return episode
@@ -148,28 +128,28 @@ def _stable(x: Any) -> Any:
     return x
 
 
-def _first_difference(a: _Episode, b: _Episode) -> str | None:
+def _first_difference(a: Episode, b: Episode) -> str | None:
     if _stable(a.messages) != _stable(b.messages):
-        return f"reset messages differ: {_short(a.messages)} vs {_short(b.messages)}"
+        return f"reset messages differ: {short(a.messages)} vs {short(b.messages)}"
     if _stable(a.reset_info) != _stable(b.reset_info):
-        return f"reset info differs: {_short(a.reset_info)} vs {_short(b.reset_info)}"
+        return f"reset info differs: {short(a.reset_info)} vs {short(b.reset_info)}"
     if len(a.turns) != len(b.turns):
         return f"episode lengths differ: {len(a.turns)} vs {len(b.turns)} steps"
     for k, (s, t) in enumerate(zip(a.turns, b.turns)):
         for field in ("observation", "reward", "terminated", "truncated", "info"):
             x, y = _stable(getattr(s, field)), _stable(getattr(t, field))
             if x != y:
-                return f"step {k}: `{field}` differs: {_short(x)} vs {_short(y)}"
+                return f"step {k}: `{field}` differs: {short(x)} vs {short(y)}"
     return None
 
 
-def _short(x: Any, n: int = 160) -> str:
+def short(x: Any, n: int = 160) -> str:
     s = repr(x)
     return s if len(s) <= n else s[: n // 2] + " ... " + s[-n // 2 :]
 
 
 @contextlib.contextmanager
-def _closing(env: Any) -> Iterator[Any]:
+def closing(env: Any) -> Iterator[Any]:
     try:
         yield env
     finally:
@@ -177,27 +157,25 @@ def _closing(env: Any) -> Iterator[Any]:
             env.close()
 
 
-def _failure(name: str, e: BaseException) -> CheckResult:
+def failure(name: str, e: BaseException) -> CheckResult:
     tb = traceback.extract_tb(e.__traceback__)
     where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
     return CheckResult(name, False, f"raised {type(e).__name__}: {e}{where}")
 
 
-# --------------------------------------------------------------------------------------------
-# The checks
-# --------------------------------------------------------------------------------------------
+# --- the checks --------------------------------------------------------------------------------
 def check_gymnasium_api(make_env: Callable[[], Any]) -> CheckResult:
     """Gymnasium's checker; its warnings (observation outside the space, NaN reward, ...) fail."""
     from gymnasium.utils.env_checker import check_env as gym_check_env
 
     name = "gymnasium-api"
-    with _closing(make_env()) as env:
+    with closing(make_env()) as env:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 gym_check_env(env, skip_render_check=True)
             except Exception as e:  # the checker reports by raising
-                return _failure(name, e)
+                return failure(name, e)
     # Gymnasium reports soft failures through `gymnasium.logger.warn` ("WARN: ..." messages).
     messages = sorted(
         {str(w.message).replace("\x1b[33m", "").replace("\x1b[0m", "") for w in caught if "WARN:" in str(w.message)}
@@ -209,7 +187,7 @@ def check_gymnasium_api(make_env: Callable[[], Any]) -> CheckResult:
 
 def check_problem_selection(make_env: Callable[[], Any], seed: int) -> CheckResult:
     name = "problem-selection"
-    with _closing(make_env()) as env:
+    with closing(make_env()) as env:
         try:
             ids = list(getattr(env, "problem_ids", []) or [])
             if not ids:
@@ -230,7 +208,7 @@ def check_problem_selection(make_env: Callable[[], Any], seed: int) -> CheckResu
                         "it must pose the requested problem",
                     )
         except Exception as e:
-            return _failure(name, e)
+            return failure(name, e)
     return CheckResult(name, True, f"{len(ids)} problems, unique ids, selection by id works")
 
 
@@ -238,13 +216,13 @@ def check_determinism(make_env: Callable[[], Any], seed: int, episodes: int) -> 
     """Two fresh instances and one reused instance must replay identically."""
     name = "determinism"
     try:
-        with _closing(make_env()) as first, _closing(make_env()) as second:
+        with closing(make_env()) as first, closing(make_env()) as second:
             actions = scripted_actions(list(first.stop_sequences))
             for e in range(episodes):
                 s = seed + e
-                a = _play(first, s, actions)
-                _play(second, s + 1000, actions)  # play something else first ...
-                b = _play(second, s, actions)  # ... then the same seed on the used instance
+                a = play_episode(first, s, actions)
+                play_episode(second, s + 1000, actions)  # play something else first ...
+                b = play_episode(second, s, actions)  # ... then the same seed on the used instance
                 diff = _first_difference(a, b)
                 if diff:
                     return CheckResult(
@@ -254,17 +232,17 @@ def check_determinism(make_env: Callable[[], Any], seed: int, episodes: int) -> 
                         "Draw randomness only from `self.np_random` and reset all episode state in `reset`.",
                     )
     except Exception as e:
-        return _failure(name, e)
+        return failure(name, e)
     return CheckResult(name, True, f"{episodes} episode(s) replayed identically (fresh and reused instances)")
 
 
 def _step_problem(result: Any, env: Any) -> str | None:
     """What is wrong with one `step` result, or None."""
     if not isinstance(result, tuple) or len(result) != 5:
-        return f"`step` returned {_short(result, 80)}, expected a 5-tuple"
+        return f"`step` returned {short(result, 80)}, expected a 5-tuple"
     obs, reward, terminated, truncated, info = result
     if not env.observation_space.contains(obs):
-        return f"observation {_short(obs, 80)} is not in the observation space"
+        return f"observation {short(obs, 80)} is not in the observation space"
     if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(float(reward)):
         return f"reward {reward!r} is not a finite number"
     if not isinstance(terminated, bool) or not isinstance(truncated, bool):
@@ -277,7 +255,7 @@ def _step_problem(result: Any, env: Any) -> str | None:
 def check_garbage_actions(make_env: Callable[[], Any], seed: int) -> CheckResult:
     name = "garbage-actions"
     problems = []
-    with _closing(make_env()) as env:
+    with closing(make_env()) as env:
         garbage = dict(GARBAGE_ACTIONS)
         bound = getattr(env.action_space, "max_length", None)
         if isinstance(bound, int) and bound < 10_000_000:
@@ -315,7 +293,7 @@ def check_garbage_actions(make_env: Callable[[], Any], seed: int) -> CheckResult
 def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any | None) -> CheckResult:
     name = "stop-sequences"
     notes: list[str] = []
-    with _closing(make_env()) as env:
+    with closing(make_env()) as env:
         stops = getattr(env, "stop_sequences", None)
         role = getattr(env, "reply_role", None)
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
@@ -375,7 +353,7 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
                         "backends that stop on token boundaries can return a few characters past the stop string",
                     )
             except Exception as e:
-                return _failure(name, e)
+                return failure(name, e)
     detail = f"{len(stops)} stop sequence(s) {list(stops)!r} hand control to the env"
     if notes:
         detail += (
@@ -386,135 +364,7 @@ def check_stop_sequences(make_env: Callable[[], Any], seed: int, tokenizer: Any 
     return CheckResult(name, True, detail)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _mismatch(a: str, b: str) -> str:
-    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"at character {i}: turn k has {a[max(0, i - 30) : i + 40]!r}, turn k+1 has {b[max(0, i - 30) : i + 40]!r}"
-
-
-def _think_note(tokenizer: Any, expected: str, rendered: str) -> str:
-    """A pointer to `<think>` handling when the template rewrites reasoning blocks (Qwen3-style
-    templates reformat, insert or drop them), else ''."""
-    template = str(getattr(tokenizer, "chat_template", None) or "")
-    if "</think>" not in template or ("<think>" not in expected and "<think>" not in rendered):
-        return ""
-    return (
-        "; the chat template rewrites `<think>` blocks of assistant turns (Qwen3's inserts an empty one into the "
-        "last assistant turn, reformats the block and drops it from earlier turns), so the text it renders is not "
-        "what the policy generated. Use a template that renders assistant text verbatim, or evaluate token-in/token-out"
-    )
-
-
-def _think_dropped(messages: list[dict[str, Any]], rendered: str) -> bool:
-    for m in messages:
-        content = m.get("content") or ""
-        if m.get("role") == "assistant" and "<think>" in content and "</think>" in content:
-            inner = content.split("<think>", 1)[1].split("</think>", 1)[0].strip()
-            if inner and inner not in rendered:
-                return True
-    return False
-
-
-def check_token_contract(make_env: Callable[[], Any], seed: int, episodes: int, tokenizer: Any) -> CheckResult:
-    name = "token-contract"
-    caveats: list[str] = []
-    try:
-        with _closing(make_env()) as env:
-            role = env.reply_role
-            actions = scripted_actions(list(env.stop_sequences))
-            for e in range(episodes):
-                ep = _play(env, seed + e, actions)
-                messages = [dict(m) for m in ep.messages]
-                if role is None:
-                    bad = _check_in_turn(tokenizer, messages, ep, caveats)
-                else:
-                    bad = _check_chat_turns(tokenizer, messages, ep, role)
-                if bad:
-                    return CheckResult(name, False, f"seed {seed + e}: {bad}")
-    except Exception as e:
-        return _failure(name, e)
-    if role is None:
-        detail = "in-turn replies: every piece decodes back exactly"
-        if caveats:
-            detail += (
-                f"; caveat: {sorted(set(caveats))[0]} "
-                "(harmless token-in/token-out, wrong if anything re-tokenises the transcript)"
-            )
-    else:
-        detail = f"`{role}` replies: each turn's tokens are a prefix of the next turn's"
-    return CheckResult(name, True, detail)
-
-
-def _check_in_turn(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episode, caveats: list[str]) -> str | None:
-    """`reply_role = None`: the assistant turn is generated text and env text, appended as tokens."""
-    prompt = _render(tokenizer, messages, True)
-    pieces = []
-    for turn in ep.turns:
-        pieces.append(turn.action)
-        if not (turn.terminated or turn.truncated) and isinstance(turn.observation, str):
-            pieces.append(turn.observation)
-    for piece in pieces:
-        ids = _ids(tokenizer, piece)
-        back = tokenizer.decode(ids)
-        if back != piece:
-            return (
-                f"the text {_short(piece, 80)} decodes back as {_short(back, 80)}; "
-                "the token stream would not say what the env said"
-            )
-    joined = "".join(pieces)
-    separately = sum((_ids(tokenizer, p) for p in pieces), [])
-    if separately != _ids(tokenizer, joined):
-        caveats.append("encoding each piece separately gives other tokens than encoding the joined text")
-    full = _render(tokenizer, messages + [{"role": "assistant", "content": joined}], False)
-    if not full.startswith(prompt + joined):
-        return (
-            "the chat template does not render the finished assistant turn as the prompt followed by "
-            "the generated and inserted text "
-            f"({_mismatch(prompt + joined, full)}); evaluation through a chat API would not see what training saw"
-            + _think_note(tokenizer, prompt + joined, full)
-        )
-    return None
-
-
-def _check_chat_turns(tokenizer: Any, messages: list[dict[str, Any]], ep: _Episode, role: str) -> str | None:
-    """Chat-message replies: the rendered chat of turn k must be a token prefix of turn k+1."""
-    before = _render(tokenizer, messages, True)
-    for k, turn in enumerate(ep.turns):
-        closed_msgs = messages + [{"role": "assistant", "content": turn.action}]
-        closed = _render(tokenizer, closed_msgs, False)
-        if not closed.startswith(before + turn.action):
-            return (
-                f"turn {k}: the template does not render the generated text verbatim after the generation prompt "
-                f"({_mismatch(before + turn.action, closed)})" + _think_note(tokenizer, before + turn.action, closed)
-            )
-        if turn.terminated or turn.truncated:
-            break
-        messages = closed_msgs + [{"role": role, "content": turn.observation}]
-        after = _render(tokenizer, messages, True)
-        ids_before, ids_after = _ids(tokenizer, closed), _ids(tokenizer, after)
-        if not after.startswith(closed) or ids_after[: len(ids_before)] != ids_before:
-            why = _mismatch(closed, after)
-            if _think_dropped(closed_msgs, after):
-                why += (
-                    "; the template drops the `<think>` content of earlier assistant turns "
-                    "(as Qwen3's template does), so the tokens the policy generated are not in the next prompt. "
-                    "Use a template that keeps reasoning, or train on single-turn episodes"
-                )
-            return f"turn {k} -> {k + 1}: the tokens of turn {k} are not a prefix of the tokens of turn {k + 1} ({why})"
-        before = after
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Entry points
-# --------------------------------------------------------------------------------------------
+# --- entry points ------------------------------------------------------------------------------
 def load_tokenizer(model: str | None = None, chat_template: str | None = None) -> Any:
     """The tokenizer of `model` (a directory or name; default: the tiny test model, which has the
     SmolLM2 tokenizer and ChatML template), optionally with a Jinja chat template from a file."""
@@ -542,16 +392,27 @@ def check_env(
     tokenizer: Any | None = None,
     episodes: int = 2,
     seed: int = 0,
+    env_id: str | None = None,
+    entry: Any = None,
 ) -> list[CheckResult]:
     """Run every check against fresh instances from `make_env`; returns one result per check.
-    Without a tokenizer the token contract is reported as failed (it cannot be verified).
-    An env that cannot be built gives a single failed `make` result."""
+    `env_id` and `entry` (the registered class or factory) add the registration checks
+    (`spo_agents.envs.plugin_checks`). Without a tokenizer the token contract is reported as
+    failed (it cannot be verified). An env that cannot be built gives a failed `make` result."""
+    from spo_agents.envs.plugin_checks import check_constructor, check_env_id, check_text_env
+
+    results = []
+    if env_id is not None:
+        results.append(check_env_id(env_id))
+    if entry is not None:
+        results.append(check_constructor(entry))
     try:
-        with _closing(make_env()):
+        with closing(make_env()):
             pass
     except Exception as e:
-        return [_failure("make", e)]
-    results = [
+        return [*results, failure("make", e)]
+    results += [
+        check_text_env(make_env),
         check_gymnasium_api(make_env),
         check_problem_selection(make_env, seed),
         check_determinism(make_env, seed, episodes),
@@ -563,6 +424,8 @@ def check_env(
             CheckResult("token-contract", False, "no tokenizer given; pass a model whose chat template you train with")
         )
     else:
+        from spo_agents.envs.token_contract import check_token_contract
+
         results.append(check_token_contract(make_env, seed, episodes, tokenizer))
     return results
 

@@ -167,6 +167,11 @@ class ToolEnv(MultiTurnEnv):
         correct = answer is not None and answer.strip() == str(problem.answer).strip()
         return Verdict(float(correct), correct, "string" if answer is not None else "no_answer")
 
+    def wrong_answer_reply(self, verdict: Verdict) -> str | None:
+        """The reply to a wrong final answer, which lets the model try again (the turn budget
+        still ends the episode); `None` (the default) ends the episode at the first answer."""
+        return None
+
     # --- the episode ----------------------------------------------------------------------
     def _reset_episode(self, problem: Problem) -> list[Message]:
         self._model_text = []
@@ -225,17 +230,23 @@ class ToolEnv(MultiTurnEnv):
     def _finish(self) -> StepOutcome:
         if self.problem is None:
             raise EnvError("`_finish` needs an episode: call `reset()` first")
-        reward, info = self._verdict(self.problem, self._model_text)
-        return StepOutcome("", reward, True, False, info)
+        verdict, info = self._verdict(self.problem, self._model_text)
+        retry = None if verdict.correct else self.wrong_answer_reply(verdict)
+        if retry:
+            return StepOutcome(retry, 0.0, False, False, info)
+        return StepOutcome("", float(verdict.reward), True, False, info)
 
-    def _verdict(self, problem: Problem, model_text: list[str]) -> tuple[float, dict[str, Any]]:
+    def _verdict(self, problem: Problem, model_text: list[str]) -> tuple[Verdict, dict[str, Any]]:
         answer = self.extract_answer("\n".join(model_text))
         v = self.score_answer(answer, problem)
-        return float(v.reward), {"answer": answer, "correct": bool(v.correct), "check": v.check, **v.info}
+        return v, {"answer": answer, "correct": bool(v.correct), "check": v.check, **v.info}
 
     def rescore(self, problem: Problem, model_text: list[str]) -> tuple[float, dict[str, Any]] | None:
         """The end-of-episode verdict on saved model text (`None` when not `rescorable`)."""
-        return self._verdict(problem, model_text) if self.rescorable else None
+        if not self.rescorable:
+            return None
+        verdict, info = self._verdict(problem, model_text)
+        return float(verdict.reward), info
 
     def _final_info(self, answer: Any) -> dict[str, Any]:
         if answer is None and self._model_text:

@@ -1,13 +1,14 @@
-"""`spo-agent envs` commands.
-
-`spo-agent envs` lists every registered environment id (built-ins and entry-point plugins) with
-its one-line description; `--json` prints the same as JSON for scripts.
-"""
+"""`spo-agent envs` and `spo-agent check-env`: list the environments, check one against the contract."""
 
 from __future__ import annotations
 
 import argparse
 import json
+
+ENVS_DESCRIPTION = (
+    "List every registered environment id (built-ins and entry-point plugins) with its one-line description; "
+    "`--json` prints the same as JSON for scripts."
+)
 
 
 def _run_envs(args: argparse.Namespace) -> int:
@@ -30,7 +31,7 @@ def _run_envs(args: argparse.Namespace) -> int:
 
 
 def _add_envs_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("envs", help="list the registered environments", description=__doc__.splitlines()[2])
+    p = sub.add_parser("envs", help="list the registered environments", description=ENVS_DESCRIPTION)
     p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(func=_run_envs)
 
@@ -49,10 +50,18 @@ def _run_check_env(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"`--env-arg` takes `key=value` (value in YAML), got `{item}`")
         kwargs[key] = yaml.safe_load(value)
+    from spo_agents.registry import ENVS
+
     env_id = envs.spec(args.env_id).id  # fails early, with "Did you mean", on unknown ids
+    _, entry = ENVS.load(env_id)
     tokenizer = load_tokenizer(args.model, args.chat_template)
     results = check_env(
-        lambda: envs.make(env_id, **kwargs), tokenizer=tokenizer, episodes=args.episodes, seed=args.seed
+        lambda: envs.make(env_id, **kwargs),
+        tokenizer=tokenizer,
+        episodes=args.episodes,
+        seed=args.seed,
+        env_id=env_id,
+        entry=entry,
     )
     print(format_results(env_id, results))
     return 0 if all(r.passed for r in results) else 1
@@ -63,11 +72,14 @@ def _add_check_env_parser(sub: argparse._SubParsersAction) -> None:
         "check-env",
         help="check that an environment keeps the contract training relies on",
         description=(
-            "Run Gymnasium's env checker, a same-seed determinism check, garbage actions, the stop-sequence "
-            "contract and the token-prefix contract with a real chat template. Exit status 1 if any check fails."
+            "Check the id's version, the constructor (`split`, `**kwargs`), the members rollouts read, Gymnasium's "
+            "env checker, a same-seed determinism check, garbage actions, the stop-sequence contract and the "
+            "token-prefix contract with a real chat template. Exit status 1 if any check fails."
         ),
     )
-    p.add_argument("env_id", metavar="ID", help="a registered environment id (see `spo-agent envs`)")
+    p.add_argument(
+        "env_id", metavar="ID", help="a registered environment id (see `spo-agent envs`), or `package.module:EnvClass`"
+    )
     p.add_argument(
         "--model",
         default=None,

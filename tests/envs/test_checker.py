@@ -15,11 +15,11 @@ from spo_agents.envs.checker import (
     check_gymnasium_api,
     check_problem_selection,
     check_stop_sequences,
-    check_token_contract,
     format_results,
     load_tokenizer,
     scripted_actions,
 )
+from spo_agents.envs.token_contract import check_token_contract
 from spo_agents.types import Problem
 
 # A Qwen3-style template: assistant turns before the last user message lose their <think> block.
@@ -170,6 +170,7 @@ def qwen3_tokenizer(tmp_path_factory):
 def test_well_behaved_envs_pass_every_check(env_cls, tokenizer):
     results = check_env(env_cls, tokenizer=tokenizer, episodes=2)
     assert [r.name for r in results] == [
+        "text-env",
         "gymnasium-api",
         "problem-selection",
         "determinism",
@@ -272,7 +273,7 @@ def test_cli_exits_1_and_explains_a_failing_template(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "check-env code-tests-v0" in out and "token-contract     FAIL" in out and "<think>" in out
-    assert "determinism        PASS" in out and "5/6 checks passed; failed: token-contract" in out
+    assert "determinism        PASS" in out and "8/9 checks passed; failed: token-contract" in out
 
 
 def test_cli_unknown_id_suggests_the_closest(capsys):
