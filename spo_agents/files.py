@@ -1,10 +1,16 @@
-"""Files that readers may see while they are written: atomic replacement and fsync helpers."""
+"""Files that readers may see while they are written: atomic replacement, fsync helpers, and
+JSON-lines files whose last line a crash may have cut off mid-write."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from spo_agents.errors import SPOError
 
 
 def fsync_path(path: Path) -> None:
@@ -41,3 +47,40 @@ def write_text_atomic(path: Path, text: str | bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_path(path.parent)
+
+
+def read_jsonl_records(path: str | Path, error: type[Exception] = SPOError) -> Iterator[Any]:
+    """The JSON value of each line of a JSON-lines file, in order; blank lines are skipped.
+
+    A last line without its newline that is not valid JSON was cut off by a crash while it was
+    appended, and is skipped; any other line that is not JSON raises `error` naming the file and
+    line. The file is read whole before the first value is returned."""
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            if n == len(lines) and not raw.endswith(b"\n"):
+                return
+            raise error(f"{path}:{n}: not valid JSON ({e}); the file is damaged beyond its last line") from e
+        yield value
+
+
+def repair_torn_tail(path: str | Path) -> None:
+    """End a JSON-lines file on a newline so appended records start on a line of their own: a last
+    line cut off mid-write is dropped, a complete one only gets its newline."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except ValueError:
+        write_text_atomic(path, data[:cut])
+    else:
+        with open(path, "ab") as f:
+            f.write(b"\n")
