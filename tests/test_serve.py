@@ -163,7 +163,12 @@ def test_taken_port_is_refused(capsys, tmp_path, model_dir):
 
 @pytest.mark.parametrize(
     ("flag", "value", "expected"),
-    [("--dtype", "fp8", "`--dtype` must be one of"), ("--kv-cache-gb", "0", "`--kv-cache-gb` must be > 0")],
+    [
+        ("--dtype", "fp8", "`--dtype` must be one of"),
+        ("--kv-cache-gb", "0", "`--kv-cache-gb` must be > 0"),
+        ("--max-lora-rank", "-1", "`--max-lora-rank` must be > 0"),
+        ("--gpu-memory-utilization", "1.5", "must be in (0, 1]"),
+    ],
 )
 def test_bad_values_are_refused(capsys, tmp_path, model_dir, flag, value, expected):
     code, _, err = run_cli(capsys, "--model", model_dir, "--python", fake_vllm(tmp_path), flag, value, "--dry-run")

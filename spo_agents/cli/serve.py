@@ -242,8 +242,14 @@ def build_server(args: argparse.Namespace, install: VLLMInstall, model_dir: str)
 
     if args.dtype not in DTYPES:
         raise ConfigError(f"`--dtype` must be one of {', '.join(DTYPES)}, got `{args.dtype}`")
-    for flag, value in (("--kv-cache-gb", args.kv_cache_gb), ("--max-model-len", args.max_model_len)):
-        if value is not None and value <= 0:
+    positive = [
+        ("--kv-cache-gb", args.kv_cache_gb),
+        ("--max-model-len", args.max_model_len),
+        ("--max-lora-rank", args.max_lora_rank),
+        ("--startup-timeout", args.startup_timeout),
+    ]
+    for flag, value in positive:
+        if value is not None and not value > 0:
             raise ConfigError(f"`{flag}` must be > 0, got {value}")
     share = args.gpu_memory_utilization
     if share is not None and not 0 < share <= 1:
