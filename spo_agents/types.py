@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from spo_agents.errors import TrajectoryError
+from spo_agents.files import read_jsonl_records
 
 SCHEMA_VERSION = 1
 
@@ -158,15 +159,5 @@ def write_jsonl(path: str | Path, trajectories: Iterable[Trajectory], append: bo
 
 def read_jsonl(path: str | Path) -> Iterator[Trajectory]:
     """Read trajectories written by `write_jsonl`. A torn last line (crash mid-write) is skipped."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1 and not line.endswith("\n"):
-                return  # torn final line from an interrupted write
-            raise TrajectoryError(f"{path}:{i + 1}: not valid JSON ({e})") from e
+    for d in read_jsonl_records(path, TrajectoryError):
         yield Trajectory.from_dict(d)
