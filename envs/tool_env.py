@@ -155,8 +155,9 @@ class ToolEnv(MultiTurnEnv):
 
     # --- hooks ----------------------------------------------------------------------------
     def one_shot_messages(self) -> list[Message]:
-        """The one-shot example of the tool format (a user / assistant pair)."""
-        return tool_example("What is 123 * 45?", "print(123 * 45)", "5535", "The answer is \\boxed{5535}.")
+        """The one-shot example of the tool format put before the problem (`one_shot=True`),
+        e.g. `tool_example(...)`; default: none."""
+        return []
 
     def extract_answer(self, text: str) -> str | None:
         """The final answer in everything the model wrote this episode. Default: the last `\\boxed{}`."""
