@@ -35,8 +35,10 @@ from typing import Any
 from spo_agents.algorithm.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.envs.protocol import TextEnv
 from spo_agents.errors import ConfigError, PluginError, SPOError
+from spo_agents.files import repair_torn_tail as _repair_torn_tail  # the name tests/test_evaluation.py imports
 from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
+from spo_agents.rollout.prompt_limit import PromptLimit
 from spo_agents.types import Trajectory, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -177,10 +179,12 @@ async def evaluate(
     max_episode_tokens: int = 1024,
     seed: int = 0,
     settings: dict[str, Any] | None = None,
+    prompt_limit: PromptLimit | None = None,
 ) -> EvalReport:
     """Run `k` episodes of every problem and report avg@k, pass@k and maj@k (module docstring).
 
     Paper eval sampling (App. D): `SamplingParams(temperature=0.6, top_p=0.95, top_k=20)`.
+    `prompt_limit` refuses (a failed sample) or truncates prompts over a token limit.
     """
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}")
@@ -190,6 +194,7 @@ async def evaluate(
     info = {
         "sampling": asdict(sampling),
         "max_episode_tokens": max_episode_tokens,
+        **({"prompt_limit": asdict(prompt_limit)} if prompt_limit is not None else {}),
         "seed": seed,
         "k": k,
         **(settings or {}),
@@ -236,6 +241,7 @@ async def evaluate(
                     max_episode_tokens=max_episode_tokens,
                     seed=sample_seed(pid, i, seed),
                     executor=executor,
+                    prompt_limit=prompt_limit,
                 )
             except SPOError:
                 raise  # a config error: the run stops (infrastructure errors are in `t.error`)
@@ -289,21 +295,6 @@ async def evaluate(
     if out is not None:
         (out / RESULTS).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
-
-
-def _repair_torn_tail(path: Path) -> None:
-    """End the file on a newline so appended records start on a line of their own: a last line
-    cut mid-write is dropped (its sample is redone), a complete one only gets its newline."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[cut:])
-        except ValueError:
-            path.write_bytes(data[:cut])
-        else:
-            with open(path, "ab") as f:
-                f.write(b"\n")
 
 
 def problems_fingerprint(problems: list[Any]) -> str:
