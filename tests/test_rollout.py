@@ -206,3 +206,47 @@ async def test_a_config_error_inside_an_episode_is_not_recorded_as_a_bad_rollout
     with pytest.raises(ConfigError, match="`foo` must be set"):
         await c.next_batch(1)
     await c.close()
+
+
+# --- prompts over the limit ---------------------------------------------------------------------
+def _prompt_ids(tok, pid="test-1"):
+    chat = [{"role": "user", "content": f"Say something ({pid.split('-')[1]})."}]
+    return tok.encode(
+        tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )
+
+
+async def test_a_prompt_over_the_limit_is_refused_before_generating(policy):
+    from spo_agents.rollout.prompt_limit import PromptLimit
+
+    full = _prompt_ids(policy.tokenizer)
+    counting = ScriptedPolicy(policy.tokenizer, {"test-1": 0.0})
+    limit = PromptLimit(len(full) - 1, "refuse")
+    t = await run_episode(SayEnv(), counting, "test-1", sampling=FAST, prompt_limit=limit)
+    assert counting.calls == 0 and t.token_ids == [] and t.reward == 0.0
+    assert t.error is not None and f"has {len(full)} tokens, more than the limit of {len(full) - 1}" in t.error
+    ok = await run_episode(SayEnv(), counting, "test-1", sampling=FAST, prompt_limit=PromptLimit(len(full)))
+    assert ok.error is None and counting.calls > 0  # a prompt at the limit is played
+
+
+@pytest.mark.parametrize("reply_role", [None, "user"])
+async def test_a_prompt_over_the_limit_is_truncated_with_a_count(policy, reply_role):
+    from spo_agents.rollout.prompt_limit import PromptLimit
+
+    full = _prompt_ids(policy.tokenizer)
+    limit = PromptLimit(12, "truncate")
+    env = SayEnv(reply_role=reply_role)
+    t = await run_episode(env, policy, "test-1", sampling=FAST, max_episode_tokens=200, prompt_limit=limit)
+    assert t.error is None and t.terminated and len(t.turn_starts) == 2  # chat replies still append
+    assert t.info["prompt_cut_tokens"] == len(full) - 12
+    assert t.prompt_ids == full[:3] + full[-9:]  # a quarter from the head, the rest (the question's end) from the tail
+
+
+def test_a_prompt_limit_refuses_bad_settings():
+    from spo_agents.errors import ConfigError
+    from spo_agents.rollout.prompt_limit import PromptLimit
+
+    with pytest.raises(ConfigError, match="refuse, truncate"):
+        PromptLimit(100, "drop")
+    with pytest.raises(ConfigError, match=">= 8"):
+        PromptLimit(0)

@@ -24,6 +24,7 @@ from typing import Any
 from spo_agents.errors import ConfigError, PluginError, RolloutError, SPOError
 from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
+from spo_agents.rollout.prompt_limit import PromptLimit
 from spo_agents.types import Trajectory
 
 __all__ = ["Collector", "CollectorStats", "run_episode"]
@@ -69,6 +70,7 @@ class Collector:
             carry `error`); by default they are kept out of batches, counted in `stats.errors`
             and kept in `failed`. In grouped mode a group is always delivered whole.
         seed: base of the per-episode seeds.
+        prompt_limit: what to do with a prompt over a token limit (`None`: no limit).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Collector:
         include_errors: bool = False,
         seed: int = 0,
         max_consecutive_errors: int = 64,
+        prompt_limit: PromptLimit | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ConfigError(f"`max_in_flight` must be >= 1, got {max_in_flight}")
@@ -99,6 +102,7 @@ class Collector:
         self.include_errors = include_errors
         self.seed = seed
         self.max_consecutive_errors = max_consecutive_errors
+        self.prompt_limit = prompt_limit
         self.stats = CollectorStats()
         self.failed: list[Trajectory] = []
         self._pending: collections.deque[_Job] = collections.deque()
@@ -198,6 +202,7 @@ class Collector:
                 max_episode_tokens=self.max_episode_tokens,
                 seed=self._episode_seed(job),
                 executor=self._executor,
+                prompt_limit=self.prompt_limit,
             )
         except asyncio.CancelledError:
             raise

@@ -21,6 +21,7 @@ from typing import Any
 from spo_agents.envs.protocol import TextEnv
 from spo_agents.errors import InfraError, PolicyError
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
+from spo_agents.rollout.prompt_limit import PromptLimit
 from spo_agents.types import ToolCall, Trajectory
 
 
@@ -60,12 +61,14 @@ async def run_episode(
     max_episode_tokens: int = 1024,
     seed: int | None = None,
     executor: concurrent.futures.Executor | None = None,
+    prompt_limit: PromptLimit | None = None,
 ) -> Trajectory:
     """Play one episode of `env` on `problem_id` with `policy` (see the module docstring).
 
     `env.reset` / `env.step` run in `executor` (default: asyncio's default thread pool, which
     has only a few threads: collectors pass a pool with one thread per in-flight episode so
-    blocking tool calls of different episodes overlap)."""
+    blocking tool calls of different episodes overlap). A prompt over `prompt_limit` is refused
+    (`Trajectory.error`) or truncated (`info["prompt_cut_tokens"]`), before any generation."""
     loop = asyncio.get_running_loop()
 
     def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -86,12 +89,17 @@ async def run_episode(
     info: dict[str, Any] = {}
     error: str | None = None
     token_io = True
+    prompt_cut = 0
     try:
         t = time.perf_counter()
         messages, info = await in_thread(env.reset, seed=seed, options={"problem_id": problem_id})
         timings["env"] += time.perf_counter() - t
         chat = [dict(m) for m in messages]
-        prompt_ids = tok.encode(_render(tok, chat, True), add_special_tokens=False)
+        prompt_ids = full_prompt_ids = tok.encode(_render(tok, chat, True), add_special_tokens=False)
+        if prompt_limit is not None and len(prompt_ids) > prompt_limit.max_tokens:
+            if prompt_limit.overflow == "refuse":
+                raise _Refused(prompt_limit.refusal(len(prompt_ids)))
+            prompt_ids, prompt_cut = prompt_limit.truncate(prompt_ids)
         stop = list(dict.fromkeys([*env.stop_sequences, *sampling.stop]))
         reply_role = env.reply_role
         assistant_text = ""  # the current assistant message, for chat-role replies
@@ -131,7 +139,7 @@ async def run_episode(
                 reply = tok.encode(obs, add_special_tokens=False)
                 assistant_text += obs
             else:
-                so_far = tok.decode(prompt_ids + token_ids, skip_special_tokens=False)
+                so_far = tok.decode(full_prompt_ids + token_ids, skip_special_tokens=False)
                 chat += [{"role": "assistant", "content": assistant_text}, {"role": reply_role, "content": obs}]
                 assistant_text = ""
                 rendered = _render(tok, chat, True)
@@ -151,6 +159,8 @@ async def run_episode(
             logprobs += [0.0] * len(reply)
     except InfraError as e:
         error = f"{type(e).__name__}: {e}"
+    except _Refused as e:
+        error, prompt_ids = str(e), []
     timings["total"] = time.perf_counter() - t_start
     if not timings["sandbox"]:
         timings["sandbox"] = sum(tc.duration_s for tc in tool_calls)
@@ -159,6 +169,8 @@ async def run_episode(
     out_info = {k: _jsonable(v) for k, v in (info or {}).items() if k != "tool_call"}
     if not token_io:
         out_info["token_io"] = False
+    if prompt_cut:
+        out_info["prompt_cut_tokens"] = prompt_cut
     return Trajectory(
         problem_id=problem_id,
         env_id=env.env_id,
@@ -177,3 +189,7 @@ async def run_episode(
         info=out_info,
         error=error,
     )
+
+
+class _Refused(Exception):
+    """A prompt over the limit with `overflow = "refuse"`: the episode ends before generating."""
