@@ -299,3 +299,27 @@ def test_a_complete_last_line_without_its_newline_is_kept(tmp_path):
     path.write_text('{"a": 1}\n{"b": 2')  # cut mid-record
     _repair_torn_tail(path)
     assert path.read_text() == '{"a": 1}\n'
+
+
+async def test_transcripts_record_the_registered_env_id(policy, tmp_path):
+    from spo_agents import envs
+    from spo_agents.registry import ENVS
+
+    envs.register("say-v0", "say_env:SayEnv", override=True)
+    try:
+        for name, factory in (("made", lambda: envs.make("say")), ("direct", lambda: SayEnv())):
+            await evaluate(
+                factory,
+                policy,
+                ["test-0"],
+                k=1,
+                sampling=SamplingParams(max_new_tokens=4),
+                out_dir=tmp_path / name,
+                progress=False,
+                max_episode_tokens=20,
+            )
+    finally:
+        ENVS._specs.pop("say-v0")
+    assert {t.env_id for t in read_jsonl(tmp_path / "made" / TRANSCRIPTS)} == {"say-v0"}
+    # a class built without the registry is recorded as the `package.module:Class` that `--env` takes
+    assert {t.env_id for t in read_jsonl(tmp_path / "direct" / TRANSCRIPTS)} == {"say_env:SayEnv"}

@@ -173,3 +173,27 @@ def test_completion_segments_cut_out_env_replies():
     chat = "first<|im_end|>\n<|im_start|>user\nTry again.<|im_end|>\n<|im_start|>assistant\nsecond"
     assert [k for k, _ in completion_segments(chat)] == ["model", "env", "model"]
     assert completion_segments("") == [("model", "")]
+
+
+def test_a_tool_env_rescores_with_the_verdict_of_its_episodes():
+    from spo_agents.envs.countdown import CountdownEnv
+    from spo_agents.evaluation.rescore import scorer_for
+    from spo_agents.types import Problem
+
+    numbers = {"numbers": [3, 5, 25, 50]}
+    problem = Problem("countdown/3-5-25-50/110", "Numbers: [3, 5, 25, 50]. Target: 110.", "110", numbers)
+    env = CountdownEnv(problems=[problem], sandbox=None)
+    score = scorer_for(env)
+    right = score(problem, ["Let me see.", "\\boxed{(25 - 3) * 5}"])
+    assert (right.reward, right.correct, right.answer, right.check) == (1.0, True, "(25 - 3) * 5", "ok")
+    reused = score(problem, ["\\boxed{50 + 50 + 5 + 5}"])
+    assert (reused.reward, reused.check) == (0.0, "number_reused") and "50 is used 2 times" in reused.detail
+
+
+def test_an_env_whose_scoring_runs_code_is_refused():
+    from spo_agents.envs.reasoning_gym_env import ReasoningGymEnv
+    from spo_agents.evaluation.rescore import scorer_for
+
+    env = ReasoningGymEnv("test", num_problems=2, sandbox=None)
+    with pytest.raises(ConfigError, match="cannot be re-scored from saved text"):
+        scorer_for(env)
