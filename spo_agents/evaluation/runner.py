@@ -1,6 +1,6 @@
 """Evaluation: k episodes per problem, avg@k / pass@k / maj@k (paper App. D, docs/algorithm.md section 6).
 
-The same episodes as training (`spo_agents.rollout.collector.run_episode`), so a model is evaluated exactly
+The same episodes as training (`spo_agents.rollout.episode.run_episode`), so a model is evaluated exactly
 as it acts. Used by `spo-agent eval` and by the trainer's periodic held-out evaluation.
 
 Files written to `out_dir` (when given):
