@@ -176,4 +176,6 @@ def test_unreachable_server_gives_a_clear_error_quickly(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert code == 1
     assert "cannot reach" in err and f"127.0.0.1:{port}" in err
-    assert elapsed < 30  # tokenizer loading included; the connection attempt itself fails at once
+    # far below `--server-wait` (300 s): a server that never answered is not waited for (the margin is
+    # for tokenizer loading on a busy machine)
+    assert elapsed < 150
