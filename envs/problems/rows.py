@@ -201,7 +201,8 @@ def rows_to_problems(
         except ValueError as e:
             if not skip_bad:
                 raise DatasetError(
-                    f"{where}:{line}: {e}. Fix the row, or pass `skip_bad=True` to skip and count bad rows"
+                    f"{where}:{line}: {e}. Fix the row, or pass `skip_bad=True` (`--env-arg skip_bad=true`) "
+                    "to skip and count bad rows"
                 ) from None
             report.note_bad(f"{where}:{line}: {e}")
             continue
