@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from spo_agents.envs.options import check_options
 from spo_agents.errors import EnvError, SPOError
 from spo_agents.registry import ENVS, Spec, describe, env_requirement
 
@@ -25,6 +26,7 @@ __all__ = [
     "spec",
     "list_envs",
     "describe_env",
+    "check_options",
     "MultiTurnEnv",
     "TextEnv",
     "StepOutcome",
@@ -96,43 +98,6 @@ def list_envs() -> list[str]:
 def describe_env(id: str) -> str:
     """One-line description of `id` (the registered one, else the class docstring's first line)."""
     return describe(ENVS.spec(id))
-
-
-_SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def check_options(env_id: str, cls: Any, options: dict[str, Any]) -> None:
-    """Refuse options the environment's constructor does not take (with a suggestion) and values
-    of the wrong simple type (int, float, bool, str, optionally None), before it is built."""
-    import inspect
-    import typing
-
-    from spo_agents.errors import ConfigError, did_you_mean
-
-    try:
-        params = inspect.signature(cls).parameters
-        hints = typing.get_type_hints(cls.__init__) if inspect.isclass(cls) else typing.get_type_hints(cls)
-    except (TypeError, ValueError, NameError):
-        return  # not introspectable: the constructor reports for itself
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    for key, value in options.items():
-        if key not in params:
-            if takes_any:
-                continue
-            raise ConfigError(
-                f"environment `{env_id}` has no option `{key}`.{did_you_mean(key, named)} "
-                f"Its options: {', '.join(f'`{n}`' for n in named)} (`spo-agent envs` describes each env)"
-            )
-        hint = hints.get(key)
-        allowed = [t for t in typing.get_args(hint) if t is not type(None)] if typing.get_args(hint) else [hint]
-        if len(allowed) != 1 or allowed[0] not in _SIMPLE or (value is None and type(None) in typing.get_args(hint)):
-            continue
-        want = allowed[0]
-        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-        ok = ok or (want is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise ConfigError(f"environment `{env_id}` option `{key}` must be {_SIMPLE[want]}, got {value!r}")
 
 
 def make(id: str, **kwargs: Any) -> Any:

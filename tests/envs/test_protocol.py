@@ -107,3 +107,15 @@ def test_info_tool_calls_is_the_count_of_the_episode(fake_backend):
     _, _, _, _, info = env.step("<code>print(2)</code>")
     assert info["tool_calls"] == 2 and info["tool_call"].output == "2"
     env.close()
+
+
+def test_options_passed_on_through_kwargs_are_still_checked():
+    from spo_agents.envs.countdown import CountdownEnv
+    from spo_agents.envs.options import check_options
+    from spo_agents.errors import ConfigError
+
+    check_options("countdown-python-v0", CountdownEnv, {"max_tool_calls": 2, "count": 3, "sandbox": "local"})
+    with pytest.raises(ConfigError, match="no option `max_tool_call`.*`max_tool_calls`"):
+        check_options("countdown-python-v0", CountdownEnv, {"max_tool_call": 2})
+    with pytest.raises(ConfigError, match="`max_tool_calls` must be an integer"):
+        check_options("countdown-python-v0", CountdownEnv, {"max_tool_calls": "many"})
