@@ -11,15 +11,17 @@ import sys
 import pytest
 
 from spo_agents.errors import ConfigError, PolicyError
+from spo_agents.rollout.policy.base import PolicyBackend
 from spo_agents.serving.weight_sync import (
     LoraSync,
     NcclSync,
     ReloadSync,
     VersionGate,
+    WeightSync,
     check_sync,
     learner_logprobs,
     make_weight_sync,
-    push_weights,
+    publish,
 )
 
 torch = pytest.importorskip("torch")
@@ -278,23 +280,63 @@ async def test_gate_pause_waits_for_in_flight_requests():
     assert await asyncio.wait_for(late, 1) == 7
 
 
+class FakePolicy(PolicyBackend):
+    """A policy whose requests wait on a simulated server; records what `publish` calls."""
+
+    tokenizer = None
+
+    def __init__(self, model: str = "base-model"):
+        super().__init__()
+        self.model = model
+        self.log = []
+
+    async def generate(self, prompt_ids, params):
+        raise AssertionError("not called")
+
+    async def pause(self):
+        self.log.append("pause")
+        await super().pause()
+
+    def resume(self, version):
+        self.log.append(("resume", version))
+        super().resume(version)
+
+    def set_served_model(self, name):
+        self.model = name
+
+
+class SimSync(WeightSync):
+    """Runs `on_push(version)` as the push; `served_model` as given."""
+
+    name = "sim"
+
+    def __init__(self, on_push, served_model=None):
+        self.on_push, self._served = on_push, served_model
+
+    @property
+    def served_model(self):
+        return self._served
+
+    async def push(self, model, version):
+        return self.on_push(version)
+
+
 async def test_no_request_is_attributed_to_the_wrong_version():
-    """A simulated server whose weights change only in `sync`; many requests with random
-    durations race with repeated pushes. Every request must see, from start to end, the
+    """A simulated server whose weights change only in `push`; many requests with random
+    durations race with repeated publishes. Every request must see, from start to end, the
     weights of the version it was handed."""
     rng = random.Random(0)
-    gate = VersionGate(0)
+    policy = FakePolicy()
     served = {"version": 0}
     in_flight = {"n": 0}
 
-    class SimSync:
-        def sync(self, model, version):
-            assert in_flight["n"] == 0, "weights changed under a running request"
-            served["version"] = version
+    def push(version):
+        assert in_flight["n"] == 0, "weights changed under a running request"
+        served["version"] = version
 
     async def request():
         await asyncio.sleep(rng.random() * 0.05)
-        async with gate.request() as v:
+        async with policy._gate.request() as v:
             in_flight["n"] += 1
             seen = [served["version"]]
             await asyncio.sleep(rng.random() * 0.004)
@@ -305,61 +347,43 @@ async def test_no_request_is_attributed_to_the_wrong_version():
     async def trainer():
         for step in range(1, 16):
             await asyncio.sleep(rng.random() * 0.004)
-            await push_weights(gate, SimSync(), None, step)
+            await publish(policy, SimSync(push), None, step)
 
     results = await asyncio.gather(trainer(), *[request() for _ in range(300)])
     outcomes = results[1:]
     assert all(seen == [v, v] for v, seen in outcomes)
-    assert served["version"] == 15 and gate.version == 15
+    assert served["version"] == 15 and policy.version == 15
     assert len({v for v, _ in outcomes}) > 2  # the race really spanned several versions
 
 
-class FakePolicy:
-    def __init__(self):
-        self.version = 0
-        self.log = []
-
-    async def pause(self):
-        self.log.append("pause")
-
-    def resume(self):
-        self.log.append(("resume", self.version))
-
-
-async def test_push_weights_sets_the_version_between_sync_and_resume():
+async def test_publish_pushes_between_pause_and_resume_with_the_new_version():
     policy, log = FakePolicy(), []
-
-    class RecordingSync:
-        def sync(self, model, version):
-            log.append(("sync", version, policy.version))
-            return "stats"
-
-    assert await push_weights(policy, RecordingSync(), None, 4) == "stats"
-    assert log == [("sync", 4, 0)] and policy.log == ["pause", ("resume", 4)]
+    stats = await publish(policy, SimSync(lambda v: log.append(("push", v, policy.version)) or "stats"), None, 4)
+    assert stats == "stats"
+    assert log == [("push", 4, 0)] and policy.log == ["pause", ("resume", 4)] and policy.version == 4
 
 
-async def test_push_weights_points_the_policy_at_the_lora_adapter(tmp_path):
+async def test_publish_without_a_sync_reopens_the_shared_policy_at_the_new_version():
     policy = FakePolicy()
-    policy.model = "base-model"
-    await push_weights(policy, LoraSync(FakeEndpoint(), lora_name="adapter", save_dir=tmp_path), tiny_peft(), 1)
+    assert await publish(policy, None, object(), 3) is None
+    assert policy.log == ["pause", ("resume", 3)] and policy.version == 3 and policy.model == "base-model"
+
+
+async def test_publish_points_the_policy_at_the_lora_adapter(tmp_path):
+    policy = FakePolicy()
+    await publish(policy, LoraSync(FakeEndpoint(), lora_name="adapter", save_dir=tmp_path), tiny_peft(), 1)
     assert policy.model == "adapter" and policy.version == 1
 
 
-async def test_push_weights_failure_leaves_the_policy_paused():
+async def test_publish_failure_leaves_the_policy_paused():
     policy = FakePolicy()
 
-    class Broken:
-        def sync(self, model, version):
-            raise PolicyError("server gone")
+    def broken(version):
+        raise PolicyError("server gone")
 
     with pytest.raises(PolicyError):
-        await push_weights(policy, Broken(), None, 2)
-    assert policy.log == ["pause"] and policy.version == 0
-
-
-async def test_push_weights_needs_a_pausable_policy():
-    with pytest.raises(PolicyError, match="pause"):
-        await push_weights(object(), ReloadSync(FakeEndpoint()), None, 1)
+        await publish(policy, SimSync(broken), None, 2)
+    assert policy.log == ["pause"] and policy.version == 0 and policy._gate.paused
 
 
 # ---------------------------------------------------------------------------- log-prob check

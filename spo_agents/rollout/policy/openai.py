@@ -1,67 +1,31 @@
-"""`openai`: any OpenAI-compatible server through the `openai` client.
+"""`openai`: a policy served by any OpenAI-compatible server, through the `openai` client.
 
-Two modes, chosen by probing the server on first use (`mode="auto"`):
+`mode="auto"` probes the server on first use (`connect()`: one 1-token completion) and picks:
+- `tokens` (vLLM's server): token-id prompts with `return_token_ids` and `logprobs: 0`, so the
+  sampled ids and their log-probs come back as they are: trainable.
+- `text` (servers that take only text): prompts decoded to text and the reply re-tokenised, no
+  log-probs: evaluation only, logged once and reported in `Generation.info["token_io"]`.
+A refused probe is an error that quotes the server and names the fix (wrong model, base URL
+without `/v1`, a reply that is not JSON). Requests are retried, timed out and waited for by
+`ServerClient` (`spo_agents.rollout.policy.openai_client`); the settings and what each failure
+does: docs/evaluation.md, "Server behaviour". Every generation is stamped with the weight version
+its request was sent under (the policy's `VersionGate`).
 
-- `tokens` (vLLM's server): `POST /v1/completions` with the prompt as token ids and
-  `return_token_ids`, `return_tokens_as_token_ids`, `logprobs: 0`; the server returns the sampled
-  token ids and each one's log-prob, so trajectories are token-in/token-out and trainable
-  (`supports_token_io = True`). Start vLLM with `--logprobs-mode processed_logprobs` to get the
-  log-probs of the distribution actually sampled from; by default vLLM returns raw log-probs
-  (before temperature / top-k / top-p).
-- `text` (servers that take only text, e.g. `transformers serve`): the prompt ids are decoded to
-  text and sent to `/v1/completions`; the returned text is re-tokenised, so the tokens are not
-  exactly what the server sampled and there are no log-probs (`supports_token_io = False`):
-  usable for evaluation only. The backend logs this once and reports it in
-  `Generation.info["token_io"]`, which `evaluate` copies into its JSON.
-
-**The probe** (`connect()`, or the first `generate` in `auto` mode) is one 1-token completion
-request (two for a text-only server: token ids, then text). It checks the endpoint, the model
-name and what the server can do before any sample runs. A refusal keeps the server's own words:
-a model the server does not serve (vLLM's 404 "The model `Y` does not exist", `transformers
-serve`'s 400 "Server is pinned to X; requested Y") is an error that quotes them and lists the
-served models; 404 on both `/completions` and `/models` is a base URL without `/v1`, and the error
-says so (checking `{base}/v1/models` first); a reply that is not JSON is an error, not a crash.
-
-**Retries and timeouts** (every request, the probe included; the `spo-agent eval` flag in brackets):
-- `connect_timeout_s` = 3 (`--connect-timeout`): opening a TCP connection.
-- `probe_timeout_s` = 10 (`--probe-timeout`): the probe's wait for an answer. A server that accepts
-  but never answers fails the probe with "connected, but no response within 10 s" (no retry).
-- `request_timeout_s` = 600 (`--request-timeout`): a generation request's wait for the next byte
-  of its answer; then it is retried.
-- `max_retries` = 5 (`--max-retries`): retries of one request after HTTP 429, HTTP 408 or 5xx, a
-  timeout, or a dropped connection (peer closed mid-body, server disconnected, connection reset).
-- `backoff_s` = 0.5, `max_backoff_s` = 10 (`--backoff`, `--max-backoff`): the wait before retry n
-  is `backoff_s * 2^(n-1)`, jittered by x0.5-1.5, at most `max_backoff_s`. A `Retry-After` (or
-  `retry-after-ms`) header on 429 / 503 replaces it, up to `server_wait_s`.
-- `server_wait_s` = 300 (`--server-wait`): how long requests wait for a server that refuses
-  connections after having answered (a restart). They poll at the same doubling intervals, without
-  using up `max_retries`, and fail once the outage is older than this.
-
-A server that has never answered and refuses the connection fails at once ("cannot reach"): a
-wrong address is not waited for. Once a request has used its retries or the outage outlasts
-`server_wait_s`, it raises `PolicyError`, which the rollout records as the sample's `error`.
-`stats` counts the requests sent, the retries by reason and the time spent waiting for the
-server (`spo-agent eval` prints it).
-
-The API key comes from the environment variable `api_key_env` (default `OPENAI_API_KEY`; `EMPTY`
-when unset, which local servers accept).
+1. vLLM returns raw log-probs (before temperature / top-k / top-p) unless started with
+   `--logprobs-mode processed_logprobs`; training needs the processed ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
-import os
-import random
-import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 from spo_agents.errors import PolicyError
-from spo_agents.rollout.policy.base import Generation, PolicyBackend, Resumed, SamplingParams, VersionGate
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams
+from spo_agents.rollout.policy.openai_client import RequestStats, ServerClient
+from spo_agents.rollout.policy.openai_errors import mentions_model, server_message
 from spo_agents.rollout.policy.stopping import StopMatch, eos_token_ids, find_stop
 
 log = logging.getLogger(__name__)
@@ -69,27 +33,6 @@ log = logging.getLogger(__name__)
 Mode = Literal["auto", "tokens", "text"]
 _TOKEN_IO_BODY = {"return_token_ids": True, "return_tokens_as_token_ids": True, "logprobs": 0}
 _PROBE = "the capability probe"
-
-
-@dataclass
-class RequestStats:
-    """What the backend's requests met: `requests` attempted (retries and refused connections
-    included), `retries` by reason (`HTTP 500`, `HTTP 429`, `dropped connection`, `timeout`), and
-    the server outages waited for (`outages`, `outage_s` seconds in all)."""
-
-    requests: int = 0
-    retries: dict[str, int] = field(default_factory=dict)
-    outages: int = 0
-    outage_s: float = 0.0
-
-    def summary(self) -> str:
-        retried = sum(self.retries.values())
-        parts = [f"{self.requests} requests", f"{retried} retries"]
-        if retried:
-            parts[-1] += " (" + ", ".join(f"{n} {why}" for why, n in sorted(self.retries.items())) + ")"
-        if self.outages:
-            parts.append(f"waited {self.outage_s:.1f} s for the server over {self.outages} outage(s)")
-        return ", ".join(parts)
 
 
 class OpenAIPolicy(PolicyBackend):
@@ -131,43 +74,27 @@ class OpenAIPolicy(PolicyBackend):
         ignore_eos: bool = False,
     ) -> None:
         super().__init__()
-        self._gate = VersionGate(self.version)
-        import httpx
-        from openai import AsyncOpenAI
-
         if mode not in ("auto", "tokens", "text"):
             raise PolicyError(f"`mode` must be `auto`, `tokens` or `text`, got `{mode}`")
-        positive = {
-            "request_timeout_s": request_timeout_s,
-            "connect_timeout_s": connect_timeout_s,
-            "probe_timeout_s": probe_timeout_s,
-        }
-        not_negative = {
-            "max_retries": max_retries,
-            "backoff_s": backoff_s,
-            "max_backoff_s": max_backoff_s,
-            "server_wait_s": server_wait_s,
-        }
-        bad = [f"`{k}` = {v}" for k, v in positive.items() if not v > 0]
-        bad += [f"`{k}` = {v}" for k, v in not_negative.items() if not v >= 0]
-        if bad:
-            raise PolicyError(
-                f"the `openai` backend's timeouts must be > 0 and its retry settings >= 0; got {', '.join(bad)}"
-            )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.mode: Mode = mode
         self.server_kind = "unknown"
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.server_wait_s = server_wait_s
-        self.connect_timeout_s = connect_timeout_s
-        self.probe_timeout_s = probe_timeout_s
         self.extra_body = dict(extra_body or {})
         self.ignore_eos = ignore_eos
-        self.api_key_env = api_key_env
-        self.stats = RequestStats()
+        self.client = ServerClient(
+            self.base_url,
+            model,
+            api_key_env=api_key_env,
+            request_timeout_s=request_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            probe_timeout_s=probe_timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            server_wait_s=server_wait_s,
+        )
+        self._client = self.client.api
         if tokenizer is None or isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 
@@ -181,162 +108,23 @@ class OpenAIPolicy(PolicyBackend):
                 ) from e
         self._tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer)
-        self._client = AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=os.environ.get(api_key_env) or "EMPTY",
-            max_retries=0,  # retries are ours: bounded, logged, and quick to give up on refusals
-            timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
-        )
-        self._probe_timeout = httpx.Timeout(probe_timeout_s, connect=connect_timeout_s)
         self._probe_lock = asyncio.Lock()
         self._probed = False
         self._limit = asyncio.Semaphore(max_concurrency)
         self._warned = False
-        self._seen_up = False  # the server has accepted a connection at least once
-        self._down_since: float | None = None  # when the current outage (refused connections) began
-        self._last_warning = -1e9
 
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
     @property
+    def stats(self) -> RequestStats:
+        """What the requests met (retries, outages)."""
+        return self.client.stats
+
+    @property
     def supports_token_io(self) -> bool:  # type: ignore[override]
         return self.mode == "tokens"
-
-    # --- requests -----------------------------------------------------------------------------
-    async def _request(self, make: Any, what: str, *, probe: bool = False) -> Any:
-        """Run `make()` (one API call) with the retries of the module docstring; return its reply.
-
-        `probe`: a timeout waiting for the answer is an error at once (with its reason), not a retry.
-        """
-        import openai
-
-        failures, polls = 0, 0
-        while True:
-            self.stats.requests += 1
-            retry_after = None
-            try:
-                reply = await make()
-            except openai.APIStatusError as e:
-                self._answered()
-                reason = self._retryable_status(e, what)
-                retry_after = _retry_after(e.response, self.server_wait_s) if e.status_code in (429, 503) else None
-            except openai.APIConnectionError as e:
-                failure = _connection_failure(e)
-                if failure == "refused":
-                    await self._wait_for_server(e, what, polls)
-                    polls += 1
-                    continue
-                self._seen_up = True
-                if failure == "timeout" and probe:
-                    raise PolicyError(
-                        f"connected to `{self.base_url}`, but no response to {what} (a 1-token completion for "
-                        f"`{self.model}`) within {self.probe_timeout_s:g} s: the server accepts connections but does "
-                        f"not answer (stuck, overloaded or still loading?); `--probe-timeout` sets this wait"
-                    ) from e
-                reason = "timeout" if failure == "timeout" else "dropped connection"
-            except ValueError as e:  # a JSON content type whose body does not parse
-                self._answered()
-                raise PolicyError(self._not_json(what, f"{type(e).__name__}: {e}")) from e
-            else:
-                self._answered()
-                if isinstance(reply, str):
-                    raise PolicyError(self._not_json(what, repr(reply[:120])))
-                return reply
-            failures += 1
-            if failures > self.max_retries:
-                raise PolicyError(
-                    f"`{self.base_url}` failed {what} {failures} times in a row (last: {reason}); giving up after "
-                    f"{self.max_retries} retries (`--max-retries`)"
-                )
-            kind = reason.split(":")[0]  # `HTTP 503`, not the server's message
-            self.stats.retries[kind] = self.stats.retries.get(kind, 0) + 1
-            delay = retry_after if retry_after is not None else self._backoff(failures)
-            self._log_retry(
-                f"retrying {what} against {self.base_url} in {delay:.1f} s after {reason} "
-                f"(retry {failures} of {self.max_retries})"
-            )
-            await asyncio.sleep(delay)
-
-    def _retryable_status(self, e: Any, what: str) -> str:
-        """The retry reason of HTTP 408, 429 and 5xx; any other status is a `PolicyError` now."""
-        status = e.status_code
-        if status == 401:
-            raise PolicyError(
-                f"`{self.base_url}` rejected the API key (HTTP 401); set it in `${self.api_key_env}`"
-            ) from e
-        if status in (408, 429) or status >= 500:
-            return f"HTTP {status}: {_server_message(e)}"
-        raise PolicyError(f"`{self.base_url}` refused {what} with HTTP {status}: {_server_message(e)}") from e
-
-    def _backoff(self, n: int) -> float:
-        """The wait before retry `n` (1-based): doubling from `backoff_s`, jittered, capped."""
-        return min(self.backoff_s * 2 ** (n - 1) * (0.5 + random.random()), self.max_backoff_s)
-
-    def _answered(self) -> None:
-        """The server answered: note it, and end an outage if one was going on."""
-        self._seen_up = True
-        if self._down_since is not None:
-            down = time.monotonic() - self._down_since
-            self._down_since = None
-            self.stats.outage_s += down
-            log.warning("the server at %s answers again after %.1f s", self.base_url, down)
-
-    async def _wait_for_server(self, e: Exception, what: str, polls: int) -> None:
-        """A refused connection: fail at once if the server never answered, else wait for it (at
-        most `server_wait_s` since the outage began) by sleeping before the next attempt."""
-        cause = _cause_text(e)
-        if not self._seen_up:
-            raise PolicyError(
-                f"cannot reach the OpenAI-compatible server at `{self.base_url}` ({cause}); "
-                f"check `--base-url` and that the server is running"
-            ) from e
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            self.stats.outages += 1
-            log.warning(
-                "the server at %s refuses connections (%s): requests wait up to %g s (`--server-wait`) for it "
-                "to come back",
-                self.base_url,
-                cause,
-                self.server_wait_s,
-            )
-        down = now - self._down_since
-        if down >= self.server_wait_s:
-            raise PolicyError(
-                f"the server at `{self.base_url}` has refused connections for {down:.0f} s ({cause}), longer than the "
-                f"{self.server_wait_s:g} s `--server-wait` allows; {what} gave up. Restart the server, then finish "
-                f"the run with `--resume`"
-            ) from e
-        pause = min(self.backoff_s * 2**polls, self.max_backoff_s, self.server_wait_s - down + 0.01)
-        await asyncio.sleep(max(0.0, pause))
-
-    def _log_retry(self, message: str) -> None:
-        """A warning at most every 10 s (retries under a flaky server would flood the terminal),
-        debug otherwise; `stats` has the counts."""
-        now = time.monotonic()
-        if now - self._last_warning >= 10.0:
-            self._last_warning = now
-            log.warning("%s (%s so far; further retries within 10 s are not shown)", message, self.stats.summary())
-        else:
-            log.debug(message)
-
-    def _not_json(self, what: str, found: str) -> str:
-        return (
-            f"`{self.base_url}` answered {what} with a reply that is not JSON ({found}); expected an "
-            f"OpenAI-compatible API: check `--base-url` (it usually ends in `/v1`)"
-        )
-
-    def _first_choice(self, reply: Any, what: str) -> Any:
-        choices = getattr(reply, "choices", None)
-        if not isinstance(choices, list) or not choices:
-            raise PolicyError(
-                f"`{self.base_url}` answered {what} with JSON that has no `choices` ({str(reply)[:200]}); "
-                f"expected an OpenAI completion object: check `--base-url` and that the server is OpenAI-compatible"
-            )
-        return choices[0]
 
     # --- the probe ------------------------------------------------------------------------------
     async def _probe(self, prompt_ids: list[int]) -> None:
@@ -351,12 +139,12 @@ class OpenAIPolicy(PolicyBackend):
                 if self.mode == "tokens":
                     raise PolicyError(
                         f"`{self.base_url}` refused a token-id prompt (HTTP {reply.status_code}: "
-                        f"{_server_message(reply)}); token-in/token-out needs vLLM's server; a server without it is "
+                        f"{server_message(reply)}); token-in/token-out needs vLLM's server; a server without it is "
                         f"usable for evaluation only (`mode: text`)"
                     )
                 self.server_kind = "transformers-serve" if "prompt must be a string" in str(reply) else "text-only"
             else:
-                choice = self._first_choice(reply, _PROBE)
+                choice = self.client.first_choice(reply, _PROBE)
                 extra = choice.model_extra or {}
                 if isinstance(extra.get("token_ids"), list) and choice.logprobs is not None:
                     self.mode, self.server_kind = "tokens", "vllm"
@@ -372,7 +160,7 @@ class OpenAIPolicy(PolicyBackend):
         reply = await self._probe_request(prompt_ids, tokens=False)
         if isinstance(reply, openai.APIStatusError):
             await self._diagnose(reply)
-        self._first_choice(reply, _PROBE)
+        self.client.first_choice(reply, _PROBE)
         self._text_mode()
 
     def _text_mode(self) -> None:
@@ -396,7 +184,12 @@ class OpenAIPolicy(PolicyBackend):
             body: dict[str, Any] | None = dict(_TOKEN_IO_BODY)
         else:
             prompt, body = self._tokenizer.decode(prompt_ids, skip_special_tokens=False), self._text_body(params)
-        kw = {**self._common(params), "prompt": prompt, "extra_body": body or None, "timeout": self._probe_timeout}
+        kw = {
+            **self._common(params),
+            "prompt": prompt,
+            "extra_body": body or None,
+            "timeout": self.client.probe_timeout,
+        }
 
         async def call() -> Any:
             try:
@@ -404,12 +197,12 @@ class OpenAIPolicy(PolicyBackend):
             except (openai.BadRequestError, openai.NotFoundError, openai.UnprocessableEntityError) as e:
                 return e
 
-        return await self._request(call, _PROBE, probe=True)
+        return await self.client.request(call, _PROBE, probe=True)
 
     async def _diagnose(self, e: Any) -> None:
         """Raise the clearest `PolicyError` for a probe the server refused (400 / 404 / 422),
         keeping the server's own message."""
-        said = f"HTTP {e.status_code}: {_server_message(e)}"
+        said = f"HTTP {e.status_code}: {server_message(e)}"
         served = await self._served_models()
         if served is not None and self.model not in served:
             raise PolicyError(
@@ -424,9 +217,9 @@ class OpenAIPolicy(PolicyBackend):
                     f"`{self.base_url}/v1/models` answers: the API is under `/v1`; pass `--base-url {self.base_url}/v1`"
                 )
             hint = "" if self.base_url.endswith("/v1") else " (an OpenAI-compatible base URL usually ends in `/v1`)"
-            if not _mentions_model(_server_message(e), self.model):
+            if not mentions_model(server_message(e), self.model):
                 raise PolicyError(
-                    f"`{self.base_url}` answers HTTP 404 to `/completions` and `/models` ({_server_message(e)}): it "
+                    f"`{self.base_url}` answers HTTP 404 to `/completions` and `/models` ({server_message(e)}): it "
                     f"is not the base of an OpenAI-compatible API; check `--base-url`{hint}"
                 )
         raise PolicyError(
@@ -437,7 +230,7 @@ class OpenAIPolicy(PolicyBackend):
     async def _served_models(self) -> list[str] | None:
         """The model names `/models` lists, or None when it cannot be read."""
         try:
-            page = await self._client.models.list(timeout=self._probe_timeout)
+            page = await self._client.models.list(timeout=self.client.probe_timeout)
             return [str(m.id) for m in page.data]
         except Exception:  # noqa: BLE001 - servers without /v1/models, non-JSON replies, ...
             return None
@@ -449,7 +242,7 @@ class OpenAIPolicy(PolicyBackend):
         if self.base_url.endswith("/v1"):
             return False
         try:
-            async with httpx.AsyncClient(timeout=self._probe_timeout) as client:
+            async with httpx.AsyncClient(timeout=self.client.probe_timeout) as client:
                 auth = {"Authorization": f"Bearer {self._client.api_key}"}
                 r = await client.get(f"{self.base_url}/v1/models", headers=auth)
             return r.status_code == 200 and isinstance(r.json().get("data"), list)
@@ -486,10 +279,13 @@ class OpenAIPolicy(PolicyBackend):
         """Hold new requests and return once none is in flight (before a weight push)."""
         await self._gate.pause()
 
-    def resume(self) -> Resumed:
-        """Reopen with the weights of `self.version` (set it before resuming)."""
-        self._gate.resume(self.version)
-        return Resumed()
+    def resume(self, version: int) -> None:
+        """Reopen, serving the weights of `version`."""
+        self._gate.resume(version)
+
+    def set_served_model(self, name: str) -> None:
+        """Send `name` as the `model` of later requests (after a `lora` sync: the adapter)."""
+        self.model = self.client.model = name
 
     def _common(self, params: SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {
@@ -511,11 +307,11 @@ class OpenAIPolicy(PolicyBackend):
         if self.ignore_eos:
             body["ignore_eos"] = True
         body.update(self.extra_body)
-        resp = await self._request(
+        resp = await self.client.request(
             lambda: self._client.completions.create(prompt=prompt_ids, extra_body=body, **self._common(params)),
             "a completion",
         )
-        choice = self._first_choice(resp, "a completion")
+        choice = self.client.first_choice(resp, "a completion")
         extra = choice.model_extra or {}
         if extra.get("token_ids") is None:
             raise PolicyError(
@@ -557,10 +353,10 @@ class OpenAIPolicy(PolicyBackend):
         prompt = self._tokenizer.decode(prompt_ids, skip_special_tokens=False)
         kw = self._common(params)
         body = self._text_body(params)
-        resp = await self._request(
+        resp = await self.client.request(
             lambda: self._client.completions.create(prompt=prompt, extra_body=body or None, **kw), "a completion"
         )
-        choice = self._first_choice(resp, "a completion")
+        choice = self.client.first_choice(resp, "a completion")
         text = choice.text or ""
         ids = self._tokenizer.encode(text, add_special_tokens=False)
         match = find_stop(self._tokenizer, ids, params.stop, self.eos_ids)
@@ -599,77 +395,4 @@ class OpenAIPolicy(PolicyBackend):
         return body
 
     async def close(self) -> None:
-        try:
-            await self._client.close()
-        except Exception:  # noqa: BLE001 - closing twice or after the loop ended is harmless
-            pass
-
-
-def _causes(e: BaseException) -> list[BaseException]:
-    """`e` and the exceptions it was raised from, outermost first (bounded: no cycles)."""
-    chain: list[BaseException] = []
-    while e is not None and len(chain) < 8 and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return chain
-
-
-def _connection_failure(e: BaseException) -> str:
-    """`refused` (no connection made: nothing listens, unreachable, connect timed out), `timeout`
-    (connected, no answer in time) or `dropped` (the connection broke mid-request or mid-reply)."""
-    names = {type(c).__name__ for c in _causes(e)}
-    if names & {"ConnectError", "ConnectTimeout", "ConnectionRefusedError"}:
-        return "refused"
-    if names & {"ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException"}:
-        return "timeout"
-    return "dropped"
-
-
-def _cause_text(e: BaseException) -> str:
-    """The innermost non-empty message of `e`'s chain, e.g. `All connection attempts failed`."""
-    for c in reversed(_causes(e)):
-        if str(c):
-            return f"{type(c).__name__}: {c}"
-    return type(e).__name__
-
-
-def _server_message(e: Any) -> str:
-    """The server's own words in an error reply: OpenAI's `error.message`, FastAPI's `detail`, or
-    the body's first 300 characters."""
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        for key in ("message", "detail"):
-            if isinstance(inner, dict) and isinstance(inner.get(key), str):
-                return inner[key]
-        if isinstance(body.get("detail"), str):
-            return body["detail"]
-        return json.dumps(body)[:300]
-    if isinstance(body, str) and body.strip():
-        return body.strip()[:300]
-    return getattr(e, "message", None) or type(e).__name__
-
-
-def _mentions_model(message: str, model: str) -> bool:
-    """Whether a refusal speaks of the model (then it is about `--model`, not about the URL)."""
-    return model in message or "model" in message.lower()
-
-
-def _retry_after(response: Any, cap: float) -> float | None:
-    """Seconds to wait from a reply's `retry-after-ms` or `Retry-After` (seconds or an HTTP
-    date), at most `cap`; None when absent or unreadable."""
-    headers = getattr(response, "headers", None) or {}
-    try:
-        if headers.get("retry-after-ms") is not None:
-            return min(max(float(headers["retry-after-ms"]) / 1000.0, 0.0), cap)
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            seconds = float(value)
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value)
-            seconds = (when - datetime.now(timezone.utc)).total_seconds()
-        return min(max(seconds, 0.0), cap)
-    except (TypeError, ValueError):
-        return None
+        await self.client.close()

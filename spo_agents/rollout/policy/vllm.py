@@ -9,21 +9,21 @@ Stop strings: vLLM keeps the tokens of the matched stop string in `token_ids`
 (`include_stop_str_in_output` affects only the text).
 
 Weights: `load_weights(named_tensors)` pushes updated tensors into the engine's model in place
-(colocated learner), between `pause()` and `resume()`; the prefix cache is reset afterwards so
-no KV blocks computed with the old weights are reused.
+(colocated learner; `spo_agents.serving.weight_sync.InProcessVLLMSync`), between `pause()` and
+`resume(version)`; the prefix cache is reset afterwards so no KV blocks computed with the old
+weights are reused.
 
 Not covered by the default tests (vLLM needs a CUDA GPU; `gpu`-marked tests exercise it).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
-from spo_agents.rollout.policy.base import Generation, PolicyBackend, Resumed, SamplingParams
+from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ class VLLMPolicy(PolicyBackend):
 
         self._tokenizer = AutoTokenizer.from_pretrained(model)
         self._ids = itertools.count()
-        self._allowed = asyncio.Event()
-        self._allowed.set()
-        self._running = 0
-        self._idle = asyncio.Condition()
 
     @property
     def tokenizer(self) -> Any:
@@ -85,7 +81,6 @@ class VLLMPolicy(PolicyBackend):
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
-        await self._allowed.wait()
         sp = VSampling(
             temperature=params.temperature,
             top_p=params.top_p,
@@ -96,20 +91,15 @@ class VLLMPolicy(PolicyBackend):
             logprobs=0,
             seed=params.seed,
         )
-        version = self.version
-        self._running += 1
-        try:
+        async with self._gate.request() as version:  # held while new weights load
             final = None
-            async for out in self.engine.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, f"spo-{next(self._ids)}"
-            ):
-                final = out
-        except Exception as e:  # noqa: BLE001 - the engine raises many types
-            raise PolicyError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
-        finally:
-            self._running -= 1
-            async with self._idle:
-                self._idle.notify_all()
+            try:
+                async for out in self.engine.generate(
+                    TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, f"spo-{next(self._ids)}"
+                ):
+                    final = out
+            except Exception as e:  # noqa: BLE001 - the engine raises many types
+                raise PolicyError(f"vLLM generation failed: {type(e).__name__}: {e}") from e
         if final is None:
             raise PolicyError("vLLM returned no output for a request")
         c = final.outputs[0]
@@ -127,16 +117,6 @@ class VLLMPolicy(PolicyBackend):
         else:
             reason, stop = "eos", None
         return Generation(ids, lps, c.text, reason, stop, policy_version=version, info={"token_io": True})
-
-    async def pause(self) -> None:
-        """Hold new requests and wait until running ones finish."""
-        self._allowed.clear()
-        async with self._idle:
-            await self._idle.wait_for(lambda: self._running == 0)
-
-    def resume(self) -> Resumed:
-        self._allowed.set()
-        return Resumed()
 
     async def load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
         """Copy updated weights into the engine's model and reset its prefix cache."""
