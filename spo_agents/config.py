@@ -180,15 +180,20 @@ class TrackerConfig:
     init_values: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.rho_min <= self.rho_max <= 1.0:
-            raise ConfigError(
-                f"`tracker.rho_min` and `tracker.rho_max` must satisfy 0 < rho_min <= rho_max <= 1, "
-                f"got {self.rho_min} and {self.rho_max}"
-            )
-        if not (math.isfinite(self.d_half) and self.d_half > 0):
-            raise ConfigError(f"`tracker.d_half` must be a finite number > 0, got {self.d_half}")
-        if not 0.0 < self.rho_constant <= 1.0:
-            raise ConfigError(f"`tracker.rho_constant` must be in (0, 1], got {self.rho_constant}")
+        check_tracker_values(self.rho_min, self.rho_max, self.d_half, self.rho_constant)
+
+
+def check_tracker_values(rho_min: float, rho_max: float, d_half: float, rho_constant: float) -> None:
+    """The tracker's value ranges, in one place for `TrackerConfig` and `ValueTracker`."""
+    if not 0.0 < rho_min <= rho_max <= 1.0:
+        raise ConfigError(
+            f"`tracker.rho_min` and `tracker.rho_max` must satisfy 0 < rho_min <= rho_max <= 1, "
+            f"got {rho_min} and {rho_max}"
+        )
+    if not (_finite(d_half) and d_half > 0):
+        raise ConfigError(f"`tracker.d_half` must be a finite number > 0, got {d_half}")
+    if not (_finite(rho_constant) and 0.0 < rho_constant <= 1.0):
+        raise ConfigError(f"`tracker.rho_constant` must be in (0, 1], got {rho_constant}")
 
 
 @dataclass
@@ -404,6 +409,9 @@ class Config:
             )
         if adv in ("grpo", "rloo") and a.name != "grpo":
             raise ConfigError(f"advantage `{adv}` needs grouped collection: set `algorithm.name: grpo`")
+
+    def check_trainable(self) -> None:
+        """Rules for training only (`spo-agent estimate-values` may sample from any server)."""
         if self.rollout.backend == "openai":
             raise ConfigError(
                 "`rollout.backend: openai` cannot push the learner's weights to the server, so every step would "

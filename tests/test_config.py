@@ -36,6 +36,7 @@ def test_shipped_config_loads_and_mirrors_the_dataclasses(path):
     raw = yaml.safe_load(path.read_text())
     assert _keys(raw) == _keys(to_dict(Config())), "a shipped YAML must list every field of `Config`, no more, no less"
     assert from_dict(Config, to_dict(cfg)) == cfg
+    cfg.check_trainable()  # every shipped config trains
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -187,3 +188,23 @@ def test_boundary_values_are_accepted():
         ]
     )
     assert cfg.train.mini_batches == cfg.train.batch_size and cfg.train.max_minutes is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.name=grpo", "algorithm.group_size=1"], "`algorithm.group_size` >= 2"),
+        (["algorithm.name=grpo", "algorithm.group_size=3"], "multiple of `algorithm.group_size`"),
+        (["algorithm.advantage=rloo"], "needs grouped collection"),
+        (["algorithm.name=grpo", "algorithm.group_size=4", "algorithm.advantage_norm=token"], "normalises within"),
+    ],
+)
+def test_rules_across_sections_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_an_openai_server_is_refused_for_training_only():
+    cfg = load_config(overrides=["rollout.backend=openai", "rollout.base_url=http://127.0.0.1:9/v1"])
+    with pytest.raises(ConfigError, match="cannot push the learner's weights"):
+        cfg.check_trainable()

@@ -322,10 +322,11 @@ def test_sharding_on_several_processes_refuses_the_in_place_policy(tmp_path):
     import test_training as T
 
     from spo_agents.errors import ConfigError
+    from spo_agents.training.follower import World
     from spo_agents.training.loop import Trainer
 
     t = Trainer(T.tiny_config(tmp_path, train={"sharding": "fsdp"}), tmp_path / "run", T.tiny_components())
-    t.rank, t.world = 0, 2  # as rank 0 of two would see it
+    t.world = World(rank=0, size=2)  # as rank 0 of two would see it
     with pytest.raises(ConfigError, match="use `rollout.backend: vllm-server` or `vllm`"):
         t._setup()
 
@@ -382,15 +383,21 @@ def test_sharding_with_lora_or_gradient_checkpointing(tmp_path, variant):
             assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
-class CopySync:
+def copy_sync(target):
     """Stands in for a server's `reload`: copies each pushed state into the rollout model."""
+    from spo_agents.serving.weight_sync import WeightSync
 
-    def __init__(self, target) -> None:
-        self.target, self.versions = target, []
+    class CopySync(WeightSync):
+        name = "copy"
 
-    def sync(self, model, version):
-        self.target.load_state_dict(model.state_dict())
-        self.versions.append(version)
+        def __init__(self) -> None:
+            self.target, self.versions = target, []
+
+        async def push(self, model, version):
+            self.target.load_state_dict(model.state_dict())
+            self.versions.append(version)
+
+    return CopySync()
 
 
 def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool = False) -> None:
@@ -418,7 +425,7 @@ def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool
     if sharding == "fsdp":
         served = copy.deepcopy(comp.model)
         comp.policy = HFPolicy(model=served, tokenizer=comp.tokenizer)
-        comp.weight_sync = sync = CopySync(served)
+        comp.weight_sync = sync = copy_sync(served)
         comp.inplace, comp.closers = False, [comp.policy.close]
     res = train(cfg, run_dir=out_dir / "run", components=comp, resume=resume)
     state = full_model_state(comp.model) if sharding == "fsdp" else None  # a collective

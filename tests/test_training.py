@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from spo_agents.config import Config, from_dict, load_config, to_dict
+from spo_agents.rollout.policy.base import PolicyBackend
+from spo_agents.serving.weight_sync import WeightSync
 from spo_agents.training.loop import Components, Trainer, train
 from spo_agents.training.metrics import read_metrics, undocumented
 
@@ -31,6 +33,7 @@ class FirstTokenEnv(gym.Env):
 
     stop_sequences: list[str] = []
     reply_role = None
+    env_id = "first-token-v0"
 
     def __init__(self, n: int = 48, split: str = "train") -> None:
         self.split = split
@@ -44,6 +47,9 @@ class FirstTokenEnv(gym.Env):
     def step(self, text):
         ok = bool(text) and not text.startswith(" ")
         return "", float(ok), True, False, {"correct": ok, "answer": text[:8]}
+
+    def answers_equivalent(self, a, b):
+        return a == b
 
     def close(self):
         pass
@@ -285,60 +291,63 @@ def test_constant_rho_uniform_sampling_and_no_baseline_ablations(tmp_path):
 def test_grpo_needs_whole_groups_in_a_batch(tmp_path):
     from spo_agents.errors import ConfigError
 
-    cfg = tiny_config(tmp_path, algorithm={"name": "grpo", "group_size": 3})
     with pytest.raises(ConfigError, match="multiple of `algorithm.group_size`"):
-        Trainer(cfg, tmp_path / "run", components=None)
+        tiny_config(tmp_path, algorithm={"name": "grpo", "group_size": 3})
 
 
-# --- weights to a server backend: pause -> sync -> version -> resume, after the update --------
-class RecordingPolicy:
+# --- weights to a server backend: update -> pause -> push -> resume(version) ---------------------
+class RecordingPolicy(PolicyBackend):
+    """The tiny in-process policy, recording the calls `publish` makes."""
+
     def __init__(self, inner, events):
+        super().__init__()
         self.inner, self.events = inner, events
-        self.supports_token_io = True
-        self._version = 0
 
     @property
     def tokenizer(self):
         return self.inner.tokenizer
 
-    @property
-    def version(self):
-        return self._version
-
-    @version.setter
-    def version(self, v):
-        self.events.append(("version", v))
-        self._version = v
-        self.inner.version = v
-
     async def generate(self, prompt_ids, params):
-        g = await self.inner.generate(prompt_ids, params)
-        g.policy_version = self._version
+        async with self._gate.request() as version:
+            g = await self.inner.generate(prompt_ids, params)
+        g.policy_version = version
         return g
 
     async def pause(self):
         self.events.append(("pause",))
+        await super().pause()
 
-    def resume(self):
-        self.events.append(("resume",))
+    def resume(self, version):
+        self.events.append(("resume", version))
+        super().resume(version)
+
+    def set_served_model(self, name):
+        self.events.append(("serve", name))
 
     async def close(self):
         await self.inner.close()
 
 
-class FakeSync:
-    def __init__(self, events):
-        self.events = events
+class FakeSync(WeightSync):
+    name = "fake"
 
-    def sync(self, model, version):
-        self.events.append(("sync", version))
+    def __init__(self, events, served_model=None):
+        self.events, self._served = events, served_model
+
+    @property
+    def served_model(self):
+        return self._served
+
+    async def push(self, model, version):
+        self.events.append(("push", version))
 
 
-def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("served_model", [None, "adapter"])
+def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monkeypatch, served_model):
     events: list = []
     comp = tiny_components()
     comp.policy = RecordingPolicy(comp.policy, events)
-    comp.weight_sync = FakeSync(events)
+    comp.weight_sync = FakeSync(events, served_model)
     comp.inplace = False
     cfg = tiny_config(tmp_path, train={"steps": 2, "checkpoint_every": 0})
     from spo_agents.training.learner import Learner
@@ -351,40 +360,37 @@ def test_server_backend_pushes_weights_after_each_update_in_order(tmp_path, monk
 
     monkeypatch.setattr(Learner, "update", update)
     train(cfg, run_dir=tmp_path / "run", components=comp)
-    seq = [e for e in events if e != ("version", 0)]
-    assert seq == [
-        ("update",),
-        ("pause",),
-        ("sync", 1),
-        ("version", 1),
-        ("resume",),
-        ("update",),
-        ("pause",),
-        ("sync", 2),
-        ("version", 2),
-        ("resume",),
-    ]
+    serve = [("serve", served_model)] if served_model else []
+    one = [("pause",), ("push", 1), *serve, ("resume", 1)]
+    two = [("pause",), ("push", 2), *serve, ("resume", 2)]
+    assert events == [("resume", 0), ("update",), *one, ("update",), *two]
 
 
-async def test_in_process_vllm_push_order():
-    from spo_agents.training.components import VLLMInProcessSync
+async def test_in_process_vllm_sync_loads_every_weight_between_pause_and_resume():
+    from spo_agents.serving.weight_sync import InProcessVLLMSync, publish
 
     events = []
 
-    class FakeVLLM:
-        version = 0
+    class FakeVLLM(PolicyBackend):
+        tokenizer = None
+
+        async def generate(self, prompt_ids, params):
+            raise AssertionError("not called")
 
         async def pause(self):
             events.append("pause")
 
         async def load_weights(self, named):
-            events.append(("load", len(named)))
+            events.append(("load", sorted(name for name, _ in named)))
 
-        def resume(self):
-            events.append(("resume", self.version))
+        def resume(self, version):
+            events.append(("resume", version))
 
-    await VLLMInProcessSync(FakeVLLM()).push(torch.nn.Linear(2, 2), 7)
-    assert events == ["pause", ("load", 2), ("resume", 7)]
+    policy = FakeVLLM()
+    sync = InProcessVLLMSync(policy)
+    stats = await publish(policy, sync, torch.nn.Linear(2, 2), 7)
+    assert events == ["pause", ("load", ["bias", "weight"]), ("resume", 7)]
+    assert stats.version == 7 and sync.version == 7
 
 
 # --- the command line: train, estimate-values, plot ----------------------------------------------

@@ -8,13 +8,18 @@ and builds the policy of `rollout.backend`, each import guarded by its optional 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spo_agents.config import Config
 from spo_agents.errors import ConfigError
+
+if TYPE_CHECKING:
+    from spo_agents.rollout.policy.base import PolicyBackend
+    from spo_agents.serving.weight_sync import WeightSync
 
 
 @dataclass
@@ -24,11 +29,25 @@ class Components:
 
     model: Any
     tokenizer: Any
-    policy: Any
+    policy: PolicyBackend
     env_factory: Callable[[str], Any]
-    weight_sync: Any = None  # object with `sync(model, version)` (sync or async), server backends
-    inplace: bool = True  # the policy shares the learner's module (pause during the update)
+    weight_sync: WeightSync | None = None  # puts new weights where the policy generates (not for `hf`)
+    inplace: bool = True  # the policy shares the learner's module (paused during the update)
     closers: list[Callable[[], Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (its end-of-sequence id when it has none)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def resolve_device(name: str) -> str:
@@ -126,9 +145,10 @@ def build_components(
         return Components(model, tokenizer, policy, env_factory, inplace=True, closers=[policy.close])
     if backend == "vllm":
         from spo_agents.rollout.policy import make_policy
+        from spo_agents.serving.weight_sync import InProcessVLLMSync
 
         policy = make_policy("vllm", cfg.model.name, dtype=cfg.model.dtype)
-        sync = VLLMInProcessSync(policy)
+        sync = InProcessVLLMSync(policy)
         return Components(
             model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close]
         )
@@ -167,19 +187,3 @@ def build_components(
             model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close, *closers]
         )
     raise ConfigError(f"unknown `rollout.backend` {backend!r}")
-
-
-class VLLMInProcessSync:
-    """Loads the learner's weights into an in-process vLLM engine after each step (GPU path;
-    not run on the CPU machines this project is tested on)."""
-
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-
-    async def push(self, model: Any, version: int) -> None:
-        await self.policy.pause()
-        try:
-            await self.policy.load_weights([(name, p.detach()) for name, p in model.state_dict().items()])
-            self.policy.version = version
-        finally:
-            self.policy.resume()

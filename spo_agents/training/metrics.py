@@ -1,10 +1,7 @@
-"""Training metrics: one JSON object per step in `RUN_DIR/metrics.jsonl`, optionally mirrored to
-TensorBoard (`logging.tensorboard: true`) and Weights & Biases (`logging.wandb: true`; set
-`WANDB_MODE=offline` to log without an account).
+"""Training metrics: one JSON object per step in `RUN_DIR/metrics.jsonl` (mirrored to TensorBoard
+and Weights & Biases when enabled), built by `step_row` / `time_row` from typed stats.
 
-`METRICS` documents every key the training loop writes; a test fails when a key is written
-without documentation. `markdown_table()` renders the documentation in docs/metrics.md.
-Only the training loop writes metrics; it builds them from typed stats objects.
+`METRICS` documents every key (docs/metrics.md is `markdown_table()`; a test keeps them in sync).
 """
 
 from __future__ import annotations
@@ -12,10 +9,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from spo_agents.errors import ConfigError
+
+if TYPE_CHECKING:
+    from spo_agents.training.learner import LearnerStats
+    from spo_agents.types import Trajectory
 
 # key -> what it means. Keys are grouped by their prefix.
 METRICS: dict[str, str] = {
@@ -120,6 +125,145 @@ METRICS: dict[str, str] = {
     "eval/k": "Samples per problem in the held-out evaluation.",
     "eval/problems": "Problems in the held-out evaluation.",
 }
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step produced, for its metrics row. Arrays are per trained trajectory [B] unless
+    noted; `v_before` is the batch's v_hat before the tracker update (the baseline used)."""
+
+    step: int
+    trajectories: Sequence[Trajectory]  # trained on (rollout errors dropped)
+    failed: Sequence[Trajectory]  # dropped for infrastructure errors
+    rewards: np.ndarray
+    raw_advantages: np.ndarray  # r - baseline, before normalisation
+    advantages: np.ndarray
+    v_before: np.ndarray
+    v_all: np.ndarray  # [N] every problem's v_hat after the update
+    sampler_weights: np.ndarray  # [N] the sampler's weights after the update
+    rho: np.ndarray
+    learner: LearnerStats
+    drift_per_prompt: np.ndarray | None = None  # `tracker.drift: per-prompt`: D(x) per trajectory
+    group_ids: Sequence[str | None] | None = None  # grouped collection only
+    rollout_s: float = 0.0
+    learner_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Wall-clock seconds around one step (`time/*`)."""
+
+    step_s: float
+    eval_s: float
+    checkpoint_s: float
+    elapsed_s: float
+
+
+def step_row(s: StepStats) -> dict[str, Any]:
+    """The step's metrics row without the evaluation, timing shares and health keys."""
+    good, n = s.trajectories, len(s.trajectories)
+    gen = sum(t.num_generated for t in good)
+    tool_calls = [tc for t in good for tc in t.tool_calls]
+    lst = s.learner
+    row: dict[str, Any] = {
+        "step": s.step,
+        "train/reward_mean": float(s.rewards.mean()),
+        "train/reward_std": float(s.rewards.std()),
+        "train/accuracy": float(np.mean([t.correct for t in good])),
+        "train/advantage_raw_std": float(np.std(s.raw_advantages)),
+        "train/advantage_mean": float(np.mean(s.advantages)),
+        "train/advantage_std": float(np.std(s.advantages)),
+        "train/batch_size": n,
+        **_batch_values(s.v_before),
+        "tracker/v_hat_all_mean": float(s.v_all.mean()),
+        "tracker/rho_mean": float(np.mean(s.rho)),
+        "tracker/rho_min": float(np.min(s.rho)),
+        "tracker/rho_max": float(np.max(s.rho)),
+        "tracker/drift": lst.drift,
+        **_sampler_entropy(s.sampler_weights),
+        "episode/tool_calls": len(tool_calls) / n,
+        "episode/tool_failures": sum(1 for tc in tool_calls if not tc.ok and tc.infra_error is None) / n,
+        "episode/truncation_rate": float(np.mean([t.truncated for t in good])),
+        "episode/generated_tokens": gen / n,
+        "episode/length_tokens": sum(len(t.token_ids) for t in good) / n,
+        "episode/staleness": float(np.mean([s.step - 1 - t.policy_version for t in good])),
+        "episode/generate_s": sum(t.timings.get("generate", 0.0) for t in good) / n,
+        "episode/sandbox_s": sum(t.timings.get("sandbox", 0.0) for t in good) / n,
+        "learner/loss": lst.loss,
+        "learner/clip_frac": lst.clip_frac,
+        "learner/approx_kl": lst.approx_kl,
+        "learner/entropy": lst.entropy,
+        "learner/ratio_mean": lst.ratio_mean,
+        "learner/grad_norm": lst.grad_norm,
+        "learner/lr": lst.lr,
+        "learner/optimizer_steps": lst.optimizer_steps,
+        "perf/generated_tokens": gen,
+        "time/rollout_wait_s": s.rollout_s,
+        "time/learner_s": s.learner_s,
+    }
+    if s.drift_per_prompt is not None:
+        row["tracker/drift_per_prompt_mean"] = float(np.mean(s.drift_per_prompt))
+    row["episode/rollout_errors"] = len(s.failed)
+    row["episode/sandbox_errors"] = sum(1 for t in [*good, *s.failed] for tc in t.tool_calls if tc.infra_error)
+    if s.group_ids is not None:
+        from spo_agents.algorithm.advantages import degenerate_share
+
+        row["train/degenerate_share"] = degenerate_share(s.rewards, list(s.group_ids))
+    return row
+
+
+def _batch_values(v: np.ndarray) -> dict[str, float]:
+    """`tracker/v_hat_*` over the batch's problems before the update (`TrackerSummary` in
+    `spo_agents.algorithm.tracker` is the other view: all visited problems)."""
+    q = np.quantile(v, [0.1, 0.5, 0.9])
+    return {
+        "tracker/v_hat_mean": float(v.mean()),
+        "tracker/v_hat_p10": float(q[0]),
+        "tracker/v_hat_p50": float(q[1]),
+        "tracker/v_hat_p90": float(q[2]),
+    }
+
+
+def _sampler_entropy(w: np.ndarray) -> dict[str, float]:
+    p = w / w.sum()
+    ent = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    return {"sampler/entropy": ent, "sampler/entropy_ratio": ent / math.log(len(w)) if len(w) > 1 else 1.0}
+
+
+def time_row(row: dict[str, Any], times: StepTimes) -> dict[str, Any]:
+    """`time/*` and `perf/tokens_per_s` of a step row. The rollout wait is split between generation
+    and sandbox by the episodes' own timings (`episode/generate_s` vs `episode/sandbox_s`)."""
+    wall = max(times.step_s, 1e-9)
+    split = row["episode/generate_s"] + row["episode/sandbox_s"]
+    g = row["episode/generate_s"] / split if split > 0 else 1.0
+    return {
+        "time/step_s": times.step_s,
+        "time/eval_s": times.eval_s,
+        "time/checkpoint_s": times.checkpoint_s,
+        "time/elapsed_s": times.elapsed_s,
+        "time/share_generate": row["time/rollout_wait_s"] * g / wall,
+        "time/share_sandbox": row["time/rollout_wait_s"] * (1 - g) / wall,
+        "time/share_learner": row["time/learner_s"] / wall,
+        "perf/tokens_per_s": row["perf/generated_tokens"] / wall,
+    }
+
+
+def drift_comparison(c_last: np.ndarray, c_now: float, idx: np.ndarray, drift_pp: Sequence[float]) -> dict[str, float]:
+    """`tracker.compare_drift`: both D(x) estimates on the batch's revisited problems, before the
+    tracker update: per-prompt (re-scored stored response) and cumulative (C - C at the last visit).
+    `c_last` [N]: C at each problem's last visit (NaN: never visited); `idx` [B] the batch's problems."""
+    c_batch = c_last[idx]  # [B]
+    seen = ~np.isnan(c_batch)
+    _, first = np.unique(idx, return_index=True)
+    revisited = np.zeros(idx.shape, dtype=bool)
+    revisited[first] = seen[first]  # one per problem: later copies have D = 0 by rule
+    if not revisited.any():
+        return {"tracker/drift_revisited": 0}
+    return {
+        "tracker/drift_revisited": int(revisited.sum()),
+        "tracker/drift_revisited_per_prompt": float(np.asarray(drift_pp)[revisited].mean()),
+        "tracker/drift_revisited_cumulative": float((c_now - c_batch[revisited]).mean()),
+    }
 
 
 def undocumented(keys: Any) -> list[str]:
