@@ -18,7 +18,7 @@ master copy and the mixed precision without any sharding). What that gives:
 Every forward of a sharded model is a collective: all ranks must run the same number of
 forwards in the same order. The learner pads its per-rank micro-batch lists to the same length
 (`Learner._passes`), and the trainer has the other ranks join every gather of the full weights
-(checkpoints, weight pushes) by broadcasting what to do next (`spo_agents.training.loop`).
+(checkpoints, weight pushes) by sending them a `Gather` message (`spo_agents.training.follower`).
 
 Full state dicts (`full_model_state`, `full_optimizer_state`) are gathered on rank 0 into CPU
 memory; other ranks get empty dicts. Checkpoints hold the fp32 master weights, and a weight push

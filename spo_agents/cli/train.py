@@ -89,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
     import logging
 
     from spo_agents.errors import ConfigError
-    from spo_agents.training.loop import load_run_config, train
+    from spo_agents.training.run import load_run_config, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.resume:
