@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spo_agents.errors import ConfigError
+from spo_agents.files import read_jsonl_records
 
 if TYPE_CHECKING:
     from spo_agents.training.learner import LearnerStats
@@ -289,18 +290,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         return []
-    rows = []
-    lines = p.read_text(encoding="utf-8").splitlines(keepends=True)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
-    return rows
+    return list(read_jsonl_records(p))
 
 
 def truncate_after(path: str | Path, step: int) -> None:
