@@ -9,7 +9,9 @@ ratio = exp(log pi - log pi_old) (pi_old: the behaviour policy that sampled the 
     l  = min(l, -A * c)   where A < 0 and c > 1           # dual clip, c = `dual_clip` = 10
 
 Optional terms (both 0 by default, as in the paper): `kl_coef` * k3(pi || pi_ref) with
-k3 = exp(ref - logp) - (ref - logp) - 1 per token, and `- entropy_coef * entropy`.
+k3 = exp(ref - logp) - (ref - logp) - 1 per token, and `- entropy_coef * entropy`. Optional
+`token_weights` multiply l per token before aggregation (truncated importance sampling,
+`loss.tis_cap`; beyond the paper).
 
 Aggregation over the tokens with mask 1 (tool output and padding have mask 0):
 - `token-mean`: sum over all masked tokens / number of masked tokens;
@@ -22,11 +24,14 @@ micro-batch losses and their gradients then sum to the full-batch ones.
 
 The log-ratio is clamped to [-20, 20] before `exp` so a wildly stale token cannot overflow;
 such tokens are clipped anyway. Computation runs in at least float32.
+
+The diagnostics (`LossStats`) are detached 0-d tensors, so a call never waits for the device;
+the caller reduces them once per update (`LossStats.floats`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -39,24 +44,36 @@ _LOG_RATIO_CLAMP = 20.0
 
 @dataclass(frozen=True)
 class LossStats:
-    """Detached diagnostics of one `policy_loss` call (averages over masked tokens)."""
+    """Detached diagnostics of one `policy_loss` call (averages over masked tokens), each a 0-d
+    tensor on the loss's device."""
 
-    loss: float
-    pg_loss: float  # the clipped policy-gradient part, same aggregation
-    kl_loss: float  # k3 vs the reference policy (0 when no reference is given)
-    entropy: float  # mean entropy of masked tokens (0 when not given)
-    clip_frac_low: float  # A < 0 and ratio < 1 - eps_low (gradient cut by the lower clip)
-    clip_frac_high: float  # A > 0 and ratio > 1 + eps_high (gradient cut by the upper clip)
-    clip_frac_dual: float  # A < 0 and ratio > c (dual clip active)
-    approx_kl: float  # k3 estimate of KL(pi_old || pi) from the sampled tokens
-    abs_logp_diff: float  # mean |log pi - log pi_old|: the drift SPO's rho uses (section 1)
-    ratio_mean: float
-    ratio_max: float
-    num_tokens: float
-    num_sequences: float  # samples with at least one masked token
+    loss: torch.Tensor
+    pg_loss: torch.Tensor  # the clipped policy-gradient part, same aggregation
+    kl_loss: torch.Tensor  # k3 vs the reference policy (0 when no reference is given)
+    entropy: torch.Tensor  # mean entropy of masked tokens (0 when not given)
+    clip_frac_low: torch.Tensor  # A < 0 and ratio < 1 - eps_low (gradient cut by the lower clip)
+    clip_frac_high: torch.Tensor  # A > 0 and ratio > 1 + eps_high (gradient cut by the upper clip)
+    clip_frac_dual: torch.Tensor  # A < 0 and ratio > c (dual clip active)
+    approx_kl: torch.Tensor  # k3 estimate of KL(pi_old || pi) from the sampled tokens
+    abs_logp_diff: torch.Tensor  # mean |log pi - log pi_old|: the drift SPO's rho uses (section 1)
+    ratio_mean: torch.Tensor
+    ratio_max: torch.Tensor
+    num_tokens: torch.Tensor
+    num_sequences: torch.Tensor  # samples with at least one masked token
+
+    @property
+    def clip_frac(self) -> torch.Tensor:
+        """Share of tokens whose gradient a clip cut (low, high or dual)."""
+        return self.clip_frac_low + self.clip_frac_high + self.clip_frac_dual
+
+    def floats(self) -> dict[str, float]:
+        """Every field as a Python float (one device sync)."""
+        names = [f.name for f in fields(self)]
+        values = torch.stack([getattr(self, n).detach().double().cpu() for n in names]).tolist()
+        return dict(zip(names, values))
 
     def as_dict(self, prefix: str = "loss/") -> dict[str, float]:
-        return {prefix + k: v for k, v in asdict(self).items()}
+        return {prefix + k: v for k, v in self.floats().items()}
 
 
 def policy_loss(
@@ -74,9 +91,18 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     normalizer: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LossStats]:
-    """PPO-clip loss of a batch. # logprobs, old_logprobs, mask [B, T]; advantages [B] -> scalar"""
+    """PPO-clip loss of a batch. # logprobs, old_logprobs, mask, token_weights [B, T]; advantages [B] -> scalar
+
+    `token_weights` (no gradient) multiply each token's policy-gradient term: the truncated
+    importance-sampling weights min(pi_old / pi_behaviour, cap) of `loss.tis_cap`."""
     _check(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, eps_low, eps_high, aggregation, normalizer)
+    if token_weights is not None and token_weights.shape != logprobs.shape:
+        raise ConfigError(
+            f"`token_weights` must have the shape of `logprobs` {tuple(logprobs.shape)}, "
+            f"got {tuple(token_weights.shape)}"
+        )
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     logp = logprobs.to(dtype)  # [B, T]
     m = mask.to(dtype)  # [B, T]
@@ -90,7 +116,7 @@ def policy_loss(
     dual_on = dual_clip > 1.0
     if dual_on:
         per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * dual_clip), per_token)
-    pg_token = per_token
+    pg_token = per_token if token_weights is None else per_token * token_weights.detach().to(dtype)
     kl_token = torch.zeros_like(logp)
     if ref_logprobs is not None:
         d = ref_logprobs.to(dtype) - logp
@@ -106,25 +132,26 @@ def policy_loss(
     with torch.no_grad():
         n_tok = m.sum()
         denom = n_tok.clamp(min=1.0)
+        zero = n_tok.new_zeros(())
 
-        def tmean(x: torch.Tensor) -> float:
-            return float((x * m).sum() / denom)
+        def tmean(x: torch.Tensor) -> torch.Tensor:
+            return (x * m).sum() / denom
 
         neg, pos = (adv < 0).to(dtype), (adv > 0).to(dtype)
         stats = LossStats(
-            loss=float(loss.detach()),
-            pg_loss=float(aggregate(pg_token)),
-            kl_loss=float(aggregate(kl_token)) if ref_logprobs is not None else 0.0,
-            entropy=tmean(entropy.to(dtype)) if entropy is not None else 0.0,
+            loss=loss.detach(),
+            pg_loss=aggregate(pg_token),
+            kl_loss=aggregate(kl_token) if ref_logprobs is not None else zero,
+            entropy=tmean(entropy.to(dtype)) if entropy is not None else zero,
             clip_frac_low=tmean(neg * (ratio < 1.0 - eps_low).to(dtype)),
             clip_frac_high=tmean(pos * (ratio > 1.0 + eps_high).to(dtype)),
-            clip_frac_dual=tmean(neg * (ratio > dual_clip).to(dtype)) if dual_on else 0.0,
+            clip_frac_dual=tmean(neg * (ratio > dual_clip).to(dtype)) if dual_on else zero,
             approx_kl=tmean(torch.exp(log_ratio) - 1.0 - log_ratio),  # (r - 1) - log r, r = pi / pi_old, x ~ pi_old
             abs_logp_diff=tmean(log_ratio.abs()),
             ratio_mean=tmean(ratio),
-            ratio_max=float(ratio[m > 0].max()) if n_tok > 0 else 0.0,
-            num_tokens=float(n_tok),
-            num_sequences=float((m.sum(-1) > 0).sum()),
+            ratio_max=torch.where(m > 0, ratio, zero).max() if m.numel() else zero,  # ratios are > 0
+            num_tokens=n_tok,
+            num_sequences=(m.sum(-1) > 0).sum().to(dtype),
         )
     return loss, stats
 
