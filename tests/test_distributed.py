@@ -517,3 +517,44 @@ if __name__ == "__main__":
             sharding=os.environ.get("SPO_SHARDING", "none"),
         )
     torch.distributed.destroy_process_group()
+
+
+def test_a_follower_updates_joins_gathers_and_stops_as_rank_0_says(monkeypatch):
+    """The follower's side of the protocol without processes: what rank 0 sends is replayed."""
+    import spo_agents.training.follower as fw
+
+    class FakeLearner:
+        def __init__(self):
+            self.calls = []
+
+        def prompt_drift(self, pids):
+            self.calls.append(("drift", pids))
+
+        def update(self, trajs, adv):
+            self.calls.append(("update", [t.problem_id for t in trajs], adv))
+
+    class T:
+        def __init__(self, pid):
+            self.problem_id = pid
+
+    sent = [fw.Update([T("a"), T("b")], [0.5, -0.5]), fw.Gather("weights"), fw.Update([T("c")], [0.0]), fw.Stop()]
+    gathered = []
+    monkeypatch.setattr(fw, "receive", lambda: sent.pop(0))
+    monkeypatch.setattr(fw, "gather", lambda model, learner, what, dtype: gathered.append((what, dtype)))
+    learner = FakeLearner()
+    assert fw.Follower(learner, object(), "bfloat16", scores_drift=True, step=3).run() == 5
+    assert learner.calls == [
+        ("drift", ["a", "b"]),
+        ("update", ["a", "b"], [0.5, -0.5]),
+        ("drift", ["c"]),
+        ("update", ["c"], [0.0]),
+    ]
+    assert gathered == [("weights", "bfloat16")] and sent == []
+
+
+def test_a_follower_refuses_what_is_not_a_follower_message(monkeypatch):
+    import spo_agents.training.follower as fw
+
+    monkeypatch.setattr(fw, "broadcast", lambda obj, receive=False: ("update", [], []))
+    with pytest.raises(TypeError, match="not a follower message"):
+        fw.receive()
