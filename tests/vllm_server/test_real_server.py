@@ -29,10 +29,9 @@ from spo_agents.serving.vllm_server import VLLMServer, group_pids
 from spo_agents.serving.weight_sync import (
     LoraSync,
     ReloadSync,
-    VersionGate,
     check_sync,
     learner_logprobs,
-    push_weights,
+    publish,
 )
 
 pytestmark = pytest.mark.vllm
@@ -240,8 +239,20 @@ async def test_no_generation_is_attributed_to_the_wrong_version(server, learner,
     log-probs, and differ from the neighbouring versions'."""
     import httpx
 
+    from spo_agents.rollout.policy.base import PolicyBackend
+
+    class GatedClient(PolicyBackend):
+        """Only the policy's gate: the test sends the requests itself."""
+
+        tokenizer = None
+
+        async def generate(self, prompt_ids, params):
+            raise AssertionError("not called")
+
     rng = random.Random(0)
-    gate = VersionGate(10)
+    policy = GatedClient()
+    policy.resume(10)
+    gate = policy._gate
     reload_sync.sync(learner, 10)
     snapshots = {10: copy.deepcopy(learner.state_dict())}
     results = []
@@ -273,7 +284,7 @@ async def test_no_generation_is_attributed_to_the_wrong_version(server, learner,
                 await asyncio.sleep(2.0)
                 perturb(learner, scale=0.03, seed=step)
                 snapshots[step] = copy.deepcopy(learner.state_dict())
-                await push_weights(gate, reload_sync, learner, step)
+                await publish(policy, reload_sync, learner, step)
 
         await asyncio.gather(trainer(), *[request(i) for i in range(32)])
 
