@@ -275,14 +275,6 @@ class OpenAIPolicy(PolicyBackend):
         gen.policy_version = version
         return gen
 
-    async def pause(self) -> None:
-        """Hold new requests and return once none is in flight (before a weight push)."""
-        await self._gate.pause()
-
-    def resume(self, version: int) -> None:
-        """Reopen, serving the weights of `version`."""
-        self._gate.resume(version)
-
     def set_served_model(self, name: str) -> None:
         """Send `name` as the `model` of later requests (after a `lora` sync: the adapter)."""
         self.model = self.client.model = name
