@@ -24,6 +24,7 @@ CASES = [
     ("eval-limit-zero", [*EVAL, "--limit", "0"], ["`--limit`", ">= 1"]),
     ("eval-max-new-tokens", [*EVAL, "--max-new-tokens", "0"], ["`--max-new-tokens`", ">= 1"]),
     ("eval-k", [*EVAL, "-k", "0"], ["`-k`", ">= 1"]),
+    ("eval-max-prompt-tokens", [*EVAL, "--max-prompt-tokens", "0"], ["`--max-prompt-tokens`", ">= 8"]),
     ("eval-missing-model-dir", ["eval", "--env", "math-python", "--model", "/nonexistent/model"], ["does not exist"]),
     ("train-unknown-env-option", [*TRAIN, "--env-arg", "bogus=1"], ["`bogus`"]),
     ("train-sandbox-typo", [*TRAIN, "sandbox.backend=lokal"], ["Did you mean `local`"]),

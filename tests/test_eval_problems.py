@@ -58,3 +58,20 @@ def test_split_all_evaluates_every_row_and_the_cpu_default_is_recorded(held_out,
     assert f"--max-new-tokens {CPU_MAX_NEW_TOKENS}" in captured.err
     settings = json.loads((held_out / "o2" / "settings.json").read_text(encoding="utf-8"))
     assert settings["sampling"]["max_new_tokens"] == CPU_MAX_NEW_TOKENS
+
+
+def test_transcripts_record_the_registered_env_id(held_out):
+    assert run_eval("--max-new-tokens", "1", "--limit", "1", "--out", "o3") == 0
+    rows = [json.loads(line) for line in (held_out / "o3" / "transcripts.jsonl").read_text().splitlines()]
+    assert rows and {r["env_id"] for r in rows} == {"math-python-v0"}
+
+
+def test_a_prompt_over_the_limit_is_a_failed_sample_or_is_truncated(held_out, capsys):
+    # every math-python prompt (system prompt, one-shot example, question) is far over 16 tokens
+    assert run_eval("--max-new-tokens", "1", "--limit", "1", "--out", "o4", "--max-prompt-tokens", "16") == 1
+    failed = [json.loads(line) for line in (held_out / "o4" / "transcripts.jsonl").read_text().splitlines()]
+    assert failed and all("more than the limit of 16" in (r.get("error") or "") for r in failed)
+    args = ["--max-new-tokens", "1", "--limit", "1", "--out", "o5", "--max-prompt-tokens", "16"]
+    assert run_eval(*args, "--prompt-overflow", "truncate") == 0
+    kept = [json.loads(line) for line in (held_out / "o5" / "transcripts.jsonl").read_text().splitlines()]
+    assert kept and all(r.get("error") is None and r["info"]["prompt_cut_tokens"] > 0 for r in kept)

@@ -33,7 +33,12 @@ CPU_MAX_NEW_TOKENS = 256
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on an environment (avg@k, pass@k, maj@k)")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model on an environment (avg@k, pass@k, maj@k)",
+        description="Evaluate a model (a server's or one run in-process) on an environment's problems: k samples "
+        "per problem, avg@k, pass@k and maj@k, with every transcript saved so an interrupted run resumes.",
+    )
     p.add_argument("--env", required=True, help="environment id (`spo-agent envs`), or `package.module:EnvClass`")
     p.add_argument(
         "--env-arg",
@@ -50,6 +55,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("-k", type=int, default=1, help="samples per problem (default: 1)")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="prompts longer than this many tokens are refused (a failed sample) or truncated, per "
+        "--prompt-overflow (default: no limit)",
+    )
+    p.add_argument(
+        "--prompt-overflow",
+        choices=["refuse", "truncate"],
+        default="refuse",
+        help="what a prompt over --max-prompt-tokens does: `refuse` (default) or `truncate` (head and tail kept)",
+    )
     p.add_argument(
         "--backend", choices=["openai", "hf", "vllm"], default=None, help="default: `openai` with --base-url, else `hf`"
     )
@@ -131,37 +149,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _env_factory(env_id: str, split: str, kwargs: dict):
-    """A factory of fresh envs, and the env id to record."""
-    import importlib
+    """A factory of fresh envs (built by `envs.make`, so transcripts record the registered id), and
+    that id. `split` is passed to envs whose constructor takes it."""
     import inspect
 
-    from spo_agents.errors import EnvError
+    from spo_agents import envs
     from spo_agents.registry import ENVS
 
-    if ":" in env_id:
-        module, _, attr = env_id.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise EnvError(
-                f"cannot load `{env_id}` ({e}); expected `package.module:EnvClass` importable from here"
-            ) from e
-        base_kwargs: dict = {}
-        resolved = env_id
-    else:
-        spec, obj = ENVS.load(env_id)
-        base_kwargs, resolved = dict(spec.kwargs), spec.id
-    merged = {**base_kwargs, **kwargs}
-    try:
-        params = inspect.signature(obj).parameters
-        if "split" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            merged.setdefault("split", split)
-    except (TypeError, ValueError):
-        pass
-    from spo_agents.envs import check_options
-
-    check_options(resolved, obj, merged)
-    return (lambda: obj(**merged)), resolved
+    spec, obj = ENVS.load(env_id)
+    merged = dict(kwargs)
+    params = inspect.signature(obj).parameters
+    if "split" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        merged.setdefault("split", split)
+    probe = envs.make(env_id, **merged)  # checks the options, and that the env is a text env
+    return (lambda: envs.make(env_id, **merged)), probe.env_id, probe
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -182,18 +183,13 @@ def _eval(args: argparse.Namespace) -> int:
     _check_numbers(args)
     check_model_name(args.model or "smollm2-135m")
     env_kwargs = parse_env_args(args.env_arg)
-    factory, env_id = _env_factory(args.env, args.split, env_kwargs)
-    probe = factory()
+    factory, env_id, probe = _env_factory(args.env, args.split, env_kwargs)
     try:
         problem_ids = list(probe.problem_ids)
         if args.limit is not None:
             problem_ids = problem_ids[: args.limit]
         fingerprint = _fingerprint(probe, problem_ids)
-        args.problems_note = problems_note(getattr(probe, "problem_set", None), args.split)
-    except AttributeError as e:
-        raise ConfigError(
-            f"`{env_id}` has no `problem_ids`; `spo-agent eval` needs a `spo_agents.envs.MultiTurnEnv`"
-        ) from e
+        args.problems_note = problems_note(probe, args.split)
     finally:
         probe.close()
     args.env_kwargs, args.problems_fingerprint = env_kwargs, fingerprint
@@ -223,6 +219,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--max-new-tokens", args.max_new_tokens, lambda x: x is None or x >= 1, "an integer >= 1"),
         ("--max-episode-tokens", args.max_episode_tokens, lambda x: x >= 1, "an integer >= 1"),
         ("--concurrency", args.concurrency, lambda x: x >= 1, "an integer >= 1"),
+        ("--max-prompt-tokens", args.max_prompt_tokens, lambda x: x is None or x >= 8, "an integer >= 8"),
     ]
     for flag, value, ok, rule in rules:
         if not ok(value):
@@ -253,12 +250,15 @@ def _max_new_tokens(given: int | None, backend: str) -> int:
     return n
 
 
-def problems_note(problem_set, split: str) -> str:
+def problems_note(env, split: str) -> str:
     """What the problems are out of: rows read and set aside, for a set loaded from rows (a file
     or dataset); empty for generated sets and for envs without a `ProblemSet`."""
-    report = getattr(problem_set, "report", None)
-    if report is None or not str(getattr(problem_set, "source", "")).startswith(("file:", "hf:")):
+    from spo_agents.envs.base import MultiTurnEnv
+
+    problem_set = env.unwrapped.problem_set if isinstance(env.unwrapped, MultiTurnEnv) else None
+    if problem_set is None or not problem_set.source.startswith(("file:", "hf:")):
         return ""
+    report = problem_set.report
     aside = []
     if report.other_split:
         aside.append(f"{report.other_split} hash into the other split")
@@ -338,6 +338,12 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
         "problems": args.problems_fingerprint,
     }
 
+    prompt_limit = None
+    if args.max_prompt_tokens is not None:
+        from spo_agents.rollout.prompt_limit import PromptLimit
+
+        prompt_limit = PromptLimit(args.max_prompt_tokens, args.prompt_overflow)
+
     async def run():
         try:
             return await evaluate(
@@ -353,12 +359,13 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
                 max_episode_tokens=args.max_episode_tokens,
                 seed=args.seed,
                 settings=settings,
+                prompt_limit=prompt_limit,
             )
         finally:
             await policy.close()
 
     report = asyncio.run(run())
-    note = getattr(args, "problems_note", "")
+    note = args.problems_note
     print(f"{env_id}: {report.num_problems} problems{note} x k={report.k} ({backend}: {model})")
     print(report.summary_table())
     if backend == "openai":
