@@ -58,6 +58,7 @@ def wait_for_eval_command(lines: queue.Queue, deadline: float) -> list[str]:
     raise AssertionError(f"`spo-agent serve` printed no eval command; stdout so far: {seen}")
 
 
+@pytest.mark.timeout(1800)
 def test_serve_then_eval_then_ctrl_c(tmp_path, vllm_python):
     from spo_agents.models import embedded_model_dir
 
