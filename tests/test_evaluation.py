@@ -290,14 +290,14 @@ def test_resume_refuses_another_problem_set_and_allows_a_moved_server(tmp_path, 
 
 
 def test_a_complete_last_line_without_its_newline_is_kept(tmp_path):
-    from spo_agents.evaluation.runner import _repair_torn_tail
+    from spo_agents.files import repair_torn_tail
 
     path = tmp_path / "t.jsonl"
     path.write_text('{"a": 1}\n{"b": 2}')  # the newline of a complete record was not written
-    _repair_torn_tail(path)
+    repair_torn_tail(path)
     assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
     path.write_text('{"a": 1}\n{"b": 2')  # cut mid-record
-    _repair_torn_tail(path)
+    repair_torn_tail(path)
     assert path.read_text() == '{"a": 1}\n'
 
 

@@ -37,19 +37,14 @@ def _add_envs_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_check_env(args: argparse.Namespace) -> int:
-    import yaml
 
     from spo_agents import envs
+    from spo_agents.cli.env_args import parse_env_args
     from spo_agents.envs.checker import check_env, format_results, load_tokenizer
-    from spo_agents.errors import ConfigError
 
     # Only what the user asked for: plugin envs need not take `split` or `sandbox`.
     kwargs = {k: v for k, v in (("split", args.split), ("sandbox", args.sandbox)) if v is not None}
-    for item in args.env_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"`--env-arg` takes `key=value` (value in YAML), got `{item}`")
-        kwargs[key] = yaml.safe_load(value)
+    kwargs.update(parse_env_args(args.env_arg))
     from spo_agents.registry import ENVS
 
     env_id = envs.spec(args.env_id).id  # fails early, with "Did you mean", on unknown ids

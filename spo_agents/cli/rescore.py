@@ -34,10 +34,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _rescore(args: argparse.Namespace) -> int:
-    from spo_agents.config import apply_overrides
+    from spo_agents.cli.env_args import parse_env_args
     from spo_agents.evaluation.rescore import rescore_path
 
-    kwargs = apply_overrides({}, args.env_arg)
+    kwargs = parse_env_args(args.env_arg)
     reports = rescore_path(args.path, env_id=args.env, env_kwargs=kwargs, split=args.split)
     for r in reports:
         print(r.render())

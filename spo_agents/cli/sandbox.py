@@ -15,11 +15,19 @@ import sys
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sandbox", help="run code in a sandbox backend, list backends")
+    p = sub.add_parser(
+        "sandbox",
+        help="run code in a sandbox backend, list backends",
+        description="Run Python code in a sandbox backend the way the environments' tools do, or list the "
+        "registered backends and whether they can run here.",
+    )
     ssub = p.add_subparsers(dest="sandbox_command", metavar="SUBCOMMAND")
 
     run = ssub.add_parser(
-        "run", help="run a Python file (or - for stdin) in a sandbox session and print the result as JSON"
+        "run",
+        help="run a Python file (or - for stdin) in a sandbox session and print the result as JSON",
+        description="Run a Python file (or stdin) in one sandbox session and print what the call returned: "
+        "stdout, stderr, the exit status, the time taken and any limit that was hit.",
     )
     run.add_argument("file", help="Python source file, or - to read stdin")
     run.add_argument(
@@ -41,7 +49,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     run.set_defaults(func=_run)
 
-    lst = ssub.add_parser("list", help="show the registered backends, whether they are available and their isolation")
+    lst = ssub.add_parser(
+        "list",
+        help="show the registered backends, whether they are available and their isolation",
+        description="Show every registered sandbox backend, whether it can run on this machine (and why not), "
+        "and the isolation it gives.",
+    )
     lst.add_argument("--json", action="store_true", help="print JSON")
     lst.set_defaults(func=_list)
 

@@ -35,7 +35,7 @@ from typing import Any
 from spo_agents.algorithm.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.envs.protocol import TextEnv
 from spo_agents.errors import ConfigError, PluginError, SPOError
-from spo_agents.files import repair_torn_tail as _repair_torn_tail  # the name tests/test_evaluation.py imports
+from spo_agents.files import repair_torn_tail
 from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.rollout.prompt_limit import PromptLimit
@@ -207,7 +207,7 @@ async def evaluate(
             _check_same_settings(out / SETTINGS, json.loads(saved_info))
             for t in read_jsonl(path):
                 samples[(t.problem_id, t.sample_index)] = t
-            _repair_torn_tail(path)
+            repair_torn_tail(path)
         elif path.exists():
             path.unlink()
         (out / SETTINGS).write_text(saved_info, encoding="utf-8")
