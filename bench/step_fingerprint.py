@@ -90,7 +90,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], atol: float) -> list[str]:
         if len(a["batches"]) != len(b["batches"]):
             problems.append(f"{len(a['batches'])} vs {len(b['batches'])} batches")
     for ra, rb in zip(a["metrics"], b["metrics"]):
-        for k in sorted(set(ra) | set(rb)):
+        for k in sorted(k for k in set(ra) | set(rb) if not k.startswith(SKIPPED)):
             va, vb = ra.get(k), rb.get(k)
             if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
                 tol = atol if k in LOOSE else 1e-9
