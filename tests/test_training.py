@@ -775,3 +775,22 @@ def test_steps_that_lose_many_episodes_to_the_infrastructure_are_reported_then_s
     assert "failed for infrastructure reasons" in capsys.readouterr().err
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows and rows[0]["episode/infra_error_share"] > 0.25 and rows[0]["episode/rollout_errors"] > 0
+
+
+def test_time_shares_split_the_rollout_wait_by_the_episodes_own_timings():
+    from spo_agents.training.metrics import StepTimes, time_row
+
+    row = {
+        "episode/generate_s": 3.0,  # per episode: 3 s generating, 1 s in the sandbox
+        "episode/sandbox_s": 1.0,
+        "time/rollout_wait_s": 8.0,
+        "time/learner_s": 2.0,
+        "perf/generated_tokens": 50,
+    }
+    t = time_row(row, StepTimes(step_s=10.0, eval_s=0.0, checkpoint_s=0.5, elapsed_s=30.0))
+    assert t["time/share_generate"] == pytest.approx(0.6) and t["time/share_sandbox"] == pytest.approx(0.2)
+    assert t["time/share_learner"] == pytest.approx(0.2) and t["perf/tokens_per_s"] == pytest.approx(5.0)
+    assert t["time/checkpoint_s"] == 0.5 and t["time/elapsed_s"] == 30.0
+    assert undocumented(t) == []
+    no_tools = time_row({**row, "episode/generate_s": 0.0, "episode/sandbox_s": 0.0}, StepTimes(10.0, 0.0, 0.0, 30.0))
+    assert no_tools["time/share_generate"] == pytest.approx(0.8) and no_tools["time/share_sandbox"] == 0.0
