@@ -3,7 +3,15 @@
 `FirstTokenEnv` rewards an answer whose first token does not start with a space. The probability
 the model gives that behaviour is computed exactly from its next-token distribution on every
 training prompt, before and after a few SPO steps: SPO must raise it, and with the reward's sign
-flipped (the same behaviour now costs 1) it must lower it.
+flipped (the same behaviour now costs 1) it must lower it, with either scheduler of the `hf`
+backend.
+
+The tiny model's weights are random, so "starts without a space" is no feature of its embeddings:
+a policy gradient from freshly drawn tokens pushes each sampled token on its own, and a few steps
+of 16 samples from a near-uniform 49k-token distribution barely move the behaviour's total
+probability. `rewarded_direction` gives the rewarded tokens' embeddings one shared component
+(leaving the initial probability at about 0.35), which the policy can learn as a model would
+learn a real feature.
 """
 
 from __future__ import annotations
@@ -37,9 +45,22 @@ def p_rewarded(comp) -> float:
     return sum(probs) / len(probs)
 
 
+@torch.no_grad()
+def rewarded_direction(comp, scale: float = 0.05) -> None:
+    """Add `scale` times one random unit vector to the (tied) embedding of every rewarded token."""
+    tok, emb = comp.tokenizer, comp.model.get_input_embeddings().weight
+    texts = [tok.decode([i], skip_special_tokens=True) for i in range(min(len(tok), emb.shape[0]))]
+    ok = torch.tensor([bool(t) and not t.startswith(" ") for t in texts])
+    v = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    emb[: len(texts)][ok] += scale * v / v.norm()
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
 @pytest.mark.parametrize("flipped", [False, True], ids=["reward", "flipped-reward"])
-def test_spo_moves_the_rewarded_behaviour_in_the_direction_of_the_reward(tmp_path, flipped):
+def test_spo_moves_the_rewarded_behaviour_in_the_direction_of_the_reward(tmp_path, flipped, scheduler):
     comp = tiny_components(seed=0)
+    comp.policy.scheduler = scheduler  # before its first request starts the worker
+    rewarded_direction(comp)
     if flipped:
         comp.env_factory = lambda split: FlippedEnv(split=split)
     before = p_rewarded(comp)

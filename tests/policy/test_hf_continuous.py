@@ -445,13 +445,13 @@ async def test_nothing_cached_before_a_pause_is_reused_after_it(base):
 
 
 def test_the_prefix_cache_keeps_the_longest_match_within_its_budget():
-    from spo_agents.rollout.policy.hf import _Prefix, _PrefixCache
+    from spo_agents.rollout.policy.hf_kv import Prefix, PrefixCache
 
     def entry(tokens, epoch=0):
         kv = [torch.zeros(1, len(tokens), 2)]
-        return _Prefix(torch.tensor(tokens), kv, kv, epoch)
+        return Prefix(torch.tensor(tokens), kv, kv, epoch)
 
-    cache = _PrefixCache(max_tokens=10)
+    cache = PrefixCache(max_tokens=10)
     cache.add(entry([1, 2, 3]))
     cache.add(entry([1, 2, 3, 4, 5]))  # extends the first: replaces it
     assert [e.tokens.tolist() for e in cache.entries.values()] == [[1, 2, 3, 4, 5]]
@@ -470,24 +470,20 @@ def test_the_prefix_cache_keeps_the_longest_match_within_its_budget():
 
 
 # ------------------------------------------------------------------------- pause and versions
-async def test_pause_holds_decode_steps_and_in_flight_requests_continue_after_resume(base):
+async def test_pause_drains_the_batch_and_holds_new_requests_until_resume(base):
     policy = _steered(base)
     try:
         running = asyncio.create_task(policy.generate(_prompt(base, "long"), SamplingParams(max_new_tokens=200)))
         await _until(lambda: policy.stats["steps"] >= 2)
         await policy.pause()
+        assert running.done() and len(running.result().token_ids) == 200  # drained, not cut short
         held_at = policy.stats["steps"]
         queued = asyncio.create_task(policy.generate(_prompt(base, "queued"), SamplingParams(max_new_tokens=3)))
         await asyncio.sleep(0.3)
-        assert policy.stats["steps"] == held_at  # no decode step while paused
-        assert not running.done() and not queued.done()
-        with torch.no_grad():  # what a learner does while paused: change the shared weights
-            base.model.lm_head.weight.mul_(1.0)
-        policy.version = 3
-        policy.resume()
-        g, q = await asyncio.gather(running, queued)
-        assert len(g.token_ids) == 200
-        assert g.policy_version == 0 and g.info["policy_version_last"] == 3  # first token: version 0
+        assert policy.stats["steps"] == held_at and not queued.done()  # nothing runs while paused
+        policy.resume(3)
+        g, q = running.result(), await queued
+        assert g.policy_version == 0 and g.info["policy_version_last"] == 0
         assert q.policy_version == 3 and q.info["policy_version_last"] == 3
     finally:
         await policy.close()
@@ -504,20 +500,20 @@ async def test_close_fails_the_requests_in_flight(base):
 
 # ------------------------------------------------------------------------------------- sampler
 def test_the_inverse_cdf_draw_picks_the_first_token_whose_cumulative_mass_exceeds_u():
-    from spo_agents.rollout.policy.hf import _inverse_cdf
+    from spo_agents.rollout.policy.hf_sampling import inverse_cdf
 
     probs = torch.zeros(2, 1000)
     probs[0, [3, 300, 301, 999]] = torch.tensor([0.5, 0.25, 0.125, 0.125])
     probs[1, 700] = 1.0
     cases = [(0.0, 3), (0.4999, 3), (0.5, 300), (0.7499, 300), (0.75, 301), (0.875, 999), (1 - 1e-15, 999)]
     for u, want in cases:
-        got = _inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64), block=64).tolist()
+        got = inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64), block=64).tolist()
         assert got == [want, 700], u
     # unnormalised rows are scaled by their total; zero-probability entries are never drawn
     rng = torch.Generator().manual_seed(0)
     weights = torch.rand(3, 5000, generator=rng) * (torch.rand(3, 5000, generator=rng) < 0.01)
     u = torch.rand(3, dtype=torch.float64, generator=rng)
-    got = _inverse_cdf(weights, u)
+    got = inverse_cdf(weights, u)
     cdf = weights.double().cumsum(-1)
     want = [int((cdf[i] > u[i] * cdf[i, -1]).nonzero()[0]) for i in range(3)]
     assert got.tolist() == want and all(weights[i, t] > 0 for i, t in enumerate(want))
