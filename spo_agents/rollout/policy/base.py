@@ -143,9 +143,3 @@ class PolicyBackend(abc.ABC):
         """Name the served weights in later requests (a server that loaded a LoRA adapter under
         `name`); backends that generate in this process ignore it."""
 
-
-class Resumed:
-    """Transitional: what `resume()` returned before it returned None; awaiting it does nothing."""
-
-    def __await__(self):
-        return iter(())
