@@ -94,8 +94,10 @@ class VersionGate:
         self._open.clear()
         await self._idle.wait()
 
-    def resume(self, version: int) -> None:
-        self.version = version
+    def resume(self, version: int | None = None) -> None:
+        """Reopen, with `version` as the new version (None: keep the current one)."""
+        if version is not None:
+            self.version = version
         self._open.set()
 
 
