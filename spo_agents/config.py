@@ -243,10 +243,6 @@ class LossConfig:
     aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
-    # pi_old of the ratio: the backend's log-probs, or the learner's re-score before the update
-    behaviour_logprobs: Literal["rollout", "recompute"] = "rollout"
-    # truncated importance sampling: weight each token by min(pi_old_learner / pi_behaviour, cap)
-    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -258,7 +254,6 @@ class LossConfig:
                 "dual_clip": (_finite, "a finite number (<= 1 disables the dual clip)"),
                 "kl_coef": _NON_NEGATIVE,
                 "entropy_coef": (_finite, "a finite number"),
-                "tis_cap": (lambda x: x is None or (_finite(x) and x >= 1), "a number >= 1, or null (off)"),
             },
         )
 
