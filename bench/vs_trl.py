@@ -19,9 +19,11 @@ untimed warm-up step, then:
 
 1. `--train-steps` training steps on a fixed batch of random token ids (TRL gets it through its
    `rollout_func` hook, so its generation is skipped): seconds per step, trained tokens per
-   second, and the peak resident memory during these steps (`VmHWM` after resetting it through
-   `/proc/self/clear_refs` at the first timed step), also as the rise over the resident set
-   before them (model, gradients and AdamW state are already allocated by the warm-up);
+   second of wall time and per second of the process's CPU time (`time.process_time`, less
+   sensitive than wall time to what else runs on a shared machine), and the peak resident
+   memory during these steps (`VmHWM` after resetting it through `/proc/self/clear_refs` at the
+   first timed step), also as the rise over the resident set before them (model, gradients and
+   AdamW state are already allocated by the warm-up);
 2. `--e2e-steps` end-to-end steps with generation: 16 samples of a chat prompt at temperature
    1.0 (up to `--completion-len` new tokens; a sample may end earlier at the end-of-turn token),
    then the update. Ours generates with the `hf` backend (`HFPolicy`, static scheduler, the 16
@@ -131,13 +133,18 @@ def run_ours(args: argparse.Namespace, profile: bool) -> dict[str, Any]:
     adv = [r - 0.5 for r in rewards(BATCH)]
 
     def train_step() -> float:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         learner.update(fixed, adv)
+        cpu.append(time.process_time() - c0)
         return time.perf_counter() - t0
+
+    cpu: list[float] = []
 
     train_step()  # warm-up: allocates gradients and AdamW state
     out: dict[str, Any] = {"rss_before_kb": reset_peak()}
+    cpu.clear()
     out["train_s"] = [train_step() for _ in range(args.train_steps)]
+    out["train_cpu_s"] = list(cpu)
     out["peak_kb"] = peak_kb()
     out["train_tokens"] = BATCH * args.completion_len
 
@@ -204,7 +211,7 @@ def run_trl(args: argparse.Namespace, profile: bool) -> dict[str, Any]:
     def reward(completions: list, **kwargs: Any) -> list[float]:
         return rewards(len(completions))
 
-    out: dict[str, Any] = {"train_s": [], "gen_s": [], "update_s": [], "gen_tokens": []}
+    out: dict[str, Any] = {"train_s": [], "train_cpu_s": [], "gen_s": [], "update_s": [], "gen_tokens": []}
     marks: dict[str, float] = {}
 
     class Clock(TrainerCallback):
@@ -213,15 +220,16 @@ def run_trl(args: argparse.Namespace, profile: bool) -> dict[str, Any]:
                 out["rss_before_kb"] = reset_peak()
             if state["step"] > n_train + n_e2e:
                 prof.start()
-            marks["t0"] = time.perf_counter()
+            marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a: Any, s: Any, c: Any, **kw: Any) -> None:
-            dt = time.perf_counter() - marks["t0"]
+            dt, dc = time.perf_counter() - marks["t0"], time.process_time() - marks["c0"]
             step = state["step"]
             if step > n_train + n_e2e:
                 prof.stop()
             if 1 <= step <= n_train:
                 out["train_s"].append(dt)
+                out["train_cpu_s"].append(dc)
                 if step == n_train:
                     out["peak_kb"] = peak_kb()
             elif n_train < step <= n_train + n_e2e:
@@ -344,6 +352,9 @@ def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     def rate(r: dict[str, Any]) -> float:
         return r["train_tokens"] * len(r["train_s"]) / sum(r["train_s"])
 
+    def cpu_rate(r: dict[str, Any]) -> float:
+        return r["train_tokens"] * len(r["train_cpu_s"]) / sum(r["train_cpu_s"])
+
     def e2e(r: dict[str, Any]) -> float:
         return (sum(r["gen_s"]) + sum(r["update_s"])) / len(r["gen_s"])
 
@@ -355,6 +366,9 @@ def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
                 "ours_tok_s": rate(o),
                 "trl_tok_s": rate(t),
                 "tok_s_ratio": rate(o) / rate(t),
+                "ours_tok_cpu_s": cpu_rate(o),
+                "trl_tok_cpu_s": cpu_rate(t),
+                "tok_cpu_s_ratio": cpu_rate(o) / cpu_rate(t),
                 "ours_peak_gb": o["peak_kb"] / 1e6,
                 "trl_peak_gb": t["peak_kb"] / 1e6,
                 "peak_ratio": o["peak_kb"] / t["peak_kb"],
@@ -380,21 +394,29 @@ def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def table(s: dict[str, Any]) -> str:
     lines = [
-        "| repeat | ours tok/s | TRL tok/s | ratio | ours peak GB (rise) | TRL peak GB (rise) | ratio"
+        "| repeat | ours tok/s | TRL tok/s | ratio | ours tok/CPU-s | TRL tok/CPU-s | ratio"
+        " | ours peak GB (rise) | TRL peak GB (rise) | ratio"
         " | ours e2e s (gen) | TRL e2e s (gen) | ratio | gen tokens ours / TRL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(s["rows"]):
         lines.append(
             f"| {i + 1} | {r['ours_tok_s']:.1f} | {r['trl_tok_s']:.1f} | {r['tok_s_ratio']:.2f}"
+            f" | {r['ours_tok_cpu_s']:.1f} | {r['trl_tok_cpu_s']:.1f} | {r['tok_cpu_s_ratio']:.2f}"
             f" | {r['ours_peak_gb']:.2f} ({r['ours_rise_gb']:.2f}) | {r['trl_peak_gb']:.2f} ({r['trl_rise_gb']:.2f})"
             f" | {r['peak_ratio']:.2f} | {r['ours_e2e_s']:.1f} ({r['ours_gen_s']:.1f})"
             f" | {r['trl_e2e_s']:.1f} ({r['trl_gen_s']:.1f}) | {r['e2e_ratio']:.2f}"
             f" | {r['ours_gen_tokens']:.0f} / {r['trl_gen_tokens']:.0f} |"
         )
     m, lo, hi = s["median"], s["min"], s["max"]
-    for k, name in (("tok_s_ratio", "tokens/s"), ("peak_ratio", "peak RSS"), ("e2e_ratio", "end-to-end step s")):
-        lines.append(f"\nours / TRL, {name}: median {m[k]:.2f} (range {lo[k]:.2f}-{hi[k]:.2f})")
+    names = (
+        ("tok_s_ratio", "trained tokens/s (wall)"),
+        ("tok_cpu_s_ratio", "trained tokens per CPU second"),
+        ("peak_ratio", "peak RSS"),
+        ("e2e_ratio", "end-to-end step s (wall)"),
+    )
+    for k, name in names:
+        lines.append(f"ours / TRL, {name}: median {m[k]:.2f} (range {lo[k]:.2f}-{hi[k]:.2f})")
     return "\n".join(lines)
 
 

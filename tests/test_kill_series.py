@@ -211,6 +211,7 @@ def differences(a: dict, b: dict) -> list[str]:
     return out
 
 
+@pytest.mark.timeout(1800)  # seven training processes, each importing torch and transformers
 def test_a_run_killed_in_every_phase_resumes_to_the_uninterrupted_result(tmp_path):
     ref = start(tmp_path, "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
