@@ -70,3 +70,15 @@ async def test_unseeded_calls_draw_afresh(policy):
     # a near-uniform distribution over the tiny model's vocabulary: equal 8-token draws only by replay
     assert first != second
     assert len({tuple(t) for t in first + second}) == 8
+
+
+async def test_close_fails_the_requests_a_pause_holds(policy):
+    from spo_agents.errors import PolicyError
+
+    await policy.pause()
+    held = asyncio.create_task(policy.generate(_prompt(policy, "held at the gate"), SamplingParams(max_new_tokens=2)))
+    await asyncio.sleep(0.1)
+    assert not held.done()
+    await policy.close()
+    with pytest.raises(PolicyError, match="closed"):
+        await asyncio.wait_for(held, 30)

@@ -211,6 +211,8 @@ class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
             raise PolicyError(f"`max_new_tokens` must be at least 1, got {params.max_new_tokens}")
         self._ensure_worker()
         async with self._current_gate().request() as version:
+            if self._closed:  # closed while this request waited at the gate
+                raise PolicyError("this `HFPolicy` was closed while the request waited for `resume`")
             fut: concurrent.futures.Future = concurrent.futures.Future()
             self._queue.put(Request(list(prompt_ids), params, fut, version))
             return await asyncio.wrap_future(fut)
@@ -243,6 +245,7 @@ class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
             return
         self._closed = True
         self._allowed.set()
+        self._gate.resume()  # requests held by a pause fail instead of waiting for ever
         self._queue.put(None)
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join, 30)
