@@ -147,7 +147,19 @@ def spo_train(args: list[str], kill_at: str | None = None) -> subprocess.Complet
 
 
 def start(out: Path, name: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    return spo_train([*ARGS, f"train.output_dir={out}", f"train.run_name={name}"], kill_at)
+    values = f"tracker.init_values={out / 'values.json'}"
+    return spo_train([*ARGS, values, f"train.output_dir={out}", f"train.run_name={name}"], kill_at)
+
+
+def write_values(out: Path) -> None:
+    """Prior values of 0, 1/4, ..., 1 spread over the training problems. The tiny random model
+    earns no reward, so without them every advantage is zero and the updates would move the
+    weights by weight decay only; with them the advantages `0 - v_hat` differ within a batch."""
+    from spo_agents.envs import make
+    from spo_agents.training.values import write_values
+
+    ids = make("math-python", split="train").problem_ids
+    write_values(out / "values.json", {pid: (float(i % 5), 4) for i, pid in enumerate(ids)}, {})
 
 
 def resume(run: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -213,8 +225,11 @@ def differences(a: dict, b: dict) -> list[str]:
 
 @pytest.mark.timeout(1800)  # seven training processes, each importing torch and transformers
 def test_a_run_killed_in_every_phase_resumes_to_the_uninterrupted_result(tmp_path):
+    write_values(tmp_path)
     ref = start(tmp_path, "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "learner/grad_norm" in r]
+    assert all(r["learner/grad_norm"] > 0 for r in rows), "the updates must move the weights for the comparison"
     run = tmp_path / "killed"
     p = start(tmp_path, "killed", kill_at="generate@2")
     resumed_at = [check_after_kill(run, p, "generate@2")]
