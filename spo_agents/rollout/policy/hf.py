@@ -4,7 +4,7 @@ Modules: this one holds `HFPolicy` (requests, versions, pause and resume); the s
 `hf_continuous` and `hf_static`, the batch and prefix KV caches `hf_kv`, the token draw
 `hf_sampling`.
 
-Scheduling (`scheduler="continuous"`, opt-in; `static`, described below, is the default).
+Scheduling (`scheduler="continuous"`, the default; `static` is described below).
 Concurrent `generate` calls are queued for a single worker thread that decodes all running
 requests together, one token per step, over a KV cache shared by the batch. Before each step,
 requests that arrived since the last one are prefilled (left-padded forward passes, reusing
@@ -132,7 +132,7 @@ class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
         batch_wait_s: float = 0.005,
         max_batch_size: int = 64,
         torch_threads: int | None = None,
-        scheduler: str = "static",
+        scheduler: str = "continuous",
         prefix_cache_tokens: int = 8192,
     ) -> None:
         import torch
