@@ -67,7 +67,7 @@ async def _drain(policy: Any) -> None:
     last = None
     while True:
         await policy.pause()
-        policy.resume()
+        policy.resume(policy.version)
         now = (policy.stats["batches"], policy.stats["steps"], policy.stats["rows"])
         if now == last:
             return

@@ -124,3 +124,9 @@ def test_the_checker_sees_a_violation(tmp_path):
     assert ("spo_agents.algorithm.tracker", ["_private"], 3) in found
     assert layer("spo_agents.training.loop") == "training"
     assert "training" not in ALLOWED[layer("spo_agents.algorithm.mod")]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_module_is_over_450_lines(module):
+    lines = MODULES[module].read_text(encoding="utf-8").count("\n")
+    assert lines <= 450, f"{module} has {lines} lines; split it by idea"

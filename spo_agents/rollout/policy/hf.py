@@ -137,9 +137,8 @@ class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
     ) -> None:
         import torch
 
-        self._gate = VersionGate()
+        super().__init__()  # makes the VersionGate
         self._gate_loop: asyncio.AbstractEventLoop | None = None
-        super().__init__()
 
         if scheduler not in SCHEDULERS:
             expected = ", ".join(f"`{s}`" for s in SCHEDULERS)
