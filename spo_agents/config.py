@@ -243,6 +243,10 @@ class LossConfig:
     aggregation: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
+    # pi_old of the ratio: the rollout's log-probs, or the learner's re-score of the batch (one
+    # extra forward) when the two differ (a bf16 server against an fp32 learner)
+    behaviour_logprobs: Literal["rollout", "recompute"] = "rollout"
+    tis_cap: float | None = None  # truncated importance weight min(pi_learner / pi_rollout, cap); null: off
 
     def __post_init__(self) -> None:
         _require(
@@ -254,6 +258,7 @@ class LossConfig:
                 "dual_clip": (_finite, "a finite number (<= 1 disables the dual clip)"),
                 "kl_coef": _NON_NEGATIVE,
                 "entropy_coef": (_finite, "a finite number"),
+                "tis_cap": (lambda x: x is None or (_finite(x) and x >= 1), "a number >= 1, or null (off)"),
             },
         )
 

@@ -172,3 +172,13 @@ def resolve_model(name: str) -> str:
 def is_peft(model: object) -> bool:
     """True for a PEFT (LoRA) model: its pushes and checkpoints carry only the adapter."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def takes_logits_to_keep(model: object) -> bool:
+    """Whether `model(...)` accepts `logits_to_keep` (transformers' causal LMs do), so a forward can
+    compute the last positions' logits only. Read from the signature: a `TypeError` from the
+    forward itself is a real error and must not be mistaken for "not supported"."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters  # type: ignore[attr-defined]
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

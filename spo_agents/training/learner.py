@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,10 +61,7 @@ class LearnerStats:
     logprob_diff_mean: float = 0.0  # token-mean |rollout - learner| behaviour log-prob, before the update
     logprob_diff_max: float = 0.0  # its largest token
     tokens: int = 0  # generated tokens trained on (all ranks)
-    sequences: int = 0
     optimizer_steps: int = 0
-    seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,8 +107,8 @@ class LearnerSettings:
             entropy_coef=cfg.loss.entropy_coef,
             # the responses per-prompt drift re-scores are kept in that mode and when comparing
             drift="per-prompt" if cfg.tracker.compare_drift else cfg.tracker.drift,
-            behaviour_logprobs=getattr(cfg.loss, "behaviour_logprobs", "rollout"),
-            tis_cap=getattr(cfg.loss, "tis_cap", None),
+            behaviour_logprobs=cfg.loss.behaviour_logprobs,
+            tis_cap=cfg.loss.tis_cap,
         )
 
 
@@ -227,7 +223,6 @@ class Learner:
 
     def _update(self, trajectories: Sequence[Trajectory], advantages: Sequence[float] | torch.Tensor) -> LearnerStats:
         s = self.settings
-        t0 = time.perf_counter()
         trajs = list(trajectories)
         adv = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
         if adv.numel() != len(trajs):
@@ -235,7 +230,7 @@ class Learner:
                 f"got {len(trajs)} trajectories but {adv.numel()} advantages; pass one advantage per trajectory"
             )
         _, size = world()
-        stats = LearnerStats(sequences=len(trajs), tokens=sum(t.num_generated for t in trajs))
+        stats = LearnerStats(tokens=sum(t.num_generated for t in trajs))
         if not trajs:
             return stats
 
@@ -272,7 +267,6 @@ class Learner:
         if self.prompt_store is not None:
             for t, lp in zip(trajs, before):
                 self.prompt_store.put(t, lp)
-        stats.seconds = time.perf_counter() - t0
         return stats
 
     def _normalizer(self, trajs: Sequence[Trajectory]) -> float:

@@ -117,6 +117,9 @@ METRICS: dict[str, str] = {
     "learner/approx_kl": "Approximate KL between the behaviour policy and the current policy on the batch's tokens.",
     "learner/entropy": "Mean token entropy of the policy (when the loss computed it).",
     "learner/ratio_mean": "Mean importance ratio pi/pi_old over trained tokens.",
+    "learner/logprob_diff_mean": "Mean |rollout - learner| log-prob of the batch's trained tokens, the learner scoring "
+    "them at the start of the update (0 when the backends agree).",
+    "learner/logprob_diff_max": "Largest |rollout - learner| log-prob over the batch's trained tokens.",
     "learner/grad_norm": "Gradient norm before clipping (mean over optimiser steps).",
     "learner/lr": "Learning rate of the step.",
     "learner/optimizer_steps": "Optimiser steps taken this step (`train.mini_batches` x `train.epochs`).",
@@ -195,6 +198,8 @@ def step_row(s: StepStats) -> dict[str, Any]:
         "learner/approx_kl": lst.approx_kl,
         "learner/entropy": lst.entropy,
         "learner/ratio_mean": lst.ratio_mean,
+        "learner/logprob_diff_mean": lst.logprob_diff_mean,
+        "learner/logprob_diff_max": lst.logprob_diff_max,
         "learner/grad_norm": lst.grad_norm,
         "learner/lr": lst.lr,
         "learner/optimizer_steps": lst.optimizer_steps,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from spo_agents.errors import PolicyError
+from spo_agents.models import takes_logits_to_keep
 from spo_agents.types import Trajectory
 
 
@@ -151,10 +152,9 @@ def token_logprobs(
         "position_ids": batch.position_ids,
         "use_cache": False,
     }
-    try:
-        out = model(**kwargs, logits_to_keep=keep + 1)
-    except TypeError:  # a model without `logits_to_keep`: compute every position
-        out = model(**kwargs)
+    if takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep + 1
+    out = model(**kwargs)  # without `logits_to_keep`: every position, sliced below
     logits = out.logits[:, -(keep + 1) : -1, :].float()  # [B, keep, V]
     if temperature != 1.0:
         logits = logits / temperature

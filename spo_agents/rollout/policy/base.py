@@ -144,4 +144,3 @@ class PolicyBackend(abc.ABC):
     def set_served_model(self, name: str) -> None:
         """Name the served weights in later requests (a server that loaded a LoRA adapter under
         `name`); backends that generate in this process ignore it."""
-

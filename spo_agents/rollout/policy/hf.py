@@ -89,6 +89,7 @@ from collections import deque
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
+from spo_agents.models import takes_logits_to_keep
 from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams, VersionGate
 from spo_agents.rollout.policy.hf_continuous import ContinuousScheduler
 from spo_agents.rollout.policy.hf_kv import PrefixCache, plain_kv_cache
@@ -178,7 +179,7 @@ class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
         self.scheduler = scheduler
         # the source of the random streams of requests without a seed (continuous)
         self._seeds = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        self._logits_to_keep = True
+        self._logits_to_keep = takes_logits_to_keep(self.model)
         self._prefixes = PrefixCache(prefix_cache_tokens)
         self._epoch = 0  # +1 at each `pause`: cached keys and values from before are not reused
         self._queue: queue.Queue[Request | None] = queue.Queue()

@@ -193,10 +193,7 @@ class ContinuousScheduler:
         kwargs.update(cache=cache, use_cache=True)
         with torch.no_grad():
             if self._logits_to_keep:
-                try:
-                    return self.model(**kwargs, logits_to_keep=1).logits[:, -1, :].float()
-                except TypeError:  # a model without `logits_to_keep`
-                    self._logits_to_keep = False
+                kwargs["logits_to_keep"] = 1
             return self.model(**kwargs).logits[:, -1, :].float()
 
     def _generator(self, seed: int | None) -> Any:
