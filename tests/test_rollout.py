@@ -250,3 +250,44 @@ def test_a_prompt_limit_refuses_bad_settings():
         PromptLimit(100, "drop")
     with pytest.raises(ConfigError, match=">= 8"):
         PromptLimit(0)
+
+
+def test_turn_seeds_follow_the_episode_and_the_turn():
+    from spo_agents.rollout.episode import turn_seed
+
+    seeds = [turn_seed(None, 7, turn) for turn in range(3)]
+    assert len(set(seeds)) == 3 and seeds == [turn_seed(None, 7, turn) for turn in range(3)]
+    assert turn_seed(None, 8, 0) != seeds[0]
+    assert turn_seed(5, 7, 0) == 5  # the sampling settings' own seed wins
+    assert turn_seed(None, None, 0) is None  # an unseeded episode uses the backend's own stream
+
+
+async def test_a_seeded_episode_draws_the_same_tokens_alone_or_among_others(policy):
+    """The continuous scheduler draws each request from its own seeded stream, so what an episode
+    samples does not depend on which other requests share its batches (a resumed run draws
+    what an uninterrupted one did)."""
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12)
+    alone = await run_episode(SayEnv(), policy, "test-1", sampling=sampling, max_episode_tokens=48, seed=11)
+    seeds = [0, 11, 2, 3]
+    crowd = await asyncio.gather(
+        *(
+            run_episode(SayEnv(), policy, f"test-{i}", sampling=sampling, max_episode_tokens=48, seed=s)
+            for i, s in enumerate(seeds)
+        )
+    )
+    assert alone.token_ids and crowd[1].token_ids == alone.token_ids
+    assert crowd[0].token_ids != alone.token_ids  # other seeds draw otherwise
+
+
+async def test_the_collector_counter_survives_a_checkpoint():
+    """A collector rebuilt from another's state gives its next episodes the same seeds."""
+    from spo_agents.rollout.collector import _Job
+
+    a = Collector(lambda: SayEnv(), ScriptedPolicy(None, {}), seed=3)
+    jobs = [_Job("test-1", None, 0, 0.0) for _ in range(3)]
+    a._episode_seed(jobs[0])
+    b = Collector(lambda: SayEnv(), ScriptedPolicy(None, {}), seed=3)
+    b.load_state_dict(a.state_dict())
+    assert [a._episode_seed(j) for j in jobs[1:]] == [b._episode_seed(j) for j in jobs[1:]]
+    await a.close()
+    await b.close()

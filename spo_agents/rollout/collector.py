@@ -170,6 +170,13 @@ class Collector:
         """Finished trajectories not delivered yet."""
         return sum(len(u) for u in self._ready)
 
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to draw the same episode seeds and group ids as an uninterrupted one."""
+        return {"counter": self._counter}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._counter = int(state["counter"])
+
     # --- running ------------------------------------------------------------------------------
     def _episode_seed(self, job: _Job) -> int:
         self._counter += 1

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -108,7 +109,12 @@ async def run_episode(
             if budget <= 0:
                 truncated = True
                 break
-            params = dataclasses.replace(sampling, stop=stop, max_new_tokens=min(sampling.max_new_tokens, budget))
+            params = dataclasses.replace(
+                sampling,
+                stop=stop,
+                max_new_tokens=min(sampling.max_new_tokens, budget),
+                seed=turn_seed(sampling.seed, seed, len(turn_starts)),
+            )
             t = time.perf_counter()
             gen = await policy.generate(prompt_ids + token_ids, params)
             timings["generate"] += time.perf_counter() - t
@@ -193,3 +199,14 @@ async def run_episode(
 
 class _Refused(Exception):
     """A prompt over the limit with `overflow = "refuse"`: the episode ends before generating."""
+
+
+def turn_seed(given: int | None, episode_seed: int | None, turn: int) -> int | None:
+    """The sampling seed of one generation call: the sampling settings' own, else one derived from
+    the episode's seed and the turn, so an episode draws the same tokens however requests are
+    batched, and a resumed run the same as an uninterrupted one; `None` (the backend's own stream)
+    for an unseeded episode."""
+    if given is not None or episode_seed is None:
+        return given
+    digest = hashlib.sha256(f"{episode_seed}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

@@ -130,6 +130,8 @@ class Trainer:
         self.policy.resume(self.step if comp.weight_sync is None else 0)
         self.group_size = cfg.algorithm.group_size if cfg.algorithm.name == "grpo" else 1
         self.collector = self._collector()
+        if loaded is not None and "collector" in loaded.state:  # checkpoints written before it was saved lack it
+            self.collector.load_state_dict(loaded.state["collector"])
         self.metrics = MetricsWriter(
             self.run_dir,
             tensorboard=cfg.logging.tensorboard,
@@ -139,9 +141,8 @@ class Trainer:
             config=to_dict(cfg),
         )
         self.trajectory_log = self._trajectory_log()
-        self.health = StepHealth(
-            HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps), warn=self._console
-        )
+        limits = HealthLimits(cfg.rollout.max_error_share, cfg.rollout.max_error_steps)
+        self.health = StepHealth(limits, warn=self._console)
         self.held_out = HeldOutEval(cfg, comp.env_factory, self.run_dir)
 
     def _collector(self) -> Any:
@@ -154,13 +155,11 @@ class Trainer:
             lambda: comp.env_factory(cfg.env.split),
             self.policy,
             max_in_flight=r.max_in_flight,
-            sampling=SamplingParams(
-                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens
-            ),
+            sampling=SamplingParams(r.temperature, r.top_p, r.top_k, max_new_tokens=r.max_new_tokens),
             max_episode_tokens=r.max_episode_tokens,
             group_size=self.group_size,
             max_staleness=r.max_staleness,
-            seed=cfg.train.seed + self.step,
+            seed=cfg.train.seed,
         )
 
     def _trajectory_log(self) -> Any:
@@ -320,6 +319,7 @@ class Trainer:
         state = {
             "tracker": self.tracker.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "collector": self.collector.state_dict(),
             "learner": learner_state if learner_state is not None else self.learner.state_dict(),
             "rng": rng_state(),
             "config": to_dict(self.cfg),
