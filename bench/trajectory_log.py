@@ -1,4 +1,4 @@
-"""Cost of the training-trajectory log (`spo_agents.trajectory_log`): time of `record` per step
+"""Cost of the training-trajectory log (`spo_agents.trajectories`): time of `record` per step
 and bytes on disk, with the embedded model's real tokenizer (SmolLM2-135M-Instruct).
 
 Each step logs `--batch` math-python-like trajectories of about `--tokens` tokens after the prompt
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from spo_agents.models import resolve_model
-from spo_agents.trajectory_log import LOG_DIR, VISITS, TrajectoryLog
+from spo_agents.trajectories import LOG_DIR, VISITS, TrajectoryLog
 from spo_agents.types import ToolCall, Trajectory
 
 

@@ -13,7 +13,7 @@ from spo_agents.envs.answers import AnswerChecker, CheckResult
 from spo_agents.errors import ConfigError
 from spo_agents.evaluation.rescore import completion_segments, rescore_eval_dir, rescore_path
 from spo_agents.evaluation.runner import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
-from spo_agents.trajectory_log import TrajectoryLog
+from spo_agents.trajectories import TrajectoryLog
 from spo_agents.types import ToolCall, Trajectory, write_jsonl
 
 

@@ -118,7 +118,7 @@ def test_two_steps_change_weights_write_documented_metrics_and_checkpoints(tmp_p
     assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step-")) == ["step-000001", "step-000002"]
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
     # what the learner trained on is kept for the viewer, with the tracker's per-visit log
-    from spo_agents.trajectory_log import TrajectoryLogReader
+    from spo_agents.trajectories import TrajectoryLogReader
 
     log = TrajectoryLogReader(tmp_path / "run")
     visits = log.visits()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spo_agents.errors import ConfigError, TrajectoryError
-from spo_agents.trajectory_log import LOG_DIR, VISITS, LoggedTrajectory, TrajectoryLog, TrajectoryLogReader, segments_of
+from spo_agents.trajectories import LOG_DIR, VISITS, LoggedTrajectory, TrajectoryLog, TrajectoryLogReader, segments_of
 from spo_agents.types import ToolCall, Trajectory
 
 
@@ -81,7 +81,7 @@ def test_segments_reassemble_to_the_trajectory_tokens(runs, data):
 
 
 def _record(t):
-    from spo_agents.trajectory_log import make_record
+    from spo_agents.trajectories import make_record
 
     return make_record(
         t, step=1, index=0, batch_size=1, advantage=0.0, v_hat_before=0.5, rho=0.9, tokenizer=TOK, logprobs=True

@@ -17,7 +17,7 @@ import pytest
 from view_fixtures import TOK, episode, make_eval_dir, make_run
 
 from spo_agents.cli import main
-from spo_agents.trajectory_log import TrajectoryLog
+from spo_agents.trajectories import TrajectoryLog
 from spo_agents.view import ViewServer
 from spo_agents.view.svg import Series, line_chart, nice_ticks
 

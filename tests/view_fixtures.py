@@ -16,7 +16,7 @@ from spo_agents.algorithm.advantages import compute_advantages
 from spo_agents.algorithm.sampler import PrioritizedSampler
 from spo_agents.algorithm.tracker import ValueTracker
 from spo_agents.evaluation.runner import RESULTS, SETTINGS, TRANSCRIPTS, compute_report
-from spo_agents.trajectory_log import TrajectoryLog
+from spo_agents.trajectories import TrajectoryLog
 from spo_agents.types import ToolCall, Trajectory, write_jsonl
 
 INJECTION = '<script>window.__pwned = 1</script><img src="x" onerror="window.__pwned = 2">'

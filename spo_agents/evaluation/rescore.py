@@ -346,7 +346,7 @@ def rescore_training_log(
     run_dir: str | Path, *, env_id: str | None = None, env_kwargs: dict[str, Any] | None = None, write: bool = True
 ) -> RescoreReport | None:
     """Re-score a run's saved training trajectories; None when the run saved none."""
-    from spo_agents.trajectory_log import LOG_DIR, TrajectoryLogReader
+    from spo_agents.trajectories import LOG_DIR, TrajectoryLogReader
 
     run = Path(run_dir)
     reader = TrajectoryLogReader(run)

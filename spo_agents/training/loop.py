@@ -163,7 +163,7 @@ class Trainer:
         )
 
     def _trajectory_log(self) -> Any:
-        from spo_agents.trajectory_log import TrajectoryLog
+        from spo_agents.trajectories import TrajectoryLog
 
         t = self.cfg.train
         return TrajectoryLog(

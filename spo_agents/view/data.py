@@ -1,7 +1,7 @@
 """What the viewer reads: run dirs and eval dirs, cached by file modification time.
 
 A run dir (`spo_agents.training.checkpoint`) gives the metrics rows, the latest checkpoint's tracker, the
-trajectory log (`spo_agents.trajectory_log`) and its eval dirs; an eval dir
+trajectory log (`spo_agents.trajectories`) and its eval dirs; an eval dir
 (`spo_agents.evaluation.runner`) gives its report and transcripts. Every reader tolerates files that a
 running trainer or evaluation is writing: torn last lines are skipped, vanished files are empty.
 """
@@ -185,7 +185,7 @@ class RunDir:
     """A training run dir (`spo_agents.training.checkpoint` layout)."""
 
     def __init__(self, path: Path) -> None:
-        from spo_agents.trajectory_log import TrajectoryLogReader
+        from spo_agents.trajectories import TrajectoryLogReader
 
         self.path = Path(path)
         self.name = self.path.name

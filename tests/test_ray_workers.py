@@ -1,0 +1,124 @@
+"""Rollout workers on Ray: a local cluster on loopback, two actors, episodes against a real
+OpenAI-compatible server (`transformers serve` on the tiny model), and actors killed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from spo_agents.errors import RolloutError
+from spo_agents.models import tiny_model_dir
+from spo_agents.rollout.policy.base import SamplingParams
+
+ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
+
+TESTS = Path(__file__).parent
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster on loopback for the module; the actors import `say_env` from tests/."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), old]))
+    # Ray kills workers when the node's memory is 95% used; on a shared test machine that is other
+    # processes' memory, so the monitor is off here (the kernel's OOM killer still applies)
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _spec(base_url: str, model: str):
+    from spo_agents.rollout.workers import WorkerSpec
+
+    return WorkerSpec(
+        env_id="say_env:SayEnv",
+        model=model,
+        policy_kwargs={"base_url": base_url, "tokenizer": str(tiny_model_dir()), "max_retries": 1},
+        split="test",
+        env_kwargs={"num_problems": 6},
+    )
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_episodes_run_on_both_actors_and_carry_the_pushed_version(ray_cluster, served_model):
+    from spo_agents.rollout.workers import RayWorkers
+
+    workers = RayWorkers(_spec(*served_model), n=2, num_cpus=1)
+
+    async def go():
+        await workers.connect()
+        first = await asyncio.gather(
+            *(workers.run_episode(f"test-{i % 6}", sampling=SAMPLING, max_episode_tokens=24, seed=i) for i in range(8))
+        )
+        await workers.pause()
+        workers.resume(3)
+        second = await asyncio.gather(
+            *(workers.run_episode("test-1", sampling=SAMPLING, max_episode_tokens=24, seed=100 + i) for i in range(4))
+        )
+        await workers.close()
+        return first, second
+
+    first, second = _run(go())
+    assert [t.error for t in first + second] == [None] * 12
+    assert [t.problem_id for t in first] == [f"test-{i % 6}" for i in range(8)]
+    assert {t.info["rollout_worker"] for t in first} == {0, 1}
+    assert all(t.token_ids and t.env_id == "say_env:SayEnv" for t in first)
+    assert {t.policy_version for t in first} == {0}
+    assert {t.policy_version for t in second} == {3}
+
+
+@pytest.mark.slow
+def test_a_killed_actor_loses_only_its_episodes_and_the_last_one_stops_the_run(ray_cluster, served_model):
+    from spo_agents.rollout.workers import RayWorkers
+
+    workers = RayWorkers(_spec(*served_model), n=2, num_cpus=1)
+
+    async def go():
+        await workers.connect()
+        victim = workers.handles[0]
+        # long episodes, four per actor, then the first actor is killed while they run
+        running = [
+            asyncio.create_task(workers.run_episode(f"test-{i}", sampling=SAMPLING, max_episode_tokens=400, seed=i))
+            for i in range(6)
+        ] + [
+            asyncio.create_task(workers.run_episode("test-0", sampling=SAMPLING, max_episode_tokens=400, seed=9)),
+            asyncio.create_task(workers.run_episode("test-1", sampling=SAMPLING, max_episode_tokens=400, seed=10)),
+        ]
+        await asyncio.sleep(0.5)
+        ray.kill(victim)
+        done = await asyncio.gather(*running)
+        after = await asyncio.gather(
+            *(workers.run_episode("test-2", sampling=SAMPLING, max_episode_tokens=24, seed=50 + i) for i in range(3))
+        )
+        alive_after_one = workers.alive
+        ray.kill(workers.handles[0])
+        lost = await workers.run_episode("test-3", sampling=SAMPLING, max_episode_tokens=24, seed=99)
+        with pytest.raises(RolloutError, match="every rollout worker"):
+            await workers.run_episode("test-4", sampling=SAMPLING, max_episode_tokens=24, seed=100)
+        await workers.close()
+        return done, after, alive_after_one, lost
+
+    done, after, alive_after_one, lost = _run(go())
+    failed = [t for t in done if t.error is not None]
+    # the victim had every other episode (least-busy placement alternates): those four are lost,
+    # as infrastructure errors with no tokens; the survivor's four finish
+    assert len(failed) == 4
+    assert all("rollout worker 0 died" in t.error and not t.token_ids for t in failed)
+    assert all(t.error is None and t.info["rollout_worker"] == 1 for t in done if t not in failed)
+    assert [t.error for t in after] == [None] * 3 and {t.info["rollout_worker"] for t in after} == {1}
+    assert alive_after_one == 1
+    assert lost.error is not None and "rollout worker 1 died" in lost.error
