@@ -557,14 +557,25 @@ def test_a_resumed_server_run_pushes_the_checkpoint_weights_before_any_rollout(t
     train(cfg, run_dir=tmp_path / "run", components=tiny_components())
     events: list = []
     comp = tiny_components()
-    comp.policy = RecordingPolicy(comp.policy, events)
+
+    class RecordingGenerations(RecordingPolicy):
+        async def generate(self, prompt_ids, params):
+            g = await super().generate(prompt_ids, params)
+            events.append(("generate", g.policy_version))
+            return g
+
+    comp.policy = RecordingGenerations(comp.policy, events)
     comp.weight_sync = FakeSync(events)
     comp.inplace = False
     more = from_dict(Config, {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "steps": 2}})
     train(more, run_dir=tmp_path / "run", resume=True, components=comp)
-    seq = [e for e in events if e not in (("version", 0),)]
-    assert seq[:4] == [("pause",), ("sync", 1), ("version", 1), ("resume",)]
-    assert seq[4:] == [("pause",), ("sync", 2), ("version", 2), ("resume",)]
+    generated = [i for i, e in enumerate(events) if e[0] == "generate"]
+    assert generated and generated[0] > events.index(("push", 1))
+    assert {events[i][1] for i in generated} == {1}  # every rollout token is from the checkpoint's weights
+    seq = [e for e in events if e[0] not in ("serve", "generate")]
+    # the server still serves the initial weights (version 0) until the checkpoint's are pushed,
+    # before any rollout; then the one update of the resumed run is published as version 2
+    assert seq == [("resume", 0), ("pause",), ("push", 1), ("resume", 1), ("pause",), ("push", 2), ("resume", 2)]
 
 
 def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the_run(tmp_path, monkeypatch):
