@@ -12,7 +12,7 @@ STAMP := $(VENV)/.spo-setup-stamp
 VLLM_VENV ?= .venv-vllm
 ARGS ?=
 
-.PHONY: setup train lint test test-slow test-docker test-vllm test-gpu test-browser bench vllm-cpu docker-engine clean
+.PHONY: setup train lint test test-slow test-docker test-vllm test-gpu test-browser test-ray bench vllm-cpu docker-engine clean
 
 # Set-up is re-run only when the project's dependency list changes.
 $(STAMP): pyproject.toml Makefile
@@ -62,6 +62,9 @@ test-slow: setup
 # The viewer in a real browser: Debian's chromium and chromium-driver (installed here when run as
 # root, the way `system-packages` installs bubblewrap), driven by selenium with the system
 # chromedriver; nothing is downloaded by selenium. Without them the test is skipped and says why.
+test-ray: setup
+	$(PY) -m pytest -q -m ray $(ARGS)
+
 test-browser: setup
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -14,6 +14,7 @@ from spo_agents.models import tiny_model_dir
 from spo_agents.rollout.policy.base import SamplingParams
 
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
+pytestmark = pytest.mark.ray
 
 TESTS = Path(__file__).parent
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
@@ -46,7 +47,7 @@ def _spec(base_url: str, model: str):
         model=model,
         policy_kwargs={"base_url": base_url, "tokenizer": str(tiny_model_dir()), "max_retries": 1},
         split="test",
-        env_kwargs={"num_problems": 6},
+        env_kwargs={"num_problems": 6, "stop": []},  # no stop strings: `transformers serve` is slow to prepare them
     )
 
 
@@ -62,26 +63,25 @@ def test_episodes_run_on_both_actors_and_carry_the_pushed_version(ray_cluster, s
     async def go():
         await workers.connect()
         first = await asyncio.gather(
-            *(workers.run_episode(f"test-{i % 6}", sampling=SAMPLING, max_episode_tokens=24, seed=i) for i in range(8))
+            *(workers.run_episode(f"test-{i}", sampling=SAMPLING, max_episode_tokens=24, seed=i) for i in range(4))
         )
         await workers.pause()
         workers.resume(3)
         second = await asyncio.gather(
-            *(workers.run_episode("test-1", sampling=SAMPLING, max_episode_tokens=24, seed=100 + i) for i in range(4))
+            *(workers.run_episode("test-1", sampling=SAMPLING, max_episode_tokens=24, seed=100 + i) for i in range(2))
         )
         await workers.close()
         return first, second
 
     first, second = _run(go())
-    assert [t.error for t in first + second] == [None] * 12
-    assert [t.problem_id for t in first] == [f"test-{i % 6}" for i in range(8)]
+    assert [t.error for t in first + second] == [None] * 6
+    assert [t.problem_id for t in first] == [f"test-{i}" for i in range(4)]
     assert {t.info["rollout_worker"] for t in first} == {0, 1}
     assert all(t.token_ids and t.env_id == "say_env:SayEnv" for t in first)
     assert {t.policy_version for t in first} == {0}
     assert {t.policy_version for t in second} == {3}
 
 
-@pytest.mark.slow
 def test_a_killed_actor_loses_only_its_episodes_and_the_last_one_stops_the_run(ray_cluster, served_model):
     from spo_agents.rollout.workers import RayWorkers
 
