@@ -211,9 +211,7 @@ async def evaluate(
         elif path.exists():
             path.unlink()
         (out / SETTINGS).write_text(saved_info, encoding="utf-8")
-    connect = getattr(policy, "connect", None)
-    if connect is not None:  # fail fast, before any episode, when a server is unreachable
-        await connect()
+    await policy.connect()  # fail fast, before any episode, when a server is unreachable
     wanted = set(problem_ids)
     samples = {key: t for key, t in samples.items() if key[0] in wanted and key[1] < k}
     todo = [

@@ -130,6 +130,10 @@ class PolicyBackend(abc.ABC):
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         """Sample one continuation of `prompt_ids`."""
 
+    async def connect(self) -> None:
+        """Reach whatever serves the model once, so an unreachable one fails before any episode
+        (a server backend's probe); in-process backends have nothing to reach."""
+
     async def close(self) -> None:
         """Release resources. Safe to call more than once."""
 
