@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spo_agents.config import check_tracker_values
 from spo_agents.errors import CheckpointError, ConfigError, SPOError
 
 if TYPE_CHECKING:
@@ -107,12 +108,7 @@ class ValueTracker:
             raise ConfigError(f"`rho_type` must be one of {_RHO_TYPES}, got {rho_type!r}")
         if drift not in _DRIFTS:
             raise ConfigError(f"`drift` must be one of {_DRIFTS}, got {drift!r}")
-        if not 0.0 < rho_min <= rho_max <= 1.0:
-            raise ConfigError(f"need 0 < rho_min <= rho_max <= 1, got rho_min={rho_min}, rho_max={rho_max}")
-        if not 0.0 < rho_constant <= 1.0:
-            raise ConfigError(f"`rho_constant` must be in (0, 1], got {rho_constant}")
-        if not d_half > 0:
-            raise ConfigError(f"`d_half` must be > 0, got {d_half}")
+        check_tracker_values(rho_min, rho_max, d_half, rho_constant)
         self.config = {
             "rho_type": rho_type,
             "rho_constant": float(rho_constant),
