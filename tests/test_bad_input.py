@@ -24,6 +24,7 @@ CASES = [
     ("eval-limit-zero", [*EVAL, "--limit", "0"], ["`--limit`", ">= 1"]),
     ("eval-max-new-tokens", [*EVAL, "--max-new-tokens", "0"], ["`--max-new-tokens`", ">= 1"]),
     ("eval-k", [*EVAL, "-k", "0"], ["`-k`", ">= 1"]),
+    ("eval-out-is-a-file", [*EVAL, "--out", str(Path(__file__))], ["`--out`", "it is a file"]),
     ("eval-max-prompt-tokens", [*EVAL, "--max-prompt-tokens", "0"], ["`--max-prompt-tokens`", ">= 8"]),
     ("eval-missing-model-dir", ["eval", "--env", "math-python", "--model", "/nonexistent/model"], ["does not exist"]),
     ("train-unknown-env-option", [*TRAIN, "--env-arg", "bogus=1"], ["`bogus`"]),
@@ -68,7 +69,7 @@ def test_bad_input_is_one_clear_error_line_and_leaves_nothing_behind(argv, words
             dotted = [a for a in argv if "=" in a and "." in a.split("=", 1)[0] and not a.startswith("-")]
             opts = [a for a in argv if a not in dotted]
             argv = [*opts, *dotted, "logging.progress=false", f"train.output_dir={tmp_path / 'runs'}"]
-    elif argv[0] == "eval":
+    elif argv[0] == "eval" and "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "out")]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -391,8 +391,13 @@ def lock_out_dir(out: Path) -> IO[str]:
 
     from spo_agents.errors import ConfigError
 
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - the open file is the lock
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - the open file is the lock
+    except OSError as e:
+        why = "it is a file" if out.exists() and not out.is_dir() else (e.strerror or type(e).__name__)
+        msg = f"cannot write the evaluation into `{out}` ({why}); pass `--out` a writable directory"
+        raise ConfigError(msg) from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
