@@ -69,7 +69,8 @@ def server():
 
 async def test_tokens_and_logprobs_match_the_hf_backend(server):
     model_dir = str(_tiny_dir())
-    remote = make_policy("openai", model_dir, base_url=server.openai_base_url, tokenizer=model_dir)
+    # the first completion of a freshly started CPU server can take longer than the default 10 s probe
+    remote = make_policy("openai", model_dir, base_url=server.openai_base_url, tokenizer=model_dir, probe_timeout_s=300)
     local = make_policy("hf", model_dir)
     tok = local.tokenizer
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("Hello there", "Once upon a time", "Numbers: 1, 2, 3")]
