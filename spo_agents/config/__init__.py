@@ -1,38 +1,20 @@
 """Typed configuration, mirrored exactly by the YAML files in `configs/`; every field is documented
 once, here. Defaults are the embedded CPU run; each section checks its own fields on construction
-and `Config` the rules that join sections. Reading files and overrides: `spo_agents.config_loader`.
+and `Config` the rules that join sections. Reading files and overrides: `spo_agents.config.loader`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from spo_agents.errors import ConfigError
-
+from spo_agents.config.rollout import RayConfig, RolloutConfig, SandboxConfig
 
 # --------------------------------------------------------------------------------------------
 # Sections (each checks its own value ranges on construction, so every loaded config is valid)
 # --------------------------------------------------------------------------------------------
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _require(section: str, obj: Any, rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
-    """Raise `ConfigError` for the first field of `obj` that breaks its rule (checked in order)."""
-    for name, (ok, rule) in rules.items():
-        value = getattr(obj, name)
-        if not ok(value):
-            raise ConfigError(f"`{section}.{name}` must be {rule}, got {value!r}")
-
-
-_POSITIVE = (lambda x: _finite(x) and x > 0, "a finite number > 0")
-_NON_NEGATIVE = (lambda x: _finite(x) and x >= 0, "a finite number >= 0")
-_AT_LEAST_1 = (lambda x: isinstance(x, int) and x >= 1, "an integer >= 1")
-_INT_NON_NEGATIVE = (lambda x: isinstance(x, int) and x >= 0, "an integer >= 0")
-_TOP_P = (lambda x: _finite(x) and 0 < x <= 1, "in (0, 1]")
+from spo_agents.config.rules import AT_LEAST_1, INT_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, TOP_P, finite, require
+from spo_agents.errors import ConfigError
 
 
 @dataclass
@@ -73,89 +55,6 @@ class EnvConfig:
 
 
 @dataclass
-class SandboxConfig:
-    """The code-execution backend used by tool environments."""
-
-    backend: str = "local"
-    timeout_s: float = 10.0  # wall clock per tool call
-    memory_mb: int = 1024
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific
-
-    def __post_init__(self) -> None:
-        _require("sandbox", self, {"timeout_s": _POSITIVE, "memory_mb": _AT_LEAST_1})
-
-
-@dataclass
-class RolloutConfig:
-    """How trajectories are generated.
-
-    `backend`: `hf` (transformers in-process, CPU default), `vllm` (in-process engine on a GPU),
-    `vllm-server` (a vLLM OpenAI-compatible server, token-in/out, weights synced with
-    `weight_sync`), `openai` (any OpenAI-compatible server: evaluation and offline value
-    estimation only, since the trainer cannot update its weights).
-    Single-stream collection keeps `max_in_flight` episodes running and hands the learner the
-    first `train.batch_size` that finish; `oversample` > 1 starts that many times more episodes
-    than needed (paper Sec. 5.4). Trajectories generated more than `max_staleness` policy
-    versions ago are dropped.
-    """
-
-    backend: Literal["hf", "vllm", "openai", "vllm-server"] = "hf"
-    max_in_flight: int = 16
-    oversample: float = 1.0
-    max_staleness: int = 1
-    temperature: float = 1.0  # paper: 1.0 for training and for offline value estimation
-    # Training samples from the full distribution: the learner's ratio compares the behaviour
-    # log-probs with the full softmax, so a nucleus (top-p < 1) or top-k would bias every ratio
-    # (at top-p 0.5 an on-policy ratio is about 0.5). Both are refused here; `eval.*` keeps them.
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 48  # per generation call (one turn); the CPU default's turns need ~20
-    max_episode_tokens: int = 160  # all tokens after the prompt, env replies included
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    server_model: str | None = None  # model name to send to the server (default: model.name)
-    weight_sync: Literal["reload", "lora", "nccl"] = "reload"
-    server_python: str | None = None  # interpreter of the vLLM server venv when we start it
-    server_args: list[str] = field(default_factory=list)
-    request_timeout_s: float = 600.0  # server backends: the wait for the next byte of an answer
-    max_retries: int = 5  # server backends: retries of a request after 429 / 5xx / a dropped connection
-    server_wait_s: float = 300.0  # server backends: how long a server that went down is waited for
-    # A step that loses more than this share of its finished episodes to infrastructure errors
-    # is reported at once; `max_error_steps` such steps in a row stop the run.
-    max_error_share: float = 0.25
-    max_error_steps: int = 3
-
-    def __post_init__(self) -> None:
-        _require(
-            "rollout",
-            self,
-            {
-                "max_error_share": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1)"),
-                "max_error_steps": _AT_LEAST_1,
-                "max_retries": _INT_NON_NEGATIVE,
-                "server_wait_s": _NON_NEGATIVE,
-                "max_in_flight": _AT_LEAST_1,
-                "oversample": (lambda x: _finite(x) and x >= 1, "a finite number >= 1"),
-                "max_staleness": _INT_NON_NEGATIVE,
-                "temperature": _POSITIVE,
-                "top_p": (
-                    lambda x: x == 1.0,
-                    "1.0: the learner scores the full softmax, so a nucleus biases every ratio; "
-                    "use `eval.top_p` for evaluation",
-                ),
-                "top_k": (
-                    lambda x: x == 0,
-                    "0: the learner scores the full softmax, so top-k biases every ratio; "
-                    "use `eval.top_k` for evaluation",
-                ),
-                "max_new_tokens": _AT_LEAST_1,
-                "max_episode_tokens": _AT_LEAST_1,
-                "request_timeout_s": _POSITIVE,
-            },
-        )
-
-
-@dataclass
 class TrackerConfig:
     """The persistent per-problem value tracker (docs/algorithm.md section 1, paper Sec. 4.1).
 
@@ -190,9 +89,9 @@ def check_tracker_values(rho_min: float, rho_max: float, d_half: float, rho_cons
             f"`tracker.rho_min` and `tracker.rho_max` must satisfy 0 < rho_min <= rho_max <= 1, "
             f"got {rho_min} and {rho_max}"
         )
-    if not (_finite(d_half) and d_half > 0):
+    if not (finite(d_half) and d_half > 0):
         raise ConfigError(f"`tracker.d_half` must be a finite number > 0, got {d_half}")
-    if not (_finite(rho_constant) and 0.0 < rho_constant <= 1.0):
+    if not (finite(rho_constant) and 0.0 < rho_constant <= 1.0):
         raise ConfigError(f"`tracker.rho_constant` must be in (0, 1], got {rho_constant}")
 
 
@@ -211,7 +110,7 @@ class SamplerConfig:
     gamma: float = 0.0
 
     def __post_init__(self) -> None:
-        _require("sampler", self, {"eps": _NON_NEGATIVE, "gamma": _NON_NEGATIVE})
+        require("sampler", self, {"eps": NON_NEGATIVE, "gamma": NON_NEGATIVE})
 
 
 @dataclass
@@ -230,7 +129,7 @@ class AlgorithmConfig:
     advantage_norm: Literal["batch", "token"] = "batch"
 
     def __post_init__(self) -> None:
-        _require("algorithm", self, {"group_size": _AT_LEAST_1})
+        require("algorithm", self, {"group_size": AT_LEAST_1})
 
 
 @dataclass
@@ -249,16 +148,16 @@ class LossConfig:
     tis_cap: float | None = None  # truncated importance weight min(pi_learner / pi_rollout, cap); null: off
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             "loss",
             self,
             {
-                "eps_low": (lambda x: _finite(x) and 0 <= x < 1, "in [0, 1) (the ratio's lower clip is 1 - eps_low)"),
-                "eps_high": _NON_NEGATIVE,
-                "dual_clip": (_finite, "a finite number (<= 1 disables the dual clip)"),
-                "kl_coef": _NON_NEGATIVE,
-                "entropy_coef": (_finite, "a finite number"),
-                "tis_cap": (lambda x: x is None or (_finite(x) and x >= 1), "a number >= 1, or null (off)"),
+                "eps_low": (lambda x: finite(x) and 0 <= x < 1, "in [0, 1) (the ratio's lower clip is 1 - eps_low)"),
+                "eps_high": NON_NEGATIVE,
+                "dual_clip": (finite, "a finite number (<= 1 disables the dual clip)"),
+                "kl_coef": NON_NEGATIVE,
+                "entropy_coef": (finite, "a finite number"),
+                "tis_cap": (lambda x: x is None or (finite(x) and x >= 1), "a number >= 1, or null (off)"),
             },
         )
 
@@ -274,18 +173,18 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             "optim",
             self,
             {
-                "lr": _POSITIVE,
-                "weight_decay": _NON_NEGATIVE,
+                "lr": POSITIVE,
+                "weight_decay": NON_NEGATIVE,
                 "betas": (
-                    lambda b: len(b) == 2 and all(_finite(x) and 0 <= x < 1 for x in b),
+                    lambda b: len(b) == 2 and all(finite(x) and 0 <= x < 1 for x in b),
                     "two numbers in [0, 1), e.g. [0.9, 0.999]",
                 ),
-                "grad_clip": (_finite, "a finite number (<= 0 disables clipping)"),
-                "warmup_steps": _INT_NON_NEGATIVE,
+                "grad_clip": (finite, "a finite number (<= 0 disables clipping)"),
+                "warmup_steps": INT_NON_NEGATIVE,
             },
         )
 
@@ -324,24 +223,24 @@ class TrainSection:
     trajectories_logprobs: bool = False
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             "train",
             self,
             {
-                "trajectories_keep_steps": _AT_LEAST_1,
-                "trajectories_older_max": _INT_NON_NEGATIVE,
-                "trajectories_older_sample": (lambda x: _finite(x) and 0 <= x <= 1, "in [0, 1]"),
-                "steps": _INT_NON_NEGATIVE,
-                "batch_size": _AT_LEAST_1,
+                "trajectories_keep_steps": AT_LEAST_1,
+                "trajectories_older_max": INT_NON_NEGATIVE,
+                "trajectories_older_sample": (lambda x: finite(x) and 0 <= x <= 1, "in [0, 1]"),
+                "steps": INT_NON_NEGATIVE,
+                "batch_size": AT_LEAST_1,
                 "mini_batches": (
                     lambda x: isinstance(x, int) and 1 <= x <= self.batch_size,
                     f"an integer in [1, train.batch_size = {self.batch_size}]",
                 ),
-                "epochs": _AT_LEAST_1,
-                "micro_batch_tokens": _AT_LEAST_1,
-                "checkpoint_every": _INT_NON_NEGATIVE,
-                "keep_checkpoints": _AT_LEAST_1,
-                "max_minutes": (lambda x: x is None or (_finite(x) and x > 0), "a number > 0, or null for no limit"),
+                "epochs": AT_LEAST_1,
+                "micro_batch_tokens": AT_LEAST_1,
+                "checkpoint_every": INT_NON_NEGATIVE,
+                "keep_checkpoints": AT_LEAST_1,
+                "max_minutes": (lambda x: x is None or (finite(x) and x > 0), "a number > 0, or null for no limit"),
             },
         )
 
@@ -358,16 +257,16 @@ class EvalSection:
     top_k: int = 20
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             "eval",
             self,
             {
-                "every": _INT_NON_NEGATIVE,
-                "limit": _INT_NON_NEGATIVE,
-                "k": _AT_LEAST_1,
-                "temperature": _NON_NEGATIVE,
-                "top_p": _TOP_P,
-                "top_k": _INT_NON_NEGATIVE,
+                "every": INT_NON_NEGATIVE,
+                "limit": INT_NON_NEGATIVE,
+                "k": AT_LEAST_1,
+                "temperature": NON_NEGATIVE,
+                "top_p": TOP_P,
+                "top_k": INT_NON_NEGATIVE,
             },
         )
 
@@ -388,6 +287,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -435,4 +335,4 @@ def advantage_name(cfg: Config) -> str:
 
 
 # re-exported: reading and writing configs
-from spo_agents.config_loader import apply_overrides, from_dict, load_config, save_config, to_dict  # noqa: E402, F401
+from spo_agents.config.loader import apply_overrides, from_dict, load_config, save_config, to_dict  # noqa: E402, F401
