@@ -262,3 +262,23 @@ def test_the_update_leaves_the_model_in_eval_mode_and_scores_without_dropout():
     # scores are deterministic: the drift measured on an unchanged model is exactly 0
     a, b = learner.score(trajs), learner.score(trajs)
     assert a == b
+
+
+@pytest.mark.parametrize(
+    ("field", "override", "value"),
+    [
+        ("temperature", "rollout.temperature", 0.0),
+        ("epochs", "train.epochs", 0),
+        ("tis_cap", "loss.tis_cap", 0.5),
+    ],
+)
+def test_learner_settings_break_the_same_rule_with_the_same_message_as_the_config(base_model, field, override, value):
+    from spo_agents.config import load_config
+    from spo_agents.errors import ConfigError
+
+    with pytest.raises(ConfigError) as from_config:
+        load_config(None, [f"{override}={value}"])
+    with pytest.raises(ConfigError) as from_learner:
+        Learner(base_model, LearnerSettings(**{field: value}), pad_id=PAD)
+    assert str(from_learner.value) == str(from_config.value)
+    assert f"`{override}`" in str(from_learner.value)

@@ -13,7 +13,16 @@ from spo_agents.config.rollout import RayConfig, RolloutConfig, SandboxConfig
 # --------------------------------------------------------------------------------------------
 # Sections (each checks its own value ranges on construction, so every loaded config is valid)
 # --------------------------------------------------------------------------------------------
-from spo_agents.config.rules import AT_LEAST_1, INT_NON_NEGATIVE, NON_NEGATIVE, POSITIVE, TOP_P, finite, require
+from spo_agents.config.rules import (
+    AT_LEAST_1,
+    INT_NON_NEGATIVE,
+    NON_NEGATIVE,
+    POSITIVE,
+    TIS_CAP,
+    TOP_P,
+    finite,
+    require,
+)
 from spo_agents.errors import ConfigError
 
 
@@ -157,7 +166,7 @@ class LossConfig:
                 "dual_clip": (finite, "a finite number (<= 1 disables the dual clip)"),
                 "kl_coef": NON_NEGATIVE,
                 "entropy_coef": (finite, "a finite number"),
-                "tis_cap": (lambda x: x is None or (finite(x) and x >= 1), "a number >= 1, or null (off)"),
+                "tis_cap": TIS_CAP,
             },
         )
 

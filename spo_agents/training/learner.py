@@ -19,7 +19,6 @@ Departures from the paper:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from spo_agents import sharding
+from spo_agents.config.rules import AT_LEAST_1, BEHAVIOUR_LOGPROBS, POSITIVE, TIS_CAP, check
 from spo_agents.errors import CheckpointError, ConfigError
 from spo_agents.training.drift import PromptDriftStore, logprob_gap, mean_abs_diff, step_drift
 from spo_agents.training.optimiser import Optimiser, world
@@ -42,8 +42,6 @@ from spo_agents.training.packing import (  # noqa: F401
     token_logprobs,
 )
 from spo_agents.types import Trajectory
-
-BEHAVIOUR_LOGPROBS = ("rollout", "recompute")
 
 
 @dataclass
@@ -429,13 +427,9 @@ class _Accumulator:
 
 
 def _check_settings(s: LearnerSettings) -> None:
-    if s.temperature <= 0:
-        raise ConfigError(
-            f"`rollout.temperature` must be > 0 for training (log-probs are scored at it), got {s.temperature}"
-        )
-    if s.mini_batches < 1 or s.epochs < 1:
-        raise ConfigError(f"`train.mini_batches` and `train.epochs` must be >= 1, got {s.mini_batches} and {s.epochs}")
-    if s.behaviour_logprobs not in BEHAVIOUR_LOGPROBS:
-        raise ConfigError(f"`loss.behaviour_logprobs` must be `rollout` or `recompute`, got {s.behaviour_logprobs!r}")
-    if s.tis_cap is not None and not (math.isfinite(s.tis_cap) and s.tis_cap >= 1.0):
-        raise ConfigError(f"`loss.tis_cap` must be a number >= 1 (or null: off), got {s.tis_cap}")
+    """The config's own rules, named by the setting each field comes from (one message per rule)."""
+    check("rollout.temperature", s.temperature, POSITIVE)
+    check("train.mini_batches", s.mini_batches, AT_LEAST_1)
+    check("train.epochs", s.epochs, AT_LEAST_1)
+    check("loss.behaviour_logprobs", s.behaviour_logprobs, BEHAVIOUR_LOGPROBS)
+    check("loss.tis_cap", s.tis_cap, TIS_CAP)
