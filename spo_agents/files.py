@@ -49,6 +49,12 @@ def write_text_atomic(path: Path, text: str | bytes) -> None:
     fsync_path(path.parent)
 
 
+def complete_lines(data: bytes) -> int:
+    """The byte length of `data`'s complete lines: up to and including its last newline. What
+    follows is a torn tail when a writer was cut off mid-append (or is still appending)."""
+    return len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+
+
 def read_jsonl_records(path: str | Path, error: type[Exception] = SPOError) -> Iterator[Any]:
     """The JSON value of each line of a JSON-lines file, in order; blank lines are skipped.
 
@@ -56,14 +62,16 @@ def read_jsonl_records(path: str | Path, error: type[Exception] = SPOError) -> I
     appended, and is skipped; any other line that is not JSON raises `error` naming the file and
     line. The file is read whole before the first value is returned."""
     with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
-    for n, raw in enumerate(lines, start=1):
+        data = f.read()
+    good = complete_lines(data)
+    lines = data[:good].splitlines()
+    for n, raw in enumerate([*lines, data[good:]], start=1):
         if not raw.strip():
             continue
         try:
             value = json.loads(raw)
         except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            if n == len(lines) and not raw.endswith(b"\n"):
+            if n > len(lines):  # the torn tail
                 return
             raise error(f"{path}:{n}: not valid JSON ({e}); the file is damaged beyond its last line") from e
         yield value
@@ -76,7 +84,7 @@ def repair_torn_tail(path: str | Path) -> None:
     data = path.read_bytes()
     if not data or data.endswith(b"\n"):
         return
-    cut = data.rfind(b"\n") + 1
+    cut = complete_lines(data)
     try:
         json.loads(data[cut:])
     except ValueError:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spo_agents.errors import TrajectoryError
-from spo_agents.files import write_text_atomic
+from spo_agents.files import complete_lines, write_text_atomic
 from spo_agents.trajectories.records import SCHEMA_VERSION, VISIT_COLUMNS, Visit
 
 _STEP_FILE = re.compile(r"^step-(\d{6,})\.jsonl\.gz$")
@@ -64,7 +64,7 @@ def visit_row(v: Visit) -> str:
 
 def parse_visits(data: bytes, path: Path) -> tuple[list[Visit], int]:
     """Visits in `data` and the byte length of its complete lines (a torn tail is left out)."""
-    good = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+    good = complete_lines(data)
     visits = []
     for n, line in enumerate(data[:good].decode("utf-8").splitlines()):
         if not line.strip():
