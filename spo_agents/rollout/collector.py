@@ -5,17 +5,17 @@ over-sampling; the first `n` finished are returned and the rest stay in flight. 
 more than `max_staleness` policy versions old are dropped and counted. `group_size = G > 1` is
 the grouped mode of the GRPO comparison: G episodes per problem under one `group_id`, delivered
 together. An env's own exception stops the run (`next_batch` raises it as a `PluginError`).
-Episodes are played by `spo_agents.rollout.episode.run_episode`. The collector's tasks live on
-the event loop that calls `next_batch`; keep one loop for its lifetime.
+Episodes are played by an episode runner (`spo_agents.rollout.runner`): by default in this process
+(`LocalRunner`, around `run_episode`), or in Ray actors (`RayWorkers`); an episode lost with its
+worker is counted as an infrastructure error and run again. The collector's tasks live on the
+event loop that calls `next_batch`; keep one loop for its lifetime.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import hashlib
-import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,11 +25,10 @@ from spo_agents.errors import ConfigError, PluginError, RolloutError, SPOError
 from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.rollout.prompt_limit import PromptLimit
+from spo_agents.rollout.runner import LOST_WITH_WORKER, EpisodeRunner, Gated, LocalRunner
 from spo_agents.types import Trajectory
 
 __all__ = ["Collector", "CollectorStats", "run_episode"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +42,7 @@ class CollectorStats:
     dropped_stale: int = 0
     errors: int = 0
     cancelled: int = 0
+    resubmitted: int = 0  # episodes lost with their worker and run again (also counted in `errors`)
 
 
 @dataclass
@@ -57,9 +57,9 @@ class Collector:
     """Single-stream collection (see the module docstring).
 
     Args:
-        env_factory: returns a fresh environment; the collector keeps a pool, one env per running
-            episode, and reuses them.
-        policy: the policy backend.
+        env_factory: returns a fresh environment; the local runner keeps a pool, one env per
+            running episode, and reuses them (`None` with a `runner`, which makes its own).
+        policy: the policy backend (the learner's client; its `version` is the current one).
         max_in_flight: episodes running at once.
         sampling: sampling settings of every generation call (stops come from the env).
         max_episode_tokens: token budget of one episode after the prompt.
@@ -70,12 +70,15 @@ class Collector:
             carry `error`); by default they are kept out of batches, counted in `stats.errors`
             and kept in `failed`. In grouped mode a group is always delivered whole.
         seed: base of the per-episode seeds.
-        prompt_limit: what to do with a prompt over a token limit (`None`: no limit).
+        prompt_limit: what to do with a prompt over a token limit (`None`: no limit; local runner).
+        runner: where episodes run (`None`: a `LocalRunner` in this process). A runner of its own
+            (e.g. `RayWorkers`) is gated together with `policy` by `pause` / `resume` and closed
+            by `close`.
     """
 
     def __init__(
         self,
-        env_factory: Callable[[], Any],
+        env_factory: Callable[[], Any] | None,
         policy: PolicyBackend,
         *,
         max_in_flight: int = 32,
@@ -87,11 +90,19 @@ class Collector:
         seed: int = 0,
         max_consecutive_errors: int = 64,
         prompt_limit: PromptLimit | None = None,
+        runner: EpisodeRunner | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ConfigError(f"`max_in_flight` must be >= 1, got {max_in_flight}")
         if group_size < 1:
             raise ConfigError(f"`group_size` must be >= 1, got {group_size}")
+        if (runner is None) == (env_factory is None):
+            raise ConfigError(
+                "a `Collector` needs exactly one of `env_factory` (episodes in this process) and `runner` "
+                "(episodes elsewhere, with their own environments)"
+            )
+        if runner is not None and prompt_limit is not None:
+            raise ConfigError("`prompt_limit` applies to the local runner only; pass it without a `runner`")
         self.env_factory = env_factory
         self.policy = policy
         self.max_in_flight = max_in_flight
@@ -107,7 +118,6 @@ class Collector:
         self.failed: list[Trajectory] = []
         self._pending: collections.deque[_Job] = collections.deque()
         self._tasks: set[asyncio.Task] = set()
-        self._envs: list[Any] = []
         self._ready: collections.deque[list[Trajectory]] = collections.deque()  # units: 1 or a whole group
         self._groups: dict[str, list[Trajectory]] = {}
         # submissions (one episode, or one group) not settled yet, per problem id: settled when
@@ -117,7 +127,13 @@ class Collector:
         self._consecutive_errors = 0
         self._fatal: BaseException | None = None  # a programmer error in an episode: raised by next_batch
         self._wake: asyncio.Event | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="env")
+        if runner is None:
+            runner = LocalRunner(env_factory, policy, threads=max_in_flight, prompt_limit=prompt_limit)
+            gates: list[Gated] = [runner]  # it samples from `policy`
+        else:
+            gates = [policy, runner]  # the learner's client, and the runner's own clients
+        self.runner: EpisodeRunner = runner
+        self._gates = gates
 
     # --- submission ---------------------------------------------------------------------------
     def submit(self, problem_ids: Iterable[str]) -> None:
@@ -192,43 +208,50 @@ class Collector:
             return  # started by the next `next_batch`
         while self._pending and len(self._tasks) < self.max_in_flight:
             job = self._pending.popleft()
-            env = self._envs.pop() if self._envs else self.env_factory()
-            task = asyncio.create_task(self._run(job, env))
+            task = asyncio.create_task(self._run(job))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             self.stats.started += 1
 
-    async def _run(self, job: _Job, env: Any) -> None:
+    async def _run(self, job: _Job) -> None:
         queued = time.perf_counter() - job.submitted_at
         try:
-            traj = await run_episode(
-                env,
-                self.policy,
+            traj = await self.runner.run_episode(
                 job.problem_id,
                 sampling=self.sampling,
                 max_episode_tokens=self.max_episode_tokens,
                 seed=self._episode_seed(job),
-                executor=self._executor,
-                prompt_limit=self.prompt_limit,
             )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - anything but an infrastructure error stops the collector
-            self._fatal = e if isinstance(e, SPOError) else PluginError.from_exception(env, e)
+            self._fatal = e if isinstance(e, SPOError) else PluginError(f"the episode runner raised {e!r}")
             self._fatal.__cause__ = None if self._fatal is e else e
             self._tasks.discard(asyncio.current_task())
             if self._wake is not None:
                 self._wake.set()
             return
         self._tasks.discard(asyncio.current_task())  # no longer in flight (the done-callback comes later)
-        self._envs.append(env)
         traj.timings["queued"] = queued
         traj.group_id = job.group_id
         traj.sample_index = job.sample_index
-        self._finished(traj)
+        if traj.error is not None and LOST_WITH_WORKER in traj.info:
+            self._lost(traj, job)
+        else:
+            self._finished(traj)
         self._fill()
         if self._wake is not None:
             self._wake.set()
+
+    def _lost(self, traj: Trajectory, job: _Job) -> None:
+        """An episode lost with its worker: an infrastructure error (kept out of batches, in
+        `failed`), and the same job runs again first, so its problem (or group) stays whole."""
+        self.stats.finished += 1
+        self.stats.errors += 1
+        self._consecutive_errors += 1
+        self.stats.resubmitted += 1
+        self.failed.append(traj)
+        self._pending.appendleft(job)
 
     def _finished(self, traj: Trajectory) -> None:
         self.stats.finished += 1
@@ -304,13 +327,21 @@ class Collector:
         self._unsettled = collections.Counter(unit[0].problem_id for unit in self._ready)
         return n
 
+    # --- weight versions: what `spo_agents.serving.weight_sync.publish` gates ---------------------
+    async def pause(self) -> None:
+        """Hold new generations of the policy and of the runner's own clients; return once none runs."""
+        await asyncio.gather(*(g.pause() for g in self._gates))
+
+    def resume(self, version: int) -> None:
+        """Reopen them all at `version` (generations are stamped with it)."""
+        for g in self._gates:
+            g.resume(version)
+
+    def set_served_model(self, name: str) -> None:
+        for g in self._gates:
+            g.set_served_model(name)
+
     async def close(self) -> None:
-        """Cancel what runs and close the pooled environments (safe to call twice)."""
+        """Cancel what runs and close the runner (its pooled environments; safe to call twice)."""
         await self.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        envs, self._envs = self._envs, []
-        for env in envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                log.warning("closing an environment failed", exc_info=True)
+        await self.runner.close()

@@ -5,13 +5,17 @@ its own environments, sandbox and `openai` policy client pointed at the rollout 
 runs each episode on the actor with the fewest episodes in flight. Trajectories come back one by
 one as they finish: nothing waits for a batch.
 
+It is an episode runner (`spo_agents.rollout.runner`): `Collector(None, policy, runner=workers)`
+keeps the staleness bound, in-flight accounting and grouped delivery of the in-process collector.
+
 - Weight versions: `pause()` drains every actor's policy and `resume(version)` reopens them at the
   new version, so each generation is stamped with the version of the weights that served it, as
-  with the in-process collector.
+  with the in-process collector (`set_served_model` reaches them too, for LoRA pushes).
 - An actor that dies (killed, its node lost) is taken out of rotation with one log line; the
-  episodes it had in flight come back as trajectories with `error` set (infrastructure errors:
-  counted, kept out of training, their problems drawn again); the others go on. When no actor
-  is left, `run_episode` raises `RolloutError`.
+  episodes it had in flight come back as trajectories with `error` set and
+  `info["lost_with_worker"]` (infrastructure errors: the collector counts them, keeps them out of
+  training and runs them again); the others go on. When no actor is left, `run_episode` raises
+  `RolloutError`. An environment's own exception in an actor comes back as a `PluginError`.
 
 Ray is the optional `ray` extra; it is imported only when `RayWorkers` is built. The policy must
 be an OpenAI-compatible server: an in-process model lives in the learner's process.
@@ -25,9 +29,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from spo_agents.errors import ConfigError, RolloutError
+from spo_agents.errors import ConfigError, PluginError, RolloutError, SPOError
 from spo_agents.rollout.episode import run_episode
 from spo_agents.rollout.policy.base import SamplingParams
+from spo_agents.rollout.runner import LOST_WITH_WORKER
 from spo_agents.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -70,9 +75,11 @@ class RolloutActor:
         limits = self.spec.sandbox_limits
         if sandbox is not None and self.spec.sandbox_options:
             if self._backend is None:
-                from spo_agents.sandboxes import make_backend
+                from spo_agents.sandboxes import make_backend, split_limits
 
-                self._backend = make_backend(sandbox, limits=limits, **self.spec.sandbox_options)
+                # limits named in the options join the spec's limits, as `backend_from_config` does
+                limits, options = split_limits(dict(self.spec.sandbox_options), limits)
+                self._backend = make_backend(sandbox, limits=limits, **options)
             sandbox, limits = self._backend, None
         extra = {} if sandbox is None else {"sandbox": sandbox, "sandbox_limits": limits}
         return envs.make(self.spec.env_id, split=self.spec.split, **extra, **self.spec.env_kwargs)
@@ -82,7 +89,9 @@ class RolloutActor:
         await self.policy.connect()
         return self.index
 
-    async def run(self, problem_id: str, sampling: SamplingParams, max_episode_tokens: int, seed: int) -> Trajectory:
+    async def run(
+        self, problem_id: str, sampling: SamplingParams, max_episode_tokens: int, seed: int | None
+    ) -> Trajectory:
         env = self._envs.pop() if self._envs else self._make_env()
         try:
             traj = await run_episode(
@@ -94,6 +103,12 @@ class RolloutActor:
                 seed=seed,
                 executor=self._executor,
             )
+        except SPOError:
+            env.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - an environment's own exception is a bug in it
+            env.close()
+            raise PluginError.from_exception(env, e) from e
         except BaseException:
             env.close()
             raise
@@ -106,6 +121,9 @@ class RolloutActor:
 
     def resume(self, version: int) -> None:
         self.policy.resume(version)
+
+    def set_served_model(self, name: str) -> None:
+        self.policy.set_served_model(name)
 
     async def close(self) -> None:
         for env in self._envs:
@@ -139,7 +157,7 @@ class RayWorkers:
         self, spec: WorkerSpec, n: int = 2, *, address: str | None = None, num_cpus: float = 1.0, version: int = 0
     ) -> None:
         if n < 1:
-            raise ConfigError(f"`rollout.num_workers` must be >= 1, got {n}")
+            raise ConfigError(f"`ray.num_workers` must be >= 1, got {n}")
         try:
             import ray
         except ImportError as e:
@@ -182,7 +200,7 @@ class RayWorkers:
         await asyncio.gather(*(self._call(w, w.handle.connect.remote()) for w in self._workers))
 
     async def run_episode(
-        self, problem_id: str, *, sampling: SamplingParams, max_episode_tokens: int, seed: int
+        self, problem_id: str, *, sampling: SamplingParams, max_episode_tokens: int, seed: int | None
     ) -> Trajectory:
         """Run one episode on the least busy actor; an actor's death comes back as a trajectory
         with `error` set (or `RolloutError` when no actor is left)."""
@@ -198,7 +216,7 @@ class RayWorkers:
             ref = worker.handle.run.remote(problem_id, sampling, max_episode_tokens, seed)
             traj = await self._call(worker, ref)
         except RolloutError as e:
-            return _failed(problem_id, self.spec.env_id, self.version, str(e))
+            return _failed(problem_id, self.spec.env_id, self.version, str(e), worker.index)
         finally:
             worker.in_flight -= 1
         return traj
@@ -232,6 +250,12 @@ class RayWorkers:
             if w.alive:
                 w.handle.resume.remote(version)
 
+    def set_served_model(self, name: str) -> None:
+        """Name the served weights in every live actor's later requests (a pushed LoRA adapter)."""
+        for w in self._workers:
+            if w.alive:
+                w.handle.set_served_model.remote(name)
+
     async def close(self) -> None:
         """Close the actors' envs and clients, end the actors, and stop Ray if it was started here."""
         live = [w for w in self._workers if w.alive]
@@ -244,7 +268,7 @@ class RayWorkers:
             self._started_ray = False
 
 
-def _failed(problem_id: str, env_id: str, version: int, why: str) -> Trajectory:
+def _failed(problem_id: str, env_id: str, version: int, why: str, worker: int) -> Trajectory:
     """The trajectory of an episode lost with its worker: no tokens, `error` set."""
     return Trajectory(
         problem_id=problem_id,
@@ -255,6 +279,7 @@ def _failed(problem_id: str, env_id: str, version: int, why: str) -> Trajectory:
         logprobs=[],
         reward=0.0,
         policy_version=version,
+        info={LOST_WITH_WORKER: worker, "rollout_worker": worker},
         error=f"RolloutError: {why}",
     )
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from spo_agents.errors import ConfigError, PolicyError, did_you_mean
 from spo_agents.models import is_peft
-from spo_agents.rollout.policy.base import PolicyBackend, VersionGate  # noqa: F401 (VersionGate re-exported)
+from spo_agents.rollout.policy.base import VersionGate  # noqa: F401 (re-exported)
+from spo_agents.rollout.runner import Gated
 from spo_agents.serving.vllm_server import endpoint_of
 
 if TYPE_CHECKING:
@@ -376,11 +377,13 @@ def make_weight_sync(strategy: str, server: Any, **options: Any) -> ServerSync:
     return classes[strategy](server, **options)
 
 
-async def publish(policy: PolicyBackend, sync: WeightSync | None, model: Any, version: int) -> SyncStats | None:
+async def publish(policy: Gated, sync: WeightSync | None, model: Any, version: int) -> SyncStats | None:
     """Make `policy` generate with `model`'s weights, as `version`: drain it (`pause`), push the
     weights (`sync`; None when the policy shares the learner's module), tell it the served model's
     name (a `lora` sync serves the adapter) and reopen it (`resume(version)`). A failed push leaves
-    the policy paused and raises: the served weights are then unknown."""
+    the policy paused and raises: the served weights are then unknown. `policy` is anything gated
+    like a policy: the trainer passes its collector, which gates the learner's client and the
+    clients its episodes use (Ray actors' too)."""
     await policy.pause()
     stats = None
     if sync is not None:
