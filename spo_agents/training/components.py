@@ -33,6 +33,8 @@ class Components:
     env_factory: Callable[[str], Any]
     weight_sync: WeightSync | None = None  # puts new weights where the policy generates (not for `hf`)
     inplace: bool = True  # the policy shares the learner's module (paused during the update)
+    servers: list[Any] = field(default_factory=list)  # the vLLM servers this run started (`VLLMServer`s)
+    runner: Any = None  # where episodes run when not in this process (`rollout.workers: ray`: `RayWorkers`)
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
 
@@ -129,10 +131,12 @@ def build_components(
 ) -> Components:
     """Model, tokenizer, policy backend and env factory for `cfg` (import-guarded per backend).
 
-    `rollout.backend: vllm-server` without `rollout.base_url` starts a vLLM server on loopback
-    (`spo_agents.serving.vllm_server.VLLMServer.from_config`, log in `log_dir`) and stops it when the
-    run ends, also on Ctrl-C and crashes. Every named component is resolved before the model
-    loads (`preflight`), unless the caller did it already (`checked`)."""
+    `rollout.backend: vllm-server` without `rollout.base_url` starts `rollout.servers` vLLM servers on
+    loopback (`spo_agents.serving.vllm_server.start_servers`, logs in `log_dir`) and stops them when
+    the run ends, also on Ctrl-C and crashes. Several servers (started or listed in `rollout.base_url`)
+    make a `MultiServerPolicy` and a `MultiSync` that pushes every version to each. Every named
+    component is resolved before the model loads (`preflight`), unless the caller did it already
+    (`checked`)."""
     env_factory = make_env_factory(cfg)
     if not checked:
         preflight(cfg, env_factory)
@@ -155,12 +159,13 @@ def build_components(
     if backend in ("openai", "vllm-server"):
         from spo_agents.rollout.policy import make_policy
 
-        base_url, closers = cfg.rollout.base_url, []
+        base_url, closers, servers = cfg.rollout.base_url, [], []
         if not base_url and backend == "vllm-server":
-            from spo_agents.serving.vllm_server import VLLMServer
+            from spo_agents.serving.vllm_server import start_servers
 
-            server = VLLMServer.from_config(cfg, log_dir=log_dir).start()
-            base_url, closers = server.openai_base_url, [server.stop]
+            servers = start_servers(cfg, log_dir=log_dir)
+            urls = [s.openai_base_url for s in servers]
+            base_url, closers = urls[0] if len(urls) == 1 else urls, [s.stop for s in servers]
         if not base_url:
             raise ConfigError(f"`rollout.backend: {backend}` needs `rollout.base_url`, e.g. `http://127.0.0.1:8000/v1`")
         # Training needs the sampled token ids and their log-probs: refuse text-only servers.
@@ -178,12 +183,27 @@ def build_components(
         )
         sync = None
         if backend == "vllm-server":
+            from spo_agents.serving.multi_sync import make_server_sync
             from spo_agents.serving.vllm_server import connect
-            from spo_agents.serving.weight_sync import make_weight_sync
 
-            endpoint = connect(base_url, request_timeout_s=cfg.rollout.request_timeout_s)
-            sync = make_weight_sync(cfg.rollout.weight_sync, endpoint)
+            urls = [base_url] if isinstance(base_url, str) else list(base_url)
+            endpoints = [connect(u, request_timeout_s=cfg.rollout.request_timeout_s) for u in urls]
+            sync = make_server_sync(cfg.rollout.weight_sync, endpoints)
+        runner = None
+        if r.workers == "ray":  # episodes in Ray actors, each with a client of the same server(s)
+            from spo_agents.training.rollout_workers import ray_workers
+
+            runner = ray_workers(cfg, base_url)
+            closers = [runner.close, *closers]
         return Components(
-            model, tokenizer, policy, env_factory, weight_sync=sync, inplace=False, closers=[policy.close, *closers]
+            model,
+            tokenizer,
+            policy,
+            env_factory,
+            weight_sync=sync,
+            inplace=False,
+            runner=runner,
+            servers=servers,
+            closers=[policy.close, *closers],
         )
     raise ConfigError(f"unknown `rollout.backend` {backend!r}")

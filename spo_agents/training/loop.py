@@ -125,11 +125,11 @@ class Trainer:
             from spo_agents.training.values import init_tracker
 
             init_tracker(self.tracker, cfg.tracker.init_values)
-        # In-place backends serve the loaded weights now; a server serves them only after the
-        # push in `_run`, and until then its tokens belong to the initial weights (version 0).
-        self.policy.resume(self.step if comp.weight_sync is None else 0)
         self.group_size = cfg.algorithm.group_size if cfg.algorithm.name == "grpo" else 1
         self.collector = self._collector()
+        # In-place backends serve the loaded weights now; a server serves them only after the
+        # push in `_run`, and until then its tokens belong to the initial weights (version 0).
+        self.collector.resume(self.step if comp.weight_sync is None else 0)
         if loaded is not None and "collector" in loaded.state:  # checkpoints written before it was saved lack it
             self.collector.load_state_dict(loaded.state["collector"])
         self.metrics = MetricsWriter(
@@ -149,10 +149,9 @@ class Trainer:
         from spo_agents.rollout.collector import Collector
         from spo_agents.rollout.policy.base import SamplingParams
 
-        cfg, comp = self.cfg, self._components
-        r = cfg.rollout
-        return Collector(
-            lambda: comp.env_factory(cfg.env.split),
+        cfg, comp, r = self.cfg, self._components, self.cfg.rollout
+        return Collector(  # episodes in this process, or in `comp.runner` (Ray actors)
+            None if comp.runner is not None else lambda: comp.env_factory(cfg.env.split),
             self.policy,
             max_in_flight=r.max_in_flight,
             sampling=SamplingParams(r.temperature, r.top_p, r.top_k, max_new_tokens=r.max_new_tokens),
@@ -160,6 +159,7 @@ class Trainer:
             group_size=self.group_size,
             max_staleness=r.max_staleness,
             seed=cfg.train.seed,
+            runner=comp.runner,
         )
 
     def _trajectory_log(self) -> Any:
@@ -243,7 +243,7 @@ class Trainer:
         drift_pp = await asyncio.to_thread(self.learner.prompt_drift, b.problem_ids) if self._scores_drift() else None
         lstats = await asyncio.to_thread(self.learner.update, b.trajectories, b.advantages)
         self.step += 1
-        await publish(self.policy, comp.weight_sync, await self._published_model(), self.step)
+        await publish(self.collector, comp.weight_sync, await self._published_model(), self.step)
         return lstats, drift_pp
 
     async def _published_model(self) -> Any:
@@ -369,7 +369,7 @@ class Trainer:
         cfg = self.cfg
         self._setup()
         if self.step > 0 and self._components.weight_sync is not None:  # the server still serves the initial weights
-            await publish(self.policy, self._components.weight_sync, await self._published_model(), self.step)
+            await publish(self.collector, self._components.weight_sync, await self._published_model(), self.step)
         self._t_start = time.perf_counter()
         if cfg.logging.progress:
             from tqdm.auto import tqdm
