@@ -59,6 +59,16 @@ class PolicyError(InfraError):
     """A policy backend cannot serve the request (unreachable server, missing feature, ...)."""
 
 
+class ServerUnavailable(PolicyError):
+    """A policy server stopped answering: refused connections, timeouts, dropped connections or
+    HTTP 5xx beyond the retries. A multi-server policy takes such a server out of rotation."""
+
+
+class NoServerLeft(SPOError):
+    """Every server of a multi-server policy is out of rotation: nothing can generate, so this
+    stops a run instead of being recorded as one episode's failure."""
+
+
 class DatasetError(SPOError, ValueError):
     """A problem file or source is malformed."""
 

@@ -53,6 +53,7 @@ class RolloutConfig:
     # one endpoint or a list (requests go to the least-loaded; an episode stays on one server)
     base_url: str | list[str] | None = None
     servers: int = 1  # vLLM servers to start when `backend: vllm-server` has no `base_url`
+    server_kv_cache_gib: float | None = None  # KV cache of each started server (null: 1 GiB for servers > 1)
     workers: Literal["local", "ray"] = "local"  # where episodes run: this process, or Ray actors (`ray.*`)
     api_key_env: str = "OPENAI_API_KEY"
     server_model: str | None = None  # model name to send to the server (default: model.name)
@@ -78,6 +79,7 @@ class RolloutConfig:
                 "server_wait_s": NON_NEGATIVE,
                 "max_in_flight": AT_LEAST_1,
                 "servers": AT_LEAST_1,
+                "server_kv_cache_gib": (lambda x: x is None or (finite(x) and x > 0), "a number of GiB > 0, or null"),
                 "base_url": (
                     lambda x: x is None or (isinstance(x, str) and bool(x)) or (bool(x) and all(u for u in x)),
                     "a URL such as `http://127.0.0.1:8000/v1`, a non-empty list of them, or null",

@@ -76,6 +76,7 @@ async def run_episode(
         return loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     tok = policy.tokenizer
+    session = policy.session()  # every turn on one server, for a backend over several
     t_start = time.perf_counter()
     timings = {"generate": 0.0, "env": 0.0, "sandbox": 0.0, "total": 0.0}
     prompt_ids: list[int] = []
@@ -116,7 +117,7 @@ async def run_episode(
                 seed=turn_seed(sampling.seed, seed, len(turn_starts)),
             )
             t = time.perf_counter()
-            gen = await policy.generate(prompt_ids + token_ids, params)
+            gen = await session.generate(prompt_ids + token_ids, params)
             timings["generate"] += time.perf_counter() - t
             turn_token_io = bool(gen.info.get("token_io", policy.supports_token_io))
             token_io = token_io and turn_token_io

