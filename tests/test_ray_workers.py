@@ -39,7 +39,7 @@ def ray_cluster():
             os.environ["PYTHONPATH"] = old
 
 
-def _spec(base_url: str, model: str):
+def _spec(base_url: str, model: str, **env_kwargs):
     from spo_agents.rollout.workers import WorkerSpec
 
     return WorkerSpec(
@@ -47,7 +47,8 @@ def _spec(base_url: str, model: str):
         model=model,
         policy_kwargs={"base_url": base_url, "tokenizer": str(tiny_model_dir()), "max_retries": 1},
         split="test",
-        env_kwargs={"num_problems": 6, "stop": []},  # no stop strings: `transformers serve` is slow to prepare them
+        # no stop strings: `transformers serve` is slow to prepare them
+        env_kwargs={"num_problems": 6, "stop": [], **env_kwargs},
     )
 
 
@@ -122,3 +123,52 @@ def test_a_killed_actor_loses_only_its_episodes_and_the_last_one_stops_the_run(r
     assert [t.error for t in after] == [None] * 3 and {t.info["rollout_worker"] for t in after} == {1}
     assert alive_after_one == 1
     assert lost.error is not None and "rollout worker 1 died" in lost.error
+
+
+def test_the_collector_streams_from_the_actors_and_reruns_a_dead_actors_episodes(ray_cluster, served_model):
+    """The training path: `Collector` with `RayWorkers` as its runner. Four-turn episodes, eight at
+    once; the first two to finish come back while the rest run on; then actor 0 is killed."""
+    from spo_agents.rollout.collector import Collector
+    from spo_agents.rollout.policy import make_policy
+    from spo_agents.rollout.workers import RayWorkers
+    from spo_agents.serving.weight_sync import publish
+
+    base_url, model = served_model
+    spec = _spec(base_url, model, num_problems=8, turns=4)
+    workers = RayWorkers(spec, n=2, num_cpus=1)
+    learner = make_policy("openai", model, **spec.policy_kwargs)
+    problems = [f"test-{i}" for i in range(8)]
+
+    async def go():
+        c = Collector(None, learner, runner=workers, max_in_flight=8, sampling=SAMPLING, max_episode_tokens=400)
+        await workers.connect()
+        c.submit(problems)
+        first = await c.next_batch(2)
+        streaming = (c.in_flight, c.outstanding)
+        ray.kill(workers.handles[0])
+        rest = await c.next_batch(6)
+        settled = (c.outstanding, c.busy_problems, c.stats.resubmitted, c.take_failed())
+        await publish(c, None, None, 1)
+        c.submit(["test-0", "test-1"])
+        later = await c.next_batch(2)
+        ray.kill(workers.handles[0])
+        c.submit(["test-2"])
+        with pytest.raises(RolloutError, match="every rollout worker"):
+            await c.next_batch(1)
+        await c.close()
+        await learner.close()
+        return first, streaming, rest, settled, later
+
+    first, streaming, rest, settled, later = _run(go())
+    assert len(first) == 2 and streaming[0] >= 1 and streaming[1] == 6  # no barrier: the others still run
+    batch = first + rest
+    assert sorted(t.problem_id for t in batch) == problems  # each problem once: the lost ones were rerun
+    assert all(t.error is None and t.token_ids for t in batch)
+    outstanding, busy, resubmitted, failed = settled
+    assert outstanding == 0 and busy == []
+    # actor 0 had some of the six running episodes: each came back lost and ran again on actor 1
+    assert resubmitted >= 1 and len(failed) == resubmitted
+    assert all("rollout worker 0 died" in t.error and t.info["lost_with_worker"] == 0 for t in failed)
+    rerun = {t.problem_id for t in failed}
+    assert {t.info["rollout_worker"] for t in rest if t.problem_id in rerun} == {1}
+    assert [t.policy_version for t in later] == [1, 1] and {t.info["rollout_worker"] for t in later} == {1}
