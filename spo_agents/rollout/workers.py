@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 class WorkerSpec:
     """What each rollout actor builds: environments of one registered id and split, with their
     sandbox, and an `openai` policy client (`make_policy("openai", model, **policy_kwargs)`).
+    `tokenizer_model`, when set, is a `model.name` resolved on the actor's own node
+    (`spo_agents.models.resolve_model`) to the client's tokenizer, so nodes need not share paths.
 
     Plain data, so it travels to actors on other machines."""
 
@@ -53,6 +55,7 @@ class WorkerSpec:
     sandbox: str | None = None
     sandbox_limits: Any = None  # a `SandboxLimits`
     sandbox_options: dict[str, Any] = field(default_factory=dict)
+    tokenizer_model: str | None = None
 
 
 class RolloutActor:
@@ -63,7 +66,12 @@ class RolloutActor:
 
         self.spec = spec
         self.index = index
-        self.policy = make_policy("openai", spec.model, **spec.policy_kwargs)
+        kwargs = dict(spec.policy_kwargs)
+        if spec.tokenizer_model is not None:
+            from spo_agents.models import resolve_model
+
+            kwargs["tokenizer"] = str(resolve_model(spec.tokenizer_model))
+        self.policy = make_policy("openai", spec.model, **kwargs)
         self._envs: list[Any] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="env")
         self._backend: Any = None

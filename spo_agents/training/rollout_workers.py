@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 def worker_spec(cfg: Config, base_url: str | list[str]) -> WorkerSpec:
     """The `WorkerSpec` every actor builds from (plain data: it travels to other machines)."""
-    from spo_agents.models import resolve_model
     from spo_agents.rollout.workers import WorkerSpec
     from spo_agents.sandboxes.base import SandboxLimits
 
@@ -29,7 +28,6 @@ def worker_spec(cfg: Config, base_url: str | list[str]) -> WorkerSpec:
         policy_kwargs={
             "base_url": base_url,  # one endpoint or a list, as the learner's client gets it
             "api_key_env": r.api_key_env,
-            "tokenizer": str(resolve_model(cfg.model.name)),
             "mode": "tokens",  # training needs the sampled token ids and their log-probs
             "request_timeout_s": r.request_timeout_s,
             "max_retries": r.max_retries,
@@ -40,6 +38,7 @@ def worker_spec(cfg: Config, base_url: str | list[str]) -> WorkerSpec:
         sandbox=cfg.sandbox.backend,
         sandbox_limits=SandboxLimits(timeout_s=cfg.sandbox.timeout_s, memory_mb=cfg.sandbox.memory_mb),
         sandbox_options=dict(cfg.sandbox.options),
+        tokenizer_model=cfg.model.name,  # resolved on each actor's node (an alias, a hub id or a path there)
     )
 
 
