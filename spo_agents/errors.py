@@ -64,6 +64,11 @@ class ServerUnavailable(PolicyError):
     HTTP 5xx beyond the retries. A multi-server policy takes such a server out of rotation."""
 
 
+class ServerLost(PolicyError):
+    """The server an episode's turns went to left rotation mid-episode: its turns cannot continue
+    on another server, so the episode is played again from its start (`run_episode`)."""
+
+
 class NoServerLeft(SPOError):
     """Every server of a multi-server policy is out of rotation: nothing can generate, so this
     stops a run instead of being recorded as one episode's failure."""

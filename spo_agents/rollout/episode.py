@@ -20,10 +20,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from spo_agents.envs.protocol import TextEnv
-from spo_agents.errors import InfraError, PolicyError
+from spo_agents.errors import InfraError, PolicyError, ServerLost
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.rollout.prompt_limit import PromptLimit
 from spo_agents.types import ToolCall, Trajectory
+
+#: How many times an episode is played again after its server left rotation mid-episode.
+MAX_RESTARTS = 3
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
@@ -63,13 +66,16 @@ async def run_episode(
     seed: int | None = None,
     executor: concurrent.futures.Executor | None = None,
     prompt_limit: PromptLimit | None = None,
+    restarts: int = 0,
 ) -> Trajectory:
     """Play one episode of `env` on `problem_id` with `policy` (see the module docstring).
 
     `env.reset` / `env.step` run in `executor` (default: asyncio's default thread pool, which
     has only a few threads: collectors pass a pool with one thread per in-flight episode so
     blocking tool calls of different episodes overlap). A prompt over `prompt_limit` is refused
-    (`Trajectory.error`) or truncated (`info["prompt_cut_tokens"]`), before any generation."""
+    (`Trajectory.error`) or truncated (`info["prompt_cut_tokens"]`), before any generation.
+    An episode whose server left rotation mid-episode (`ServerLost`, several servers) is played again
+    from `env.reset`, at most `MAX_RESTARTS` times; `restarts` counts them (`info["server_restarts"]`)."""
     loop = asyncio.get_running_loop()
 
     def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -164,6 +170,20 @@ async def run_episode(
             token_ids += reply
             loss_mask += [0] * len(reply)
             logprobs += [0.0] * len(reply)
+    except ServerLost as e:
+        if restarts < MAX_RESTARTS:
+            return await run_episode(
+                env,
+                policy,
+                problem_id,
+                sampling=sampling,
+                max_episode_tokens=max_episode_tokens,
+                seed=seed,
+                executor=executor,
+                prompt_limit=prompt_limit,
+                restarts=restarts + 1,
+            )
+        error = f"{type(e).__name__}: {e} (after {restarts} restarts)"
     except InfraError as e:
         error = f"{type(e).__name__}: {e}"
     except _Refused as e:
@@ -178,6 +198,8 @@ async def run_episode(
         out_info["token_io"] = False
     if prompt_cut:
         out_info["prompt_cut_tokens"] = prompt_cut
+    if restarts:
+        out_info["server_restarts"] = restarts
     return Trajectory(
         problem_id=problem_id,
         env_id=env.env_id,

@@ -15,8 +15,8 @@ Each server has its own `OpenAIPolicy` client and its own `VersionGate`; this cl
 - Failures: a server that stops answering (the client's `ServerUnavailable`: refused connections,
   timeouts, dropped connections or HTTP 5xx beyond `max_retries`) is taken out of rotation with a
   warning. A session whose server went out before its first generation moves to another server;
-  one that had already generated there fails with `PolicyError`, an infrastructure error that
-  leaves the episode out of training (its turns would otherwise come from two servers). A server
+  one that had already generated there raises `ServerLost` (its turns would otherwise come from
+  two servers), and `run_episode` plays the episode again from its start on a new session. A server
   refusing connections is not waited for (`server_wait_s` does not apply): the others carry on.
   When no server is left, `NoServerLeft` stops the run.
 - Re-admission: at most every `recheck_s` seconds while servers are out, each is probed in the
@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from spo_agents.errors import NoServerLeft, PolicyError, ServerUnavailable
+from spo_agents.errors import NoServerLeft, PolicyError, ServerLost, ServerUnavailable
 from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams, Session, VersionGate
 from spo_agents.rollout.policy.openai import OpenAIPolicy
 from spo_agents.rollout.policy.openai_client import RequestStats
@@ -99,7 +99,7 @@ class StickySession(Session):
         if not any(s.live for s in self.pool.servers):
             raise NoServerLeft(self.pool.none_left())
         if self.turns:
-            raise PolicyError(
+            raise ServerLost(
                 f"the policy server `{server.url}` left rotation during an episode ({server.reason}); the "
                 f"episode's {self.turns} earlier turn(s) came from it, so it is not continued on another server"
             )
