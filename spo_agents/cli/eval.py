@@ -71,7 +71,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend", choices=["openai", "hf", "vllm"], default=None, help="default: `openai` with --base-url, else `hf`"
     )
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; repeat it or separate URLs with commas to "
+        "spread the episodes over several servers",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -171,8 +177,11 @@ def _eval(args: argparse.Namespace) -> int:
     from spo_agents.cli.env_args import parse_env_args
     from spo_agents.errors import ConfigError
     from spo_agents.models import check_model_name
+    from spo_agents.serving.endpoint import base_urls
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    urls = base_urls(args.base_url)
+    args.base_url = (urls[0] if len(urls) == 1 else urls) or None
     backend = args.backend or ("openai" if args.base_url else "hf")
     if backend == "openai" and not args.base_url:
         raise ConfigError("`--backend openai` needs `--base-url URL` (and `--model NAME`)")
@@ -293,6 +302,7 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
     from spo_agents.evaluation.runner import TRANSCRIPTS, evaluate
     from spo_agents.rollout.policy import make_policy
     from spo_agents.rollout.policy.base import SamplingParams
+    from spo_agents.serving.endpoint import base_urls
 
     transcripts = out / TRANSCRIPTS
     if not args.resume and transcripts.is_file() and transcripts.stat().st_size:
@@ -319,7 +329,7 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
             max_concurrency=max(args.concurrency, 1),
         )
         print(
-            f"connecting to {args.base_url} (model `{model}`): a 1-token request, waiting up to "
+            f"connecting to {', '.join(base_urls(args.base_url))} (model `{model}`): a 1-token request, waiting up to "
             f"{args.probe_timeout:g} s for its answer",
             file=sys.stderr,
         )

@@ -30,7 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="rollout backend (sets `rollout.backend`); `vllm-server` starts a vLLM server unless --base-url is given",
     )
     p.add_argument(
-        "--base-url", default=None, help="OpenAI-compatible endpoint of a running server (sets `rollout.base_url`)"
+        "--base-url",
+        action="append",
+        default=None,
+        help="OpenAI-compatible endpoint of a running server (sets `rollout.base_url`); repeat it or separate "
+        "URLs with commas for several servers",
     )
     p.add_argument(
         "--resume",
@@ -81,8 +85,18 @@ def _config(args: argparse.Namespace):
     if getattr(args, "rollout", None):
         overrides.insert(0, f"rollout.backend={args.rollout}")
     if getattr(args, "base_url", None):
-        overrides.insert(0, f"rollout.base_url={args.base_url}")
+        overrides.insert(0, _base_url_override(args.base_url))
     return load_config(args.config, overrides)
+
+
+def _base_url_override(values: list[str]) -> str:
+    """`rollout.base_url=` one URL, or a list of them (JSON is a YAML flow list)."""
+    import json
+
+    from spo_agents.serving.endpoint import base_urls
+
+    urls = base_urls(values)
+    return f"rollout.base_url={urls[0] if len(urls) == 1 else json.dumps(urls)}"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -103,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.rollout:
             overrides.append(f"rollout.backend={args.rollout}")
         if args.base_url:
-            overrides.append(f"rollout.base_url={args.base_url}")
+            overrides.append(_base_url_override(args.base_url))
         if args.env or args.model or args.env_arg:
             raise ConfigError(
                 "`--env`, `--env-arg` and `--model` cannot change on `--resume`; "

@@ -20,6 +20,14 @@ def root_url(base_url: str) -> str:
     return url
 
 
+def base_urls(values: str | list[str] | None) -> list[str]:
+    """`--base-url` values, each one URL or several separated by commas, as one list of URLs."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else list(values)
+    return [u.strip() for item in items for u in item.split(",") if u.strip()]
+
+
 class VLLMEndpoint:
     """A reachable vLLM server: thin synchronous HTTP access to its root and OpenAI routes.
 
