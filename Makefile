@@ -59,12 +59,14 @@ test: setup lint
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
 
+# Tests marked both `ray` and `vllm` (training through Ray actors against a vLLM server) need the
+# vLLM venv: `test-vllm` runs them, so CI does not run them twice.
+test-ray: setup
+	$(PY) -m pytest -q -m 'ray and not vllm' $(ARGS)
+
 # The viewer in a real browser: Debian's chromium and chromium-driver (installed here when run as
 # root, the way `system-packages` installs bubblewrap), driven by selenium with the system
 # chromedriver; nothing is downloaded by selenium. Without them the test is skipped and says why.
-test-ray: setup
-	$(PY) -m pytest -q -m ray $(ARGS)
-
 test-browser: setup
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
