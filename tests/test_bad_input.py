@@ -80,3 +80,21 @@ def test_bad_input_is_one_clear_error_line_and_leaves_nothing_behind(argv, words
         assert w in lines[0], (w, lines[0])
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()  # nothing half-written
     assert not Path(tmp_path / "runs" / "eval").exists()
+
+
+def test_resume_over_damaged_transcripts_is_one_error_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import spo_agents.rollout.policy as policies
+
+    out = tmp_path / "out"
+    out.mkdir()
+    row = b'{"problem_id": "caf\xe9", "sample_index": 0}\n'  # Latin-1, not UTF-8
+    (out / "transcripts.jsonl").write_bytes(b"\n" + row + b"\n")
+    loaded = []
+    monkeypatch.setattr(policies, "make_policy", lambda *a, **k: loaded.append(a) or pytest.fail("model loaded"))
+    assert main([*EVAL, "--out", str(out), "--resume"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "transcripts.jsonl:2" in lines[0] and "utf-8" in lines[0].lower(), lines[0]
+    assert not loaded
+    assert (out / "transcripts.jsonl").read_bytes() == b"\n" + row + b"\n"  # nothing lost

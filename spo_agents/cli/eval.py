@@ -310,6 +310,11 @@ def _run(args: argparse.Namespace, backend: str, factory, env_id: str, problem_i
             f"`{out}` already holds the transcripts of an evaluation: finish it with `--resume`, or choose another "
             f"`--out` (or delete it)"
         )
+    if args.resume and transcripts.is_file():
+        from spo_agents.types import read_jsonl
+
+        for _ in read_jsonl(transcripts):  # a damaged file is one error line, before the model loads
+            pass
     model = args.model or "smollm2-135m"
     if backend == "openai":
         policy = make_policy(
