@@ -14,7 +14,9 @@ a seed fixes which POSTs are faulted, whatever the request), with the kinds take
 
 `outage_after=n, outage_s=s`: when the n-th POST arrives, the proxy stops listening and cuts every
 open connection (that request included), as a server process that dies, and listens again on the
-same port `s` seconds later (a restart). GET requests are always forwarded.
+same port `s` seconds later (a restart). GET requests are always forwarded, except
+`GET /weight_info` when `weight_label` is set: the proxy answers it with
+`{"weight_version": weight_label}`, as vLLM's server does once a weight push labelled it.
 
 Everything is bounded: one upstream request per incoming request, each with a timeout; handler
 threads end with their connection.
@@ -52,6 +54,7 @@ class FaultProxy:
         outage_after: int | None = None,
         outage_s: float = 3.0,
         on_post: Callable[[int], None] | None = None,
+        weight_label: str | None = None,
     ) -> None:
         if not 0.0 <= rate <= 1.0 or any(k not in KINDS for k in kinds):
             raise ValueError(f"rate must be in [0, 1] and kinds among {KINDS}; got {rate}, {kinds}")
@@ -59,6 +62,7 @@ class FaultProxy:
         self.rate, self.kinds, self.retry_after, self.delay_s = rate, kinds, retry_after, delay_s
         self.outage_after, self.outage_s = outage_after, outage_s
         self.on_post = on_post
+        self.weight_label = weight_label
         self._rng = random.Random(seed)
         self.faults: Counter[str] = Counter()
         self.posts = 0
@@ -175,6 +179,10 @@ class FaultProxy:
                 return {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"host"}}
 
             def do_GET(self) -> None:
+                if self.path == "/weight_info" and proxy.weight_label is not None:
+                    label = json.dumps({"weight_version": proxy.weight_label}).encode()
+                    self._reply(200, [("Content-Type", "application/json")], label)
+                    return
                 try:
                     self._reply(*proxy._forward("GET", self.path, self._headers(), b""))
                 except OSError:
