@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -578,47 +579,84 @@ def test_a_resumed_server_run_pushes_the_checkpoint_weights_before_any_rollout(t
     assert seq == [("resume", 0), ("pause",), ("push", 1), ("resume", 1), ("pause",), ("push", 2), ("resume", 2)]
 
 
-def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the_run(tmp_path, monkeypatch):
+def _fake_servers(monkeypatch, calls: list):
+    """`VLLMServer`, `connect` and the weight-sync factory replaced by recorders."""
+    import spo_agents.serving.multi_sync as ms
     import spo_agents.serving.vllm_server as vs
-    import spo_agents.serving.weight_sync as ws
-    from spo_agents.training.components import build_components
-
-    calls: list = []
 
     class FakeServer:
-        openai_base_url = "http://127.0.0.1:5999/v1"
+        def __init__(self, port):
+            self.port = port
+            self.openai_base_url = f"http://127.0.0.1:{port}/v1"
 
         @classmethod
-        def from_config(cls, cfg, *, log_dir=None, **kw):
+        def from_config(cls, cfg, *, log_dir=None, port=None, **kw):
             calls.append(("from_config", cfg.model.name, log_dir))
-            return cls()
+            return cls(port)
 
-        def start(self):
-            calls.append(("start",))
+        def launch(self):
+            calls.append(("launch", self.openai_base_url))
+            return self
+
+        def wait_ready(self):
+            calls.append(("ready", self.openai_base_url))
             return self
 
         def stop(self):
-            calls.append(("stop",))
+            calls.append(("stop", self.openai_base_url))
+
+    def sync(name, endpoint, **kw):
+        calls.append(("sync", name))
+        return types.SimpleNamespace(name=name, close=lambda: None)
 
     monkeypatch.setattr(vs, "VLLMServer", FakeServer)
     monkeypatch.setattr(vs, "connect", lambda url, **kw: calls.append(("connect", url)) or object())
-    monkeypatch.setattr(ws, "make_weight_sync", lambda name, endpoint: calls.append(("sync", name)) or object())
-    cfg = tiny_config(tmp_path, rollout={"backend": "vllm-server"}, env={"id": "countdown-python"})
-    comp = build_components(cfg, log_dir=tmp_path)
-    assert calls == [
-        ("from_config", "tiny-random", tmp_path),
-        ("start",),
-        ("connect", FakeServer.openai_base_url),
-        ("sync", "reload"),
-    ]
-    assert comp.policy.mode == "tokens"  # a text-only server cannot train
+    monkeypatch.setattr(ms, "make_weight_sync", sync)
+
+
+def _close(comp) -> None:
+    import asyncio
+
     for closer in comp.closers:
         r = closer()
         if hasattr(r, "__await__"):
-            import asyncio
-
             asyncio.run(r)
-    assert calls[-1] == ("stop",)
+
+
+def test_vllm_server_rollout_without_a_url_starts_a_server_and_stops_it_with_the_run(tmp_path, monkeypatch):
+    from spo_agents.training.components import build_components
+
+    calls: list = []
+    _fake_servers(monkeypatch, calls)
+    cfg = tiny_config(tmp_path, rollout={"backend": "vllm-server"}, env={"id": "countdown-python"})
+    comp = build_components(cfg, log_dir=tmp_path)
+    url = comp.policy.base_url
+    assert calls == [("from_config", "tiny-random", tmp_path), ("launch", url), ("ready", url), ("connect", url)] + [
+        ("sync", "reload")
+    ]
+    assert comp.policy.mode == "tokens"  # a text-only server cannot train
+    _close(comp)
+    assert calls[-1] == ("stop", url)
+
+
+def test_rollout_servers_2_starts_two_servers_side_by_side_and_spreads_over_both(tmp_path, monkeypatch):
+    from spo_agents.rollout.policy.multi import MultiServerPolicy
+    from spo_agents.serving.multi_sync import MultiSync
+    from spo_agents.training.components import build_components
+
+    calls: list = []
+    _fake_servers(monkeypatch, calls)
+    cfg = tiny_config(tmp_path, rollout={"backend": "vllm-server", "servers": 2}, env={"id": "countdown-python"})
+    comp = build_components(cfg, log_dir=tmp_path)
+    urls = [s.url for s in comp.policy.servers]
+    assert isinstance(comp.policy, MultiServerPolicy) and len(set(urls)) == 2  # one port each
+    # both launched before either is waited for: they load side by side
+    assert [c[0] for c in calls[:6]] == ["from_config", "launch", "from_config", "launch", "ready", "ready"]
+    assert [c for c in calls if c[0] == "connect"] == [("connect", u) for u in urls]
+    assert isinstance(comp.weight_sync, MultiSync) and len(comp.weight_sync.syncs) == 2
+    comp.weight_sync.close()
+    _close(comp)
+    assert sorted(c[1] for c in calls if c[0] == "stop") == sorted(urls)
 
 
 def _one_step_capturing_the_update(tmp_path, **sections):
