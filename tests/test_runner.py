@@ -156,3 +156,16 @@ def test_a_collector_needs_exactly_one_of_env_factory_and_runner(with_env):
     runner = ScriptedRunner({}) if with_env else None
     with pytest.raises(ConfigError, match="exactly one of `env_factory`"):
         Collector((lambda: None) if with_env else None, LearnerClient(), runner=runner)
+
+
+async def test_an_environment_that_cannot_be_built_stops_the_local_collection_with_its_error():
+    from spo_agents.errors import PluginError
+
+    def broken():
+        raise ValueError("no such data file: problems.jsonl")
+
+    c = Collector(broken, LearnerClient(), max_in_flight=1)
+    c.submit(["p0"])
+    with pytest.raises(PluginError, match="creating an environment failed: ValueError: no such data file"):
+        await c.next_batch(1)
+    await c.close()

@@ -89,7 +89,12 @@ class LocalRunner:
     async def run_episode(
         self, problem_id: str, *, sampling: SamplingParams, max_episode_tokens: int, seed: int | None
     ) -> Trajectory:
-        env = self._envs.pop() if self._envs else self.env_factory()
+        try:
+            env = self._envs.pop() if self._envs else self.env_factory()
+        except SPOError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the factory is the environment's code too
+            raise PluginError(f"creating an environment failed: {type(e).__name__}: {e}") from e
         try:
             traj = await run_episode(
                 env,
