@@ -107,9 +107,14 @@ class LocalRunner:
                 prompt_limit=self.prompt_limit,
             )
         except SPOError:
+            env.close()
             raise
         except Exception as e:  # noqa: BLE001 - an environment's own exception is a bug in it
+            env.close()
             raise PluginError.from_exception(env, e) from e
+        except BaseException:  # cancelled: the env may be mid-step, so it is not reused
+            env.close()
+            raise
         self._envs.append(env)
         return traj
 

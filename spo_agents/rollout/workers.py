@@ -24,15 +24,13 @@ be an OpenAI-compatible server: an in-process model lives in the learner's proce
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from spo_agents.errors import ConfigError, PluginError, RolloutError, SPOError
-from spo_agents.rollout.episode import run_episode
+from spo_agents.errors import ConfigError, RolloutError
 from spo_agents.rollout.policy.base import SamplingParams
-from spo_agents.rollout.runner import LOST_WITH_WORKER
+from spo_agents.rollout.runner import LOST_WITH_WORKER, LocalRunner
 from spo_agents.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -72,8 +70,7 @@ class RolloutActor:
 
             kwargs["tokenizer"] = str(resolve_model(spec.tokenizer_model))
         self.policy = make_policy("openai", spec.model, **kwargs)
-        self._envs: list[Any] = []
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="env")
+        self.runner = LocalRunner(self._make_env, self.policy, threads=64)
         self._backend: Any = None
 
     def _make_env(self) -> Any:
@@ -100,45 +97,24 @@ class RolloutActor:
     async def run(
         self, problem_id: str, sampling: SamplingParams, max_episode_tokens: int, seed: int | None
     ) -> Trajectory:
-        env = self._envs.pop() if self._envs else self._make_env()
-        try:
-            traj = await run_episode(
-                env,
-                self.policy,
-                problem_id,
-                sampling=sampling,
-                max_episode_tokens=max_episode_tokens,
-                seed=seed,
-                executor=self._executor,
-            )
-        except SPOError:
-            env.close()
-            raise
-        except Exception as e:  # noqa: BLE001 - an environment's own exception is a bug in it
-            env.close()
-            raise PluginError.from_exception(env, e) from e
-        except BaseException:
-            env.close()
-            raise
-        self._envs.append(env)
+        traj = await self.runner.run_episode(
+            problem_id, sampling=sampling, max_episode_tokens=max_episode_tokens, seed=seed
+        )
         traj.info["rollout_worker"] = self.index
         return traj
 
     async def pause(self) -> None:
-        await self.policy.pause()
+        await self.runner.pause()
 
     def resume(self, version: int) -> None:
-        self.policy.resume(version)
+        self.runner.resume(version)
 
     def set_served_model(self, name: str) -> None:
-        self.policy.set_served_model(name)
+        self.runner.set_served_model(name)
 
     async def close(self) -> None:
-        for env in self._envs:
-            env.close()
-        self._envs.clear()
+        await self.runner.close()
         await self.policy.close()
-        self._executor.shutdown(wait=False)
 
 
 @dataclass
