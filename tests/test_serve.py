@@ -188,7 +188,7 @@ def test_dry_run_prints_server_and_eval_commands(capsys, tmp_path, model_dir):
     assert evaluate[:2] == ["spo-agent", "eval"] and evaluate[evaluate.index("--base-url") + 1] == url
     assert evaluate[evaluate.index("--model") + 1] == model_dir and "--tokenizer" not in evaluate
     args = build_parser().parse_args(evaluate[1:])  # the eval command parses as it is printed
-    assert args.base_url == url and args.model == model_dir
+    assert args.base_url == [url] and args.model == model_dir
     assert "train with:" not in out
 
 
@@ -213,7 +213,7 @@ def test_gpu_build_uses_a_memory_share_and_lora_mode_exposes_the_adapter_endpoin
     assert printed_command(out, "evaluate with:")[-4:-2] == ["--tokenizer", model_dir]
     train = printed_command(out, "train with:")
     assert {"rollout.weight_sync=lora", "rollout.server_model=policy", "model.lora.r=8"} <= set(train)
-    assert build_parser().parse_args(train[1:]).base_url == train[train.index("--base-url") + 1]
+    assert build_parser().parse_args(train[1:]).base_url == [train[train.index("--base-url") + 1]]
 
 
 @pytest.mark.parametrize(("mode", "dev"), [("none", None), ("reload", "1"), ("lora", "1")])
