@@ -99,8 +99,8 @@ def test_a_killed_actor_loses_only_its_episodes_and_the_last_one_stops_the_run(r
             asyncio.create_task(workers.run_episode("test-0", sampling=SAMPLING, max_episode_tokens=400, seed=9)),
             asyncio.create_task(workers.run_episode("test-1", sampling=SAMPLING, max_episode_tokens=400, seed=10)),
         ]
-        await asyncio.sleep(0.5)
-        ray.kill(victim)
+        await asyncio.sleep(0)  # every task has sent its episode to an actor (placement is synchronous)
+        ray.kill(victim)  # at once: on an idle machine the victim's episodes could finish within 0.5 s
         done = await asyncio.gather(*running)
         after = await asyncio.gather(
             *(workers.run_episode("test-2", sampling=SAMPLING, max_episode_tokens=24, seed=50 + i) for i in range(3))
