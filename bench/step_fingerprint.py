@@ -15,6 +15,15 @@ and after a change, then compare the two files:
 `learner/loss` and `learner/grad_norm` within `--atol` (1e-5 by default), every other number
 within 1e-9, every other value equal. The run directory is a temporary one, removed at the end.
 Trajectories come from the in-process (`hf`) backend, deterministic for a seed on CPU.
+
+When generation itself changed between the two versions (another scheduler, other random
+draws), the learner can still be compared on the same input: `--save-batches FILE` on the
+first version keeps every trajectory the learner received, and `--replay FILE` on the second
+hands the learner those trajectories in place of the ones it generated (generation still runs,
+so the sampler and the collector do their usual work). The problems the sampler submitted are
+recorded either way (`submitted`), so `--compare` also shows whether both versions drew the
+same problems. The script runs on the package layouts before and after the `spo_agents` layer
+folders (it imports from either), so a commit from before that change can be fingerprinted too.
 """
 
 from __future__ import annotations
@@ -31,18 +40,52 @@ LOOSE = ("learner/loss", "learner/grad_norm")
 SKIPPED = ("time/", "perf/", "episode/generate_s", "episode/sandbox_s")
 
 
-def fingerprint(config: str, seed: int, steps: int, overrides: list[str]) -> dict[str, Any]:
-    """Train `steps` steps of `config` and record what each step trained on and logged."""
+def _package() -> tuple[Any, Any, Any, Any]:
+    """`load_config`, `Collector`, `train`, `read_metrics` from this checkout's layout."""
     from spo_agents.config import load_config
-    from spo_agents.rollout.collector import Collector
-    from spo_agents.training.loop import train
-    from spo_agents.training.metrics import read_metrics
 
+    try:
+        from spo_agents.rollout.collector import Collector
+        from spo_agents.training.loop import train
+        from spo_agents.training.metrics import read_metrics
+    except ImportError:  # the flat layout, before the layer folders
+        from spo_agents.metrics import read_metrics  # type: ignore[no-redef]
+        from spo_agents.rollout import Collector  # type: ignore[no-redef]
+        from spo_agents.training import train  # type: ignore[no-redef]
+    return load_config, Collector, train, read_metrics
+
+
+def fingerprint(
+    config: str,
+    seed: int,
+    steps: int,
+    overrides: list[str],
+    save_batches: str | None = None,
+    replay: str | None = None,
+) -> dict[str, Any]:
+    """Train `steps` steps of `config` and record what each step trained on and logged."""
+    from spo_agents.types import Trajectory
+
+    load_config, Collector, train, read_metrics = _package()
     batches: list[list[dict[str, Any]]] = []
-    original = Collector.next_batch
+    saved: list[list[dict[str, Any]]] = []
+    submitted: list[list[str]] = []
+    recorded = json.loads(Path(replay).read_text()) if replay else None
+    original, original_submit = Collector.next_batch, Collector.submit
 
-    async def recording(self: Collector, n: int) -> Any:
+    def submitting(self: Any, problem_ids: Any) -> None:
+        ids = list(problem_ids)
+        submitted.append(ids)
+        original_submit(self, ids)
+
+    async def recording(self: Any, n: int) -> Any:
         batch = await original(self, n)
+        if recorded is not None:
+            step = len(batches)
+            if step >= len(recorded):
+                raise SystemExit(f"--replay {replay} holds {len(recorded)} step(s); this run asked for more")
+            batch = [Trajectory.from_dict(d) for d in recorded[step]]
+        saved.append([t.to_dict() for t in batch])
         units = [
             {"problem_id": t.problem_id, "token_ids": list(t.token_ids), "reward": t.reward}
             for t in batch
@@ -52,6 +95,7 @@ def fingerprint(config: str, seed: int, steps: int, overrides: list[str]) -> dic
         return batch
 
     Collector.next_batch = recording  # type: ignore[method-assign]
+    Collector.submit = submitting  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory(prefix="spo-fingerprint-") as out:
         cfg = load_config(
             config,
@@ -68,21 +112,28 @@ def fingerprint(config: str, seed: int, steps: int, overrides: list[str]) -> dic
         )
         train(cfg)
         rows = read_metrics(Path(out) / "run" / "metrics.jsonl")
-    Collector.next_batch = original  # type: ignore[method-assign]
+    Collector.next_batch, Collector.submit = original, original_submit  # type: ignore[method-assign]
+    if save_batches:
+        Path(save_batches).write_text(json.dumps(saved))
     metrics = [{k: v for k, v in r.items() if not k.startswith(SKIPPED)} for r in rows]
     return {
         "config": config,
         "seed": seed,
         "steps": steps,
         "overrides": overrides,
+        "replayed": replay is not None,
+        "submitted": submitted,
         "batches": batches,
         "metrics": metrics,
     }
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], atol: float) -> list[str]:
-    """What differs between two fingerprints (empty when they agree)."""
+def compare(a: dict[str, Any], b: dict[str, Any], atol: float, ignore: tuple[str, ...] = ()) -> list[str]:
+    """What differs between two fingerprints (empty when they agree); metric keys starting with
+    one of `ignore` are left out (a metric one version adds on purpose)."""
     problems = []
+    if a.get("submitted") != b.get("submitted"):
+        problems.append("the sampler submitted other problems")
     if a["batches"] != b["batches"]:
         for i, (x, y) in enumerate(zip(a["batches"], b["batches"])):
             if x != y:
@@ -90,7 +141,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], atol: float) -> list[str]:
         if len(a["batches"]) != len(b["batches"]):
             problems.append(f"{len(a['batches'])} vs {len(b['batches'])} batches")
     for ra, rb in zip(a["metrics"], b["metrics"]):
-        for k in sorted(k for k in set(ra) | set(rb) if not k.startswith(SKIPPED)):
+        for k in sorted(k for k in set(ra) | set(rb) if not k.startswith(SKIPPED + ignore)):
             va, vb = ra.get(k), rb.get(k)
             if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
                 tol = atol if k in LOOSE else 1e-9
@@ -112,17 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the fingerprint here (JSON); printed otherwise")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two fingerprint files")
     p.add_argument("--atol", type=float, default=1e-5, help="tolerance of learner/loss and learner/grad_norm")
+    p.add_argument("--ignore", action="append", default=[], metavar="PREFIX", help="metric keys --compare skips")
+    p.add_argument("--save-batches", metavar="FILE", help="keep every trajectory the learner received (JSON)")
+    p.add_argument("--replay", metavar="FILE", help="give the learner the trajectories of a --save-batches file")
     args = p.parse_intermixed_args(argv)
     if args.compare:
         a, b = (json.loads(Path(f).read_text()) for f in args.compare)
-        problems = compare(a, b, args.atol)
+        problems = compare(a, b, args.atol, tuple(args.ignore))
         for line in problems:
             print(line)
         print("same" if not problems else f"{len(problems)} difference(s)")
         return 1 if problems else 0
     if not args.config:
         p.error("give a config, or --compare A B")
-    fp = fingerprint(args.config, args.seed, args.steps, args.overrides)
+    fp = fingerprint(args.config, args.seed, args.steps, args.overrides, args.save_batches, args.replay)
     text = json.dumps(fp, indent=1)
     if args.out:
         Path(args.out).write_text(text)
