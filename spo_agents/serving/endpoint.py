@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from spo_agents.errors import ConfigError, PolicyError
+from spo_agents.weight_labels import GET_ROUTE, HEALTH_ROUTE, SET_ROUTE
 
 
 def root_url(base_url: str) -> str:
@@ -98,7 +99,7 @@ class VLLMEndpoint:
         import httpx
 
         try:
-            return self.client.get("/health", timeout=5.0).status_code == 200
+            return self.client.get(HEALTH_ROUTE, timeout=5.0).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -136,8 +137,8 @@ DEV_ENDPOINTS = (
     "/pause",
     "/resume",
     "/is_paused",
-    "/update_weight_version",
-    "/weight_info",
+    SET_ROUTE,
+    GET_ROUTE,
 )
 
 

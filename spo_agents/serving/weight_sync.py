@@ -22,6 +22,7 @@ from spo_agents.models import is_peft
 from spo_agents.rollout.policy.base import VersionGate  # noqa: F401 (re-exported)
 from spo_agents.rollout.runner import Gated
 from spo_agents.serving.vllm_server import endpoint_of
+from spo_agents.weight_labels import SET_ROUTE, label_body
 
 if TYPE_CHECKING:
     from spo_agents.rollout.policy.vllm import VLLMPolicy
@@ -134,7 +135,7 @@ class ServerSync(WeightSync):
             self._reset_prefix_cache()
             stats.reset_s = time.perf_counter() - t
             if self.label_version:
-                self.endpoint.post("/update_weight_version", {"new_version": str(version)}, ok_404=True)
+                self.endpoint.post(SET_ROUTE, label_body(version), ok_404=True)
         finally:
             if paused:
                 self.endpoint.post("/resume")

@@ -39,11 +39,9 @@ from spo_agents.errors import NoServerLeft, PolicyError, ServerLost, ServerUnava
 from spo_agents.rollout.policy.base import Generation, PolicyBackend, SamplingParams, Session, VersionGate
 from spo_agents.rollout.policy.openai import OpenAIPolicy
 from spo_agents.rollout.policy.openai_client import RequestStats
+from spo_agents.weight_labels import GET_ROUTE, HEALTH_ROUTE, label_of, serves
 
 log = logging.getLogger(__name__)
-
-#: The weight label of a vLLM server that has had no push: it serves the weights it started with.
-INITIAL_LABELS = ("default", "0")
 
 
 @dataclass(eq=False)
@@ -251,7 +249,7 @@ class MultiServerPolicy(PolicyBackend):
                     raise _LeftRotation
                 if server.checked_version != version and server.labelled is not False:
                     label = await self._label(server)
-                    if not self._matches(label, version):
+                    if not serves(label, version):
                         self.take_out(server, f"it serves weights `{label}`, not version {version}")
                         raise _LeftRotation
                     server.checked_version = version
@@ -286,12 +284,6 @@ class MultiServerPolicy(PolicyBackend):
         )
 
     # --- weight labels and re-admission ---------------------------------------------------------
-    @staticmethod
-    def _matches(label: str | None, version: int) -> bool:
-        if label is None:
-            return True  # the server has no label route: nothing to check
-        return label == str(version) or (version == 0 and label in INITIAL_LABELS)
-
     def _client(self) -> Any:
         if self._http is None:
             import httpx
@@ -305,27 +297,27 @@ class MultiServerPolicy(PolicyBackend):
         import httpx
 
         try:
-            r = await self._client().get(server.root() + "/weight_info")
+            r = await self._client().get(server.root() + GET_ROUTE)
         except httpx.HTTPError as e:
-            raise ServerUnavailable(f"`{server.url}` did not answer `GET /weight_info`: {e!r}") from e
+            raise ServerUnavailable(f"`{server.url}` did not answer `GET {GET_ROUTE}`: {e!r}") from e
         if r.status_code in (404, 405):
             server.labelled = False
             return None
         if r.status_code >= 500:
-            raise ServerUnavailable(f"`{server.url}` answered `GET /weight_info` with HTTP {r.status_code}")
+            raise ServerUnavailable(f"`{server.url}` answered `GET {GET_ROUTE}` with HTTP {r.status_code}")
         try:
-            label = r.json().get("weight_version")
-        except (ValueError, AttributeError):
+            label = label_of(r.json())
+        except ValueError:
             server.labelled = False
             return None
         server.labelled = True
-        return None if label is None else str(label)
+        return label
 
     async def _healthy(self, server: Server) -> bool:
         import httpx
 
         try:
-            return (await self._client().get(server.root() + "/health")).status_code == 200
+            return (await self._client().get(server.root() + HEALTH_ROUTE)).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -351,7 +343,7 @@ class MultiServerPolicy(PolicyBackend):
                 label = await self._label(s)
             except ServerUnavailable:
                 continue
-            if s.labelled and not self._matches(label, version):
+            if s.labelled and not serves(label, version):
                 log.info(
                     "policy server %s answers again but serves weights `%s`, not version %d", s.url, label, version
                 )
