@@ -233,7 +233,7 @@ def test_one_process_sharded_training_generates_in_place_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).parent))
-    import test_training as T
+    import training_fixtures as T
 
     from spo_agents.config import Config, from_dict, to_dict
     from spo_agents.sharding import is_sharded
@@ -319,7 +319,7 @@ def test_sharding_refuses_what_it_cannot_do():
 
 def test_sharding_on_several_processes_refuses_the_in_place_policy(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
-    import test_training as T
+    import training_fixtures as T
 
     from spo_agents.errors import ConfigError
     from spo_agents.training.follower import World
@@ -409,7 +409,7 @@ def run_loop(out_dir: Path, sharding: str = "none", steps: int = 2, resume: bool
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    import test_training as T
+    import training_fixtures as T
 
     from spo_agents.rollout.policy.hf import HFPolicy
     from spo_agents.sharding import full_model_state

@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_distributed as D
-import test_training as T
+import training_fixtures as T
 
 from spo_agents.training.loop import train
+from spo_agents.training.metrics import read_metrics
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,7 +41,7 @@ def test_whole_model_training_on_cuda(tmp_path):
     assert res.step == 2
     assert next(comp.model.parameters()).is_cuda
     assert float((T.weights(comp.model) - before).abs().max()) > 1e-4
-    rows = T.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(r["tracker/drift"] > 0 for r in rows)
 
 

@@ -13,7 +13,7 @@ import collections
 import random
 
 import pytest
-from test_training import FirstTokenEnv, tiny_config
+from training_fixtures import FirstTokenEnv, tiny_config
 
 from spo_agents.errors import PolicyError
 from spo_agents.rollout.policy.base import Generation, PolicyBackend

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_training import FirstTokenEnv, tiny_components, tiny_config
+from training_fixtures import FirstTokenEnv, tiny_components, tiny_config
 
 from spo_agents.training.loop import train
 
