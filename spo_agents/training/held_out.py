@@ -42,9 +42,7 @@ class HeldOutEval:
             policy,
             self.problem_ids,
             k=e.k,
-            sampling=SamplingParams(
-                temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_new_tokens=cfg.rollout.max_new_tokens
-            ),
+            sampling=SamplingParams.of(e, cfg.rollout.max_new_tokens),
             concurrency=cfg.rollout.max_in_flight,
             out_dir=self.run_dir / "eval" / f"step-{step:06d}",
             progress=False,

@@ -154,7 +154,7 @@ class Trainer:
             None if comp.runner is not None else lambda: comp.env_factory(cfg.env.split),
             self.policy,
             max_in_flight=r.max_in_flight,
-            sampling=SamplingParams(r.temperature, r.top_p, r.top_k, max_new_tokens=r.max_new_tokens),
+            sampling=SamplingParams.of(r, r.max_new_tokens),
             max_episode_tokens=r.max_episode_tokens,
             group_size=self.group_size,
             max_staleness=r.max_staleness,

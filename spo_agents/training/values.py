@@ -170,7 +170,7 @@ def estimate_values(
     ids = list(env.problem_ids)[: limit or None]
     env.close()
     r = cfg.rollout
-    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+    sampling = SamplingParams.of(r, r.max_new_tokens)
 
     async def main() -> dict[str, tuple[float, int]]:
         try:

@@ -31,6 +31,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    @classmethod
+    def of(cls, section: Any, max_new_tokens: int) -> SamplingParams:
+        """The settings of a config section holding `temperature`, `top_p` and `top_k`: `rollout`
+        for training and offline values, `eval` for held-out evaluation."""
+        return cls(section.temperature, section.top_p, section.top_k, max_new_tokens=max_new_tokens)
+
 
 @dataclass
 class Generation:
