@@ -338,18 +338,6 @@ def default_checker() -> AnswerChecker:
         return _DEFAULT
 
 
-def check_answer(pred: Any, ref: Any, timeout_s: float | None = None) -> CheckResult:
-    """Check `pred` against `ref` with the process-wide checker."""
-    return default_checker().check(pred, ref, timeout_s)
-
-
-def answers_equivalent(a: Any, b: Any, timeout_s: float | None = None) -> bool:
-    """Whether two final answers are the same (maj@k groups answers with this)."""
-    if a is None or b is None:
-        return False
-    return default_checker().check(a, b, timeout_s).correct
-
-
 # --------------------------------------------------------------------------------------------
 # The worker process
 # --------------------------------------------------------------------------------------------

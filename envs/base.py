@@ -67,14 +67,8 @@ def shared_backend(sandbox: Any) -> Any:
         return sandbox
     with _BACKENDS_LOCK:
         if sandbox not in _BACKENDS:
-            from spo_agents import sandboxes
+            from spo_agents.sandboxes import make_backend
 
-            make_backend = getattr(sandboxes, "make_backend", None)
-            if make_backend is None:
-                raise EnvError(
-                    f"sandbox backend `{sandbox}` was requested by name, but `spo_agents.sandboxes.make_backend` "
-                    f"is not available in this installation; pass a `SandboxBackend` instance as `sandbox=`"
-                )
             _BACKENDS[sandbox] = make_backend(sandbox)
         return _BACKENDS[sandbox]
 
