@@ -25,7 +25,6 @@ answers beyond exact match, units the reference does not carry.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import queue
@@ -38,6 +37,8 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
+from spo_agents.processes import LiveRegistry
 
 MAX_ANSWER_CHARS = 1000
 DEFAULT_TIMEOUT_S = 5.0
@@ -263,6 +264,7 @@ class AnswerChecker:
         self._lock = threading.Lock()
         self._closed = False
         self.checks = self.symbolic = self.timeouts = self.errors = 0
+        _LIVE.add(self)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -312,6 +314,7 @@ class AnswerChecker:
     def close(self) -> None:
         """Stop the worker processes. Safe to call twice."""
         self._closed = True
+        _LIVE.discard(self)
         workers = []
         while True:
             try:
@@ -324,6 +327,8 @@ class AnswerChecker:
             self._slots.put(None)
 
 
+#: Every checker not yet closed; those left are closed at interpreter exit.
+_LIVE: LiveRegistry[AnswerChecker] = LiveRegistry("answer checker", AnswerChecker.close)
 _DEFAULT: AnswerChecker | None = None
 _DEFAULT_LOCK = threading.Lock()
 
@@ -334,7 +339,6 @@ def default_checker() -> AnswerChecker:
     with _DEFAULT_LOCK:
         if _DEFAULT is None or _DEFAULT._closed:
             _DEFAULT = AnswerChecker()
-            atexit.register(_DEFAULT.close)
         return _DEFAULT
 
 

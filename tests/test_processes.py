@@ -107,7 +107,7 @@ def test_what_is_live_is_stopped_when_the_interpreter_exits():
     assert proc.stdout.splitlines() == ["main done", "stopped b"]
 
 
-def test_importing_the_sandboxes_registers_no_exit_hook():
+def test_importing_the_sandboxes_servers_and_envs_registers_no_exit_hook():
     proc = run_python(
         """
         import atexit, logging
@@ -116,6 +116,7 @@ def test_importing_the_sandboxes_registers_no_exit_hook():
         atexit.register = lambda f, *a, **k: hooks.append(getattr(f, "__module__", "") or "") or real(f, *a, **k)
         import spo_agents.processes, spo_agents.sandboxes, spo_agents.sandboxes.local
         import spo_agents.sandboxes.docker.backend, spo_agents.sandboxes.e2b
+        import spo_agents.serving.vllm_server, spo_agents.envs, spo_agents.envs.answers
         print([m for m in hooks if m.startswith("spo_agents")])
         """
     )
