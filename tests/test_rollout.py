@@ -262,6 +262,22 @@ def test_turn_seeds_follow_the_episode_and_the_turn():
     assert turn_seed(None, None, 0) is None  # an unseeded episode uses the backend's own stream
 
 
+def test_every_seed_is_the_low_bits_of_the_sha256_of_its_parts():
+    """Episode, evaluation-sample and turn seeds are fixed functions of their parts, so a run
+    resumed by another version of the code draws what the first one would have."""
+    import hashlib
+
+    from spo_agents.evaluation.runner import sample_seed
+    from spo_agents.rollout.episode import derive_seed, turn_seed
+
+    def low(text: str, bits: int) -> int:
+        return int.from_bytes(hashlib.sha256(text.encode()).digest(), "little") % (1 << bits)
+
+    assert sample_seed("arith/add/1+2", 3, 0) == low("0:arith/add/1+2:3", 32)
+    assert turn_seed(None, 7, 2) == low("7:2", 63)
+    assert derive_seed(3, "p", None, 0, 1) == low("3:p:None:0:1", 32)
+
+
 async def test_a_seeded_episode_draws_the_same_tokens_alone_or_among_others(policy):
     """The continuous scheduler draws each request from its own seeded stream, so what an episode
     samples does not depend on which other requests share its batches (a resumed run draws

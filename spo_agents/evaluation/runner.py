@@ -36,7 +36,7 @@ from spo_agents.algorithm.passk import ks_up_to, majority_correct, pass_at_k
 from spo_agents.envs.protocol import TextEnv
 from spo_agents.errors import ConfigError, PluginError, SPOError
 from spo_agents.files import repair_torn_tail
-from spo_agents.rollout.episode import run_episode
+from spo_agents.rollout.episode import derive_seed, run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.rollout.prompt_limit import PromptLimit
 from spo_agents.types import Trajectory, read_jsonl, write_jsonl
@@ -107,8 +107,7 @@ class EvalReport:
 
 def sample_seed(problem_id: str, sample_index: int, base: int = 0) -> int:
     """A stable per-sample seed (same sample, same seed, on every run and resume)."""
-    digest = hashlib.sha256(f"{base}:{problem_id}:{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return derive_seed(base, problem_id, sample_index)
 
 
 def compute_report(

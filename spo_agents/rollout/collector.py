@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from spo_agents.errors import ConfigError, PluginError, RolloutError, SPOError
-from spo_agents.rollout.episode import run_episode
+from spo_agents.rollout.episode import derive_seed, run_episode
 from spo_agents.rollout.policy.base import PolicyBackend, SamplingParams
 from spo_agents.rollout.prompt_limit import PromptLimit
 from spo_agents.rollout.runner import LOST_WITH_WORKER, EpisodeRunner, Gated, LocalRunner
@@ -196,10 +195,7 @@ class Collector:
     # --- running ------------------------------------------------------------------------------
     def _episode_seed(self, job: _Job) -> int:
         self._counter += 1
-        digest = hashlib.sha256(
-            f"{self.seed}:{job.problem_id}:{job.group_id}:{job.sample_index}:{self._counter}".encode()
-        ).digest()
-        return int.from_bytes(digest[:4], "little")
+        return derive_seed(self.seed, job.problem_id, job.group_id, job.sample_index, self._counter)
 
     def _fill(self) -> None:
         try:

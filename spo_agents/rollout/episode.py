@@ -231,5 +231,12 @@ def turn_seed(given: int | None, episode_seed: int | None, turn: int) -> int | N
     for an unseeded episode."""
     if given is not None or episode_seed is None:
         return given
-    digest = hashlib.sha256(f"{episode_seed}:{turn}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return derive_seed(episode_seed, turn, bits=63)
+
+
+def derive_seed(*parts: object, bits: int = 32) -> int:
+    """A seed that depends only on `parts` (the same on every run, machine and resume): the low
+    `bits` bits (at most 64) of the SHA-256 of the parts joined by `:`. Episodes (the collector),
+    evaluation samples and generation turns all derive theirs here."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << bits) - 1)
