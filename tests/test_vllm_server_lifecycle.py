@@ -139,6 +139,13 @@ def test_command_defaults_without_lora_or_dev_mode():
     assert env.get("VLLM_SERVER_DEV_MODE") == os.environ.get("VLLM_SERVER_DEV_MODE")
 
 
+def test_waiting_for_a_server_never_launched_says_to_launch_it():
+    from spo_agents.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="launch"):
+        VLLMServer("/m", python="/py", port=1234).wait_ready()
+
+
 def test_from_config_follows_model_and_rollout_sections(tmp_path):
     from spo_agents.config import load_config
 

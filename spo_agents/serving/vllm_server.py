@@ -137,6 +137,7 @@ class VLLMServer:
             f"http://{self.host}:{self.port}", timeout_s=self.request_timeout_s, model=self.model_name
         )
         self.startup_s: float | None = None
+        self._t0 = 0.0  # when `launch` started the process
 
     @classmethod
     def from_config(cls, cfg: Any, *, log_dir: str | Path | None = None, **overrides: Any) -> VLLMServer:
@@ -279,7 +280,9 @@ class VLLMServer:
 
     def wait_ready(self) -> VLLMServer:
         """Wait until the launched server's `/health` answers; stops it and raises on failure."""
-        t0 = getattr(self, "_t0", time.monotonic())
+        if self.proc is None:
+            raise PolicyError("`wait_ready` needs a launched server: call `launch()` (or `start()`) first")
+        t0 = self._t0
         try:
             self._wait_ready(t0)
         except BaseException:
@@ -289,7 +292,7 @@ class VLLMServer:
         return self
 
     def _wait_ready(self, t0: float) -> None:
-        assert self.proc is not None
+        assert self.proc is not None  # checked by `wait_ready`
         deadline = t0 + self.startup_timeout_s
         while True:
             code = self.proc.poll()
