@@ -1,5 +1,5 @@
 """The trajectory log's files: gzip JSONL step files written atomically, the visits file's rows
-and header, and the older sample's key (format: `spo_agents.trajectories`)."""
+and header, and the older sample's key (format: docs/viewer.md)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def step_files(log_dir: Path) -> dict[int, Path]:
 
 
 def sample_key(seed: int, step: int, index: int) -> float:
-    """The trajectory's key u in [0, 1) for the older sample (`spo_agents.trajectories`)."""
+    """The trajectory's key u in [0, 1) for the older sample (docs/viewer.md)."""
     digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 

@@ -1,5 +1,5 @@
 """`TrajectoryLogReader`: reads a run's `trajectories/` while a trainer may be writing it
-(format: `spo_agents.trajectories`)."""
+(format: docs/viewer.md)."""
 
 from __future__ import annotations
 

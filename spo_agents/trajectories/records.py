@@ -2,7 +2,7 @@
 `Segment`s, `Visit` (one row of `visits.jsonl`), the names and schema version of the files, and
 how a record is built from a `spo_agents.types.Trajectory` (the token ids split into model and
 env segments, a model segment's text split around the code of the tool call that follows it).
-Format: `spo_agents.trajectories`."""
+Format: docs/viewer.md."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class Segment:
 
 @dataclass
 class LoggedTrajectory:
-    """One trajectory the learner trained on, as stored in a step file (`spo_agents.trajectories`)."""
+    """One trajectory the learner trained on, as stored in a step file (docs/viewer.md)."""
 
     step: int
     index: int
@@ -132,7 +132,7 @@ _RECORD_FIELDS = set(_RECORD_ORDER)
 
 @dataclass(frozen=True)
 class Visit:
-    """One row of `visits.jsonl`: a problem's visit at a step (`spo_agents.trajectories`)."""
+    """One row of `visits.jsonl`: a problem's visit at a step (docs/viewer.md)."""
 
     step: int
     index: int
@@ -178,7 +178,7 @@ def _split_code(text: str, code: str) -> list[list[str]] | None:
 
 
 def segments_of(trajectory: Any, tokenizer: Any = None, logprobs: bool = False) -> list[Segment]:
-    """Split `trajectory.token_ids` into model / env segments (`spo_agents.trajectories`)."""
+    """Split `trajectory.token_ids` into model / env segments (docs/viewer.md)."""
     t = trajectory
     runs = _runs(t.loss_mask, t.turn_starts)
     calls = list(t.tool_calls)

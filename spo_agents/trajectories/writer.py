@@ -1,6 +1,6 @@
 """`TrajectoryLog`: writes a run's `trajectories/` during training, bounded by a window of whole
 steps and a seeded bottom-k sample of older ones, safe against crashes and resumes (format and
-guarantees: `spo_agents.trajectories`)."""
+guarantees: docs/viewer.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from spo_agents.trajectories.records import LOG_DIR, META, PROBLEMS, SCHEMA_VERS
 
 
 class TrajectoryLog:
-    """Writes `RUN_DIR/trajectories/` (`spo_agents.trajectories`); one instance per training process.
+    """Writes `RUN_DIR/trajectories/` (docs/viewer.md); one instance per training process.
 
     `start_step` is the step the run continues from (0 for a new run, the checkpoint's step on
     resume): anything logged for later steps is dropped. `problem_ids` (tracker order) is

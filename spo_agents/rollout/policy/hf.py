@@ -1,80 +1,15 @@
 """`hf`: transformers in-process, the CPU default and the backend of the tests.
 
-Modules: this one holds `HFPolicy` (requests, versions, pause and resume); the schedulers are
-`hf_continuous` and `hf_static`, the batch and prefix KV caches `hf_kv`, the token draw
-`hf_sampling`.
+This module holds `HFPolicy`: requests, policy versions, pause and resume, and the one worker
+thread that runs torch. The schedulers are `hf_continuous` (the default: requests join and leave
+the running batch between decode steps, so a short request never waits for a long one) and
+`hf_static` (one `model.generate` call per group of requests with the same sampling settings);
+the batch and prefix KV caches are in `hf_kv`, the token draw in `hf_sampling`. Log-probs are
+those of the distribution actually sampled from (pi_old). The learner may share the model and
+update it in place between `pause()` and `resume(version)`.
 
-Scheduling (`scheduler="continuous"`, the default; `static` is described below).
-Concurrent `generate` calls are queued for a single worker thread that decodes all running
-requests together, one token per step, over a KV cache shared by the batch. Before each step,
-requests that arrived since the last one are prefilled (left-padded forward passes, reusing
-cached prefixes: see below) and their cache rows join the batch; after each step, every request
-that has finished (its stop string, end-of-turn token or its own `max_new_tokens`) is handed
-back at once and its rows leave the cache. A short request that arrives while a long one runs
-therefore waits at most one prefill and one step, never for the long one to end (iteration-level
-scheduling, as in Orca and vLLM). Requests may differ in every sampling setting: temperature,
-top-k, top-p, stop strings, budget and seed are per request. The batch cache is left-padded:
-each row's columns end at the right edge, `mask` marks its real ones (a row that reused a prefix
-may have a masked gap after it), positions come from each row's own length, and columns no row
-uses any more are trimmed when the longest row leaves. A request whose caller was cancelled
-leaves at the next step. Models whose cache is not plain per-layer keys and values
-(sliding-window or hybrid layers) fall back to the static scheduler, with a warning.
-(transformers' own continuous batching, `init_continuous_batching`, runs on a CPU and returns
-the sampled tokens' log-probs, but it has no stop strings, no per-request seeds, and per-request
-temperature / top-k / top-p only when the generation config set them when the manager was
-created; hence this loop.)
-
-`scheduler="static"`: the worker waits `batch_wait_s` for more requests, groups them by
-identical sampling settings (temperature, top-p, top-k, stop strings; `max_new_tokens` may
-differ) and runs one left-padded `model.generate` call per group. Each row is handed back when
-it finishes, but requests that arrive during a call wait for its longest row before theirs
-starts. It is kept for comparison (`bench/hf_batching.py`).
-
-Torch runs in the worker thread only, so the event loop stays free and torch's intra-op thread
-pool (`torch_threads`) is not oversubscribed.
-
-Log-probs. `Generation.logprobs` are fp32 log-probs of the distribution actually sampled from:
-the model's logits divided by the temperature, then top-k, then top-p (transformers' warpers),
-i.e. the behaviour policy pi_old of the PPO ratio (docs/algorithm.md section 3). Training
-samples with top-k and top-p off, where this is `log_softmax(logits / temperature)`, the
-learner's `token_logprobs`. Tokens removed by top-k/top-p cannot be sampled, so every returned
-log-prob is finite. With `temperature = 0` decoding is greedy and the log-probs are those of
-the unmodified model (temperature 1).
-
-Stops. A request stops at an end-of-turn token (kept in `token_ids`, left out of `text`,
-`finish_reason = "eos"`), at the token that completes a stop string (kept, `"stop"`, see
-`spo_agents.rollout.policy.stopping`) or after `max_new_tokens` (`"length"`).
-
-Seeds. Continuous: every request draws one uniform number per token from its own random
-stream, seeded from `SamplingParams.seed` when it is set, else from the backend's own stream
-(seeded once from torch's global generator when the backend is built; the global generator is
-never touched afterwards). A seeded request thus makes the same draws whatever else runs. The
-logits the draws are applied to can differ in their last bits (about 1e-6 in log-prob) with how
-the request was computed: the batch's shape (other rows, padding) changes the summation order
-of the matrix products, and a prompt that reuses cached keys and values is computed in two
-passes instead of one. A sampled token changes only when its draw falls that close to a
-boundary between two tokens, so a seeded request gives the same tokens in almost every case,
-not in every case; it is identical bit for bit when it runs alone with `prefix_cache_tokens=0`.
-Static: one random stream serves a whole `generate` call (in a forked RNG), seeded from all of its
-requests' seeds, or from the backend's own stream when none has a seed (so unseeded calls draw
-afresh each time); results repeat only when the same seeded requests are batched the same way.
-
-Prefix reuse (continuous). The keys and values a finished request leaves in the cache (its
-prompt and sampled tokens) are kept, up to `prefix_cache_tokens` tokens, least recently used
-first out. A new prompt reuses the longest prefix it shares with any of them and computes only
-the rest: the next turn of an episode (the previous prompt, the sampled tokens and the
-environment's reply) computes just the reply, and a new problem under the same system prompt
-and examples computes just its own part. Nothing cached before a `pause` is reused after it.
-
-Sharing weights with the learner. `HFPolicy(model=module, tokenizer=tok)` wraps an existing
-`torch.nn.Module`; the learner updates it in place between `await policy.pause()` and
-`policy.resume(version)`. Both go through a `VersionGate` (`spo_agents.rollout.policy.base`):
-`pause()` holds new requests and returns once every request in flight has finished (a drain)
-and the worker is idle; `resume(version)` sets the version and reopens. Every generation is
-sampled under one version and stamped with the one its gate handed out
-(`Generation.policy_version`, and `info["policy_version_last"]`, equal). Generation runs under
-`torch.no_grad()` in eval mode (no dropout): the module is put in eval mode before each step
-(the learner, which trains it in train mode, leaves it in eval mode too).
+Scheduling, log-probs, stops, seeds, prefix reuse and weight sharing in detail: docs/training.md,
+section "The in-process `hf` backend".
 """
 
 from __future__ import annotations
@@ -103,7 +38,7 @@ SCHEDULERS = ("continuous", "static")
 
 
 class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
-    """A transformers causal LM served in-process (see the module docstring).
+    """A transformers causal LM served in-process (docs/training.md, "The in-process `hf` backend").
 
     Args:
         model: a loaded `torch.nn.Module` (shared with the learner), or `None` to load `model_name`.
@@ -117,7 +52,7 @@ class HFPolicy(ContinuousScheduler, StaticScheduler, PolicyBackend):
         max_batch_size: the most requests decoded together; more wait for a row to leave.
         torch_threads: sets `torch.set_num_threads` when given.
         scheduler: `continuous` (requests join and leave the running batch between decode steps)
-            or `static` (one `model.generate` call per batch); see the module docstring.
+            or `static` (one `model.generate` call per batch); see docs/training.md.
         prefix_cache_tokens: continuous: how many tokens of finished requests' keys and values
             are kept for reuse by prompts that start with the same tokens (0: none).
     """

@@ -1,5 +1,5 @@
 """The `hf` continuous scheduler (iteration-level scheduling): requests join and leave the running
-batch between decode steps (see `spo_agents.rollout.policy.hf`)."""
+batch between decode steps (docs/training.md, "The in-process `hf` backend")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The `hf` static scheduler: one left-padded `model.generate` call per group of requests with the
-same sampling settings (see `spo_agents.rollout.policy.hf`)."""
+same sampling settings (docs/training.md, "The in-process `hf` backend")."""
 
 from __future__ import annotations
 
