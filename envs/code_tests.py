@@ -1,55 +1,15 @@
 """`code-tests-v0`: write a Python function; hidden unit tests run in the sandbox give the reward.
 
-## Description
-The model is asked for one Python function (name, signature, a short specification and two
-worked examples). It answers with a fenced ```python block. Every answer is run in the
-sandbox against the examples and the hidden tests in one call; when an example fails and
-attempts remain, the environment replies as the **user** with what went wrong (a chat
-message, `reply_role = "user"`), and the model tries again in a new assistant turn. The
-problem set (`envs/data/code_problems.jsonl`, 20 train / 10 test problems written for this
-project) has a disjoint train/test split: different functions, not just different inputs.
+The model answers with a fenced Python block defining the requested function. Every answer runs
+in the sandbox against the worked examples and the hidden tests in one call; while an example
+fails and attempts remain, the environment replies as the user with what went wrong. At the end,
+the hidden tests of the last submitted code give the reward: 1.0 when all pass
+(`reward="all"`, default) or the fraction that pass (`reward="fraction"`). Problems:
+`envs/data/code_problems.jsonl` (20 train / 10 test, different functions in each split).
 
-## Observation
-`reset`: `[{"role": "user", "content": <task>}]`. `step`: the feedback message when the
-episode continues (failed examples with the value returned or the exception raised, or a note
-that no code block was found), `""` when it ends.
-
-## Action
-Any text. The last ```python (or bare ```) fenced block is the answer; text outside it is
-ignored. The block must define the requested function; it may define helpers and import
-standard-library modules.
-
-## Reward
-At the end of the episode, from the hidden tests of the last submitted code:
-`reward="all"` (default): 1.0 if every hidden test passes, else 0.0;
-`reward="fraction"`: the fraction of hidden tests that pass. Results are compared on the host
-after a JSON round trip (tuples equal lists; ints equal floats of the same value; `True` is not
-`1`; floats within 1e-9 relative). A test that raises, times out or returns something that is
-not JSON data fails. No code at all scores 0.
-
-What the harness covers and what it does not: user code runs in the sandbox, never on the host;
-its stdout is captured so prints cannot corrupt the result lines, which carry a per-run random
-marker. Code that inspects the harness's own frames to forge result lines is not prevented (the
-sandbox isolates the host, not the harness from the code it runs).
-
-## Termination/Truncation
-`terminated` when the code passes every example or when the last attempt was code (scored).
-`truncated` when `max_attempts` replies contained no code block, or a budget of the base class
-ran out (`max_turns`, `max_episode_tokens`, an oversized action, a sandbox infrastructure
-failure); the reward is then 0.
-
-## Arguments
-`split` (`train` | `test`), `reward` (`all` | `fraction`), `max_attempts` (default 3),
-`path` (a JSONL file of the same schema instead of the shipped set), `run_timeout_s` (wall
-clock of the sandbox call that runs one submission on all its cases, default 10.0), `sandbox` (backend name or
-instance, default `local`), `sandbox_limits`, and the `MultiTurnEnv` budgets.
-
-Schema of one JSONL row: `id`, `split`, `entry_point`, `signature`, `description`,
-`examples` and `tests` (lists of `{"args": [...], "expected": ...}`), `solution` (a reference
-solution, never shown to the model; used by the tests of this project).
-
-## Version history
-- v0: initial version.
+Observation, action, result comparison, what the harness covers, termination, options and the
+problem file's schema: docs/environments.md, section "code-tests-v0". Version history: v0, the
+first.
 """
 
 from __future__ import annotations

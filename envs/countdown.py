@@ -1,45 +1,12 @@
 """`countdown-python-v0`: reach a target number from a few given numbers, with a Python tool.
 
-## Description
-The classic numbers game. The model gets 3 to 4 numbers (`count`) and a target, and must write
-an arithmetic expression that equals the target using `+ - * /` and parentheses, each given
-number at most once. As in `math-python` (docs/algorithm.md section 5), it may run Python between
-`<code>` and `</code>` to search or check (generation stops at `</code>`; the interpreter's
-reply continues the assistant turn, `reply_role = None`), and answers with
-`\\boxed{expression}`. Every problem is solvable: the target is built from the numbers.
+The model gets `count` numbers and a target built from them, may run Python between `<code>` and
+`</code>` as in `math-python`, and answers with `\\boxed{expression}`. Reward 1.0 when the
+expression is legal (integer literals, `+ - * /` and parentheses, each given number at most once)
+and exactly equals the target, else 0.0; it is parsed with `ast`, never evaluated as Python.
 
-## Observation
-`reset`: a system message (the tool format), a one-shot countdown example and the problem.
-`step`: `"\\n<interpreter>\\n<output>\\n</interpreter>\\n"` after a code block, `""` at the end.
-
-## Action
-Any text. Text ending with a complete `<code>...</code>` block is a tool call; anything else is
-the final answer, read from the last `\\boxed{...}` of everything the model wrote.
-
-## Reward
-1.0 when the boxed expression is legal and evaluates exactly (rational arithmetic, no floats)
-to the target, else 0.0. The expression is parsed with `ast`, never evaluated as Python: only
-integer literals, `+ - * /` and parentheses are legal (LaTeX `\\times`, `\\cdot`, `\\div`,
-`\\frac{a}{b}`, `×`, `÷` and a trailing `= target` are accepted). Illegal: other operators or
-names, unary minus, decimals, numbers not in the list or used more often than given, division by
-zero. `info["check"]` says which rule decided (`ok`, `wrong_value`, `no_answer`, `syntax`,
-`not_allowed`, `number_not_given`, `number_reused`, `division_by_zero`, `too_long`).
-
-## Termination/Truncation
-`terminated` when the model's text does not end with a code block (it answered).
-`truncated` (reward 0) at the turn budget (`max_turns`, default `max_tool_calls + 2`), the optional
-token budget, an oversized action or a sandbox infrastructure failure.
-
-## Arguments
-`split` (`train` | `test`: disjoint by a hash of the problem's content), `num_problems`
-(default 1000 train / 200 test), `seed`, `count` (numbers per problem, default 4),
-`max_number` (default 100), `max_target` (default 1000), `test_fraction` (0.1), `problems`
-(your own list of `Problem`s with `metadata["numbers"]` and the target as `answer`), and
-the tool options of `ToolEnv` (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
-`one_shot`, `system_prompt`, ...).
-
-## Version history
-- v0: initial version.
+Observation, the legal forms of an answer, `info["check"]`, termination and options:
+docs/environments.md, section "countdown-python-v0". Version history: v0, the first.
 """
 
 from __future__ import annotations

@@ -1,46 +1,19 @@
 """`math-python-v0`: math problems with a Python interpreter (docs/algorithm.md section 5, paper Sec. 5).
 
-Episode
--------
-The prompt is an optional system message, an optional one-shot example of the tool format (a
-prior user / assistant exchange; small models need it) and the problem. The model writes
-Python between `<code>` and `</code>` (optionally fenced with ```` ```python ````); generation
-stops at `</code>` (`stop_sequences`), the code runs in the episode's sandbox session (variables
-persist between calls), and the reply `\\n<interpreter>\\n...\\n</interpreter>\\n` continues the
-same assistant turn (`reply_role = None`). Long outputs keep their head and tail.
+The prompt is the problem, after an optional system message and one-shot example of the tool
+format. The model writes Python between `<code>` and `</code>`; generation stops there, the code
+runs in the episode's sandbox session (at most `max_tool_calls` calls, variables persist) and the
+interpreter's reply continues the same assistant turn. The episode ends when the model's text
+does not end with a code block: reward 1.0 when the last `\\boxed{...}` is equivalent to the
+reference (`spo_agents.envs.answers`), else 0.0; a budget or a sandbox failure truncates it
+(reward 0.0).
 
-Ends
-----
-- terminated: the model's text does not end with a code block (it answered, or stopped
-  without closing a tag). Reward 1.0 when the last `\\boxed{...}` in everything the model wrote
-  this episode is equivalent to the reference (`spo_agents.envs.answers`: string, exact-number
-  and `math-verify` symbolic checks, bounded in time, in worker processes), else 0.0. Outcome
-  only, no format reward.
-- truncated (reward 0.0): the turn budget (`max_turns`, default `max_tool_calls + 2`), the
-  optional token budget, an action over the action-space bound, or a sandbox infrastructure
-  failure (`info["error"]`).
-- At most `max_tool_calls` (8) code blocks run; later ones get a reply saying the limit is
-  reached, and the turn budget ends the episode if the model keeps writing code.
-
-Malformed output is data: code over `max_code_chars` is not run (the reply says why), code
-that raises or times out shows its error, a missing or unclosed `\\boxed{` scores 0.
-
-Info keys (besides the base's `problem_id`, `turn`, `tool_calls`, `timings`)
------------------------------------------------------------------------------
-- `tool_call`: the `spo_agents.types.ToolCall` of this step, when it made one.
-- at the end: `answer` (the extracted final answer or `None`), `correct`, `check` (how the
-  answer was checked: `string`, `number`, `math-verify`, `timeout`, `empty`, ...).
-
-Options
--------
-`split`, `source` (default `procedural:arith`), `num_problems`, `dataset_path`, `fields`,
-`seed`, `source_options`, `skip_bad` (see `spo_agents.envs.problems`); `sandbox` (a backend name,
-default `local`, or a `SandboxBackend` shared by every env of a run), `sandbox_limits`;
-`system_prompt` (`None`: the default; `""`: none), `one_shot`, `prompt_template` (with a
-`{prompt}` field), `max_tool_calls`, `max_turns`, `max_episode_tokens` (+ `tokenizer`),
-`max_output_chars`, `max_code_chars`, `check_timeout_s`.
-
+Episode, info keys and options in detail: docs/environments.md, section "math-python-v0".
 Version history: v0, the first.
+
+Departures from the paper:
+1. Answers are checked symbolically (string, exact number, then `math-verify`, each bounded in
+   time), not by exact string match.
 """
 
 from __future__ import annotations

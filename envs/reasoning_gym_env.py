@@ -1,52 +1,17 @@
 """`reasoning-gym-v0`: any `reasoning-gym` generator as a tool environment.
 
-## Description
-`reasoning-gym` ships about a hundred procedural task generators (arithmetic, algebra, logic,
-puzzles, graphs, ciphers, ...), each with its own scorer. This environment turns any of them,
-chosen by name (`task="prime_factorization"`), into a multi-turn tool environment: the model
-may run Python between `<code>` and `</code>` (generation stops at `</code>`; the interpreter's
-reply continues the assistant turn, `reply_role = None`, exactly as in `math-python`) and gives
-its final answer between `<answer>` and `</answer>`.
+The generator is chosen by name (`task="prime_factorization"`). The model may run Python between
+`<code>` and `</code>` as in `math-python` and gives its final answer between `<answer>` and
+`</answer>`. The generator's own scorer gives the reward; several scorers evaluate the answer as
+Python, so each answer is scored in a fresh fork of a `local` sandbox worker, never in the
+trainer's process.
 
-## Observation
-`reset`: a system message (the tool and answer format), a one-shot example and the generator's
-question. `step`: `"\\n<interpreter>\\n<output>\\n</interpreter>\\n"` after a code block, `""` at the end.
+Observation, action, reward rules, termination and options: docs/environments.md, section
+"reasoning-gym-v0". Version history: v0, the first.
 
-## Action
-Any text. Text ending with a complete `<code>...</code>` block is a tool call; anything else is
-the final answer: the content of the last `<answer>...</answer>` in everything the model wrote
-(the last `\\boxed{...}` when there is no answer tag).
-
-## Reward
-The generator's own scorer, `dataset.score_answer(answer, entry)`, kept in `info["score"]`.
-Many scorers give small partial credit (e.g. 0.01 for any well-formed wrong answer): a format
-reward, which SPO does not use (docs/algorithm.md section 5, outcome only). So by default the reward is
-1.0 when the score is 1 and 0.0 otherwise; `partial_credit=True` uses the score itself, clipped
-to [0, 1]. `info["correct"]` is `score >= 1`. A missing answer scores 0; a scorer that raises on
-a malformed answer scores 0 (`info["check_error"]` keeps the message).
-
-Several scorers hand the model's answer to sympy's `parse_expr`, which evaluates it as Python.
-So the scorer never runs in the trainer's process: each answer is scored in a fresh fork of a
-`local` sandbox worker with `reasoning_gym` pre-imported (`stateless` sessions, so one answer
-cannot tamper with the scoring of the next), bounded by `score_timeout_s` (default 10 s; past
-it the score is 0).
-
-## Termination/Truncation
-`terminated` when the model's text does not end with a code block. `truncated` (reward 0) at the
-turn budget (`max_turns`, default `max_tool_calls + 2`), the optional token budget, an oversized
-action or a sandbox infrastructure failure.
-
-## Arguments
-`task` (a reasoning-gym dataset name, default `basic_arithmetic`), `task_config` (the
-generator's settings, passed to `reasoning_gym.create_dataset`), `split` (`train` | `test`,
-disjoint by a hash of the question and answer), `num_problems` (default 500 train / 100 test),
-`seed`, `test_fraction` (0.1), `partial_credit` (default False), `score_timeout_s` (10), and
-the tool options of `ToolEnv` (`sandbox`, `sandbox_limits`, `max_tool_calls`, `max_turns`,
-`one_shot`, `system_prompt`, ...). Ids are
-`rg:<task>:<generator seed>:<index>`, as in `spo_agents.envs.problems`.
-
-## Version history
-- v0: initial version.
+Departures from reasoning-gym's scorers:
+1. The reward is 1.0 only for a full score by default: partial credit is a format reward, which
+   SPO does not use (`partial_credit=True` keeps the score).
 """
 
 from __future__ import annotations
