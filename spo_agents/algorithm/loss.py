@@ -1,32 +1,16 @@
 """Token-level PPO-clip policy loss with clip-higher and dual clip (docs/algorithm.md section 3).
 
-Per generated token t of sample b, with the sample's advantage A_b broadcast to its tokens and
-ratio = exp(log pi - log pi_old) (pi_old: the behaviour policy that sampled the token):
+`policy_loss` takes per-token log-probs of the current policy and of the behaviour policy that
+sampled each token (pi_old), the samples' advantages (broadcast to their tokens) and the loss
+mask, and returns the clipped loss aggregated over the tokens with mask 1 (`token-mean` or
+`seq-mean-token-mean`; `normalizer` sets the denominator, so micro-batch losses add up to the
+whole batch's) with its diagnostics (`LossStats`, detached, read once per update). Optional KL
+(k3) and entropy terms, off by default as in the paper. The formula, the aggregation and the
+numeric guards: docs/algorithm.md, section 3.
 
-    l1 = -A * ratio
-    l2 = -A * clip(ratio, 1 - eps_low, 1 + eps_high)      # clip-higher: eps_high > eps_low
-    l  = max(l1, l2)
-    l  = min(l, -A * c)   where A < 0 and c > 1           # dual clip, c = `dual_clip` = 10
-
-Optional terms (both 0 by default, as in the paper): `kl_coef` * k3(pi || pi_ref) with
-k3 = exp(ref - logp) - (ref - logp) - 1 per token, and `- entropy_coef * entropy`. Optional
-`token_weights` multiply l per token before aggregation (truncated importance sampling,
-`loss.tis_cap`; beyond the paper).
-
-Aggregation over the tokens with mask 1 (tool output and padding have mask 0):
-- `token-mean`: sum over all masked tokens / number of masked tokens;
-- `seq-mean-token-mean`: mean over each sample's masked tokens, then mean over the samples that
-  have at least one masked token.
-`normalizer` replaces the denominator (the token count, or the sample count for
-`seq-mean-token-mean`). To accumulate gradients over micro-batches and get exactly the loss of
-the whole (mini-)batch, pass the whole batch's denominator to every micro-batch call: the
-micro-batch losses and their gradients then sum to the full-batch ones.
-
-The log-ratio is clamped to [-20, 20] before `exp` so a wildly stale token cannot overflow;
-such tokens are clipped anyway. Computation runs in at least float32.
-
-The diagnostics (`LossStats`) are detached 0-d tensors, so a call never waits for the device;
-the caller reduces them once per update (`LossStats.floats`).
+Beyond the paper:
+1. Optional `token_weights` multiply each token's loss before aggregation (truncated importance
+   sampling, `loss.tis_cap`).
 """
 
 from __future__ import annotations
@@ -157,7 +141,7 @@ def policy_loss(
 
 
 def _aggregate(x: torch.Tensor, m: torch.Tensor, aggregation: str, normalizer: float | None) -> torch.Tensor:
-    """Masked reduction of per-token values to a scalar (see the module docstring). # [B, T] -> []"""
+    """Masked reduction of per-token values to a scalar (docs/algorithm.md section 3). # [B, T] -> []"""
     if aggregation == "token-mean":
         total = (x * m).sum()
         count = m.sum()  # tokens

@@ -1,34 +1,18 @@
 """The persistent per-problem value tracker of SPO (docs/algorithm.md section 1; paper Sec. 4.1, Alg. 2).
 
-Each problem x carries a Beta(alpha, beta) belief over its success probability:
+Each problem x carries a Beta(alpha, beta) belief over its success probability, v_hat(x) =
+alpha / (alpha + beta). A reward r folds in as alpha <- rho(x) alpha + r, beta <- rho(x) beta +
+(1 - r), with rho(x) = clip(2 ** (-D(x) / d_half), rho_min, rho_max) (`rho_type: kl-adaptive`)
+and D(x) how far the policy moved since it last acted on x: `drift: cumulative` (the learner
+calls `add_drift` once per step) or `drift: per-prompt` (D per sample given to `update`).
+The two drift estimators, rewards outside [0, 1] and the memory layout (28 bytes per problem,
+ids hashed): docs/algorithm.md, section 1.
 
-    v_hat(x) = alpha / (alpha + beta)
-    alpha <- rho(x) * alpha + r          beta <- rho(x) * beta + (1 - r)
-    rho(x) = clip(2 ** (-D(x) / d_half), rho_min, rho_max)       (`rho_type: kl-adaptive`)
-
-D(x) is how far the policy moved since it last acted on x. Two ways to measure it:
-- `drift: cumulative` (default): the learner calls `add_drift(d)` once per step with the drift
-  measured on that step's own batch; the tracker keeps the running sum C and, per problem, the
-  value of C at its last visit: D(x) = C_now - C_at_last_visit(x).
-- `drift: per-prompt` (the authors' recipe): the caller re-scores each problem's stored previous
-  response and passes D per sample to `update(..., drift=...)`.
-A problem never visited has D = 0, so rho = rho_max, whatever drift is passed for it.
-
-Rewards outside [0, 1]: the update above is, for any real r, the moving average
-v_hat <- v_hat + eta (r - v_hat) with eta = 1 / (rho (alpha + beta) + 1) and effective count
-alpha + beta <- rho (alpha + beta) + 1. We apply the same arithmetic to every finite reward, so
-for rewards outside [0, 1] v_hat is that moving average (it may leave [0, 1], and alpha or beta
-may become negative: they are then no longer Beta parameters). Non-finite rewards are rejected.
-
-Departures from the authors' code (all listed in docs/algorithm.md): keyed by a stable problem id, not the
-prompt text; offline initialisation uses each problem's actual sample count; the state is saved
-and restored (`state_dict` / `load_state_dict`); D_half and rho_max are configurable.
-
-Memory: 28 bytes per problem, id index included. Ids are not stored: each id is hashed
-(blake2b, 8 bytes) into a sorted uint64 array searched with `searchsorted` (8 B) plus the
-permutation back to the caller's order (int32, 4 B); alpha and beta are float32 (4 B + 4 B:
-alpha + beta <= 1 / (1 - rho_max) keeps float32 exact to ~1e-7 relative); the value of C at the
-last visit is float64 (8 B, NaN = never visited). Hash collisions are detected at construction.
+Departures from the authors' code (docs/algorithm.md, "Departures from the paper and the authors' code"):
+1. Keyed by a stable problem id, not the prompt text.
+2. Offline initialisation uses each problem's actual sample count.
+3. The state is saved and restored (`state_dict` / `load_state_dict`).
+4. D_half and rho_max are configurable.
 """
 
 from __future__ import annotations
