@@ -175,3 +175,45 @@ def test_the_collector_streams_from_the_actors_and_reruns_a_dead_actors_episodes
     rerun = {t.problem_id for t in failed}
     assert {t.info["rollout_worker"] for t in rest if t.problem_id in rerun} == {1}
     assert [t.policy_version for t in later] == [1, 1] and {t.info["rollout_worker"] for t in later} == {1}
+
+
+def test_grpo_groups_come_back_whole_from_the_actors_when_one_dies(ray_cluster, served_model):
+    """Grouped delivery (the GRPO comparison) through Ray: two problems, four samples each, spread
+    over both actors; actor 0 is killed while they run. Each group is delivered whole, with every
+    sample index once, the lost members run again on the other actor."""
+    from spo_agents.rollout.collector import Collector
+    from spo_agents.rollout.policy import make_policy
+    from spo_agents.rollout.workers import RayWorkers
+
+    base_url, model = served_model
+    spec = _spec(base_url, model, num_problems=2, turns=3)
+    workers = RayWorkers(spec, n=2, num_cpus=1)
+    learner = make_policy("openai", model, **spec.policy_kwargs)
+
+    async def go():
+        c = Collector(
+            None, learner, runner=workers, max_in_flight=8, sampling=SAMPLING, max_episode_tokens=400, group_size=4
+        )
+        await workers.connect()
+        c.submit(["test-0", "test-1"])
+        assert c.in_flight == 8  # eight episode tasks, not started yet
+        await asyncio.sleep(0)  # each has sent its episode to an actor (placement is synchronous)
+        ray.kill(workers.handles[0])
+        batch = await c.next_batch(8)
+        lost = c.take_failed()
+        await c.close()
+        await learner.close()
+        return batch, lost
+
+    batch, lost = _run(go())
+    groups: dict = {}
+    for t in batch:
+        groups.setdefault(t.group_id, []).append(t)
+    assert len(batch) == 8 and len(groups) == 2
+    for members in groups.values():
+        assert len({t.problem_id for t in members}) == 1
+        assert sorted(t.sample_index for t in members) == [0, 1, 2, 3]
+        assert all(t.error is None and t.token_ids for t in members)
+    assert lost and all("rollout worker 0 died" in t.error for t in lost)
+    rerun = {(t.group_id, t.sample_index) for t in lost}
+    assert {t.info["rollout_worker"] for t in batch if (t.group_id, t.sample_index) in rerun} == {1}
