@@ -195,7 +195,11 @@ def test_token_measure_advantages_have_token_weighted_mean_0_and_std_1(rows):
     v = np.array([b for _, b, _ in rows])
     n = np.array([c for _, _, c in rows], dtype=float)
     a = r - v
-    assume(n.sum() > 0 and np.ptp(a[n > 0]) > 1e-3)
+    assume(n.sum() > 0)
+    # the normaliser is std + 1e-8: a token-weighted spread of at least 1e-2 keeps that term below
+    # the tolerance (a spread of 1e-3 over ptp could still leave a token-weighted std near 1e-3)
+    spread = math.sqrt(np.sum(n * (a - np.sum(n * a) / n.sum()) ** 2) / n.sum())
+    assume(spread > 1e-2)
     out = compute_advantages("spo", r, v, token_counts=n)
     # SPO++'s action-token measure: every trained token counts once
     mean = np.sum(n * out) / n.sum()
